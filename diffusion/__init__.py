@@ -1,0 +1,43 @@
+"""Gaussian diffusion package: factory, schedules, respacing, sampling and guidance."""
+
+from typing import Optional, Sequence, Union
+
+from diffusion.gaussian_diffusion import LOSS_TYPES, SAMPLERS, GaussianDiffusion
+from diffusion.guidance import cfg_combine, guided_model
+from diffusion.rng import randn_like_per_sample, sample_timesteps
+from diffusion.schedules import NOISE_SCHEDULES, get_beta_schedule, respace_betas, space_timesteps
+
+__all__ = [
+    "GaussianDiffusion",
+    "LOSS_TYPES",
+    "NOISE_SCHEDULES",
+    "SAMPLERS",
+    "cfg_combine",
+    "create_diffusion",
+    "get_beta_schedule",
+    "guided_model",
+    "randn_like_per_sample",
+    "respace_betas",
+    "sample_timesteps",
+    "space_timesteps",
+]
+
+
+def create_diffusion(
+    timestep_respacing: Optional[Union[str, int, Sequence[int]]] = None,
+    noise_schedule: str = "linear",
+    learn_sigma: bool = True,
+    diffusion_steps: int = 1000,
+    loss_type: str = "hybrid",
+) -> GaussianDiffusion:
+    """Build a diffusion over `diffusion_steps` steps, respaced when timestep_respacing is given.
+
+    timestep_respacing: None or "" = all steps; otherwise see space_timesteps ("ddim50", "100",
+    an int, or a list of section counts). The respaced process keeps the original alpha_bar at the
+    kept steps and calls the model with the original timestep indices.
+    """
+    betas = get_beta_schedule(noise_schedule, diffusion_steps)
+    if timestep_respacing is None or timestep_respacing == "":
+        return GaussianDiffusion(betas, learn_sigma=learn_sigma, loss_type=loss_type)
+    kept = sorted(space_timesteps(diffusion_steps, timestep_respacing))
+    return GaussianDiffusion(respace_betas(betas, kept), learn_sigma=learn_sigma, loss_type=loss_type, timestep_map=kept)

@@ -1,0 +1,487 @@
+"""Fréchet Video Distance: I3D detector loading, feature extraction, float64 statistics, and a CLI."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from evals.i3d import MIN_FRAMES, InceptionI3d, preprocess_for_i3d
+from evals.recon import to_uint8_videos
+
+DETECTOR_ENV = "CMD_I3D_PATH"
+DETECTOR_SOURCES = (
+    "StyleGAN-V's i3d_torchscript.pt (https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt) "
+    "or the PyTorch I3D port's i3d_pretrained_400.pt (InceptionI3d layout of github.com/piergiaj/pytorch-i3d)"
+)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+VideoBatch = Union[np.ndarray, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Detectors: one call contract for both checkpoint kinds.
+
+
+class VideoFeatureDetector:
+    """Maps uint8 videos (N, T, H, W, 3) to float features (N, D); subclasses wrap one checkpoint kind."""
+
+    def __init__(self, module: torch.nn.Module, name: str, device: Union[str, torch.device] = "cpu"):
+        self.module = module
+        self.name = name
+        self.device = torch.device(device)
+        self.module.to(self.device)
+
+    def to(self, device: Union[str, torch.device]) -> "VideoFeatureDetector":
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        return self
+
+    def __call__(self, videos: VideoBatch) -> torch.Tensor:
+        videos = torch.as_tensor(videos)
+        if videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
+            raise ValueError(
+                f"detector input must be uint8 (N, T, H, W, 3), got {videos.dtype} {tuple(videos.shape)}"
+            )
+        if videos.shape[1] < MIN_FRAMES:
+            raise ValueError(f"I3D needs at least {MIN_FRAMES} frames per clip, got T={videos.shape[1]}")
+        with torch.no_grad():
+            features = self._features(videos.to(self.device))
+        return features.float()
+
+    def _features(self, videos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchScriptI3D(VideoFeatureDetector):
+    """StyleGAN-V's TorchScript port of the TF-Hub I3D (the FVD reference detector)."""
+
+    def _features(self, videos: torch.Tensor) -> torch.Tensor:
+        # StyleGAN-V feeds uint8 (N, C, T, H, W) clips and lets the module scale to [-1, 1] and resize to 224
+        # (rescale=True, resize=True); return_features=True gives the 400-d pre-softmax logits.
+        clips = videos.permute(0, 4, 1, 2, 3).contiguous()
+        return self.module(clips, rescale=True, resize=True, return_features=True)
+
+
+class PortI3D(VideoFeatureDetector):
+    """Our InceptionI3d with a state dict of the PyTorch I3D port; resize+crop to 224, [-1, 1], mean logits."""
+
+    def _features(self, videos: torch.Tensor) -> torch.Tensor:
+        return self.module(preprocess_for_i3d(videos))
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """TorchScript zips carry compiled code (code/ or constants.pkl); torch.save zips hold only data.pkl + data/."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _unwrap_state_dict(loaded: object, path: str) -> dict:
+    """Accept a bare state dict, one nested under 'state_dict'/'model', and DataParallel 'module.' prefixes."""
+    if isinstance(loaded, dict):
+        for wrapper_key in ("state_dict", "model"):
+            if isinstance(loaded.get(wrapper_key), dict):
+                loaded = loaded[wrapper_key]
+                break
+    if not isinstance(loaded, dict) or not all(torch.is_tensor(value) for value in loaded.values()):
+        raise ValueError(f"{path}: not a TorchScript archive nor a tensor state dict of the PyTorch I3D port")
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def build_port_i3d(state_dict: dict, path: str = "state dict") -> InceptionI3d:
+    """InceptionI3d loaded from a port-layout state dict; any missing/unexpected/mis-shaped key -> one-line error."""
+    logits_bias = state_dict.get("logits.conv3d.bias")
+    num_classes = int(logits_bias.shape[0]) if logits_bias is not None else 400
+    model = InceptionI3d(num_classes=num_classes)
+    expected = model.state_dict()
+    # Checkpoints saved before PyTorch 0.4.1 have no BatchNorm step counters; they carry no inference state.
+    skippable = {key for key in expected if key.endswith("num_batches_tracked")}
+    for key, value in state_dict.items():
+        if key not in expected:
+            raise ValueError(f"{path}: unexpected key '{key}' in I3D state dict (expected the PyTorch I3D port layout)")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{path}: key '{key}' has shape {tuple(value.shape)}, I3D expects {tuple(expected[key].shape)}"
+            )
+    missing = [key for key in expected if key not in state_dict and key not in skippable]
+    if missing:
+        raise ValueError(f"{path}: missing key '{missing[0]}' in I3D state dict ({len(missing)} missing in total)")
+    model.load_state_dict(state_dict, strict=False)
+    return model.eval().requires_grad_(False)
+
+
+def load_detector(path: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> VideoFeatureDetector:
+    """Load the I3D detector from `path` or $CMD_I3D_PATH (never downloads): TorchScript or port state dict."""
+    resolved = path or os.environ.get(DETECTOR_ENV)
+    if not resolved:
+        raise FileNotFoundError(f"no I3D detector given: pass its path or set ${DETECTOR_ENV}; get {DETECTOR_SOURCES}")
+    if not os.path.isfile(resolved):
+        raise FileNotFoundError(f"I3D detector file not found: {resolved} (get {DETECTOR_SOURCES})")
+    if _is_torchscript_archive(resolved):
+        module = torch.jit.load(resolved, map_location="cpu").eval()
+        return TorchScriptI3D(module, f"torchscript:{Path(resolved).stem}", device)
+    try:
+        loaded = torch.load(resolved, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{resolved}: cannot read as TorchScript or state dict: {first_line}") from error
+    model = build_port_i3d(_unwrap_state_dict(loaded, resolved), resolved)
+    return PortI3D(model, f"i3d-port:{Path(resolved).stem}", device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Features and statistics.
+
+
+def _batches(videos: Union[VideoBatch, Iterable[VideoBatch]], batch_size: int) -> Iterator[VideoBatch]:
+    """Split an array/tensor (or each element of an iterable of them) into chunks of at most batch_size."""
+    sources = [videos] if isinstance(videos, (np.ndarray, torch.Tensor)) else videos
+    for source in sources:
+        if source.ndim != 5:
+            raise ValueError(f"videos must be (N, T, H, W, 3), got shape {tuple(source.shape)}")
+        for start in range(0, source.shape[0], batch_size):
+            yield source[start : start + batch_size]
+
+
+def extract_features(
+    videos: Union[VideoBatch, Iterable[VideoBatch]],
+    detector: VideoFeatureDetector,
+    batch_size: int = 16,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Detector features (N, D) in float64 for uint8 videos N x T x H x W x 3 (or an iterable of such batches)."""
+    if device is not None:
+        detector.to(device)
+    total = videos.shape[0] if isinstance(videos, (np.ndarray, torch.Tensor)) else None
+    progress_bar = None
+    if progress:
+        from tqdm import tqdm
+
+        progress_bar = tqdm(total=total, desc=f"features ({detector.name})", unit="video", file=sys.stderr)
+    features: List[np.ndarray] = []
+    for batch in _batches(videos, batch_size):
+        features.append(detector(batch).cpu().numpy().astype(np.float64))
+        if progress_bar is not None:
+            progress_bar.update(batch.shape[0])
+    if progress_bar is not None:
+        progress_bar.close()
+    if not features:
+        raise ValueError("no videos given to extract features from")
+    return np.concatenate(features, axis=0)
+
+
+def compute_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance in float64; covariance divides by N like StyleGAN-V (the protocol FVD numbers use)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"features must be a non-empty (N, D) array, got shape {features.shape}")
+    mean = features.mean(axis=0)
+    centered = features - mean
+    return mean, centered.T @ centered / features.shape[0]
+
+
+def frechet_distance_from_stats(
+    mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray
+) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) in float64.
+
+    tr((S_a S_b)^(1/2)) equals the sum of square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2), which is
+    symmetric PSD: symmetric eigensolvers give a real, stable answer without sqrtm's complex round-off.
+    """
+    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+    sigma_a, sigma_b = np.asarray(sigma_a, np.float64), np.asarray(sigma_b, np.float64)
+    dim = mu_a.shape[0]
+    for name, array, shape in (("mu_b", mu_b, (dim,)), ("sigma_a", sigma_a, (dim, dim)), ("sigma_b", sigma_b, (dim, dim))):
+        if array.shape != shape:
+            raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+    eigenvalues, eigenvectors = np.linalg.eigh((sigma_a + sigma_a.T) / 2)
+    root_a = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+    middle = root_a @ sigma_b @ root_a
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    diff = mu_a - mu_b
+    distance = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_sqrt
+    # The distance is non-negative; identical inputs can land a rounding error below zero.
+    return float(max(distance, 0.0))
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets."""
+    return frechet_distance_from_stats(*compute_stats(features_a), *compute_stats(features_b))
+
+
+def compute_fvd(real_videos, fake_videos, detector: VideoFeatureDetector, batch_size: int = 16) -> float:
+    """FVD between two uint8 (N, T, H, W, 3) video sets (arrays, tensors or iterables of batches)."""
+    real = extract_features(real_videos, detector, batch_size=batch_size)
+    fake = extract_features(fake_videos, detector, batch_size=batch_size)
+    return frechet_distance(real, fake)
+
+
+def fvd_protocol_name(num_videos: int, n_frames: int) -> str:
+    """The protocol in the metric's name, e.g. fvd2048_16f (StyleGAN-V convention)."""
+    return f"fvd{num_videos}_{n_frames}f"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI video sources: an .npz file, a folder of video files, or a dataset tree read by datasets.build_dataset.
+
+
+@dataclass
+class VideoSource:
+    """One side of the comparison; `count`, `n_frames` and `resolution` are None where the source adapts."""
+
+    role: str  # real | fake
+    kind: str  # npz | folder | dataset
+    path: str
+    count: Optional[int] = None
+    n_frames: Optional[int] = None
+    resolution: Optional[Tuple[int, int]] = None
+    videos: Optional[np.ndarray] = None  # npz contents
+    files: Optional[List[Path]] = None  # folder contents
+    dataset: object = None
+
+    def describe(self) -> str:
+        return f"{self.role}: {self.kind} '{self.path}'"
+
+    def fingerprint(self) -> dict:
+        """What identifies the data for caching: the path and its modification time."""
+        if self.kind == "dataset" and self.path == "synthetic":
+            return {"kind": self.kind, "path": self.path, "mtime": None}
+        resolved = Path(self.path).resolve()
+        mtimes = [resolved.stat().st_mtime] + [file.stat().st_mtime for file in self.files or []]
+        return {"kind": self.kind, "path": str(resolved), "mtime": max(mtimes)}
+
+
+def _list_video_files(folder: Path) -> List[Path]:
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+def _open_npz(role: str, path: str) -> VideoSource:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{role} videos file not found: {path}")
+    with np.load(path) as archive:
+        if "videos" not in archive.files:
+            raise ValueError(f"{path}: no key 'videos' (found {sorted(archive.files)})")
+        videos = archive["videos"]
+    if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
+        raise ValueError(f"{path}: 'videos' must be uint8 (N, T, H, W, 3), got {videos.dtype} {videos.shape}")
+    return VideoSource(role, "npz", path, count=videos.shape[0], n_frames=videos.shape[1],
+                       resolution=(videos.shape[2], videos.shape[3]), videos=videos)
+
+
+def _read_video_frames(path: Path, n_frames: int) -> np.ndarray:
+    """The first n_frames RGB frames of a video file as uint8 (T, H, W, 3)."""
+    import av
+
+    frames: List[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == n_frames:
+                    break
+    except av.FFmpegError as error:
+        raise ValueError(f"{path}: cannot decode video ({type(error).__name__})") from error
+    if len(frames) < n_frames:
+        raise ValueError(f"{path}: has {len(frames)} frames, fewer than the {n_frames} needed")
+    return np.stack(frames)
+
+
+def _open_source(role: str, path: str, args: argparse.Namespace) -> VideoSource:
+    if path.endswith(".npz"):
+        return _open_npz(role, path)
+    if path == "synthetic" or args.dataset_name == "synthetic":
+        return VideoSource(role, "dataset", path)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{role} videos not found: {path} (expected an .npz file or a folder)")
+    files = _list_video_files(folder)
+    if files and args.dataset_name is None:
+        return VideoSource(role, "folder", path, count=len(files), files=files)
+    if not any(child.is_dir() for child in folder.iterdir()):
+        raise ValueError(f"{path}: no video files ({', '.join(VIDEO_EXTENSIONS)}) and no class folders")
+    return VideoSource(role, "dataset", path)
+
+
+def _build_dataset(source: VideoSource, n_frames: int, resolution: Tuple[int, int], args: argparse.Namespace):
+    # Imported here: only the dataset case needs the loader package and its video-decoding dependencies.
+    from datasets import build_dataset
+    from training.config import DataConfig
+
+    data_cfg = DataConfig(
+        dataset_name=args.dataset_name or ("synthetic" if source.path == "synthetic" else "UCF101"),
+        data_path=None if source.path == "synthetic" else source.path,
+        resolution=list(resolution),
+        n_frames=n_frames,
+        split=args.split,
+    )
+    return build_dataset(data_cfg, args.split, args.seed)
+
+
+def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, batch_size: int, seed: int):
+    """uint8 (B, n_frames, H, W, 3) batches of the first num_videos videos (dataset: a seeded random subset)."""
+    if source.kind == "npz":
+        for start in range(0, num_videos, batch_size):
+            yield source.videos[start : min(start + batch_size, num_videos), :n_frames]
+    elif source.kind == "folder":
+        shape = None
+        for start in range(0, num_videos, batch_size):
+            clips = []
+            for file in source.files[start : min(start + batch_size, num_videos)]:
+                clip = _read_video_frames(file, n_frames)
+                if shape is not None and clip.shape != shape:
+                    raise ValueError(f"{file}: frame size {clip.shape[1:3]} differs from the folder's {shape[1:3]}")
+                shape = clip.shape
+                clips.append(clip)
+            yield np.stack(clips)
+    else:
+        # A seeded subset rather than the first N items: dataset order is grouped by class.
+        order = np.random.default_rng(seed).permutation(len(source.dataset))[:num_videos]
+        for start in range(0, num_videos, batch_size):
+            items = [source.dataset[int(index)]["x"] for index in order[start : start + batch_size]]
+            yield to_uint8_videos(torch.stack([torch.as_tensor(item) for item in items]))
+
+
+def _choose_frames(real: VideoSource, fake: VideoSource, requested: Optional[int]) -> int:
+    if requested is not None:
+        for source in (real, fake):
+            if source.n_frames is not None and source.n_frames < requested:
+                raise ValueError(f"{source.path}: has {source.n_frames} frames, fewer than --n-frames {requested}")
+        return requested
+    if real.n_frames is not None and fake.n_frames is not None and real.n_frames != fake.n_frames:
+        raise ValueError(
+            f"mismatched frame counts: real {real.n_frames}, fake {fake.n_frames} (pass --n-frames to truncate)"
+        )
+    return real.n_frames or fake.n_frames or 16
+
+
+def _choose_resolution(real: VideoSource, fake: VideoSource, args: argparse.Namespace) -> Optional[Tuple[int, int]]:
+    if args.resolution is not None:
+        return (args.resolution[0], args.resolution[1])
+    for source in (fake, real):
+        if source.resolution is not None:
+            return source.resolution
+        if source.kind == "folder":
+            return _read_video_frames(source.files[0], 1).shape[1:3]
+    return None
+
+
+def _choose_count(real: VideoSource, fake: VideoSource, requested: Optional[int]) -> int:
+    if requested is not None:
+        for source in (real, fake):
+            if source.count < requested:
+                raise ValueError(f"{source.role} '{source.path}' has {source.count} videos, fewer than --num-videos {requested}")
+        return requested
+    return min(real.count, fake.count)
+
+
+def _cache_file(cache_dir: str, real: VideoSource, detector_path: str, settings: dict) -> Path:
+    detector_stat = os.stat(detector_path)
+    key = {
+        "source": real.fingerprint(),
+        "detector": [str(Path(detector_path).resolve()), detector_stat.st_size, detector_stat.st_mtime],
+        **settings,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+    name = Path(real.path).stem or "real"
+    return Path(cache_dir) / f"{fvd_protocol_name(settings['num_videos'], settings['n_frames'])}-{name}-{digest}.npz"
+
+
+def _real_stats(real, detector, detector_path, settings, args) -> Tuple[np.ndarray, np.ndarray]:
+    cache_file = None if args.no_cache else _cache_file(args.cache_dir, real, detector_path, settings)
+    if cache_file is not None and cache_file.is_file():
+        with np.load(cache_file) as cached:
+            print(f"real statistics: loaded from cache {cache_file}", file=sys.stderr)
+            return cached["mu"], cached["sigma"]
+    batches = _iterate_source(real, settings["num_videos"], settings["n_frames"], args.batch_size, args.seed)
+    mu, sigma = compute_stats(extract_features(batches, detector, args.batch_size, progress=args.progress))
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so an interrupted run never leaves a truncated cache entry behind.
+        temporary = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp.npz")
+        np.savez(temporary, mu=mu, sigma=sigma, num_videos=settings["num_videos"])
+        os.replace(temporary, cache_file)
+        print(f"real statistics: cached to {cache_file}", file=sys.stderr)
+    return mu, sigma
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cmd", "fvd_stats")
+
+
+def run(args: argparse.Namespace) -> float:
+    torch.manual_seed(args.seed)
+    detector_path = args.detector or os.environ.get(DETECTOR_ENV)
+    detector = load_detector(detector_path, args.device)
+    real = _open_source("real", args.real, args)
+    fake = _open_source("fake", args.fake, args)
+    n_frames = _choose_frames(real, fake, args.n_frames)
+    resolution = None
+    for source in (real, fake):
+        if source.kind == "dataset":
+            resolution = resolution or _choose_resolution(real, fake, args)
+            if resolution is None:
+                raise ValueError(f"{source.path}: pass --resolution H W to read this dataset")
+            source.dataset = _build_dataset(source, n_frames, resolution, args)
+            source.count = len(source.dataset)
+    num_videos = _choose_count(real, fake, args.num_videos)
+    protocol = fvd_protocol_name(num_videos, n_frames)
+    print(f"{real.describe()} | {fake.describe()} | detector {detector.name} | {protocol}", file=sys.stderr)
+    settings = {
+        "num_videos": num_videos, "n_frames": n_frames, "seed": args.seed, "split": args.split,
+        "dataset_name": args.dataset_name,
+        "resolution": list(resolution) if real.kind == "dataset" and resolution is not None else None,
+    }
+    mu_real, sigma_real = _real_stats(real, detector, detector_path, settings, args)
+    fake_batches = _iterate_source(fake, num_videos, n_frames, args.batch_size, args.seed)
+    mu_fake, sigma_fake = compute_stats(extract_features(fake_batches, detector, args.batch_size, progress=args.progress))
+    value = frechet_distance_from_stats(mu_real, sigma_real, mu_fake, sigma_fake)
+    print(f"{protocol}: {value:.4f}")
+    print(f"{value:.6f}")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="FVD between real and generated videos (StyleGAN-V protocol).")
+    parser.add_argument("--real", required=True, help=".npz (key 'videos', uint8 NxTxHxWx3), video folder, or dataset tree")
+    parser.add_argument("--fake", required=True, help="same forms as --real")
+    parser.add_argument("--detector", default=None, help=f"I3D file; default ${DETECTOR_ENV}")
+    parser.add_argument("--num-videos", type=int, default=None, help="default: as many as both sides hold")
+    parser.add_argument("--n-frames", type=int, default=None, help="frames per clip; default: from the .npz side(s)")
+    parser.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="dataset clip size; default: the other side's frame size")
+    parser.add_argument("--dataset-name", default=None, help="datasets.build_dataset name (default UCF101 for a tree)")
+    parser.add_argument("--split", default="train", help="dataset split (train | test | all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cache-dir", default=_default_cache_dir(), help="where real statistics are cached")
+    parser.add_argument("--no-cache", action="store_true", help="recompute real statistics, write no cache")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Autoencoder training losses: L1 + LPIPS on random frames, and an optional per-frame PatchGAN (hinge)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Optional, Tuple
+from urllib.parse import urlparse
+
+import lpips
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.utils.parametrizations import spectral_norm
+
+__all__ = [
+    "AutoencoderLoss",
+    "PatchDiscriminator",
+    "build_ae_loss",
+    "build_lpips",
+    "lpips_backbone_weights_path",
+]
+
+# LPIPS trunk name -> (torchvision weights enum, torchvision constructor name). The lpips package
+# builds its trunk as `torchvision.models.<constructor>(pretrained=True)`, i.e. the IMAGENET1K_V1
+# weights, which is also what `weights='DEFAULT'` resolves to for these three models.
+_LPIPS_BACKBONES = {
+    "vgg": (torchvision.models.VGG16_Weights.IMAGENET1K_V1, "vgg16"),
+    "alex": (torchvision.models.AlexNet_Weights.IMAGENET1K_V1, "alexnet"),
+    "squeeze": (torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1, "squeezenet1_1"),
+}
+
+
+def _check_net(net: str) -> None:
+    if net not in _LPIPS_BACKBONES:
+        raise ValueError(f"unknown LPIPS network {net!r}; choose one of {sorted(_LPIPS_BACKBONES)}")
+
+
+def lpips_backbone_weights_path(net: str = "vgg") -> str:
+    """Where torchvision caches the ImageNet weights of an LPIPS trunk: <torch hub dir>/checkpoints/<file>."""
+    _check_net(net)
+    url = _LPIPS_BACKBONES[net][0].url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def _new_lpips(net: str) -> lpips.LPIPS:
+    """LPIPS with its calibrated linear heads (shipped in the package) and a randomly initialised trunk."""
+    # pnet_rand=True keeps torchvision from downloading the trunk; the lpips package still passes the
+    # deprecated `pretrained=` argument to torchvision, whose warnings would only be noise here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models")
+        return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+
+
+def _load_backbone(model: lpips.LPIPS, weights_path: str) -> None:
+    """Copy torchvision `features.<i>.*` tensors into lpips' trunk, which keeps layer i as `slice<k>.<i>.*`."""
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"LPIPS backbone weights file {weights_path} does not hold a state dict")
+    trunk = model.net
+    mapped = {}
+    for key, target in trunk.state_dict().items():
+        _, layer_key = key.split(".", 1)  # "slice2.5.weight" -> "5.weight" (the torchvision layer index)
+        source = f"features.{layer_key}"
+        if source not in state:
+            raise ValueError(f"LPIPS backbone weights file {weights_path} lacks {source!r}; is it a torchvision "
+                             f"{model.pnet_type} state dict?")
+        if state[source].shape != target.shape:
+            raise ValueError(f"LPIPS backbone weights file {weights_path} has {source!r} of shape "
+                             f"{tuple(state[source].shape)}, {model.pnet_type} needs {tuple(target.shape)}")
+        mapped[key] = state[source]
+    trunk.load_state_dict(mapped, strict=True)
+
+
+def build_lpips(net: str = "vgg", weights_path: Optional[str] = None, random_backbone: bool = False) -> lpips.LPIPS:
+    """Frozen LPIPS in eval mode, its trunk loaded from a local torchvision weights file (never downloaded).
+
+    random_backbone=True keeps a randomly initialised trunk of the same layout (tests only: the
+    distance is then meaningless as a perceptual measure, but has the right shapes and gradients).
+    """
+    _check_net(net)
+    model = _new_lpips(net)
+    if not random_backbone:
+        path = os.path.expanduser(weights_path) if weights_path else lpips_backbone_weights_path(net)
+        if not os.path.isfile(path):
+            constructor = _LPIPS_BACKBONES[net][1]
+            raise FileNotFoundError(
+                f"LPIPS {net} backbone weights not found at {path}: on a machine with internet run "
+                f"python -c \"import torchvision; torchvision.models.{constructor}(weights='DEFAULT')\" and copy "
+                f"the file from its torch hub checkpoints folder, or set loss.lpips_weights=PATH, "
+                f"or set loss.perceptual_weight=0"
+            )
+        _load_backbone(model, path)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class PatchDiscriminator(nn.Module):
+    """Per-frame PatchGAN: (N, C, H, W) frames -> (N, 1, h, w) real/fake logits, one per receptive-field patch.
+
+    Spectral norm instead of batch norm: it keeps the discriminator Lipschitz-bounded without batch
+    statistics, so real and fake batches can be scored separately and DDP needs no synced BN.
+    """
+
+    def __init__(self, channels: int = 3, base_channels: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [spectral_norm(nn.Conv2d(channels, base_channels, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+        width = base_channels
+        for index in range(1, n_layers):
+            next_width = base_channels * min(2 ** index, 8)
+            # Two stride-2 stages in all, so that 16x16 frames still leave a patch grid.
+            stride = 2 if index < 2 else 1
+            layers += [spectral_norm(nn.Conv2d(width, next_width, 4, stride=stride, padding=1)), nn.LeakyReLU(0.2)]
+            width = next_width
+        layers.append(spectral_norm(nn.Conv2d(width, 1, 3, stride=1, padding=1)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.net(frames)
+
+
+def _frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W)."""
+    b, c, t, h, w = video.shape
+    return video.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+class AutoencoderLoss(nn.Module):
+    """Reconstruction loss of the CMD autoencoder; holds the frozen LPIPS and, if enabled, the discriminator.
+
+    Checkpoint `loss.discriminator` (its optimizer is the caller's), not this whole module: the
+    frozen LPIPS weights are rebuilt from their file and need not be saved with every step.
+    """
+
+    def __init__(
+        self,
+        l1_weight: float,
+        perceptual_weight: float,
+        perceptual_frames: int,
+        lpips_module: Optional[nn.Module] = None,
+        disc_weight: float = 0.0,
+        disc_start: int = 0,
+        channels: int = 3,
+    ):
+        super().__init__()
+        if perceptual_weight > 0 and lpips_module is None:
+            raise ValueError(f"perceptual_weight={perceptual_weight} needs an lpips_module (see build_lpips)")
+        if perceptual_weight > 0 and channels != 3:
+            raise ValueError(f"LPIPS needs 3-channel frames, got channels={channels}; set loss.perceptual_weight=0")
+        if perceptual_weight > 0 and perceptual_frames < 1:
+            raise ValueError(f"perceptual_frames must be >= 1, got {perceptual_frames}")
+        self.l1_weight = float(l1_weight)
+        self.perceptual_weight = float(perceptual_weight)
+        self.perceptual_frames = int(perceptual_frames)
+        self.lpips = lpips_module if perceptual_weight > 0 else None
+        self.disc_weight = float(disc_weight)
+        self.disc_start = int(disc_start)
+        self.discriminator = PatchDiscriminator(channels) if disc_weight > 0 else None
+
+    def train(self, mode: bool = True) -> "AutoencoderLoss":
+        super().train(mode)
+        # LPIPS' linear heads contain dropout layers; the metric must stay deterministic while training.
+        if self.lpips is not None:
+            self.lpips.eval()
+        return self
+
+    def discriminator_active(self, step: int) -> bool:
+        """Whether the GAN terms are on at this optimizer step."""
+        return self.discriminator is not None and step >= self.disc_start
+
+    def perceptual_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Mean LPIPS over `perceptual_frames` frames per clip, drawn without replacement (torch RNG)."""
+        b, c, t, h, w = x.shape
+        if self.perceptual_frames > t:
+            raise ValueError(f"perceptual_frames={self.perceptual_frames} exceeds the clip's {t} frames")
+        # Draw on the CPU generator so the choice is the same on any device for a given seed.
+        frame_index = torch.rand(b, t).argsort(dim=1)[:, : self.perceptual_frames].to(x.device)  # (B, k)
+        gather_index = frame_index[:, None, :, None, None].expand(b, c, self.perceptual_frames, h, w)
+        real = _frames(torch.gather(x, 2, gather_index))
+        fake = _frames(torch.gather(x_hat, 2, gather_index))
+        return self.lpips(fake, real).mean()
+
+    def _adaptive_weight(self, rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer) -> torch.Tensor:
+        """VQGAN's balance: ||d rec / d W_last|| / ||d gan / d W_last||, so neither term swamps the other."""
+        if last_layer is None or not torch.is_grad_enabled() or not rec_loss.requires_grad:
+            return torch.ones((), device=rec_loss.device)
+        rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+        gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+        weight = rec_grad.norm() / (gan_grad.norm() + 1e-4)
+        return weight.clamp(0.0, 1e4).detach()
+
+    def forward(
+        self, x: torch.Tensor, x_hat: torch.Tensor, step: int, last_layer: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Generator-side loss of clips x and reconstructions x_hat (B, C, T, H, W) -> (loss, detached logs)."""
+        if x.shape != x_hat.shape:
+            raise ValueError(f"reconstruction of size {tuple(x_hat.shape)} does not match clip {tuple(x.shape)}")
+        l1 = (x_hat - x).abs().mean()
+        rec_loss = self.l1_weight * l1
+        logs = {"l1": l1.detach()}
+        if self.lpips is not None:
+            perceptual = self.perceptual_loss(x, x_hat)
+            rec_loss = rec_loss + self.perceptual_weight * perceptual
+            logs["lpips"] = perceptual.detach()
+        loss = rec_loss
+        if self.discriminator_active(step):
+            gan_loss = -self.discriminator(_frames(x_hat)).mean()
+            weight = self._adaptive_weight(rec_loss, gan_loss, last_layer) * self.disc_weight
+            loss = loss + weight * gan_loss
+            logs["gan"] = gan_loss.detach()
+            logs["gan_weight"] = weight.detach()
+        logs["rec"] = rec_loss.detach()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, step: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Hinge loss of the discriminator on real clips x and (detached) reconstructions x_hat.
+
+        Before disc_start (or without a discriminator) it is a constant 0 with no graph: check
+        `discriminator_active(step)` before calling backward on it. The generator loss also leaves
+        gradients on the discriminator, so zero its grads before this backward.
+        """
+        if not self.discriminator_active(step):
+            zero = torch.zeros((), device=x.device)
+            return zero, {"disc_loss": zero}
+        logits_real = self.discriminator(_frames(x.detach()))
+        logits_fake = self.discriminator(_frames(x_hat.detach()))
+        loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+        logs = {
+            "disc_loss": loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
+        return loss, logs
+
+
+def build_ae_loss(loss_cfg, channels: int, random_lpips_backbone: bool = False) -> AutoencoderLoss:
+    """AutoencoderLoss from an AutoencoderLossConfig (dataclass or DictConfig); LPIPS only when weighted."""
+    perceptual_weight = float(loss_cfg.perceptual_weight)
+    lpips_module = None
+    if perceptual_weight > 0:
+        lpips_module = build_lpips(loss_cfg.lpips_net, loss_cfg.lpips_weights, random_backbone=random_lpips_backbone)
+    return AutoencoderLoss(
+        l1_weight=float(loss_cfg.l1_weight),
+        perceptual_weight=perceptual_weight,
+        perceptual_frames=int(loss_cfg.perceptual_frames),
+        lpips_module=lpips_module,
+        disc_weight=float(loss_cfg.disc_weight),
+        disc_start=int(loss_cfg.disc_start),
+        channels=channels,
+    )

@@ -1,0 +1,249 @@
+"""CMD autoencoder: a clip becomes a content frame (softmax-weighted sum of its frames) and a motion latent.
+
+Shapes (B batch, C channels, T frames, H x W pixels, p patch, H' = H / p, W' = W / p, D motion dim):
+
+    x    (B, C, T, H, W)   clip in [-1, 1]
+    z_c  (B, C, H, W)      content frame, per pixel and channel a convex combination of the frames
+    z_m  (B, D, T, W'+H')  motion latent in (-1, 1); z_m[..., :W'] = z_x (features averaged over
+                           height, indexed by width), z_m[..., W':] = z_y (averaged over width,
+                           indexed by height)
+
+Encoder and decoder are factorised space-time transformers (TimeSformer-style blocks: attention
+over time at every spatial location, then attention over space in every frame, then an MLP).
+
+Positional information: fixed sin-cos embeddings, a 2-D one over the (H', W') token grid plus a
+1-D one over the frame index, added to the tokens before the first block of both encoder and
+decoder. The reference code built rotary embeddings and never applied them, which left the
+encoder blind to frame order (attention is permutation-equivariant). Fixed sin-cos was chosen over
+learned tables because it needs no extra parameters, is correct for non-square grids by
+construction, and is deterministic, so a checkpoint never depends on how a table was initialised.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from models.layers import Attention, Mlp, sincos_1d, sincos_2d
+
+__all__ = ["CMDAutoencoder", "SpaceTimeBlock", "build_autoencoder"]
+
+
+class SpaceTimeBlock(nn.Module):
+    """Pre-LayerNorm block on (B, T, N, hidden) tokens: temporal attention, spatial attention, MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm_time = nn.LayerNorm(hidden_size)
+        self.attn_time = Attention(hidden_size, num_heads, qkv_bias=True)
+        self.norm_space = nn.LayerNorm(hidden_size)
+        self.attn_space = Attention(hidden_size, num_heads, qkv_bias=True)
+        self.norm_mlp = nn.LayerNorm(hidden_size)
+        self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, n, c = x.shape
+        # Temporal attention: one sequence of T tokens per (clip, spatial location).
+        x_time = x.transpose(1, 2).reshape(b * n, t, c)
+        x_time = x_time + self.attn_time(self.norm_time(x_time))
+        # Spatial attention: one sequence of N tokens per (clip, frame).
+        x_space = x_time.reshape(b, n, t, c).transpose(1, 2).reshape(b * t, n, c)
+        x_space = x_space + self.attn_space(self.norm_space(x_space))
+        x_space = x_space + self.mlp(self.norm_mlp(x_space))
+        return x_space.reshape(b, t, n, c)
+
+
+class SpaceTimeTransformer(nn.Module):
+    """A stack of SpaceTimeBlocks with optional activation checkpointing per block."""
+
+    def __init__(self, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float, grad_checkpointing: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([SpaceTimeBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checkpointing only pays off when a backward pass will follow; in eval it would just cost time.
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+        return x
+
+
+def _as_hw(resolution) -> Tuple[int, int]:
+    """(H, W) from an int (square frames) or a two-element sequence."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    values = tuple(int(v) for v in resolution)
+    if len(values) != 2:
+        raise ValueError(f"resolution must be (H, W), got {tuple(resolution)}")
+    return values
+
+
+class CMDAutoencoder(nn.Module):
+    """Clip (B, C, T, H, W) <-> content frame (B, C, H, W) + motion latent (B, D, T, W'+H')."""
+
+    def __init__(
+        self,
+        channels: int = 3,
+        n_frames: int = 16,
+        resolution: Sequence[int] | int = (64, 64),
+        patch_size: int = 2,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        motion_dim: int = 8,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        height, width = _as_hw(resolution)
+        if height % patch_size != 0 or width % patch_size != 0:
+            raise ValueError(f"resolution (H, W) = ({height}, {width}) is not divisible by patch_size {patch_size}")
+        if hidden_size % 4 != 0:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for the 2-D sin-cos embedding")
+        self.channels = channels
+        self.n_frames = n_frames
+        self.height, self.width = height, width
+        self.patch_size = patch_size
+        self.grid_h, self.grid_w = height // patch_size, width // patch_size
+        self.hidden_size = hidden_size
+        self.motion_dim = motion_dim
+        patch_dim = channels * patch_size * patch_size
+
+        # Fixed positional embeddings (see the module docstring); non-persistent because they are
+        # recomputed from the constructor arguments and so need not live in checkpoints.
+        spatial = torch.from_numpy(sincos_2d(hidden_size, self.grid_h, self.grid_w))  # (N, hidden)
+        temporal = torch.from_numpy(sincos_1d(hidden_size, range(n_frames))).float()  # (T, hidden)
+        self.register_buffer("pos_embed", temporal[:, None, :] + spatial[None, :, :], persistent=False)
+
+        # Encoder.
+        self.patch_embed = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.encoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
+        self.encoder_norm = nn.LayerNorm(hidden_size)
+        self.content_head = nn.Linear(hidden_size, patch_dim)  # per-pixel, per-channel logits over time
+        self.motion_head_x = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_x
+        self.motion_head_y = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_y
+
+        # Decoder.
+        self.content_embed = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.motion_embed_x = nn.Linear(motion_dim, hidden_size)
+        self.motion_embed_y = nn.Linear(motion_dim, hidden_size)
+        self.decoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
+        self.decoder_norm = nn.LayerNorm(hidden_size)
+        self.output_proj = nn.Linear(hidden_size, patch_dim)
+
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Patch embeddings are linear maps of flattened patches; initialise them like one (as ViT/DiT do).
+        for conv in (self.patch_embed, self.content_embed):
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+            nn.init.zeros_(conv.bias)
+        # Zero logits make the softmax uniform, so training starts from the plain temporal mean: a
+        # clean, image-like content frame that depends on every frame equally, instead of random
+        # per-pixel frame choices. The weight still receives gradient (it multiplies nonzero
+        # features), so the head moves away from the mean as soon as that helps reconstruction.
+        nn.init.zeros_(self.content_head.weight)
+        nn.init.zeros_(self.content_head.bias)
+
+    @property
+    def content_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of one content frame."""
+        return (self.channels, self.height, self.width)
+
+    @property
+    def motion_shape(self) -> Tuple[int, int, int]:
+        """(D, T, W'+H') of one motion latent."""
+        return (self.motion_dim, self.n_frames, self.grid_w + self.grid_h)
+
+    @property
+    def clip_shape(self) -> Tuple[int, int, int, int]:
+        """(C, T, H, W) of one clip."""
+        return (self.channels, self.n_frames, self.height, self.width)
+
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the final un-patchify projection (for the adaptive GAN weight)."""
+        return self.output_proj.weight
+
+    def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, H'*W', C*p*p) per-patch values -> (B, C, T, H, W)."""
+        b, t = tokens.shape[:2]
+        p = self.patch_size
+        tokens = tokens.reshape(b, t, self.grid_h, self.grid_w, self.channels, p, p)
+        tokens = tokens.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, T, H', p, W', p)
+        return tokens.reshape(b, self.channels, t, self.height, self.width)
+
+    @staticmethod
+    def _check_shape(name: str, tensor: torch.Tensor, expected: Tuple[int, ...]) -> None:
+        if tensor.dim() != len(expected) + 1 or tuple(tensor.shape[1:]) != tuple(expected):
+            got = tuple(tensor.shape[1:]) if tensor.dim() == len(expected) + 1 else tuple(tensor.shape)
+            raise ValueError(f"{name} of size {got} does not match the autoencoder's {tuple(expected)}")
+
+    def encode_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Clip (B, C, T, H, W) -> normalised encoder features (B, T, H', W', hidden)."""
+        self._check_shape("clip", x, self.clip_shape)
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        tokens = self.patch_embed(frames).flatten(2).transpose(1, 2)  # (B*T, N, hidden), row-major grid
+        tokens = tokens.reshape(b, t, -1, self.hidden_size) + self.pos_embed
+        tokens = self.encoder_norm(self.encoder(tokens))
+        return tokens.reshape(b, t, self.grid_h, self.grid_w, self.hidden_size)
+
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Clip (B, C, T, H, W) -> content frame z_c (B, C, H, W), motion latent z_m (B, D, T, W'+H')."""
+        features = self.encode_features(x)
+        b, t = features.shape[:2]
+
+        logits = self._unpatchify(self.content_head(features).reshape(b, t, -1, self.content_head.out_features))
+        weights = torch.softmax(logits.float(), dim=2).to(x.dtype)  # over time, per pixel and channel
+        z_c = (weights * x).sum(dim=2)
+
+        z_x = torch.tanh(self.motion_head_x(features.mean(dim=2)))  # (B, T, W', D): averaged over height
+        z_y = torch.tanh(self.motion_head_y(features.mean(dim=3)))  # (B, T, H', D): averaged over width
+        z_m = torch.cat([z_x, z_y], dim=2).permute(0, 3, 1, 2)  # (B, D, T, W'+H')
+        return z_c, z_m
+
+    def decode(self, z_c: torch.Tensor, z_m: torch.Tensor) -> torch.Tensor:
+        """Content frame (B, C, H, W) + motion latent (B, D, T, W'+H') -> clip (B, C, T, H, W) in [-1, 1]."""
+        self._check_shape("content frame", z_c, self.content_shape)
+        self._check_shape("motion latent", z_m, self.motion_shape)
+        if z_c.shape[0] != z_m.shape[0]:
+            raise ValueError(f"content frame batch {z_c.shape[0]} does not match motion latent batch {z_m.shape[0]}")
+        b = z_c.shape[0]
+        v_c = self.content_embed(z_c).permute(0, 2, 3, 1)  # (B, H', W', hidden)
+        motion = z_m.permute(0, 2, 3, 1)  # (B, T, W'+H', D)
+        v_x = self.motion_embed_x(motion[:, :, : self.grid_w])  # (B, T, W', hidden)
+        v_y = self.motion_embed_y(motion[:, :, self.grid_w :])  # (B, T, H', hidden)
+        # v[t, h, w] = v_c[h, w] + v_x[t, w] + v_y[t, h]
+        tokens = v_c[:, None] + v_x[:, :, None, :, :] + v_y[:, :, :, None, :]  # (B, T, H', W', hidden)
+        tokens = tokens.reshape(b, self.n_frames, -1, self.hidden_size) + self.pos_embed
+        tokens = self.output_proj(self.decoder_norm(self.decoder(tokens)))  # (B, T, N, C*p*p)
+        return torch.tanh(self._unpatchify(tokens))
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clip (B, C, T, H, W) -> (reconstruction x_hat, content frame z_c, motion latent z_m)."""
+        z_c, z_m = self.encode(x)
+        return self.decode(z_c, z_m), z_c, z_m
+
+
+def build_autoencoder(model_cfg, data_cfg) -> CMDAutoencoder:
+    """CMDAutoencoder from an AutoencoderModelConfig and a DataConfig (dataclasses or DictConfigs)."""
+    return CMDAutoencoder(
+        channels=int(model_cfg.channels),
+        n_frames=int(data_cfg.n_frames),
+        resolution=_as_hw(data_cfg.resolution),
+        patch_size=int(model_cfg.patch_size),
+        hidden_size=int(model_cfg.hidden_size),
+        depth=int(model_cfg.depth),
+        num_heads=int(model_cfg.num_heads),
+        mlp_ratio=float(model_cfg.mlp_ratio),
+        motion_dim=int(model_cfg.motion_dim),
+        grad_checkpointing=bool(model_cfg.grad_checkpointing),
+    )

@@ -1,0 +1,437 @@
+"""Class-conditional DiT denoisers: ContentDiT for the content frame, MotionDiT for the motion latent."""
+
+import math
+from functools import partial
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from models.layers import Attention, Mlp, modulate, sincos_2d
+
+__all__ = [
+    "TimestepEmbedder",
+    "LabelEmbedder",
+    "PatchEmbed",
+    "DiTBlock",
+    "FinalLayer",
+    "ContentDiT",
+    "MotionDiT",
+    "ContentDiT_models",
+    "MotionDiT_models",
+    "DIT_SIZES",
+    "validate_model_name",
+    "build_dit",
+]
+
+STAGE_NAMES = ("content", "motion")
+
+
+def _token_grid(size: Sequence[int], patch_size: int, what: str) -> Tuple[int, int]:
+    """(rows, cols) of the patch grid of a (H, W) input; one-line ValueError if it does not tile."""
+    if len(size) != 2:
+        raise ValueError(f"{what} size must be (height, width), got {tuple(size)}")
+    height, width = int(size[0]), int(size[1])
+    if patch_size < 1 or height % patch_size != 0 or width % patch_size != 0:
+        raise ValueError(f"{what} size {height}x{width} is not divisible by patch size {patch_size}")
+    return height // patch_size, width // patch_size
+
+
+def _fixed_position_table(hidden_size: int, grid: Tuple[int, int]) -> torch.Tensor:
+    # torch.tensor (not from_numpy) so the table follows a `with torch.device(...)` context.
+    return torch.tensor(sincos_2d(hidden_size, grid[0], grid[1])).unsqueeze(0)  # (1, N, hidden)
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion step (B,) -> (B, hidden): sinusoidal frequency features followed by a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def frequency_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """(B,) steps, possibly fractional (respaced samplers) -> (B, dim) cos/sin features."""
+        half = dim // 2
+        exponents = torch.arange(half, dtype=torch.float32, device=t.device) / half
+        frequencies = torch.exp(-math.log(max_period) * exponents)
+        angles = t.float().reshape(-1, 1) * frequencies.reshape(1, -1)
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+        if dim % 2 == 1:
+            features = torch.cat([features, torch.zeros_like(features[:, :1])], dim=1)
+        return features
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = self.frequency_features(t, self.frequency_embedding_size)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label (B,) -> (B, hidden), with index `num_classes` as the null ("unconditional") label.
+
+    The null row always exists, even with `dropout_prob == 0`, so that guidance code can always ask
+    for it; it is only trained when labels are dropped during training.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {dropout_prob}")
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Replace labels by the null label: where force_drop_ids == 1, else at random in training."""
+        if force_drop_ids is not None:
+            drop = force_drop_ids.to(labels.device) == 1
+        elif self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            return labels
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+
+    def forward(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.embedding_table(self.token_drop(labels, force_drop_ids))
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, (H/p)*(W/p), hidden) row-major patch tokens via a strided convolution."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose two sub-layers are modulated and gated by the conditioning (adaLN-Zero)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(
+            in_features=hidden_size,
+            hidden_features=int(hidden_size * mlp_ratio),
+            act_layer=partial(nn.GELU, approximate="tanh"),
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, N, hidden) tokens, c (B, hidden) conditioning -> (B, N, hidden)."""
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_attn.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_attn, scale_attn))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm + linear map of each token to its patch of output values."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class _DiTBackbone(nn.Module):
+    """What both denoisers share: patchified main input, t/y conditioning, adaLN-Zero blocks, unpatchify.
+
+    Subclasses decide which extra tokens join the main-input tokens in `forward`.
+    """
+
+    def __init__(
+        self,
+        input_size: Sequence[int],
+        in_channels: int,
+        patch_size: int,
+        hidden_size: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        num_classes: int,
+        class_dropout_prob: float,
+        learn_sigma: bool,
+        grad_checkpointing: bool,
+    ):
+        super().__init__()
+        if hidden_size % 4 != 0:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for 2-D sin-cos positions")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.grid_size = _token_grid(input_size, patch_size, "input")
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+        # Fixed (not learned) positions, rebuilt from the config: kept out of the state dict.
+        self.register_buffer("pos_embed", _fixed_position_table(hidden_size, self.grid_size), persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+    def _initialize_weights(self) -> None:
+        """DiT initialisation; subclasses call it once all their modules exist."""
+
+        def xavier_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(xavier_linear)
+        for module in self.modules():
+            if isinstance(module, PatchEmbed):
+                # Treat the conv as the linear map over a flattened patch that it is.
+                nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
+                nn.init.zeros_(module.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output starts at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _check_input(self, x: torch.Tensor, name: str, channels: int, size: Tuple[int, int]) -> None:
+        # The fixed position table only fits one grid, so a wrong shape must fail loudly here.
+        expected = (channels, size[0], size[1])
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{name} must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}")
+
+    def _conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B,) steps and (B,) labels -> (B, hidden) vector that drives every adaLN layer."""
+        return self.t_embedder(t) + self.y_embedder(y)
+
+    def _run_blocks(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_checkpoint:
+                tokens = checkpoint(block, tokens, c, use_reentrant=False)
+            else:
+                tokens = block(tokens, c)
+        return tokens
+
+    def _decode(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Main-input tokens (B, gh*gw, hidden) -> (B, out_channels, gh*p, gw*p)."""
+        patches = self.final_layer(tokens, c)  # (B, gh*gw, p*p*out_channels)
+        return rearrange(
+            patches,
+            "b (gh gw) (p q c) -> b c (gh p) (gw q)",
+            gh=self.grid_size[0],
+            gw=self.grid_size[1],
+            p=self.patch_size,
+            q=self.patch_size,
+        )
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, **cond) -> torch.Tensor:
+        """Classifier-free guided output; the combination rule lives in diffusion.guidance only."""
+        from diffusion.guidance import guided_model  # local: keeps models/ importable without diffusion/
+
+        return guided_model(self, cfg_scale, null_label=self.num_classes)(x, t, y, **cond)
+
+
+class ContentDiT(_DiTBackbone):
+    """p(z_c | y): class-conditional DiT over the content frame z_c (B, C, H, W)."""
+
+    def __init__(
+        self,
+        input_size: Sequence[int] = (64, 64),
+        in_channels: int = 3,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 101,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = True,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__(
+            input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio,
+            num_classes, class_dropout_prob, learn_sigma, grad_checkpointing,
+        )
+        self._initialize_weights()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) noisy content frame, t (B,), y (B,) -> (B, 2C or C, H, W)."""
+        self._check_input(x, "content frame x", self.in_channels, self.input_size)
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, hidden)
+        c = self._conditioning(t, y)
+        return self._decode(self._run_blocks(tokens, c), c)
+
+
+class MotionDiT(_DiTBackbone):
+    """p(z_m | z_c, y): DiT over the motion latent z_m (B, D, T, H'+W') seen as a T x (H'+W') image.
+
+    The clean content frame z_c joins as extra tokens (own patch size `key_patch_size`, own 2-D
+    positions); a learned token-type vector tells the two kinds apart, because both position tables
+    start at (0, 0) and would otherwise give the first tokens of each kind the same embedding.
+    Only the z_m tokens are decoded.
+    """
+
+    def __init__(
+        self,
+        input_size: Sequence[int] = (16, 64),
+        in_channels: int = 8,
+        patch_size: int = 2,
+        hidden_size: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 101,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = True,
+        content_channels: int = 3,
+        content_size: Sequence[int] = (64, 64),
+        key_patch_size: int = 4,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__(
+            input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio,
+            num_classes, class_dropout_prob, learn_sigma, grad_checkpointing,
+        )
+        self.content_channels = content_channels
+        self.content_grid_size = _token_grid(content_size, key_patch_size, "content frame")
+        self.content_size = (int(content_size[0]), int(content_size[1]))
+        self.key_patch_size = key_patch_size
+        self.content_embedder = PatchEmbed(content_channels, hidden_size, key_patch_size)
+        self.register_buffer(
+            "content_pos_embed", _fixed_position_table(hidden_size, self.content_grid_size), persistent=False
+        )
+        self.token_type_embed = nn.Parameter(torch.zeros(2, hidden_size))  # row 0: z_m tokens, row 1: z_c tokens
+        self._initialize_weights()
+        nn.init.normal_(self.token_type_embed, std=0.02)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """x (B, D, T, H'+W') noisy z_m, t (B,), y (B,), content (B, C, H, W) z_c -> (B, 2D or D, T, H'+W')."""
+        self._check_input(x, "motion latent x", self.in_channels, self.input_size)
+        self._check_input(content, "content frame", self.content_channels, self.content_size)
+        motion_tokens = self.x_embedder(x) + self.pos_embed + self.token_type_embed[0]  # (B, Nm, hidden)
+        content_tokens = self.content_embedder(content) + self.content_pos_embed + self.token_type_embed[1]  # (B, Nc, hidden)
+        num_motion_tokens = motion_tokens.shape[1]
+        tokens = torch.cat([motion_tokens, content_tokens], dim=1)
+        c = self._conditioning(t, y)
+        tokens = self._run_blocks(tokens, c)
+        return self._decode(tokens[:, :num_motion_tokens], c)
+
+
+# name letter -> (hidden_size, depth, num_heads); T is a CPU-sized variant for tests and demos.
+DIT_SIZES: Dict[str, Tuple[int, int, int]] = {
+    "T": (128, 4, 4),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+_PATCH_SIZES: Dict[str, Tuple[int, ...]] = {
+    "T": (2, 4),
+    "S": (2, 4, 8),
+    "B": (2, 4, 8),
+    "L": (2, 4, 8),
+    "XL": (2, 4, 8),
+}
+
+
+def _registry_entry(model_class: type, size: str, patch_size: int) -> Callable[..., nn.Module]:
+    hidden_size, depth, num_heads = DIT_SIZES[size]
+
+    def build(**kwargs) -> nn.Module:
+        # Passing hidden_size/depth/num_heads/patch_size again is a TypeError, as the name fixes them.
+        return model_class(hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size, **kwargs)
+
+    build.__name__ = f"{model_class.__name__}_{size}_{patch_size}"
+    return build
+
+
+def _registry(model_class: type) -> Dict[str, Callable[..., nn.Module]]:
+    return {
+        f"{model_class.__name__}-{size}/{patch_size}": _registry_entry(model_class, size, patch_size)
+        for size, patch_sizes in _PATCH_SIZES.items()
+        for patch_size in patch_sizes
+    }
+
+
+ContentDiT_models: Dict[str, Callable[..., nn.Module]] = _registry(ContentDiT)
+MotionDiT_models: Dict[str, Callable[..., nn.Module]] = _registry(MotionDiT)
+_REGISTRIES = {"content": ContentDiT_models, "motion": MotionDiT_models}
+
+
+def validate_model_name(stage: str, name: str) -> str:
+    """Return `name` if it is in the registry of `stage` ("content" | "motion"), else one-line ValueError."""
+    if stage not in _REGISTRIES:
+        raise ValueError(f"stage {stage!r} has no DiT registry; expected one of {list(STAGE_NAMES)}")
+    registry = _REGISTRIES[stage]
+    if name not in registry:
+        raise ValueError(f"model.name {name!r} is not a {stage} model; valid names: {', '.join(registry)}")
+    return name
+
+
+def build_dit(
+    stage: str,
+    model_cfg,
+    num_classes: int,
+    ae_content_shape: Sequence[int],
+    ae_motion_shape: Sequence[int],
+) -> _DiTBackbone:
+    """Denoiser for `stage` from a DiTModelConfig and the autoencoder's latent shapes.
+
+    ae_content_shape is (C, H, W) of z_c; ae_motion_shape is (D, T, H'+W') of z_m.
+    """
+    validate_model_name(stage, model_cfg.name)
+    content_channels, content_height, content_width = (int(v) for v in ae_content_shape)
+    common = dict(
+        num_classes=int(num_classes),
+        class_dropout_prob=float(model_cfg.class_dropout_prob),
+        learn_sigma=bool(model_cfg.learn_sigma),
+        grad_checkpointing=bool(model_cfg.grad_checkpointing),
+    )
+    if stage == "content":
+        return ContentDiT_models[model_cfg.name](
+            input_size=(content_height, content_width), in_channels=content_channels, **common
+        )
+    motion_dim, num_frames, motion_length = (int(v) for v in ae_motion_shape)
+    return MotionDiT_models[model_cfg.name](
+        input_size=(num_frames, motion_length),
+        in_channels=motion_dim,
+        content_channels=content_channels,
+        content_size=(content_height, content_width),
+        key_patch_size=int(model_cfg.key_patch_size),
+        **common,
+    )

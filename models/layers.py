@@ -1,0 +1,56 @@
+"""Transformer building blocks shared by the autoencoder and the DiTs."""
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+__all__ = ["Attention", "Mlp", "sincos_1d", "sincos_2d", "modulate"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over (B, N, C) tokens via `scaled_dot_product_attention`."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def sincos_1d(embed_dim: int, positions) -> np.ndarray:
+    """Fixed sin-cos embedding (len(positions), embed_dim) as in 'Attention is all you need'."""
+    if embed_dim % 2 != 0:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.outer(np.asarray(positions, dtype=np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2-D sin-cos embedding (grid_h * grid_w, embed_dim), row-major; any (non-square) grid.
+
+    Half of the channels encode the row, half the column (the MAE/DiT recipe, generalised from
+    square grids so that a 16x64 motion latent works).
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb_h = sincos_1d(embed_dim // 2, rows)
+    emb_w = sincos_1d(embed_dim // 2, cols)
+    return np.concatenate([emb_h, emb_w], axis=1).astype(np.float32)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of (B, N, C) tokens by per-sample (B, C) shift and scale."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)

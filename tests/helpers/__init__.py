@@ -1,0 +1,1 @@
+"""Small programs the tests launch as separate processes."""

@@ -1,0 +1,56 @@
+"""A toy regression trained with the shared runtime: the foundation tests run it under torchrun and plain python."""
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+from training.run import TrainingRun, entry_point, make_ema, make_optimizer
+
+
+class ToyData(torch.utils.data.Dataset):
+    """Fixed random (x, target) pairs; accepts the (index, epoch) items of the infinite sampler."""
+
+    def __init__(self, size: int = 64):
+        generator = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(size, 6, generator=generator)
+        self.target = self.x @ torch.randn(6, 1, generator=generator) + 0.1 * torch.randn(size, 1, generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, item):
+        index = item[0] if isinstance(item, tuple) else item
+        return {"x": self.x[index], "y": self.target[index], "index": index}
+
+
+def main(cfg):
+    run = TrainingRun(cfg, stage="autoencoder")
+    torch.manual_seed(0)  # identical init on every rank and world size
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(float(os.environ.get("TOY_DROPOUT", "0"))), nn.Linear(16, 1)).to(run.device)
+    ema = make_ema(model)
+    opt = make_optimizer(model.parameters(), cfg.optim, run.device)
+    run.restore({"model": model, "ema": ema}, {"opt": opt})
+    ddp_model = run.wrap(model)
+    batches = run.loader(ToyData())
+    losses = []
+    while not run.should_stop():
+        batch = next(batches)
+        loss = nn.functional.mse_loss(ddp_model(run.to_device(batch["x"])), run.to_device(batch["y"]))
+        if run.step + 1 in {int(s) for s in os.environ.get("TOY_NAN_STEPS", "").split(",") if s}:
+            loss = loss * float("nan")  # the non-finite tests: this update must be skipped
+        time.sleep(float(os.environ.get("TOY_STEP_SECONDS", "0")))
+        loss.backward()
+        run.optimizer_step(ddp_model, opt, ema)
+        losses.append(loss.item())
+        run.log({"loss": loss})
+        run.maybe_save({"model": model, "ema": ema}, {"opt": opt})
+    if run.dist.is_main:
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+        (run.run_dir / f"result-{run.step}.json").write_text(json.dumps({"losses": losses, "params": flat}))
+    run.finish()
+
+
+if __name__ == "__main__":
+    entry_point(main, "autoencoder", "toy trainer for tests")

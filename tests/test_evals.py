@@ -1,0 +1,409 @@
+"""Tests for evals/: Fréchet distance, I3D detector loading (port layout and TorchScript), FVD CLI, PSNR/SSIM."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import datasets
+from evals import fvd
+from evals.i3d import MIN_FRAMES, InceptionI3d, preprocess_for_i3d
+from evals.recon import psnr, ssim, to_uint8_videos
+
+FRAMES = MIN_FRAMES  # the shortest clip I3D accepts keeps the 224-px forward passes cheap on CPU
+
+
+def random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:
+    factor = rng.normal(size=(dim, dim))
+    return factor @ factor.T / dim + 0.1 * np.eye(dim)
+
+
+def scipy_reference(mu_a, sigma_a, mu_b, sigma_b) -> float:
+    root, _ = scipy.linalg.sqrtm(sigma_a @ sigma_b, disp=False)
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a + sigma_b - 2.0 * np.real(root)))
+
+
+def random_videos(seed: int, count: int, frames: int = FRAMES, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, frames, size, size, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_same_covariance_is_squared_mean_distance():
+    rng = np.random.default_rng(0)
+    sigma = random_covariance(rng, 16)
+    mu_a, mu_b = rng.normal(size=16), rng.normal(size=16)
+    expected = float(np.sum((mu_a - mu_b) ** 2))
+    assert fvd.frechet_distance_from_stats(mu_a, sigma, mu_b, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_frechet_diagonal_covariances_closed_form():
+    rng = np.random.default_rng(1)
+    var_a, var_b = rng.uniform(0.1, 3.0, size=8), rng.uniform(0.1, 3.0, size=8)
+    mu_a, mu_b = rng.normal(size=8), rng.normal(size=8)
+    expected = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+    got = fvd.frechet_distance_from_stats(mu_a, np.diag(var_a), mu_b, np.diag(var_b))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_matches_scipy_sqrtm_reference():
+    rng = np.random.default_rng(2)
+    features_a = rng.normal(size=(300, 24)) @ rng.normal(size=(24, 24))
+    features_b = rng.normal(loc=0.5, size=(250, 24)) @ rng.normal(size=(24, 24))
+    stats_a, stats_b = fvd.compute_stats(features_a), fvd.compute_stats(features_b)
+    expected = scipy_reference(*stats_a, *stats_b)
+    assert fvd.frechet_distance(features_a, features_b) == pytest.approx(expected, rel=1e-7)
+    # Not symmetric in its formula but symmetric in value.
+    assert fvd.frechet_distance(features_b, features_a) == pytest.approx(expected, rel=1e-7)
+
+
+def test_frechet_of_identical_sets_is_zero_and_stats_are_float64_biased():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(40, 120)).astype(np.float32)  # fewer samples than dims: singular covariance
+    assert fvd.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    mu, sigma = fvd.compute_stats(features)
+    assert mu.dtype == np.float64 and sigma.dtype == np.float64
+    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False, bias=True), atol=1e-12)
+
+
+def test_frechet_rejects_mismatched_dimensions():
+    with pytest.raises(ValueError, match="sigma_b"):
+        fvd.frechet_distance_from_stats(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
+def test_protocol_name():
+    assert fvd.fvd_protocol_name(2048, 16) == "fvd2048_16f"
+
+
+# ---------------------------------------------------------------------------------------------- I3D detector
+
+
+@pytest.fixture(scope="module")
+def i3d_checkpoint(tmp_path_factory):
+    """A randomly initialised InceptionI3d saved like the public port checkpoint (no BN step counters)."""
+    torch.manual_seed(0)
+    model = InceptionI3d()
+    # Calibrate BN statistics on one random batch (cumulative average = that batch's statistics): with the
+    # default mean 0 / var 1 the random network's logits barely depend on the input, which would let
+    # feature-path bugs pass unnoticed; it also makes the buffers non-trivial for the loader to restore.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.momentum = None
+            module.reset_running_stats()
+    with torch.no_grad():
+        model.train()(preprocess_for_i3d(torch.from_numpy(random_videos(99, 2))))
+    model.eval()
+    state = {key: value for key, value in model.state_dict().items() if not key.endswith("num_batches_tracked")}
+    path = tmp_path_factory.mktemp("i3d") / "i3d_pretrained_400.pt"
+    torch.save(state, path)
+    return path, model
+
+
+def test_port_state_dict_names_match_public_layout():
+    keys = InceptionI3d().state_dict()
+    assert tuple(keys["Conv3d_1a_7x7.conv3d.weight"].shape) == (64, 3, 7, 7, 7)
+    assert "Conv3d_1a_7x7.bn.running_mean" in keys
+    assert tuple(keys["Mixed_3b.b0.conv3d.weight"].shape) == (64, 192, 1, 1, 1)
+    assert tuple(keys["Mixed_4f.b2b.conv3d.weight"].shape) == (128, 32, 3, 3, 3)
+    assert tuple(keys["Mixed_5c.b3b.conv3d.weight"].shape) == (128, 832, 1, 1, 1)
+    assert tuple(keys["logits.conv3d.weight"].shape) == (400, 1024, 1, 1, 1)
+    assert tuple(keys["logits.conv3d.bias"].shape) == (400,)
+    assert not any(key.startswith("logits.bn") for key in keys)
+
+
+def test_port_checkpoint_gives_400d_features(i3d_checkpoint):
+    path, original = i3d_checkpoint
+    detector = fvd.load_detector(str(path))
+    assert isinstance(detector, fvd.PortI3D) and "i3d_pretrained_400" in detector.name
+    videos = random_videos(0, 2)
+    features = fvd.extract_features(videos, detector, batch_size=2)
+    assert features.shape == (2, 400) and features.dtype == np.float64 and np.isfinite(features).all()
+    assert np.abs(features[0] - features[1]).max() > 1e-2 * np.abs(features).max()
+    with torch.no_grad():
+        expected = original(preprocess_for_i3d(torch.from_numpy(videos))).double().numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+    # Batches given as an iterable of arrays give the same features, batch size does not matter.
+    one_by_one = fvd.extract_features((videos[i : i + 1] for i in range(2)), detector, batch_size=1)
+    np.testing.assert_allclose(one_by_one, features, rtol=1e-4, atol=1e-4)
+
+
+def test_port_detector_rejects_short_clips(i3d_checkpoint):
+    detector = fvd.load_detector(str(i3d_checkpoint[0]))
+    with pytest.raises(ValueError, match=f"at least {MIN_FRAMES} frames"):
+        detector(torch.from_numpy(random_videos(0, 1, frames=MIN_FRAMES - 1)))
+
+
+def test_preprocess_resizes_shorter_side_and_center_crops():
+    video = np.zeros((1, 2, 20, 40, 3), dtype=np.uint8)
+    video[:, :, :, :8] = 255  # bright side bands fall outside the central 224x224 crop of the 224x448 resize
+    video[:, :, :, -8:] = 255
+    clip = preprocess_for_i3d(torch.from_numpy(video))
+    assert clip.shape == (1, 3, 2, 224, 224)
+    assert torch.allclose(clip, torch.full_like(clip, -1.0))
+    white = preprocess_for_i3d(torch.full((1, 2, 30, 30, 3), 255, dtype=torch.uint8))
+    assert torch.allclose(white, torch.ones_like(white))
+
+
+def test_wrong_key_gives_one_line_error_naming_it(i3d_checkpoint, tmp_path):
+    state = torch.load(i3d_checkpoint[0], weights_only=True)
+    extra = dict(state, **{"Mixed_9z.conv3d.weight": torch.zeros(1)})
+    torch.save(extra, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match="Mixed_9z.conv3d.weight") as error:
+        fvd.load_detector(str(tmp_path / "extra.pt"))
+    assert "\n" not in str(error.value)
+
+    missing = {key: value for key, value in state.items() if key != "Mixed_4b.b0.conv3d.weight"}
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="Mixed_4b.b0.conv3d.weight"):
+        fvd.load_detector(str(tmp_path / "missing.pt"))
+
+    wrong_shape = dict(state, **{"Conv3d_2b_1x1.conv3d.weight": torch.zeros(64, 64, 3, 3, 3)})
+    torch.save(wrong_shape, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match=r"Conv3d_2b_1x1.conv3d.weight.*\(64, 64, 1, 1, 1\)"):
+        fvd.load_detector(str(tmp_path / "shape.pt"))
+
+
+def test_wrapped_and_data_parallel_state_dicts_load(i3d_checkpoint, tmp_path):
+    state = torch.load(i3d_checkpoint[0], weights_only=True)
+    torch.save({"state_dict": {f"module.{key}": value for key, value in state.items()}}, tmp_path / "wrapped.pt")
+    detector = fvd.load_detector(str(tmp_path / "wrapped.pt"))
+    assert torch.equal(detector.module.logits.conv3d.bias, state["logits.conv3d.bias"])
+
+
+def test_missing_detector_errors_name_path_and_source(monkeypatch, tmp_path):
+    monkeypatch.delenv(fvd.DETECTOR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=fvd.DETECTOR_ENV) as error:
+        fvd.load_detector(None)
+    assert "i3d_torchscript.pt" in str(error.value) and "i3d_pretrained_400.pt" in str(error.value)
+    missing = tmp_path / "nowhere.pt"
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        fvd.load_detector(str(missing))
+
+
+def test_detector_path_from_environment(monkeypatch, i3d_checkpoint):
+    monkeypatch.setenv(fvd.DETECTOR_ENV, str(i3d_checkpoint[0]))
+    assert isinstance(fvd.load_detector(), fvd.PortI3D)
+
+
+class StandInTorchScriptI3D(torch.nn.Module):
+    """Same call signature as StyleGAN-V's detector; its 'features' echo what it was called with."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        batch = x.shape[0]
+        report = torch.zeros(batch, 400)
+        report[:, 0] = float(rescale)
+        report[:, 1] = float(resize)
+        report[:, 2] = float(return_features)
+        report[:, 3] = float(x.dtype == torch.uint8)
+        report[:, 4] = float(x.shape[1])  # channels first: (N, C, T, H, W)
+        report[:, 5] = float(x.shape[2])
+        report[:, 6] = x.float().flatten(1).mean(dim=1)
+        return report
+
+
+def test_torchscript_detector_is_detected_and_called_with_stylegan_v_kwargs(tmp_path):
+    path = tmp_path / "i3d_torchscript.pt"
+    torch.jit.save(torch.jit.script(StandInTorchScriptI3D()), str(path))
+    detector = fvd.load_detector(str(path))
+    assert isinstance(detector, fvd.TorchScriptI3D) and "i3d_torchscript" in detector.name
+    videos = random_videos(4, 3, frames=10)
+    features = fvd.extract_features(videos, detector, batch_size=2)
+    assert features.shape == (3, 400)
+    np.testing.assert_array_equal(features[:, :6], [[1, 1, 1, 1, 3, 10]] * 3)
+    np.testing.assert_allclose(features[:, 6], videos.reshape(3, -1).mean(axis=1), rtol=1e-5)
+    # FVD(x, x) = 0 through the whole feature path.
+    assert fvd.compute_fvd(videos, videos, detector) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fvd_of_a_set_with_itself_is_zero_with_i3d(i3d_checkpoint):
+    detector = fvd.load_detector(str(i3d_checkpoint[0]))
+    videos = random_videos(5, 3)
+    features = fvd.extract_features(videos, detector)
+    assert fvd.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    shifted = fvd.extract_features(255 - videos, detector)
+    assert fvd.frechet_distance(features, shifted) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(capsys, argv):
+    code = fvd.main([str(item) for item in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def npz_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    real, fake = folder / "real.npz", folder / "fake.npz"
+    np.savez(real, videos=random_videos(10, 3), labels=np.arange(3))
+    np.savez(fake, videos=random_videos(11, 3))
+    return real, fake
+
+
+def test_cli_end_to_end_prints_value_last_and_caches_real_stats(capsys, tmp_path, npz_pair, i3d_checkpoint):
+    real, fake = npz_pair
+    argv = ["--real", real, "--fake", fake, "--detector", i3d_checkpoint[0], "--cache-dir", tmp_path / "cache",
+            "--batch-size", 2, "--device", "cpu"]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith(f"fvd3_{FRAMES}f: ")
+    value = float(lines[-1])
+    assert value > 0.0
+    cache_files = list((tmp_path / "cache").glob("*.npz"))
+    assert len(cache_files) == 1 and cache_files[0].name.startswith(f"fvd3_{FRAMES}f-real-")
+    assert "cached to" in err
+
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0 and "loaded from cache" in err
+    assert float(out.strip().splitlines()[-1]) == pytest.approx(value, rel=1e-6)
+
+    # A different protocol (fewer videos) must not reuse those statistics.
+    code, out, err = run_cli(capsys, argv + ["--num-videos", 2])
+    assert code == 0 and "loaded from cache" not in err
+    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
+
+
+def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, npz_pair, i3d_checkpoint):
+    real, fake = npz_pair
+    base = ["--detector", i3d_checkpoint[0], "--no-cache", "--device", "cpu"]
+    code, _, err = run_cli(capsys, ["--real", real, "--fake", fake, "--num-videos", 5] + base)
+    assert code == 2 and "fewer than --num-videos 5" in err and len(err.strip().splitlines()) == 1
+
+    longer = tmp_path / "longer.npz"
+    np.savez(longer, videos=random_videos(12, 2, frames=FRAMES + 2))
+    code, _, err = run_cli(capsys, ["--real", real, "--fake", longer] + base)
+    assert code == 2 and "mismatched frame counts" in err and len(err.strip().splitlines()) == 1
+
+    code, _, err = run_cli(capsys, ["--real", tmp_path / "absent.npz", "--fake", fake] + base)
+    assert code == 2 and "absent.npz" in err
+
+    np.savez(tmp_path / "nokey.npz", clips=random_videos(0, 1))
+    code, _, err = run_cli(capsys, ["--real", tmp_path / "nokey.npz", "--fake", fake] + base)
+    assert code == 2 and "'videos'" in err
+
+
+def test_cli_missing_detector_exits_2_as_a_script(tmp_path, npz_pair):
+    real, fake = npz_pair
+    environment = {key: value for key, value in os.environ.items() if key != fvd.DETECTOR_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "evals.fvd", "--real", str(real), "--fake", str(fake), "--detector",
+         str(tmp_path / "no_i3d.pt")],
+        capture_output=True, text=True, env=environment, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120,
+    )
+    assert result.returncode == 2
+    assert "no_i3d.pt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def write_mp4(path, frames: np.ndarray) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_cli_reads_a_folder_of_video_files(capsys, tmp_path, npz_pair, i3d_checkpoint):
+    real, _ = npz_pair
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for index, video in enumerate(random_videos(20, 3, frames=FRAMES + 3)):
+        write_mp4(folder / f"{index:03d}.mp4", video)
+    argv = ["--real", real, "--fake", folder, "--detector", i3d_checkpoint[0], "--no-cache", "--device", "cpu"]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    # The folder side follows the npz side's frame count (its files are longer).
+    assert out.strip().splitlines()[-2].startswith(f"fvd3_{FRAMES}f: ")
+    assert float(out.strip().splitlines()[-1]) > 0.0
+
+
+def test_cli_dataset_tree_uses_build_dataset(capsys, tmp_path, npz_pair, i3d_checkpoint, monkeypatch):
+    fake, _ = npz_pair
+    tree = tmp_path / "ucf"
+    (tree / "ClassA").mkdir(parents=True)
+    calls = []
+
+    class FakeDataset:
+        def __init__(self, data_cfg):
+            self.data_cfg = data_cfg
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, index):
+            generator = torch.Generator().manual_seed(index)
+            height, width = self.data_cfg.resolution
+            x = torch.rand(3, self.data_cfg.n_frames, height, width, generator=generator) * 2 - 1
+            return {"x": x, "y": 0, "index": index}
+
+    def fake_build_dataset(data_cfg, split, seed):
+        calls.append((data_cfg, split, seed))
+        return FakeDataset(data_cfg)
+
+    monkeypatch.setattr(datasets, "build_dataset", fake_build_dataset, raising=False)
+    argv = ["--real", tree, "--fake", fake, "--detector", i3d_checkpoint[0], "--cache-dir", tmp_path / "cache",
+            "--seed", 7, "--device", "cpu"]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    data_cfg, split, seed = calls[0]
+    assert data_cfg.dataset_name == "UCF101" and data_cfg.data_path == str(tree)
+    assert data_cfg.n_frames == FRAMES and list(data_cfg.resolution) == [16, 16]
+    assert (split, seed) == ("train", 7)
+    assert out.strip().splitlines()[-2].startswith(f"fvd3_{FRAMES}f: ")
+
+
+# ---------------------------------------------------------------------------------------------- PSNR / SSIM
+
+
+def test_psnr_identical_is_infinite_and_known_offset():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 16, 16) - 0.5  # [-0.5, 0.5]: the offset below stays inside [-1, 1]
+    assert torch.isinf(psnr(x, x)).all()
+    # An offset of 0.1 in [-1, 1] is 0.05 in [0, 1]: MSE 0.0025 -> 10 log10(400) dB.
+    np.testing.assert_allclose(psnr(x, x + 0.1).numpy(), [10 * np.log10(400.0)] * 2, rtol=1e-5)
+
+
+def test_ssim_identity_constant_closed_form_and_monotone_in_noise():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 24, 24) * 2 - 1
+    np.testing.assert_allclose(ssim(x, x).numpy(), [1.0, 1.0], atol=1e-6)
+    # Constant frames: SSIM reduces to the luminance term (2ab + C1) / (a^2 + b^2 + C1) on [0, 1] values.
+    a, b = 0.25, 0.75
+    constant_a = torch.full((1, 1, 2, 16, 16), 2 * a - 1)
+    constant_b = torch.full((1, 1, 2, 16, 16), 2 * b - 1)
+    c1 = 0.01**2
+    assert ssim(constant_a, constant_b).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-5)
+    scores = [ssim(x, (x + level * torch.randn_like(x)).clamp(-1, 1)).mean().item() for level in (0.05, 0.2, 0.6)]
+    assert 1.0 > scores[0] > scores[1] > scores[2]
+
+
+def test_metrics_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ"):
+        psnr(torch.zeros(1, 3, 2, 8, 8), torch.zeros(1, 3, 2, 8, 4))
+
+
+def test_to_uint8_videos_layout_and_values():
+    x = torch.zeros(2, 3, 4, 5, 6)
+    x[0, 0, 0, 0, 0], x[0, 1, 0, 0, 0], x[1, 2, 3, 4, 5] = -1.0, 1.0, 2.0
+    videos = to_uint8_videos(x)
+    assert videos.shape == (2, 4, 5, 6, 3) and videos.dtype == np.uint8
+    assert videos[0, 0, 0, 0].tolist() == [0, 255, 128]
+    assert videos[1, 3, 4, 5, 2] == 255  # clamped
+    smooth = torch.rand(1, 1, 2, 3, 3) * 2 - 1
+    gray = to_uint8_videos(smooth)
+    assert gray.shape == (1, 2, 3, 3, 3) and (gray[..., 0] == gray[..., 2]).all()
+    assert np.abs(gray[..., 0] / 127.5 - 1 - smooth[:, 0].numpy()).max() <= 0.5 / 127.5 + 1e-6

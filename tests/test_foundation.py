@@ -1,0 +1,186 @@
+"""The shared runtime: configs, DDP equivalence, atomic checkpoints, exact resume, non-finite steps, SIGTERM."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, _env, run_python, run_torchrun
+from training import checkpoint as ckpt_io
+from training.config import ConfigError, build_arg_parser, config_from_args, config_from_dict, config_to_dict, load_config
+
+TOY = ["-m", "tests.helpers.toy_train"]
+
+
+def toy_args(results, steps, *extra):
+    return [*TOY, "--results-dir", results, "--max-steps", steps, "--log-every", 1,
+            "train.global_batch_size=8", "data.num_workers=0", "optim.lr=0.05", *extra]
+
+
+def result(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / f"result-{step}.json").read_text())
+
+
+# ---- config ---------------------------------------------------------------------------------------------------
+def test_unknown_key_names_it():
+    with pytest.raises(ConfigError, match=r"train\.learning_rat"):
+        load_config("autoencoder", overrides=["train.learning_rat=3"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size"):
+        load_config("autoencoder", overrides=["train.global_batch_size=many"])
+
+
+def test_missing_data_path_names_key():
+    with pytest.raises(ConfigError, match=r"data\.data_path"):
+        load_config("autoencoder", overrides=["data.dataset_name=UCF101"])
+
+
+def test_yaml_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*bad\.yaml"):
+        load_config("autoencoder", config_file=str(bad))
+
+
+def test_seed_flags_and_dotlist_land_in_keys():
+    parser = build_arg_parser("content", "t")
+    args = parser.parse_args(["--dataset-name", "UCF101", "--data-path", "/data/UCF-101", "--global-batch-size", "24",
+                              "--results-dir", "runs", "--mode", "pixel", "--ckpt-every", "20000", "--log-every", "7",
+                              "--max-steps", "9", "--resume", "auto", "--ae-ckpt", "ae.pt",
+                              "--motion-model-config", "MotionDiT-L/2", "optim.lr=2e-4", "train.global_seed=3"])
+    cfg = config_from_args("content", args)
+    assert cfg.data.dataset_name == "UCF101" and cfg.data.data_path == "/data/UCF-101"
+    assert cfg.train.global_batch_size == 24 and cfg.train.results_dir == "runs"
+    assert cfg.train.ckpt_every == 20000 and cfg.train.log_every == 7 and cfg.train.max_steps == 9
+    assert cfg.train.resume == "auto" and cfg.ae_ckpt == "ae.pt"
+    assert cfg.model.name == "ContentDiT-L/2"  # the seed's motion name read as the DiT size
+    assert cfg.optim.lr == pytest.approx(2e-4) and cfg.train.global_seed == 3
+
+
+def test_model_name_validated_against_registry():
+    with pytest.raises(ConfigError, match=r"model\.name"):
+        load_config("motion", overrides=["ae_ckpt=x.pt", "model.name=MotionDiT-Q/2"])
+    with pytest.raises(ConfigError, match=r"model\.name"):
+        load_config("motion", overrides=["ae_ckpt=x.pt", "model.name=ContentDiT-S/2"])
+
+
+def test_diffusion_stage_requires_ae_ckpt():
+    with pytest.raises(ConfigError, match="ae_ckpt"):
+        load_config("motion")
+
+
+def test_config_round_trip():
+    cfg = load_config("motion", overrides=["ae_ckpt=a.pt", "data.resolution=[32,48]", "train.ema_decay=0.999"])
+    again = config_from_dict("motion", config_to_dict(cfg))
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_yaml_configs_in_repo_load():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        stage = {"autoencoder": "autoencoder", "motion": "motion", "content": "content"}[path.stem.split("_")[0]]
+        load_config(stage, str(path), ["ae_ckpt=x.pt"] if stage != "autoencoder" else [])
+
+
+def test_cli_bad_key_exits_nonzero_with_one_line(tmp_path):
+    proc = run_python([*TOY, "--results-dir", tmp_path, "train.nope=1"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train.nope" in proc.stderr
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt_io.atomic_torch_save({"model": {"w": torch.ones(3)}, "config": {}, "step": 1}, path)
+
+    def exploding_save(obj, handle):
+        handle.write(b"partial garbage")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        ckpt_io.atomic_torch_save({"model": {"w": torch.zeros(3)}, "config": {}, "step": 2}, path)
+    monkeypatch.undo()
+    loaded = ckpt_io.load_checkpoint(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_strip_prefixes():
+    state = {"module._orig_mod.a": 1, "_orig_mod.module.b": 2, "c": 3}
+    assert ckpt_io.strip_prefixes(state) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_wrong_stage_checkpoint_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    ckpt_io.atomic_torch_save({"model": {}, "config": {"stage": "motion"}, "stage": "motion", "step": 0}, path)
+    with pytest.raises(ckpt_io.CheckpointError, match="'motion' checkpoint, but a 'autoencoder'"):
+        ckpt_io.load_stage_checkpoint(path, "autoencoder")
+
+
+# ---- processes --------------------------------------------------------------------------------------------------
+def test_ddp_two_processes_match_one(tmp_path):
+    run_python(toy_args(tmp_path / "one", 5, "--exp-name", "run"))
+    run_torchrun(2, toy_args(tmp_path / "two", 5, "--exp-name", "run"))
+    one, two = result(tmp_path / "one" / "run", 5), result(tmp_path / "two" / "run", 5)
+    assert torch.allclose(torch.tensor(one["params"]), torch.tensor(two["params"]), atol=1e-6)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    env = {"TOY_DROPOUT": "0.2"}  # RNG state must be restored for the losses to match
+    run_python(toy_args(tmp_path / "full", 8, "--exp-name", "run", "--ckpt-every", 4), env=env)
+    run_python(toy_args(tmp_path / "split", 4, "--exp-name", "run", "--ckpt-every", 4), env=env)
+    run_python(toy_args(tmp_path / "split", 8, "--resume", "auto", "--ckpt-every", 4), env=env)
+    full, first, second = (result(tmp_path / "full" / "run", 8), result(tmp_path / "split" / "run", 4),
+                           result(tmp_path / "split" / "run", 8))
+    assert torch.allclose(torch.tensor(first["losses"] + second["losses"]), torch.tensor(full["losses"]), atol=1e-6)
+    assert torch.allclose(torch.tensor(second["params"]), torch.tensor(full["params"]), atol=1e-6)
+    assert ckpt_io.load_checkpoint(tmp_path / "split" / "run" / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    run_python(toy_args(tmp_path, 2, "--exp-name", "run"))
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    proc = run_python(toy_args(tmp_path, 2, "--exp-name", "run"), check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr + proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_auto_index_run_folders(tmp_path):
+    run_python(toy_args(tmp_path, 1))
+    run_python(toy_args(tmp_path, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000-autoencoder", "001-autoencoder"]
+
+
+def test_nonfinite_step_skipped_then_stop(tmp_path):
+    run_python(toy_args(tmp_path / "a", 4, "--exp-name", "run"), env={"TOY_NAN_STEPS": "2"})
+    run_python(toy_args(tmp_path / "b", 4, "--exp-name", "run"))
+    skipped, clean = result(tmp_path / "a" / "run", 4), result(tmp_path / "b" / "run", 4)
+    assert skipped["params"] != clean["params"]  # one update fewer
+    proc = run_python(toy_args(tmp_path / "c", 20, "--exp-name", "run", "--ckpt-every", 2, "train.max_nonfinite_steps=3"),
+                      env={"TOY_NAN_STEPS": "5,6,7"}, check=False)
+    assert proc.returncode != 0 and "3 non-finite losses in a row" in proc.stderr
+    kept = ckpt_io.load_checkpoint(tmp_path / "c" / "run" / "checkpoints" / "last.pt")
+    assert kept["step"] == 6  # saved after two skipped (not applied) updates: its weights are still good
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, *map(str, toy_args(tmp_path, 100000, "--exp-name", "run", "--ckpt-every", 100000))]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env({"TOY_STEP_SECONDS": "0.02"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "run" / "log.txt"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and "step 0000003" in log.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "received SIGTERM" in out
+    step = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"]
+    assert 3 <= step < 100000

@@ -1,0 +1,307 @@
+"""Stage configs: OmegaConf YAML checked against dataclass schemas, plus the seed's CLI flags."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+STAGES = ("autoencoder", "motion", "content")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message is one line that names the key, value or file."""
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str = "synthetic"  # synthetic | UCF101 | folder
+    data_path: Optional[str] = None
+    resolution: List[int] = field(default_factory=lambda: [64, 64])  # (H, W)
+    n_frames: int = 16
+    frame_stride: int = 1
+    split: str = "train"  # train | test | all
+    eval_split: str = "test"  # held-out clips for evaluation (synthetic: a disjoint seed range)
+    fold: int = 1  # UCF-101 split list 1..3
+    num_classes: Optional[int] = None  # filled from the dataset; synthetic: how many classes to use
+    synthetic_size: int = 4096  # clips per synthetic epoch
+    num_workers: int = 2
+    index_cache_dir: Optional[str] = None  # default: <data_path>/.cmd_index_cache
+
+
+@dataclass
+class AutoencoderModelConfig:
+    name: str = "CMD-AE"
+    channels: int = 3
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    motion_dim: int = 8  # D
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class AutoencoderLossConfig:
+    l1_weight: float = 4.0
+    perceptual_weight: float = 4.0
+    perceptual_frames: int = 1  # random frames per clip that LPIPS sees
+    lpips_net: str = "vgg"
+    lpips_weights: Optional[str] = None  # backbone weights file; default: the torch hub cache
+    disc_weight: float = 0.0  # 0 = no discriminator
+    disc_start: int = 0
+    disc_lr: Optional[float] = None  # default: optim.lr
+
+
+@dataclass
+class DiTModelConfig:
+    name: str = "ContentDiT-S/2"
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    key_patch_size: int = 4  # motion stage: patch size of the content-frame tokens
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    loss_type: str = "hybrid"  # hybrid (MSE + VLB, learned sigma) | mse
+    sampler: str = "ddim"  # ddim | ddpm
+    sample_steps: int = 50
+    cfg_scale: float = 5.0  # s in eps = eps(0) + s (eps(c) - eps(0)); the paper's w = s - 1
+    latent_cache: bool = False
+    latent_cache_clips_per_video: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    fused: bool = False  # fused AdamW (CUDA)
+
+
+@dataclass
+class TrainConfig:
+    results_dir: str = "results"
+    exp_name: Optional[str] = None
+    resume: Optional[str] = None  # checkpoint file, run folder, or "auto"
+    global_batch_size: int = 256
+    global_seed: int = 0
+    max_steps: int = 400_000
+    log_every: int = 100
+    ckpt_every: int = 20_000
+    keep_last: int = 0  # keep only the newest N step checkpoints (0 = keep all)
+    eval_every: int = 5_000
+    sample_every: int = 5_000
+    num_eval_videos: int = 8
+    ema_decay: float = 0.9999
+    mixed_precision: str = "bf16"  # bf16 | no  (bf16 autocast on CUDA only; CPU stays fp32)
+    tf32: bool = True
+    compile: bool = False
+    max_nonfinite_steps: int = 10  # consecutive NaN/inf losses before the run stops
+    fvd_detector: Optional[str] = None  # I3D file for reconstruction FVD during AE evaluation
+
+
+@dataclass
+class AutoencoderStageConfig:
+    stage: str = "autoencoder"
+    mode: str = "pixel"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=[0.5, 0.9], grad_clip=0.0))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DiffusionStageConfig:
+    stage: str = "motion"
+    mode: str = "pixel"
+    ae_ckpt: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: DiTModelConfig = field(default_factory=DiTModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SCHEMAS = {"autoencoder": AutoencoderStageConfig, "motion": DiffusionStageConfig, "content": DiffusionStageConfig}
+DATASET_NAMES = ("synthetic", "ucf101", "folder")
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def _schema(stage: str):
+    schema = SCHEMAS[stage](stage=stage)
+    if stage == "motion":
+        schema.model.name = "MotionDiT-S/2"
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def load_config(stage: str, config_file: Optional[str] = None, overrides: Optional[list] = None):
+    """Schema defaults <- YAML file <- dot-list overrides; validated; returns a struct-mode DictConfig."""
+    if stage not in SCHEMAS:
+        raise ConfigError(f"unknown stage '{stage}', expected one of {STAGES}")
+    cfg = _schema(stage)
+    try:
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            bad = [item for item in overrides if "=" not in item]
+            if bad:
+                raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        where = f" (in {config_file})" if config_file else ""
+        raise ConfigError(_one_line(exc) + where) from None
+    validate_config(cfg, stage)
+    return cfg
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate_config(cfg, stage: str) -> None:
+    """Checks that a merged config can build a run; every failure names its key."""
+    _require(cfg.stage == stage, f"config key 'stage' is '{cfg.stage}' but this script trains the '{stage}' stage")
+    data = cfg.data
+    _require(data.dataset_name.lower() in DATASET_NAMES,
+             f"config key 'data.dataset_name': '{data.dataset_name}' is not one of {list(DATASET_NAMES)}")
+    if data.dataset_name.lower() != "synthetic":
+        _require(bool(data.data_path), f"config key 'data.data_path' is required for dataset '{data.dataset_name}' (--data-path)")
+    _require(len(data.resolution) == 2 and min(data.resolution) > 0,
+             f"config key 'data.resolution' must be [H, W] with positive sizes, got {list(data.resolution)}")
+    _require(data.n_frames > 0, f"config key 'data.n_frames' must be positive, got {data.n_frames}")
+    _require(data.split in ("train", "test", "all"), f"config key 'data.split': '{data.split}' is not train|test|all")
+    _require(cfg.mode == "pixel", f"config key 'mode': '{cfg.mode}' is not supported (only 'pixel'; latent mode needs the SD VAE)")
+    train = cfg.train
+    _require(train.global_batch_size > 0, f"config key 'train.global_batch_size' must be positive, got {train.global_batch_size}")
+    _require(train.mixed_precision in ("bf16", "no"),
+             f"config key 'train.mixed_precision': '{train.mixed_precision}' is not bf16|no")
+    for key in ("max_steps", "log_every", "ckpt_every"):
+        _require(train[key] > 0, f"config key 'train.{key}' must be positive, got {train[key]}")
+    _require(0.0 <= train.ema_decay < 1.0, f"config key 'train.ema_decay' must be in [0, 1), got {train.ema_decay}")
+    if stage == "autoencoder":
+        _require(cfg.loss.perceptual_frames > 0, "config key 'loss.perceptual_frames' must be positive")
+    else:
+        from models.dit import validate_model_name  # deferred: config loading must not import torch models eagerly
+
+        try:
+            validate_model_name(stage, cfg.model.name)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'model.name': {exc}") from None
+        _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is required: pass the autoencoder checkpoint with --ae-ckpt")
+        _require(cfg.diffusion.sampler in ("ddim", "ddpm"), f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not ddim|ddpm")
+        _require(cfg.diffusion.loss_type in ("hybrid", "mse"), f"config key 'diffusion.loss_type': '{cfg.diffusion.loss_type}' is not hybrid|mse")
+        _require(cfg.diffusion.loss_type != "hybrid" or cfg.model.learn_sigma,
+                 "config key 'diffusion.loss_type': 'hybrid' needs model.learn_sigma=true")
+
+
+# The seed README's flags, mapped onto config keys (DESIGN.md convention 6).
+FLAG_KEYS = {
+    "dataset_name": "data.dataset_name",
+    "data_path": "data.data_path",
+    "global_batch_size": "train.global_batch_size",
+    "results_dir": "train.results_dir",
+    "exp_name": "train.exp_name",
+    "mode": "mode",
+    "ckpt_every": "train.ckpt_every",
+    "log_every": "train.log_every",
+    "max_steps": "train.max_steps",
+    "resume": "train.resume",
+    "global_seed": "train.global_seed",
+    "model": "model.name",
+    "ae_ckpt": "ae_ckpt",
+}
+
+
+def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config (configs/ucf101/*.yaml or configs/tiny/*.yaml)")
+    parser.add_argument("--dataset-name", default=None, help="synthetic | UCF101 | folder")
+    parser.add_argument("--data-path", default=None)
+    parser.add_argument("--global-batch-size", type=int, default=None)
+    parser.add_argument("--results-dir", default=None)
+    parser.add_argument("--exp-name", default=None, help="run folder name (default: <NNN>-<stage>)")
+    parser.add_argument("--mode", default=None, choices=["pixel", "latent"])
+    parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (saves at the end)")
+    parser.add_argument("--global-seed", type=int, default=None)
+    parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
+    # The seed README passes torchrun's own flags to the script; we accept them and relaunch (training.distributed).
+    parser.add_argument("--nnodes", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=None, help=argparse.SUPPRESS)
+    if stage != "autoencoder":
+        parser.add_argument("--ae-ckpt", default=None, help="autoencoder checkpoint (from train_ae.py)")
+        parser.add_argument("--model", default=None, help="DiT registry name, e.g. MotionDiT-L/2")
+        parser.add_argument("--motion-model-config", default=None,
+                            help="motion stage: the MotionDiT name; content stage: read as the DiT size (seed README)")
+    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. optim.lr=2e-4 train.max_steps=100")
+    return parser
+
+
+def config_from_args(stage: str, args: argparse.Namespace):
+    """Merges --config, the seed flags and trailing dot-list overrides (overrides win)."""
+    flag_overrides = []
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            flag_overrides.append(f"{key}={value}")
+    motion_name = getattr(args, "motion_model_config", None)
+    if motion_name is not None:
+        if stage == "content":
+            # The seed passes the motion DiT name to the content script; the reference used it as the DiT size.
+            motion_name = motion_name.replace("MotionDiT", "ContentDiT")
+        flag_overrides.append(f"model.name={motion_name}")
+    return load_config(stage, args.config, flag_overrides + list(args.overrides))
+
+
+def parse_config(stage: str, description: str, argv: Optional[list] = None):
+    """Entry scripts' argument parsing: a config, or one line on stderr and exit code 2."""
+    from training.distributed import relaunch_with_torchrun_if_asked
+
+    parser = build_arg_parser(stage, description)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit between flags
+    relaunch_with_torchrun_if_asked(args, argv)
+    try:
+        return config_from_args(stage, args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_to_dict(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_from_dict(stage: str, data: dict[str, Any]):
+    """Rebuilds a stage config from the dict stored in a checkpoint (validated against today's schema)."""
+    cfg = _schema(stage)
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.create(data))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None

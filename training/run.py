@@ -1,0 +1,348 @@
+"""The runtime every entry script shares: run folder, logging, seeding, resume, optimizer steps, checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import sys
+from copy import deepcopy
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from training import checkpoint as ckpt_io
+from training.config import config_to_dict, to_yaml
+from training.data import make_loader
+from training.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    setup_distributed,
+)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message is one line."""
+
+
+def create_logger(run_dir: Optional[Path], is_main: bool, name: str = "cmd") -> logging.Logger:
+    """Rank 0 logs to stdout and <run_dir>/log.txt; other ranks only report warnings."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    if is_main:
+        logger.setLevel(logging.INFO)
+        handlers = [logging.StreamHandler(sys.stdout)]
+        if run_dir is not None:
+            handlers.append(logging.FileHandler(Path(run_dir) / "log.txt"))
+        # Library modules (datasets, ...) log through the root logger; show their messages too.
+        logging.getLogger().setLevel(logging.INFO)
+        for handler in handlers:
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+            logging.getLogger().addHandler(handler)
+    else:
+        logger.setLevel(logging.WARNING)
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for parameters; buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    ema = deepcopy(model).eval()
+    ema.requires_grad_(False)
+    update_ema(ema, model, decay=0.0)
+    return ema
+
+
+def make_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
+    fused = bool(optim_cfg.fused) and device.type == "cuda"
+    return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                             weight_decay=optim_cfg.weight_decay, fused=fused)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class TrainingRun:
+    """One training run of one stage: everything but the model, the loss and the loop body.
+
+    Use: build it first, build the model, `restore(...)`, `wrap(model)`, `loader(dataset)`, then per step
+    `optimizer_step(...)`, `log(...)`, `maybe_checkpoint(...)` until `should_stop()`; `finish(...)` at the end.
+    """
+
+    def __init__(self, cfg, stage: str):
+        self.cfg, self.stage = cfg, stage
+        self.dist: DistInfo = setup_distributed()
+        self.device = self.dist.device
+        train = cfg.train
+        if train.global_batch_size % self.dist.world_size != 0:
+            raise RunError(f"train.global_batch_size={train.global_batch_size} is not divisible by the "
+                           f"world size {self.dist.world_size}")
+        self.batch_size = train.global_batch_size // self.dist.world_size
+        if self.device.type == "cuda":
+            # Set here, in the run, never at import: the config decides (DESIGN.md: no global flags on import).
+            torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
+            torch.backends.cudnn.allow_tf32 = bool(train.tf32)
+        self.seed = train.global_seed * self.dist.world_size + self.dist.rank
+        self._seed_everything(self.seed)
+
+        self.resume_path = broadcast_object(
+            ckpt_io.resolve_resume(train.resume, train.results_dir, stage) if self.dist.is_main else None)
+        self.run_dir = Path(broadcast_object(self._make_run_dir() if self.dist.is_main else None))
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.logger = create_logger(self.run_dir, self.dist.is_main)
+        self.writer = None
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.logger.info(f"{stage} run in {self.run_dir} | world size {self.dist.world_size} | "
+                         f"device {self.device} | batch {self.batch_size} per rank")
+
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self._stop_signal: Optional[str] = None
+        self._stop_decision: Optional[tuple[int, bool]] = None
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._log_count = 0
+        self._install_signal_handlers()
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _make_run_dir(self) -> str:
+        train = self.cfg.train
+        results = Path(train.results_dir)
+        if self.resume_path is not None:
+            return str(self.resume_path.parent.parent)  # <run>/checkpoints/x.pt -> <run>
+        results.mkdir(parents=True, exist_ok=True)
+        if train.exp_name:
+            run_dir = results / train.exp_name
+            if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+                raise RunError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or "
+                               f"choose another --exp-name (nothing was overwritten)")
+        else:
+            taken = [int(p.name.split("-", 1)[0]) for p in results.iterdir()
+                     if p.is_dir() and p.name.split("-", 1)[0].isdigit()]
+            run_dir = results / f"{max(taken, default=-1) + 1:03d}-{self.stage}"
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        return str(run_dir)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signal.Signals(signum).name
+            # A second signal falls through to the default action (a user pressing Ctrl-C twice).
+            signal.signal(signum, signal.SIG_DFL)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    # ---- resume --------------------------------------------------------------------------------------------
+    def restore(self, modules: dict, optimizers: dict) -> Optional[dict]:
+        """Loads model/EMA/optimizer state, step and RNG from the resume checkpoint (before DDP wrapping)."""
+        if self.resume_path is None:
+            return None
+        ckpt = ckpt_io.load_stage_checkpoint(self.resume_path, self.stage)
+        for name, module in modules.items():
+            if ckpt.get(name) is None:
+                raise RunError(f"{self.resume_path} has no '{name}' weights to resume from")
+            module.load_state_dict(ckpt_io.strip_prefixes(ckpt[name]))
+        for name, optimizer in optimizers.items():
+            if ckpt.get(name) is not None:
+                optimizer.load_state_dict(ckpt[name])
+        self.step = int(ckpt["step"])
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            _set_rng_state(rng[self.dist.rank])
+        else:
+            self.logger.warning(f"resume: world size changed ({len(rng)} -> {self.dist.world_size}); RNG reseeded")
+            self._seed_everything(self.seed + self.step)
+        self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
+        return ckpt
+
+    # ---- model and data ------------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Moves nothing; wraps in DDP when distributed, then compiles when asked."""
+        wrapped = model
+        if self.dist.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DDP(model, device_ids=device_ids)
+        if self.cfg.train.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def loader(self, dataset):
+        """An endless iterator of batches that resumes where step `self.step` left the data stream."""
+        loader = make_loader(dataset, self.batch_size, self.dist.rank, self.dist.world_size,
+                             seed=self.cfg.train.global_seed, start_step=self.step,
+                             num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        return iter(loader)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.mixed_precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Optional[nn.Module] = None,
+                       grad_clip: Optional[float] = None) -> torch.Tensor:
+        """Clips, checks for NaN/inf, steps, updates EMA, counts the step. Returns the grad norm.
+
+        A non-finite gradient (from a NaN/inf loss) is not applied. The finiteness check is the one
+        host sync per step; DDP has already averaged the gradients, so every rank takes the same decision.
+        """
+        clip = self.cfg.optim.grad_clip if grad_clip is None else grad_clip
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            if ema is not None:
+                update_ema(ema, _unwrap(model), self.cfg.train.ema_decay)
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.logger.warning(f"step {self.step + 1}: non-finite loss/gradient, update skipped "
+                                f"({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
+                raise RunError(f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1}; "
+                               f"stopping (the last good checkpoint is kept in {self.ckpt_dir})")
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return grad_norm
+
+    def log(self, values: dict) -> None:
+        """Accumulates detached scalars on device (no sync); every log_every steps averages over steps and ranks."""
+        for key, value in values.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            self._log_sums[key] = self._log_sums.get(key, 0.0) + value.to(self.device)
+        self._log_count += 1
+        if self.step % self.cfg.train.log_every != 0 and not self.should_stop():
+            return
+        keys = sorted(self._log_sums)
+        means = all_reduce_mean(torch.stack([self._log_sums[k] for k in keys]) / self._log_count).tolist()
+        self._log_sums, self._log_count = {}, 0
+        text = " ".join(f"{k}={v:.4g}" for k, v in zip(keys, means))
+        self.logger.info(f"step {self.step:07d} | {text}")
+        if self.writer is not None:
+            for key, value in zip(keys, means):
+                self.writer.add_scalar(f"train/{key}", value, self.step)
+
+    def should_stop(self) -> bool:
+        """True at max_steps or after SIGTERM/SIGINT on any rank; decided once per step so ranks agree."""
+        if self._stop_decision is not None and self._stop_decision[0] == self.step:
+            return self._stop_decision[1]
+        stop = self.step >= self.cfg.train.max_steps
+        if not stop and self.dist.distributed:
+            flag = torch.tensor(1.0 if self._stop_signal else 0.0, device=self.device)
+            stop = bool(all_reduce_max(flag).item())
+        elif not stop:
+            stop = self._stop_signal is not None
+        self._stop_decision = (self.step, stop)
+        return stop
+
+    def every(self, interval: int) -> bool:
+        return interval > 0 and self.step % interval == 0
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> Optional[Path]:
+        """Writes checkpoints/{step:07d}.pt and last.pt atomically from rank 0; all ranks wait for it."""
+        rng = all_gather_object(_rng_state())
+        path = None
+        if self.dist.is_main:
+            state = {name: _unwrap(m).state_dict() for name, m in modules.items()}
+            state.update({name: opt.state_dict() for name, opt in optimizers.items()})
+            state.update(step=self.step, stage=self.stage, config=config_to_dict(self.cfg), rng=rng,
+                         world_size=self.dist.world_size, batch_size_per_rank=self.batch_size,
+                         data_position=self.step * self.batch_size)
+            state.update(extra or {})
+            path = self.ckpt_dir / f"{self.step:07d}.pt"
+            ckpt_io.atomic_torch_save(state, path)
+            ckpt_io.atomic_torch_save(state, self.ckpt_dir / "last.pt")
+            ckpt_io.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+            self.logger.info(f"saved checkpoint {path}")
+        barrier()
+        return path
+
+    def maybe_save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
+        if self.every(self.cfg.train.ckpt_every) or self.should_stop():
+            self.save(modules, optimizers, extra)
+
+    def finish(self) -> None:
+        if self._stop_signal and self.step < self.cfg.train.max_steps:
+            self.logger.info(f"received {self._stop_signal}: checkpoint at step {self.step} saved, exiting cleanly")
+        else:
+            self.logger.info(f"done at step {self.step}")
+        if self.writer is not None:
+            self.writer.close()
+        cleanup_distributed()
+
+
+def entry_point(main, stage: str, description: str, argv=None) -> None:
+    """Parses the config and runs `main(cfg)`; a user error ends as one line on stderr and exit code 1.
+
+    Set CMD_TRACEBACK=1 to see the full traceback instead.
+    """
+    from training.config import parse_config
+
+    cfg = parse_config(stage, description, argv)
+    try:
+        main(cfg)
+    except (ValueError, FileNotFoundError, RunError) as exc:  # our one-line errors (ConfigError, CheckpointError, ...)
+        if os.environ.get("CMD_TRACEBACK"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        cleanup_distributed()
+        raise SystemExit(1) from None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, DDP):
+            model = model.module
+        else:
+            return model
