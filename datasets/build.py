@@ -1,15 +1,11 @@
 """build_dataset: the one entry point the training scripts use to turn a DataConfig into a Dataset."""
 from __future__ import annotations
 
-import logging
-
 from torch.utils.data import Dataset
 
 from datasets.errors import DatasetError
 from datasets.synthetic import SyntheticMovingShapes
 from datasets.video_folder import VideoFolderDataset
-
-logger = logging.getLogger(__name__)
 
 DATASET_NAMES = ("synthetic", "UCF101", "folder")
 

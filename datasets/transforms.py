@@ -30,16 +30,18 @@ def resized_size(height: int, width: int, target: Sequence[int]) -> Tuple[int, i
 
 
 def frames_to_clip(frames: np.ndarray, resolution: Sequence[int]) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float32 (3, T, h, w) in [-1, 1]: cover-resize (bilinear, antialiased) then center crop."""
+    """uint8 (T, H, W, 3) -> float32 (3, T, h, w) in [-1, 1]: cover-resize (bilinear, antialiased), then center crop."""
     target_height, target_width = resolution
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    # (T, 3, H, W) view of (T, H, W, 3) memory, i.e. channels-last: the layout torch's fast uint8 resize wants.
+    video = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8)).permute(0, 3, 1, 2)
     height, width = video.shape[-2:]
     new_height, new_width = resized_size(height, width, (target_height, target_width))
-    if (new_height, new_width) != (height, width):
-        # antialias matters when shrinking 320x240 to 64x64: plain bilinear would alias fine texture.
-        video = F.interpolate(video, size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False)
     top = (new_height - target_height) // 2
     left = (new_width - target_width) // 2
+    if (new_height, new_width) != (height, width):
+        # antialias matters when shrinking 320x240 to 64x64: plain bilinear would alias fine texture.
+        # Resizing uint8 is ~10x faster on CPU than float and differs from it only by rounding (< 1 grey level).
+        video = F.interpolate(video, size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False)
     video = video[:, :, top : top + target_height, left : left + target_width]
-    video = (video / 127.5 - 1.0).clamp_(-1.0, 1.0)
-    return video.permute(1, 0, 2, 3).contiguous()  # (3, T, h, w)
+    clip = video.permute(1, 0, 2, 3).contiguous().float()  # (3, T, h, w)
+    return clip.div_(127.5).sub_(1.0)

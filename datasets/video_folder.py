@@ -71,6 +71,7 @@ class VideoFolderDataset(Dataset):
         self.frame_stride = frame_stride
         self.clip_span = (n_frames - 1) * frame_stride + 1  # frames from first to last used frame
         self.seed = seed
+        self.index_cache_dir = index_cache_dir
         self.epoch = 0
         self.skipped: List[Tuple[str, str]] = []  # (path, reason) for every file left out or replaced
         self._failed_indices: Dict[int, str] = {}
@@ -171,14 +172,18 @@ class VideoFolderDataset(Dataset):
             f"classes: {self.num_classes} ({', '.join(self.class_names[:5])}{', ...' if self.num_classes > 5 else ''})",
             f"clips: {self.n_frames} frames, stride {self.frame_stride}, resolution {self.resolution[0]}x{self.resolution[1]}",
         ]
+        # Other splits are reported from the index cache (the CLI indexes split "all", so it sees everything).
+        others = [path for path, _ in listing.videos if path not in self._probe_results]
+        cached, _ = probe_videos(self.root, others, self.index_cache_dir, cached_only=True) if others else ({}, None)
+        results = {**cached, **self._probe_results}
         for split in SPLITS:
             videos = listing.videos_of_split(split)
-            known = [self._probe_results.get(path) for path, _ in videos]
+            known = [results.get(path) for path, _ in videos]
             usable = sum(
                 1 for result in known if result is not None and result.error is None and result.num_frames >= self.clip_span
             )
             probed = sum(1 for result in known if result is not None)
-            state = f"{usable} usable of {probed} indexed" if probed == len(videos) else "not indexed in this run"
+            state = f"{usable} usable of {probed} indexed" + ("" if probed == len(videos) else " (rest not indexed yet)")
             source = "split list" if split in listing.split_videos else "all videos"
             marker = "  <- this dataset" if split == self.split else ""
             lines.append(f"  {split:5s}: {len(videos):6d} videos ({source}), {state}{marker}")

@@ -219,11 +219,16 @@ def _probe_one(path: Path) -> ProbeResult:
 
 
 def probe_videos(
-    root: Path, relative_paths: Sequence[str], index_cache_dir: Optional[str] = None, max_threads: Optional[int] = None
+    root: Path,
+    relative_paths: Sequence[str],
+    index_cache_dir: Optional[str] = None,
+    max_threads: Optional[int] = None,
+    cached_only: bool = False,
 ) -> Tuple[Dict[str, ProbeResult], Dict[str, object]]:
     """Frame count (or read error) of each file, reusing cache entries whose size and mtime still match.
 
-    Returns (results by relative path, stats: probed / reused / cache_file).
+    Returns (results by relative path, stats: probed / reused / cache_file). With cached_only, files without a
+    valid cache entry are left out of the results instead of being probed.
     """
     candidates = _cache_candidates(root, index_cache_dir)
     cached, cache_file = _load_cache(root, candidates)
@@ -242,6 +247,8 @@ def probe_videos(
             results[relative_path] = ProbeResult(entry.get("frames"), entry.get("fps"), entry.get("error"))
         else:
             to_probe.append(relative_path)
+    if cached_only:
+        return results, {"probed": 0, "reused": len(results), "cache_file": cache_file}
     if to_probe:
         logger.info("indexing %d video files under %s (%d reused from cache)", len(to_probe), root, len(results))
         # Decoding in PyAV releases the GIL, so threads give a real speed-up on a 13k-file first start.

@@ -40,4 +40,6 @@ def create_diffusion(
     if timestep_respacing is None or timestep_respacing == "":
         return GaussianDiffusion(betas, learn_sigma=learn_sigma, loss_type=loss_type)
     kept = sorted(space_timesteps(diffusion_steps, timestep_respacing))
-    return GaussianDiffusion(respace_betas(betas, kept), learn_sigma=learn_sigma, loss_type=loss_type, timestep_map=kept)
+    return GaussianDiffusion(
+        respace_betas(betas, kept), learn_sigma=learn_sigma, loss_type=loss_type, timestep_map=kept
+    )

@@ -42,7 +42,9 @@ class GaussianDiffusion:
         if loss_type == "hybrid" and not learn_sigma:
             raise ValueError("loss_type 'hybrid' trains the variance and needs learn_sigma=True")
         if loss_type == "mse" and learn_sigma:
-            raise ValueError("loss_type 'mse' would leave the learned variance untrained; use 'hybrid' or learn_sigma=False")
+            raise ValueError(
+                "loss_type 'mse' would leave the learned variance untrained; use 'hybrid' or learn_sigma=False"
+            )
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) == 0 or (betas <= 0).any() or (betas > 1).any():
             raise ValueError("betas must be a non-empty 1-D array in (0, 1]")
@@ -129,7 +131,9 @@ class GaussianDiffusion:
         return mean, variance.expand_as(xt), log_variance.expand_as(xt)
 
     def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return self._extract("sqrt_recip_alphas_cumprod", t, xt) * xt - self._extract("sqrt_recipm1_alphas_cumprod", t, xt) * eps
+        scale_xt = self._extract("sqrt_recip_alphas_cumprod", t, xt)
+        scale_eps = self._extract("sqrt_recipm1_alphas_cumprod", t, xt)
+        return scale_xt * xt - scale_eps * eps
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return (self._extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self._extract(
@@ -137,7 +141,9 @@ class GaussianDiffusion:
         )
 
     # ------------------------------------------------------------------------ reverse process
-    def _output_to_distribution(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool):
+    def _output_to_distribution(
+        self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool
+    ):
         """Turn a raw model output into p(x_{t-1} | x_t): mean, variance, log variance, x0, eps."""
         channels = xt.shape[1]
         eps = output[:, :channels]
@@ -162,24 +168,31 @@ class GaussianDiffusion:
             "eps": eps,
         }
 
-    def p_mean_variance(self, model: Callable, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False, model_kwargs=None):
+    def p_mean_variance(
+        self, model: Callable, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False, model_kwargs=None
+    ):
         """p(x_{t-1} | x_t) from the model: dict with mean, variance, log_variance, pred_x0, eps."""
         xt = xt.to(self._working_dtype(xt))
         output = self._run_model(model, xt, t, model_kwargs)
         return self._output_to_distribution(output, xt, t, clip_denoised)
 
     # -------------------------------------------------------------------------------- losses
-    def _variational_bound_terms(self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _variational_bound_terms(
+        self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample L_{t-1} in bits: KL(q(x_{t-1}|x_t,x_0) || p) for t > 0, decoder NLL at t = 0."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
         predicted = self._output_to_distribution(output, xt, t, clip_denoised=False)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, predicted["mean"], predicted["log_variance"])) / math.log(2.0)
+        kl = normal_kl(true_mean, true_log_variance, predicted["mean"], predicted["log_variance"])
+        kl = mean_flat(kl) / math.log(2.0)
         decoder_nll = -mean_flat(
             discretized_gaussian_log_likelihood(x0, predicted["mean"], 0.5 * predicted["log_variance"])
         ) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
-    def training_losses(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None) -> Dict[str, torch.Tensor]:
+    def training_losses(
+        self, model: Callable, x0: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None
+    ) -> Dict[str, torch.Tensor]:
         """Per-sample losses (B,): "loss", "mse" and, with a learned variance, "vb"."""
         x0 = x0.to(self._working_dtype(x0))
         if noise is None:
@@ -232,20 +245,29 @@ class GaussianDiffusion:
         noise = randn_like_per_sample(x.shape, generator, device=x.device, dtype=out["mean"].dtype)
         return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
 
-    def ddim_sample_step(self, model, x, t, clip_denoised=False, model_kwargs=None, eta=0.0, generator: GeneratorArg = None):
+    def ddim_sample_step(
+        self, model, x, t, clip_denoised=False, model_kwargs=None, eta=0.0, generator: GeneratorArg = None
+    ):
         """One DDIM step x_t -> x_{t-1}; eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         x = x.to(out["eps"].dtype)
         alpha_bar = self._extract("alphas_cumprod", t, x)
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x)
-        sigma = eta * torch.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)) * torch.sqrt(1.0 - alpha_bar / alpha_bar_prev)
-        mean = out["pred_x0"] * alpha_bar_prev.sqrt() + torch.sqrt((1.0 - alpha_bar_prev - sigma**2).clamp(min=0.0)) * out["eps"]
+        sigma = (
+            eta * torch.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)) * torch.sqrt(1.0 - alpha_bar / alpha_bar_prev)
+        )
+        # The clamp only absorbs rounding: sigma^2 <= 1 - abar_prev for any eta <= 1.
+        direction = torch.sqrt((1.0 - alpha_bar_prev - sigma**2).clamp(min=0.0))
+        mean = out["pred_x0"] * alpha_bar_prev.sqrt() + direction * out["eps"]
         if eta == 0.0 or int(t[0]) == 0:
             return mean
         noise = randn_like_per_sample(x.shape, generator, device=x.device, dtype=mean.dtype)
         return mean + sigma * noise
 
-    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, progress=False, generator: GeneratorArg = None, clip_denoised=False):
+    def p_sample_loop(
+        self, model, shape, noise=None, model_kwargs=None, device=None, progress=False,
+        generator: GeneratorArg = None, clip_denoised=False,
+    ):
         """Ancestral (DDPM) sampling from x_T to x_0; returns x_0 (float32, or float64 for fp64 noise)."""
         x = self._initial_noise(model, shape, noise, device, generator)
         for step in self._timestep_iterator(progress, "DDPM"):
@@ -254,7 +276,10 @@ class GaussianDiffusion:
                 x = self.p_sample_step(model, x, t, clip_denoised, model_kwargs, generator)
         return x
 
-    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, progress=False, eta=0.0, generator: GeneratorArg = None, clip_denoised=False):
+    def ddim_sample_loop(
+        self, model, shape, noise=None, model_kwargs=None, device=None, progress=False, eta=0.0,
+        generator: GeneratorArg = None, clip_denoised=False,
+    ):
         """DDIM sampling from x_T to x_0 over this process' (typically respaced) timesteps."""
         x = self._initial_noise(model, shape, noise, device, generator)
         for step in self._timestep_iterator(progress, "DDIM"):
@@ -263,10 +288,15 @@ class GaussianDiffusion:
                 x = self.ddim_sample_step(model, x, t, clip_denoised, model_kwargs, eta, generator)
         return x
 
-    def sample(self, model, shape, sampler="ddim", noise=None, model_kwargs=None, device=None, progress=False, eta=0.0, generator: GeneratorArg = None, clip_denoised=False):
+    def sample(
+        self, model, shape, sampler="ddim", noise=None, model_kwargs=None, device=None, progress=False, eta=0.0,
+        generator: GeneratorArg = None, clip_denoised=False,
+    ):
         """Dispatch to ddim_sample_loop or p_sample_loop by name."""
         if sampler == "ddim":
-            return self.ddim_sample_loop(model, shape, noise, model_kwargs, device, progress, eta, generator, clip_denoised)
+            return self.ddim_sample_loop(
+                model, shape, noise, model_kwargs, device, progress, eta, generator, clip_denoised
+            )
         if sampler == "ddpm":
             if eta != 0.0:
                 raise ValueError(f"eta={eta} only applies to the ddim sampler")

@@ -11,7 +11,9 @@ def cfg_combine(out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float, 
     scale is s in eps = eps(null) + s (eps(y) - eps(null)); the CFG paper's w is s - 1.
     """
     if out_cond.shape != out_uncond.shape:
-        raise ValueError(f"conditional output {tuple(out_cond.shape)} and unconditional {tuple(out_uncond.shape)} differ")
+        raise ValueError(
+            f"conditional output {tuple(out_cond.shape)} and unconditional {tuple(out_uncond.shape)} differ"
+        )
     if not 0 < eps_channels <= out_cond.shape[1]:
         raise ValueError(f"eps_channels={eps_channels} outside 1..{out_cond.shape[1]}")
     # Combine in at least fp32: the difference of two bf16 outputs loses most of its bits.

@@ -134,8 +134,10 @@ def load_detector(path: Optional[str] = None, device: Union[str, torch.device] =
     try:
         loaded = torch.load(resolved, map_location="cpu", weights_only=True)
     except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{resolved}: cannot read as TorchScript or state dict: {first_line}") from error
+        # torch's own message spans many lines and suggests weights_only=False, which we never want here.
+        raise ValueError(
+            f"{resolved}: not a TorchScript archive nor a plain tensor state dict ({type(error).__name__})"
+        ) from error
     model = build_port_i3d(_unwrap_state_dict(loaded, resolved), resolved)
     return PortI3D(model, f"i3d-port:{Path(resolved).stem}", device)
 
@@ -203,7 +205,8 @@ def frechet_distance_from_stats(
     mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
     sigma_a, sigma_b = np.asarray(sigma_a, np.float64), np.asarray(sigma_b, np.float64)
     dim = mu_a.shape[0]
-    for name, array, shape in (("mu_b", mu_b, (dim,)), ("sigma_a", sigma_a, (dim, dim)), ("sigma_b", sigma_b, (dim, dim))):
+    expected_shapes = (("mu_b", mu_b, (dim,)), ("sigma_a", sigma_a, (dim, dim)), ("sigma_b", sigma_b, (dim, dim)))
+    for name, array, shape in expected_shapes:
         if array.shape != shape:
             raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
     eigenvalues, eigenvectors = np.linalg.eigh((sigma_a + sigma_a.T) / 2)
@@ -329,8 +332,9 @@ def _build_dataset(source: VideoSource, n_frames: int, resolution: Tuple[int, in
     return build_dataset(data_cfg, args.split, args.seed)
 
 
-def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, batch_size: int, seed: int):
+def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, args: argparse.Namespace):
     """uint8 (B, n_frames, H, W, 3) batches of the first num_videos videos (dataset: a seeded random subset)."""
+    batch_size = args.batch_size
     if source.kind == "npz":
         for start in range(0, num_videos, batch_size):
             yield source.videos[start : min(start + batch_size, num_videos), :n_frames]
@@ -347,10 +351,11 @@ def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, batch_s
             yield np.stack(clips)
     else:
         # A seeded subset rather than the first N items: dataset order is grouped by class.
-        order = np.random.default_rng(seed).permutation(len(source.dataset))[:num_videos]
-        for start in range(0, num_videos, batch_size):
-            items = [source.dataset[int(index)]["x"] for index in order[start : start + batch_size]]
-            yield to_uint8_videos(torch.stack([torch.as_tensor(item) for item in items]))
+        order = np.random.default_rng(args.seed).permutation(len(source.dataset))[:num_videos]
+        subset = torch.utils.data.Subset(source.dataset, order.tolist())
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=args.num_workers)
+        for batch in loader:
+            yield to_uint8_videos(batch["x"])
 
 
 def _choose_frames(real: VideoSource, fake: VideoSource, requested: Optional[int]) -> int:
@@ -381,7 +386,9 @@ def _choose_count(real: VideoSource, fake: VideoSource, requested: Optional[int]
     if requested is not None:
         for source in (real, fake):
             if source.count < requested:
-                raise ValueError(f"{source.role} '{source.path}' has {source.count} videos, fewer than --num-videos {requested}")
+                raise ValueError(
+                    f"{source.role} '{source.path}' has {source.count} videos, fewer than --num-videos {requested}"
+                )
         return requested
     return min(real.count, fake.count)
 
@@ -404,7 +411,7 @@ def _real_stats(real, detector, detector_path, settings, args) -> Tuple[np.ndarr
         with np.load(cache_file) as cached:
             print(f"real statistics: loaded from cache {cache_file}", file=sys.stderr)
             return cached["mu"], cached["sigma"]
-    batches = _iterate_source(real, settings["num_videos"], settings["n_frames"], args.batch_size, args.seed)
+    batches = _iterate_source(real, settings["num_videos"], settings["n_frames"], args)
     mu, sigma = compute_stats(extract_features(batches, detector, args.batch_size, progress=args.progress))
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -445,8 +452,9 @@ def run(args: argparse.Namespace) -> float:
         "resolution": list(resolution) if real.kind == "dataset" and resolution is not None else None,
     }
     mu_real, sigma_real = _real_stats(real, detector, detector_path, settings, args)
-    fake_batches = _iterate_source(fake, num_videos, n_frames, args.batch_size, args.seed)
-    mu_fake, sigma_fake = compute_stats(extract_features(fake_batches, detector, args.batch_size, progress=args.progress))
+    fake_batches = _iterate_source(fake, num_videos, n_frames, args)
+    fake_features = extract_features(fake_batches, detector, args.batch_size, progress=args.progress)
+    mu_fake, sigma_fake = compute_stats(fake_features)
     value = frechet_distance_from_stats(mu_real, sigma_real, mu_fake, sigma_fake)
     print(f"{protocol}: {value:.4f}")
     print(f"{value:.6f}")
@@ -455,7 +463,8 @@ def run(args: argparse.Namespace) -> float:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="FVD between real and generated videos (StyleGAN-V protocol).")
-    parser.add_argument("--real", required=True, help=".npz (key 'videos', uint8 NxTxHxWx3), video folder, or dataset tree")
+    parser.add_argument("--real", required=True,
+                        help=".npz (key 'videos', uint8 NxTxHxWx3), folder of video files, or dataset tree")
     parser.add_argument("--fake", required=True, help="same forms as --real")
     parser.add_argument("--detector", default=None, help=f"I3D file; default ${DETECTOR_ENV}")
     parser.add_argument("--num-videos", type=int, default=None, help="default: as many as both sides hold")
@@ -465,6 +474,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset-name", default=None, help="datasets.build_dataset name (default UCF101 for a tree)")
     parser.add_argument("--split", default="train", help="dataset split (train | test | all)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=0, help="dataset loader processes (dataset sources)")
     parser.add_argument("--cache-dir", default=_default_cache_dir(), help="where real statistics are cached")
     parser.add_argument("--no-cache", action="store_true", help="recompute real statistics, write no cache")
     parser.add_argument("--seed", type=int, default=0)

@@ -120,7 +120,7 @@ def ucf_root(tmp_path_factory) -> Path:
 
 def config(root, **overrides):
     values = dict(
-        dataset_name="UCF101", data_path=str(root), resolution=[32, 32], n_frames=8, frame_stride=1, fold=1,
+        dataset_name="UCF101", data_path=None if root is None else str(root), resolution=[32, 32], n_frames=8, frame_stride=1, fold=1,
         num_classes=None, synthetic_size=64, index_cache_dir=None,
     )
     values.update(overrides)
@@ -208,11 +208,11 @@ def test_resize_covers_then_center_crops_non_square(ucf_root):
     clip = dataset[(0, 0)]["x"]
     assert clip.shape == (3, 2, 16, 24)
     frames = video_decode.decode_all_frames(str(dataset.entries[0].path))[dataset.clip_frame_indices(0, 0)]
-    # 32x40 -> scale 0.75 to cover 16x24 -> 24x30, then rows 4..20 and columns 3..27.
+    # 32x40 -> scale max(16/32, 24/40) = 0.6 to cover 16x24 -> 19x24, then rows 1..17, all 24 columns.
     expected = F.interpolate(
-        torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(24, 30), mode="bilinear", antialias=True
-    )[:, :, 4:20, 3:27]
-    assert torch.allclose(clip, (expected / 127.5 - 1).permute(1, 0, 2, 3), atol=1e-5)
+        torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(19, 24), mode="bilinear", antialias=True
+    )[:, :, 1:17, :]
+    assert torch.allclose(clip, (expected / 127.5 - 1).permute(1, 0, 2, 3), atol=1.01 / 127.5)  # uint8 rounding
 
 
 def test_reproducible_starts(ucf_root):
@@ -224,7 +224,7 @@ def test_reproducible_starts(ucf_root):
         second.set_epoch(5)
         assert torch.equal(first[(index, 5)]["x"], second[index]["x"])
         starts = {first.clip_start(index, epoch) for epoch in range(12)}
-        assert len(starts) > 3  # a new epoch usually moves the clip
+        assert len(starts) > min(3, first.entries[index].num_frames - 4)  # a new epoch usually moves the clip
     assert any(
         first.clip_start(index, 0) != other_seed.clip_start(index, 0) for index in range(len(first))
     )
@@ -448,3 +448,18 @@ def test_dataloader_with_workers_and_distributed_sampler(ucf_root):
 def test_public_api_exports():
     assert datasets.build_dataset is build_dataset and issubclass(datasets.DatasetError, ValueError)
     assert video_index.VIDEO_EXTENSIONS == (".avi", ".mp4", ".mkv", ".webm", ".mov")
+
+
+def test_build_from_omegaconf_data_config(ucf_root):
+    from omegaconf import OmegaConf
+
+    from training.config import DataConfig
+
+    synthetic = OmegaConf.structured(DataConfig(synthetic_size=8, resolution=[16, 24], n_frames=3, num_classes=4))
+    dataset = build_dataset(synthetic, split=synthetic.eval_split, seed=0)
+    assert len(dataset) == 8 and dataset.num_classes == 4 and dataset[0]["x"].shape == (3, 3, 16, 24)
+    folder = OmegaConf.structured(DataConfig(dataset_name="ucf101", data_path=str(ucf_root), n_frames=8))
+    assert build_dataset(folder, split="test").num_classes == 3
+    folder.num_classes = 5
+    with pytest.raises(DatasetError, match="num_classes=5"):
+        build_dataset(folder, split="test")

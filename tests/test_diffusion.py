@@ -214,6 +214,17 @@ def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
     assert not torch.allclose(*ancestral)
 
 
+def test_ddim_eta1_equals_ddpm_with_posterior_variance():
+    # With eta = 1, DDIM's sigma_t^2 is the posterior variance and its mean the posterior mean,
+    # so it must match ancestral sampling with v = -1 draw for draw.
+    diffusion = create_diffusion("30")
+    model = lambda x, t: torch.cat([0.5 * torch.sin(x) + t.view(-1, 1, 1, 1) / 2000.0, -torch.ones_like(x)], dim=1)
+    noise = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    ddim = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, eta=1.0, generator=torch.Generator().manual_seed(3))
+    ddpm = diffusion.p_sample_loop(model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ddim, ddpm, atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0)])
 def test_per_sample_generators_make_samples_batch_independent(sampler, eta):
     diffusion = create_diffusion("10")
@@ -383,6 +394,22 @@ def test_vb_scaling_and_mse_loss_and_dtype():
     terms = mse_diffusion.training_losses(lambda x, t: torch.zeros_like(x, dtype=torch.bfloat16), x0, t_small, noise=noise)
     assert set(terms) == {"loss", "mse"} and terms["loss"].dtype == torch.float32
     torch.testing.assert_close(terms["mse"], (noise**2).mean(dim=(1, 2, 3)))
+
+
+def test_vb_at_t0_is_the_discretized_decoder_nll():
+    torch.manual_seed(0)
+    diffusion = create_diffusion()
+    x0 = torch.rand(2, 2, 3, 3, dtype=torch.float64) * 1.8 - 0.9
+    noise = torch.randn_like(x0)
+    t = torch.zeros(2, dtype=torch.long)
+    model = lambda x, t: torch.cat([torch.zeros_like(x), -torch.ones_like(x)], dim=1)
+    vb = diffusion.training_losses(model, x0, t, noise=noise)["vb"]
+    # At t = 0 the model mean is x0_hat = x_0 / sqrt(abar_0) (eps = 0), the scale the clipped variance.
+    xt = diffusion.q_sample(x0, t, noise)
+    decoder = torch.distributions.Normal(xt / math.sqrt(diffusion.alphas_cumprod[0]), math.exp(0.5 * diffusion.posterior_log_variance_clipped[0]))
+    bin_probability = decoder.cdf(x0 + 1 / 255) - decoder.cdf(x0 - 1 / 255)
+    expected = -bin_probability.log().mean(dim=(1, 2, 3)) / math.log(2.0)
+    torch.testing.assert_close(vb, expected)
 
 
 class TinyDenoiser(torch.nn.Module):

@@ -126,8 +126,8 @@ class TrainingRun:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = create_logger(self.run_dir, self.dist.is_main)
         self.writer = None
+        self._write_config()
         if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
@@ -166,6 +166,15 @@ class TrainingRun:
             run_dir = results / f"{max(taken, default=-1) + 1:03d}-{self.stage}"
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         return str(run_dir)
+
+    def _write_config(self) -> None:
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+
+    def record_num_classes(self, num_classes: int) -> None:
+        """Stores the dataset's class count in the config (and config.yaml) so later stages and sample.py read it."""
+        self.cfg.data.num_classes = int(num_classes)
+        self._write_config()
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -227,8 +236,10 @@ class TrainingRun:
 
     # ---- the step --------------------------------------------------------------------------------------------
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Optional[nn.Module] = None,
-                       grad_clip: Optional[float] = None) -> torch.Tensor:
+                       grad_clip: Optional[float] = None, count_step: bool = True) -> torch.Tensor:
         """Clips, checks for NaN/inf, steps, updates EMA, counts the step. Returns the grad norm.
+
+        `count_step=False` is for a second optimizer in the same step (the AE's discriminator).
 
         A non-finite gradient (from a NaN/inf loss) is not applied. The finiteness check is the one
         host sync per step; DDP has already averaged the gradients, so every rank takes the same decision.
@@ -249,7 +260,8 @@ class TrainingRun:
                 raise RunError(f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1}; "
                                f"stopping (the last good checkpoint is kept in {self.ckpt_dir})")
         optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        if count_step:
+            self.step += 1
         return grad_norm
 
     def log(self, values: dict) -> None:

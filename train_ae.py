@@ -1,0 +1,104 @@
+"""Trains the CMD autoencoder: clip -> (content frame, motion latent) -> clip.
+
+    torchrun --nproc_per_node=8 train_ae.py --config configs/ucf101/autoencoder.yaml --data-path /data/UCF-101
+    python train_ae.py --config configs/tiny/autoencoder.yaml            # one CPU process, synthetic data
+"""
+import torch
+
+from datasets import build_dataset
+from evals.recon import psnr, ssim, to_uint8_videos
+from models.ae_losses import build_ae_loss
+from models.autoencoder import build_autoencoder
+from training.data import fixed_batch
+from training.distributed import all_gather_object, all_reduce_mean
+from training.media import save_video_set
+from training.run import TrainingRun, entry_point, make_ema, make_optimizer
+
+
+@torch.no_grad()
+def evaluate(run, model, loss_fn, eval_batch, detector=None):
+    """PSNR/SSIM/LPIPS (+ reconstruction FVD with a detector) on the fixed held-out clips, sharded over ranks."""
+    rank, world = run.dist.rank, run.dist.world_size
+    x = run.to_device(eval_batch["x"][rank::world])
+    model.eval()
+    with run.autocast():
+        x_hat, z_c, _ = model(x)
+    x_hat = x_hat.float()
+    model.train()
+    metrics = {"psnr": psnr(x, x_hat).mean(), "ssim": ssim(x, x_hat).mean()}
+    if loss_fn.lpips is not None:
+        frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B, C, T, H, W) -> (B*T, C, H, W)
+        metrics["lpips"] = loss_fn.lpips(frames(x_hat), frames(x)).mean()
+    keys = sorted(metrics)
+    values = all_reduce_mean(torch.stack([metrics[k].float() for k in keys])).tolist()
+    results = dict(zip(keys, values))
+    if detector is not None:
+        from evals.fvd import extract_features, frechet_distance
+
+        real = all_gather_object(extract_features(to_uint8_videos(x), detector))
+        fake = all_gather_object(extract_features(to_uint8_videos(x_hat), detector))
+        import numpy as np
+
+        results["fvd_recon"] = frechet_distance(np.concatenate(real), np.concatenate(fake))
+    if run.dist.is_main:
+        out = run.run_dir / "eval"
+        pairs = torch.stack([x, x_hat], dim=1).flatten(0, 1)  # originals and reconstructions side by side
+        save_video_set(to_uint8_videos(pairs), out, "reconstruction", run.step, run.writer, nrow=2)
+        save_video_set(to_uint8_videos(z_c.unsqueeze(2)), out, "content_frames", run.step, run.writer)
+        for key, value in results.items():
+            run.writer.add_scalar(f"eval/{key}", value, run.step)
+        run.logger.info(f"eval step {run.step:07d} | " + " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    return results
+
+
+def main(cfg):
+    run = TrainingRun(cfg, stage="autoencoder")
+    dataset = build_dataset(cfg.data, split=cfg.data.split, seed=cfg.train.global_seed)
+    eval_set = build_dataset(cfg.data, split=cfg.data.eval_split, seed=cfg.train.global_seed)
+    run.record_num_classes(dataset.num_classes)
+
+    model = build_autoencoder(cfg.model, cfg.data).to(run.device)
+    loss_fn = build_ae_loss(cfg.loss, cfg.model.channels).to(run.device)
+    ema = make_ema(model)
+    opt = make_optimizer(model.parameters(), cfg.optim, run.device)
+    modules, optimizers = {"model": model, "ema": ema}, {"opt": opt}
+    disc = loss_fn.discriminator
+    if disc is not None:
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        modules["discriminator"], optimizers["disc_opt"] = disc, disc_opt
+    run.restore(modules, optimizers)
+    run.logger.info(f"autoencoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+                    f"content frame {model.content_shape}, motion latent {model.motion_shape}")
+    train_model = run.wrap(model)
+    if disc is not None:
+        loss_fn.discriminator = run.wrap(disc)
+    detector = None
+    if cfg.train.fvd_detector:
+        from evals.fvd import load_detector
+
+        detector = load_detector(cfg.train.fvd_detector, run.device)
+    eval_batch = fixed_batch(eval_set, cfg.train.num_eval_videos)
+
+    batches = run.loader(dataset)
+    while not run.should_stop():
+        x = run.to_device(next(batches)["x"])
+        with run.autocast():
+            x_hat, _, _ = train_model(x)
+        loss, logs = loss_fn(x, x_hat.float(), run.step, last_layer=model.last_layer())
+        loss.backward()
+        if disc is not None and loss_fn.discriminator_active(run.step):
+            disc_opt.zero_grad(set_to_none=True)  # drop what the generator loss left on the discriminator
+            disc_loss, disc_logs = loss_fn.discriminator_loss(x, x_hat.float(), run.step)
+            disc_loss.backward()
+            run.optimizer_step(loss_fn.discriminator, disc_opt, count_step=False)
+            logs.update(disc_logs)
+        logs["grad_norm"] = run.optimizer_step(train_model, opt, ema)
+        run.log(logs)
+        if run.every(cfg.train.eval_every) or run.should_stop():
+            evaluate(run, ema, loss_fn, eval_batch, detector)
+        run.maybe_save(modules, optimizers)
+    run.finish()
+
+
+if __name__ == "__main__":
+    entry_point(main, "autoencoder", "Train the CMD content-frame / motion-latent autoencoder.")

@@ -1,0 +1,87 @@
+"""The training loop both diffusion stages share; a StageSpec supplies what differs (inputs, previews)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from datasets import build_dataset
+from diffusion import create_diffusion
+from models.dit import build_dit
+from training.data import fixed_batch
+from training.generation import make_sampler
+from training.latents import build_latent_cache, encode, load_autoencoder
+from training.run import TrainingRun, make_ema, make_optimizer
+
+
+@dataclass
+class StageSpec:
+    """What makes a diffusion stage: its name, its denoising target, and how it shows progress.
+
+    inputs(z_c, z_m, y) -> (x0, model_kwargs): the tensor to diffuse and the model's conditioning.
+    preview(ctx) writes samples to the run folder / TensorBoard; ctx is a PreviewContext.
+    """
+
+    stage: str
+    inputs: Callable
+    preview: Callable
+
+
+@dataclass
+class PreviewContext:
+    run: TrainingRun
+    ema: torch.nn.Module
+    ae: torch.nn.Module
+    sampling: object
+    sampler: str
+    eval_latents: dict  # z_c, z_m, y of the fixed held-out clips
+
+
+def train_diffusion_stage(cfg, spec: StageSpec) -> None:
+    run = TrainingRun(cfg, stage=spec.stage)
+    ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data)
+    dataset = build_dataset(cfg.data, split=cfg.data.split, seed=cfg.train.global_seed)
+    eval_set = build_dataset(cfg.data, split=cfg.data.eval_split, seed=cfg.train.global_seed)
+    run.record_num_classes(dataset.num_classes)
+
+    model = build_dit(spec.stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape).to(run.device)
+    ema = make_ema(model)
+    opt = make_optimizer(model.parameters(), cfg.optim, run.device)
+    modules, optimizers = {"model": model, "ema": ema}, {"opt": opt}
+    run.restore(modules, optimizers)
+    run.logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+                    f"autoencoder {cfg.ae_ckpt}")
+    train_model = run.wrap(model)
+    diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
+                                 cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
+    sampling, sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma)
+
+    eval_clips = fixed_batch(eval_set, cfg.train.num_eval_videos)
+    z_c, z_m = encode(ae, run.to_device(eval_clips["x"]), run.autocast())
+    eval_latents = {"z_c": z_c, "z_m": z_m, "y": run.to_device(eval_clips["y"])}
+
+    if cfg.diffusion.latent_cache:
+        source = build_latent_cache(run, ae, dataset, cfg.ae_ckpt, cfg.diffusion.latent_cache_clips_per_video,
+                                    run.batch_size)
+    else:
+        source = dataset
+    batches = run.loader(source)
+    while not run.should_stop():
+        batch = next(batches)
+        if "z_c" in batch:
+            z_c, z_m = run.to_device(batch["z_c"]), run.to_device(batch["z_m"])
+        else:
+            z_c, z_m = encode(ae, run.to_device(batch["x"]), run.autocast())
+        x0, model_kwargs = spec.inputs(z_c, z_m, run.to_device(batch["y"]))
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=run.device)
+        with run.autocast():
+            losses = diffusion.training_losses(train_model, x0, t, model_kwargs)
+        loss = losses["loss"].mean()
+        loss.backward()
+        grad_norm = run.optimizer_step(train_model, opt, ema)
+        run.log({"loss": loss, "grad_norm": grad_norm, **{k: v.mean() for k, v in losses.items() if k != "loss"}})
+        if run.every(cfg.train.sample_every) or run.should_stop():
+            spec.preview(PreviewContext(run, ema, ae, sampling, sampler, eval_latents))
+        run.maybe_save(modules, optimizers)
+    run.finish()

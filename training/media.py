@@ -1,0 +1,79 @@
+"""Writing videos and images a person can open: mp4 files, mp4/png grids, TensorBoard images."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+
+def _even(frames: np.ndarray) -> np.ndarray:
+    """H.264 with yuv420p needs even sizes: pad one row/column of black when needed."""
+    t, h, w, c = frames.shape
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    out = np.zeros((t, h + h % 2, w + w % 2, c), dtype=frames.dtype)
+    out[:, :h, :w] = frames
+    return out
+
+
+def write_mp4(frames: np.ndarray, path, fps: int = 8) -> Path:
+    """Writes uint8 frames (T, H, W, 3) as an H.264 mp4 (mpeg4 when libx264 is missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = _even(np.ascontiguousarray(frames))
+    with av.open(str(path), mode="w") as container:
+        try:
+            stream = container.add_stream("libx264", rate=Fraction(fps))
+            stream.options = {"crf": "18"}
+        except Exception:  # FFmpeg builds without libx264 raise codec lookup errors of several kinds
+            stream = container.add_stream("mpeg4", rate=Fraction(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def video_grid(videos: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 videos (N, T, H, W, 3) -> one uint8 video (T, rows*(H+pad)+pad, nrow*(W+pad)+pad, 3)."""
+    n, t, h, w, c = videos.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.full((t, rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top : top + h, left : left + w] = videos[i]
+    return grid
+
+
+def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 images (N, H, W, 3) -> one uint8 image grid (H', W', 3)."""
+    return video_grid(images[:, None], nrow, pad)[0]
+
+
+def write_png(image: np.ndarray, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def save_video_set(videos: np.ndarray, out_dir, name: str, step: int | None = None, writer=None,
+                   nrow: int | None = None, fps: int = 8) -> dict:
+    """Writes a grid mp4 and a png of its first frame; adds the png to TensorBoard when a writer is given."""
+    out_dir = Path(out_dir)
+    suffix = "" if step is None else f"_{step:07d}"
+    grid = video_grid(videos, nrow)
+    paths = {"mp4": write_mp4(grid, out_dir / f"{name}{suffix}.mp4", fps),
+             "png": write_png(grid[0], out_dir / f"{name}{suffix}.png")}
+    if writer is not None and step is not None:
+        writer.add_image(name, grid[0], step, dataformats="HWC")
+    return paths
