@@ -5,7 +5,6 @@
 """
 import torch
 
-from datasets import build_dataset
 from evals.recon import psnr, ssim, to_uint8_videos
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
@@ -53,8 +52,8 @@ def evaluate(run, model, loss_fn, eval_batch, detector=None):
 
 def main(cfg):
     run = TrainingRun(cfg, stage="autoencoder")
-    dataset = build_dataset(cfg.data, split=cfg.data.split, seed=cfg.train.global_seed)
-    eval_set = build_dataset(cfg.data, split=cfg.data.eval_split, seed=cfg.train.global_seed)
+    dataset = run.build_dataset(cfg.data.split)
+    eval_set = run.build_dataset(cfg.data.eval_split)
     run.record_num_classes(dataset.num_classes)
 
     model = build_autoencoder(cfg.model, cfg.data).to(run.device)

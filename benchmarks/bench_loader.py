@@ -82,7 +82,7 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, epilog="run from the repository root: python -m benchmarks.bench_loader")
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--clip-frames", type=int, default=16)

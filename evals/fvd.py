@@ -162,11 +162,16 @@ def extract_features(
     batch_size: int = 16,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = False,
+    total: Optional[int] = None,
 ) -> np.ndarray:
-    """Detector features (N, D) in float64 for uint8 videos N x T x H x W x 3 (or an iterable of such batches)."""
+    """Detector features (N, D) in float64 for uint8 videos N x T x H x W x 3 (or an iterable of such batches).
+
+    `total` only sizes the progress bar when `videos` is an iterable.
+    """
     if device is not None:
         detector.to(device)
-    total = videos.shape[0] if isinstance(videos, (np.ndarray, torch.Tensor)) else None
+    if isinstance(videos, (np.ndarray, torch.Tensor)):
+        total = videos.shape[0]
     progress_bar = None
     if progress:
         from tqdm import tqdm
@@ -412,7 +417,8 @@ def _real_stats(real, detector, detector_path, settings, args) -> Tuple[np.ndarr
             print(f"real statistics: loaded from cache {cache_file}", file=sys.stderr)
             return cached["mu"], cached["sigma"]
     batches = _iterate_source(real, settings["num_videos"], settings["n_frames"], args)
-    mu, sigma = compute_stats(extract_features(batches, detector, args.batch_size, progress=args.progress))
+    features = extract_features(batches, detector, args.batch_size, progress=args.progress, total=settings["num_videos"])
+    mu, sigma = compute_stats(features)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so an interrupted run never leaves a truncated cache entry behind.
@@ -453,7 +459,7 @@ def run(args: argparse.Namespace) -> float:
     }
     mu_real, sigma_real = _real_stats(real, detector, detector_path, settings, args)
     fake_batches = _iterate_source(fake, num_videos, n_frames, args)
-    fake_features = extract_features(fake_batches, detector, args.batch_size, progress=args.progress)
+    fake_features = extract_features(fake_batches, detector, args.batch_size, progress=args.progress, total=num_videos)
     mu_fake, sigma_fake = compute_stats(fake_features)
     value = frechet_distance_from_stats(mu_real, sigma_real, mu_fake, sigma_fake)
     print(f"{protocol}: {value:.4f}")

@@ -361,6 +361,16 @@ def test_cli_dataset_tree_uses_build_dataset(capsys, tmp_path, npz_pair, torchsc
     assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
 
 
+def test_cli_real_statistics_from_the_synthetic_dataset(capsys, tmp_path, npz_pair, torchscript_checkpoint):
+    _, fake = npz_pair
+    argv = ["--real", "synthetic", "--fake", fake, "--detector", torchscript_checkpoint, "--cache-dir",
+            tmp_path / "cache", "--resolution", 16, 16, "--device", "cpu"]
+    code, out, err = run_cli(capsys, argv)
+    assert code == 0, err
+    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
+    assert len(list((tmp_path / "cache").glob(f"fvd2_{FRAMES}f-synthetic-*.npz"))) == 1
+
+
 # ---------------------------------------------------------------------------------------------- PSNR / SSIM
 
 

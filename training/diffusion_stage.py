@@ -6,7 +6,6 @@ from typing import Callable
 
 import torch
 
-from datasets import build_dataset
 from diffusion import create_diffusion
 from models.dit import build_dit
 from training.data import fixed_batch
@@ -41,8 +40,8 @@ class PreviewContext:
 def train_diffusion_stage(cfg, spec: StageSpec) -> None:
     run = TrainingRun(cfg, stage=spec.stage)
     ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data)
-    dataset = build_dataset(cfg.data, split=cfg.data.split, seed=cfg.train.global_seed)
-    eval_set = build_dataset(cfg.data, split=cfg.data.eval_split, seed=cfg.train.global_seed)
+    dataset = run.build_dataset(cfg.data.split)
+    eval_set = run.build_dataset(cfg.data.eval_split)
     run.record_num_classes(dataset.num_classes)
 
     model = build_dit(spec.stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape).to(run.device)

@@ -30,3 +30,22 @@ def sample_latents(model, sampling, sampler: str, shape, y: torch.Tensor, cfg_sc
         model_fn = guided_model(model, cfg_scale, null_label=model.num_classes)
     return sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
                            device=y.device, progress=progress, eta=eta, generator=generator)
+
+
+def load_denoiser(path, stage: str, ae, device):
+    """(EMA denoiser in eval mode, its config) rebuilt from a diffusion checkpoint and the autoencoder's shapes."""
+    from models.dit import build_dit
+    from training.checkpoint import CheckpointError, load_stage_checkpoint, model_weights
+    from training.config import config_from_dict
+
+    ckpt = load_stage_checkpoint(path, stage)
+    cfg = config_from_dict(stage, ckpt["config"])
+    if cfg.data.num_classes is None:
+        raise CheckpointError(f"{path} does not record data.num_classes; it was not written by a finished run")
+    model = build_dit(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape)
+    try:
+        model.load_state_dict(model_weights(ckpt, prefer_ema=True))
+    except RuntimeError:
+        raise CheckpointError(f"{path} does not fit the autoencoder's latent shapes (content {tuple(ae.content_shape)}, "
+                              f"motion {tuple(ae.motion_shape)}): was it trained on another autoencoder?") from None
+    return model.to(device).eval().requires_grad_(False), cfg

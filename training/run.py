@@ -226,6 +226,17 @@ class TrainingRun:
                              num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         return iter(loader)
 
+    def build_dataset(self, split: str):
+        """The dataset of `split`; rank 0 indexes the files first so the others read its cache instead of probing."""
+        from datasets import build_dataset
+
+        if not self.dist.is_main:
+            barrier()
+        dataset = build_dataset(self.cfg.data, split=split, seed=self.cfg.train.global_seed)
+        if self.dist.is_main:
+            barrier()
+        return dataset
+
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
 

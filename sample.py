@@ -1,0 +1,151 @@
+"""Generates videos: class -> content frame (content DiT) -> motion latent (motion DiT) -> autoencoder decode.
+
+    python sample.py --ae-ckpt AE.pt --content-ckpt CONTENT.pt --motion-ckpt MOTION.pt --num-videos 16 --out-dir out
+    torchrun --nproc_per_node=8 sample.py ... --num-videos 2048 --npz out/samples.npz   # for FVD
+    python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --content-frame photo.png --classes 3   # image-to-video
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from evals.recon import to_uint8_videos
+from training.checkpoint import CheckpointError
+from training.distributed import barrier, cleanup_distributed, setup_distributed
+from training.generation import load_denoiser, make_sampler, sample_latents
+from training.latents import load_autoencoder
+from training.media import save_video_set, write_mp4
+
+
+def video_generators(seed: int, indices, stream: int, device) -> list:
+    """One generator per video index and stage, so a video never depends on its batch or its rank."""
+    return [torch.Generator(device).manual_seed(seed * 1_000_003 + index * 2 + stream) for index in indices]
+
+
+def load_image(path, resolution, channels: int = 3) -> torch.Tensor:
+    """An image file -> (C, H, W) in [-1, 1], resized (shorter side) and center-cropped like the clips."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--content-frame {path}: no such image")
+    image = Image.open(path).convert("RGB")
+    height, width = resolution
+    scale = max(height / image.height, width / image.width)
+    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                         Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    return array[:channels]
+
+
+def class_list(args, num_classes: int) -> list:
+    if args.classes:
+        classes = [int(c) for c in args.classes.split(",")]
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"--classes: class id {bad[0]} is out of range; the models know classes 0..{num_classes - 1}")
+    else:
+        classes = list(range(num_classes))
+    return [classes[i % len(classes)] for i in range(args.num_videos)]
+
+
+@torch.no_grad()
+def main(args):
+    info = setup_distributed()
+    device = info.device
+    ae, ae_cfg = load_autoencoder(args.ae_ckpt, device)
+    motion, motion_cfg = load_denoiser(args.motion_ckpt, "motion", ae, device)
+    num_classes = motion.num_classes
+    content_model, content_cfg, given_frame = None, None, None
+    if args.content_frame:
+        given_frame = load_image(args.content_frame, ae_cfg.data.resolution, ae_cfg.model.channels).to(device)
+    else:
+        if not args.content_ckpt:
+            raise ValueError("--content-ckpt is required unless --content-frame gives the content frame")
+        content_model, content_cfg = load_denoiser(args.content_ckpt, "content", ae, device)
+        if content_model.num_classes != num_classes:
+            raise CheckpointError(f"{args.content_ckpt} knows {content_model.num_classes} classes but "
+                                  f"{args.motion_ckpt} knows {num_classes}")
+    labels = class_list(args, num_classes)
+
+    motion_sampling, motion_sampler = make_sampler(motion_cfg.diffusion, motion_cfg.model.learn_sigma,
+                                                   args.motion_steps, args.motion_sampler)
+    motion_scale = motion_cfg.diffusion.cfg_scale if args.motion_cfg_scale is None else args.motion_cfg_scale
+    if content_model is not None:
+        content_sampling, content_sampler = make_sampler(content_cfg.diffusion, content_cfg.model.learn_sigma,
+                                                         args.content_steps, args.content_sampler)
+        content_scale = content_cfg.diffusion.cfg_scale if args.content_cfg_scale is None else args.content_cfg_scale
+
+    out_dir = Path(args.out_dir)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    mine = list(range(info.rank, args.num_videos, info.world_size))
+    batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    videos, indices = [], []
+    for batch in tqdm(batches, desc=f"sampling (rank {info.rank})", disable=not info.is_main or args.quiet):
+        y = torch.tensor([labels[i] for i in batch], device=device)
+        if given_frame is not None:
+            z_c = given_frame.expand(len(batch), -1, -1, -1)
+        else:
+            z_c = sample_latents(content_model, content_sampling, content_sampler, tuple(ae.content_shape), y,
+                                 content_scale, generator=video_generators(args.seed, batch, 0, device))
+            z_c = z_c.clamp(-1, 1)
+        z_m = sample_latents(motion, motion_sampling, motion_sampler, tuple(ae.motion_shape), y, motion_scale,
+                             cond={"content": z_c}, generator=video_generators(args.seed, batch, 1, device))
+        clips = to_uint8_videos(ae.decode(z_c, z_m).float())
+        for index, label, clip in zip(batch, y.tolist(), clips):
+            write_mp4(clip, out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4", fps=args.fps)
+        videos.append(clips)
+        indices.extend(batch)
+    shard = out_dir / f".shard-{info.rank:05d}.npz"
+    np.savez(shard, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8), indices=np.array(indices))
+    barrier()
+    if info.is_main:
+        shards = [np.load(out_dir / f".shard-{r:05d}.npz") for r in range(info.world_size)]
+        order = np.concatenate([s["indices"] for s in shards if len(s["indices"])])
+        stacked = np.concatenate([s["videos"] for s in shards if len(s["indices"])])
+        all_videos = stacked[np.argsort(order)]
+        grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
+        if args.npz:
+            np.savez(args.npz, videos=all_videos, labels=np.array(labels, dtype=np.int64))
+            print(f"wrote {args.npz}: videos {all_videos.shape} uint8")
+        print(f"wrote {len(all_videos)} videos to {out_dir / 'videos'}; grid: {grid['mp4']} and {grid['png']}")
+    barrier()
+    shard.unlink()
+    cleanup_distributed()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Sample videos from trained CMD checkpoints.")
+    parser.add_argument("--ae-ckpt", required=True)
+    parser.add_argument("--motion-ckpt", required=True)
+    parser.add_argument("--content-ckpt", default=None)
+    parser.add_argument("--content-frame", default=None, help="an image to animate instead of sampling content")
+    parser.add_argument("--classes", default=None, help="comma-separated class ids, used round-robin (default: all)")
+    parser.add_argument("--num-videos", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--content-sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--content-steps", type=int, default=50)
+    parser.add_argument("--content-cfg-scale", type=float, default=None, help="default: the checkpoint's config")
+    parser.add_argument("--motion-sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--motion-steps", type=int, default=100)
+    parser.add_argument("--motion-cfg-scale", type=float, default=None, help="default: the checkpoint's config")
+    parser.add_argument("--out-dir", default="samples")
+    parser.add_argument("--npz", default=None, help="also write all videos (N, T, H, W, 3) uint8 + labels here")
+    parser.add_argument("--grid-videos", type=int, default=16)
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(1) from None
