@@ -84,7 +84,7 @@ def main(args):
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     mine = list(range(info.rank, args.num_videos, info.world_size))
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-    videos, indices = [], []
+    videos, contents, indices = [], [], []
     for batch in tqdm(batches, desc=f"sampling (rank {info.rank})", disable=not info.is_main or args.quiet):
         y = torch.tensor([labels[i] for i in batch], device=device)
         if given_frame is not None:
@@ -96,21 +96,24 @@ def main(args):
         z_m = sample_latents(motion, motion_sampling, motion_sampler, tuple(ae.motion_shape), y, motion_scale,
                              cond={"content": z_c}, generator=video_generators(args.seed, batch, 1, device))
         clips = to_uint8_videos(ae.decode(z_c, z_m).float())
+        contents.append(to_uint8_videos(z_c.unsqueeze(2))[:, 0])
         for index, label, clip in zip(batch, y.tolist(), clips):
             write_mp4(clip, out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4", fps=args.fps)
         videos.append(clips)
         indices.extend(batch)
     shard = out_dir / f".shard-{info.rank:05d}.npz"
-    np.savez(shard, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8), indices=np.array(indices))
+    np.savez(shard, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8),
+             content_frames=np.concatenate(contents) if contents else np.zeros((0,), np.uint8), indices=np.array(indices))
     barrier()
     if info.is_main:
         shards = [np.load(out_dir / f".shard-{r:05d}.npz") for r in range(info.world_size)]
         order = np.concatenate([s["indices"] for s in shards if len(s["indices"])])
-        stacked = np.concatenate([s["videos"] for s in shards if len(s["indices"])])
-        all_videos = stacked[np.argsort(order)]
+        ranked = np.argsort(order)
+        all_videos = np.concatenate([s["videos"] for s in shards if len(s["indices"])])[ranked]
+        all_contents = np.concatenate([s["content_frames"] for s in shards if len(s["indices"])])[ranked]
         grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
         if args.npz:
-            np.savez(args.npz, videos=all_videos, labels=np.array(labels, dtype=np.int64))
+            np.savez(args.npz, videos=all_videos, labels=np.array(labels, dtype=np.int64), content_frames=all_contents)
             print(f"wrote {args.npz}: videos {all_videos.shape} uint8")
         print(f"wrote {len(all_videos)} videos to {out_dir / 'videos'}; grid: {grid['mp4']} and {grid['png']}")
     barrier()
@@ -135,7 +138,8 @@ def parse_args(argv=None):
     parser.add_argument("--motion-steps", type=int, default=100)
     parser.add_argument("--motion-cfg-scale", type=float, default=None, help="default: the checkpoint's config")
     parser.add_argument("--out-dir", default="samples")
-    parser.add_argument("--npz", default=None, help="also write all videos (N, T, H, W, 3) uint8 + labels here")
+    parser.add_argument("--npz", default=None,
+                        help="also write videos (N, T, H, W, 3) uint8, labels (N,) and content_frames (N, H, W, 3) here")
     parser.add_argument("--grid-videos", type=int, default=16)
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--quiet", action="store_true")

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,10 @@ def load_detector(path: Optional[str] = None, device: Union[str, torch.device] =
     if not os.path.isfile(resolved):
         raise FileNotFoundError(f"I3D detector file not found: {resolved} (get {DETECTOR_SOURCES})")
     if _is_torchscript_archive(resolved):
-        module = torch.jit.load(resolved, map_location="cpu").eval()
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream, but it is the only format StyleGAN-V's reference detector ships in.
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(resolved, map_location="cpu").eval()
         return TorchScriptI3D(module, f"torchscript:{Path(resolved).stem}", device)
     try:
         loaded = torch.load(resolved, map_location="cpu", weights_only=True)
@@ -417,7 +421,8 @@ def _real_stats(real, detector, detector_path, settings, args) -> Tuple[np.ndarr
             print(f"real statistics: loaded from cache {cache_file}", file=sys.stderr)
             return cached["mu"], cached["sigma"]
     batches = _iterate_source(real, settings["num_videos"], settings["n_frames"], args)
-    features = extract_features(batches, detector, args.batch_size, progress=args.progress, total=settings["num_videos"])
+    num_videos = settings["num_videos"]
+    features = extract_features(batches, detector, args.batch_size, progress=args.progress, total=num_videos)
     mu, sigma = compute_stats(features)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

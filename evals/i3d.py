@@ -164,7 +164,7 @@ def preprocess_for_i3d(videos: torch.Tensor, size: int = INPUT_SIZE) -> torch.Te
     num_videos, num_frames, height, width, channels = videos.shape
     frames = videos.reshape(num_videos * num_frames, height, width, channels).permute(0, 3, 1, 2).float()
     scale = size / min(height, width)
-    # Rounding up keeps the shorter side at exactly `size` and the longer one at least `size`.
+    # max() keeps rounding from leaving the longer side a pixel short of the crop.
     new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
     frames = F.interpolate(frames, size=(new_height, new_width), mode="bilinear", align_corners=False)
     top, left = (new_height - size) // 2, (new_width - size) // 2

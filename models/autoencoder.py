@@ -152,6 +152,10 @@ class CMDAutoencoder(nn.Module):
         # features), so the head moves away from the mean as soon as that helps reconstruction.
         nn.init.zeros_(self.content_head.weight)
         nn.init.zeros_(self.content_head.bias)
+        # A xavier output projection after LayerNorm gives pre-tanh values of std ~1, so much of the
+        # output starts in tanh's flat tails; starting from x_hat = 0 (as DiT zero-inits its final
+        # layer) avoids that and, on the overfitting test, reaches a given PSNR several times faster.
+        nn.init.zeros_(self.output_proj.weight)
 
     @property
     def content_shape(self) -> Tuple[int, int, int]:

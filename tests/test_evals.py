@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:
 
 
 def scipy_reference(mu_a, sigma_a, mu_b, sigma_b) -> float:
-    root, _ = scipy.linalg.sqrtm(sigma_a @ sigma_b, disp=False)
+    root = scipy.linalg.sqrtm(sigma_a @ sigma_b)
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a + sigma_b - 2.0 * np.real(root)))
 
 
@@ -209,7 +210,9 @@ class StandInTorchScriptI3D(torch.nn.Module):
 @pytest.fixture(scope="module")
 def torchscript_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("torchscript") / "i3d_torchscript.pt"
-    torch.jit.save(torch.jit.script(StandInTorchScriptI3D()), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; the detector uses it
+        torch.jit.save(torch.jit.script(StandInTorchScriptI3D()), str(path))
     return path
 
 

@@ -212,8 +212,9 @@ def validate_config(cfg, stage: str) -> None:
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is required: pass the autoencoder checkpoint with --ae-ckpt")
         _require(cfg.diffusion.sampler in ("ddim", "ddpm"), f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not ddim|ddpm")
         _require(cfg.diffusion.loss_type in ("hybrid", "mse"), f"config key 'diffusion.loss_type': '{cfg.diffusion.loss_type}' is not hybrid|mse")
-        _require(cfg.diffusion.loss_type != "hybrid" or cfg.model.learn_sigma,
-                 "config key 'diffusion.loss_type': 'hybrid' needs model.learn_sigma=true")
+        _require(cfg.model.learn_sigma == (cfg.diffusion.loss_type == "hybrid"),
+                 f"config key 'diffusion.loss_type': '{cfg.diffusion.loss_type}' needs model.learn_sigma="
+                 f"{str(cfg.diffusion.loss_type == 'hybrid').lower()} (hybrid trains the learned variance, mse has none)")
 
 
 # The seed README's flags, mapped onto config keys (DESIGN.md convention 6).

@@ -1,0 +1,126 @@
+"""The three training scripts and sample.py, end to end on tiny configs: torchrun, checkpoints, resume, samples."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_python, run_torchrun
+from training.checkpoint import load_checkpoint
+
+TINY_DATA = ["data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0", "data.synthetic_size=64",
+             "train.global_batch_size=4", "train.num_eval_videos=2"]
+TINY_AE = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4"]
+TINY_DIFFUSION = ["diffusion.sample_steps=4", "train.sample_every=2"]
+
+
+def train(tmp, script, config, name, steps, *extra, nproc=1, check=True):
+    args = [script, "--config", f"configs/tiny/{config}.yaml", "--results-dir", tmp, "--exp-name", name,
+            "--max-steps", steps, "--ckpt-every", 2, "--log-every", 1, *TINY_DATA, *extra]
+    if nproc > 1:
+        return run_torchrun(nproc, args, check=check)
+    return run_python(args, check=check)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """AE (2 processes, then resumed), motion and content (2 processes each): the checkpoints of one chain."""
+    tmp = tmp_path_factory.mktemp("chain")
+    train(tmp, "train_ae.py", "autoencoder", "ae", 2, *TINY_AE, "train.eval_every=2", nproc=2)
+    resumed = train(tmp, "train_ae.py", "autoencoder", "ae", 4, *TINY_AE, "train.eval_every=2", "--resume", "auto")
+    ae = tmp / "ae" / "checkpoints" / "last.pt"
+    common = ["--ae-ckpt", ae, *TINY_DIFFUSION]
+    motion = train(tmp, "train_motion_diffusion.py", "motion", "motion", 2, *common, nproc=2)
+    content = train(tmp, "train_content_diffusion.py", "content", "content", 2, *common, nproc=2)
+    return {"tmp": tmp, "ae": ae, "motion": tmp / "motion" / "checkpoints" / "last.pt",
+            "content": tmp / "content" / "checkpoints" / "last.pt",
+            "logs": {"ae_resumed": resumed.stdout, "motion": motion.stdout, "content": content.stdout}}
+
+
+def test_autoencoder_trains_under_torchrun_writes_eval_media_and_resumes(chain):
+    run_dir = chain["tmp"] / "ae"
+    ckpt = load_checkpoint(chain["ae"])
+    assert ckpt["step"] == 4 and ckpt["stage"] == "autoencoder"
+    assert ckpt["config"]["data"]["num_classes"] == 4  # recorded for the next stages
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000002.pt", "0000004.pt", "last.pt"]
+    assert "resumed from" in chain["logs"]["ae_resumed"] and "step 0000003" in chain["logs"]["ae_resumed"]
+    assert "step 0000001" not in chain["logs"]["ae_resumed"]  # the count continued instead of restarting
+    for name in ("reconstruction_0000002.mp4", "reconstruction_0000004.png", "content_frames_0000004.png"):
+        assert (run_dir / "eval" / name).stat().st_size > 0
+    assert re.search(r"eval step 0000004 \| psnr=\d+\.\d+ ssim=", (run_dir / "log.txt").read_text())
+
+
+@pytest.mark.parametrize("stage", ["motion", "content"])
+def test_diffusion_stages_train_under_torchrun_and_write_samples(chain, stage):
+    ckpt = load_checkpoint(chain[stage])
+    assert ckpt["step"] == 2 and ckpt["stage"] == stage and ckpt["ema"] is not None
+    assert ckpt["config"]["ae_ckpt"] == str(chain["ae"])
+    samples = list((chain["tmp"] / stage / "samples").glob("*.png"))
+    assert samples and all(p.stat().st_size > 0 for p in samples)
+    assert "loss=" in chain["logs"][stage]
+
+
+def test_diffusion_stage_resumes(chain, tmp_path):
+    args = ["--ae-ckpt", chain["ae"], *TINY_DIFFUSION]
+    train(tmp_path, "train_content_diffusion.py", "content", "c", 2, *args)
+    proc = train(tmp_path, "train_content_diffusion.py", "content", "c", 3, *args, "--resume", tmp_path / "c")
+    assert "resumed from" in proc.stdout and load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("script,config", [("train_motion_diffusion.py", "motion"),
+                                           ("train_content_diffusion.py", "content")])
+def test_wrong_stage_as_ae_ckpt_is_refused(chain, tmp_path, script, config):
+    proc = train(tmp_path, script, config, "x", 2, "--ae-ckpt", chain["motion"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {chain['motion']} is a 'motion' checkpoint, but a 'autoencoder' checkpoint is expected here")
+
+
+def sample(chain, out, *extra, nproc=1, check=True):
+    args = ["sample.py", "--ae-ckpt", chain["ae"], "--motion-ckpt", chain["motion"], "--content-steps", 4,
+            "--motion-steps", 4, "--out-dir", out, "--quiet", *extra]
+    if "--content-frame" not in extra:
+        args += ["--content-ckpt", chain["content"]]
+    return run_torchrun(nproc, args, check=check) if nproc > 1 else run_python(args, check=check)
+
+
+def test_sample_is_independent_of_batch_size_and_process_count(chain, tmp_path):
+    runs = {"b4": ("--batch-size", 4), "b1": ("--batch-size", 1)}
+    for name, extra in runs.items():
+        sample(chain, tmp_path / name, "--num-videos", 5, "--npz", tmp_path / f"{name}.npz", *extra)
+    sample(chain, tmp_path / "p2", "--num-videos", 5, "--npz", tmp_path / "p2.npz", "--batch-size", 2, nproc=2)
+    b4, b1, p2 = (np.load(tmp_path / f"{n}.npz") for n in ("b4", "b1", "p2"))
+    assert b4["videos"].shape == (5, 4, 16, 16, 3) and b4["videos"].dtype == np.uint8
+    assert b4["labels"].tolist() == [0, 1, 2, 3, 0]  # all classes round-robin
+    for other in (b1, p2):
+        # Same per-video seeds; only float rounding of different batch shapes may move a pixel by one level.
+        assert np.abs(b4["videos"].astype(int) - other["videos"]).max() <= 1
+        assert np.abs(b4["videos"].astype(int) - other["videos"]).mean() < 0.01
+    assert len(list((tmp_path / "p2" / "videos").glob("*.mp4"))) == 5
+    assert (tmp_path / "b4" / "grid.mp4").stat().st_size > 0 and (tmp_path / "b4" / "grid.png").stat().st_size > 0
+    other_seed = sample(chain, tmp_path / "s1", "--num-videos", 5, "--npz", tmp_path / "s1.npz", "--seed", 1)
+    assert other_seed.returncode == 0
+    assert not np.array_equal(np.load(tmp_path / "s1.npz")["videos"], b4["videos"])
+
+
+def test_image_to_video_keeps_the_given_content_frame(chain, tmp_path):
+    image = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "frame.png")
+    sample(chain, tmp_path / "i2v", "--content-frame", tmp_path / "frame.png", "--classes", "2", "--num-videos", 2,
+           "--npz", tmp_path / "i2v.npz")
+    out = np.load(tmp_path / "i2v.npz")
+    assert out["labels"].tolist() == [2, 2]
+    assert np.abs(out["content_frames"].astype(int) - image[None]).max() <= 1
+
+
+def test_sample_rejects_bad_class_and_wrong_stage(chain, tmp_path):
+    proc = sample(chain, tmp_path / "bad", "--classes", "0,9", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --classes: class id 9 is out of range; the models know classes 0..3")
+    args = ["sample.py", "--ae-ckpt", chain["ae"], "--motion-ckpt", chain["content"], "--content-ckpt", chain["content"],
+            "--out-dir", tmp_path / "x"]
+    proc = run_python(args, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {chain['content']} is a 'content' checkpoint, but a 'motion' checkpoint is expected here")
