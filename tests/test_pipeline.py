@@ -9,7 +9,7 @@ from PIL import Image
 from tests.conftest import run_python, run_torchrun
 from training.checkpoint import load_checkpoint
 
-TINY_DATA = ["data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0", "data.synthetic_size=64",
+TINY_DATA = ["data.resolution=[16,16]", "data.n_frames=10", "data.num_workers=0", "data.synthetic_size=64",
              "train.global_batch_size=4", "train.num_eval_videos=2"]
 TINY_AE = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4"]
 TINY_DIFFUSION = ["diffusion.sample_steps=4", "train.sample_every=2"]
@@ -91,7 +91,7 @@ def test_sample_is_independent_of_batch_size_and_process_count(chain, tmp_path):
         sample(chain, tmp_path / name, "--num-videos", 5, "--npz", tmp_path / f"{name}.npz", *extra)
     sample(chain, tmp_path / "p2", "--num-videos", 5, "--npz", tmp_path / "p2.npz", "--batch-size", 2, nproc=2)
     b4, b1, p2 = (np.load(tmp_path / f"{n}.npz") for n in ("b4", "b1", "p2"))
-    assert b4["videos"].shape == (5, 4, 16, 16, 3) and b4["videos"].dtype == np.uint8
+    assert b4["videos"].shape == (5, 10, 16, 16, 3) and b4["videos"].dtype == np.uint8
     assert b4["labels"].tolist() == [0, 1, 2, 3, 0]  # all classes round-robin
     for other in (b1, p2):
         # Same per-video seeds; only float rounding of different batch shapes may move a pixel by one level.
@@ -124,3 +124,17 @@ def test_sample_rejects_bad_class_and_wrong_stage(chain, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {chain['content']} is a 'content' checkpoint, but a 'motion' checkpoint is expected here")
+
+
+def test_end_to_end_fvd_cli_prints_a_number(chain, tmp_path):
+    from evals.i3d import InceptionI3d
+
+    torch.manual_seed(0)
+    detector = tmp_path / "i3d_random.pt"
+    torch.save(InceptionI3d().state_dict(), detector)  # the public port's layout, random weights
+    sample(chain, tmp_path / "fake", "--num-videos", 4, "--npz", tmp_path / "fake.npz")
+    proc = run_python(["-m", "evals.fvd", "--real", "synthetic", "--fake", tmp_path / "fake.npz", "--detector", detector,
+                       "--num-videos", 4, "--n-frames", 10, "--resolution", 16, 16, "--cache-dir", tmp_path / "cache"])
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2].startswith("fvd4_10f: ")
+    assert float(lines[-1]) >= 0.0

@@ -1,0 +1,301 @@
+"""FLOPs per generated video (CMD vs a direct video DiT) and per training step, counted on the meta device.
+
+    python -m benchmarks.flops                          # configs/ucf101 (paper settings)
+    python -m benchmarks.flops --tiny                   # configs/tiny (seconds; what the tests run)
+    python -m benchmarks.flops --config-dir DIR --json out.json
+
+Counts come from torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; one
+multiply-add = 2 FLOPs; elementwise ops are not counted). The models are built on the meta device,
+so nothing is allocated or computed and the numbers do not depend on the machine. On the meta
+device scaled_dot_product_attention decomposes into two batched matmuls that the counter sees; on
+a real CPU tensor it runs a fused kernel the counter does not know, so CPU counts would miss the
+attention (`sdpa_is_counted` checks this).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.video_dit_baseline import build_video_dit_baseline
+from diffusion import create_diffusion
+from diffusion.guidance import guided_model
+from models.ae_losses import AutoencoderLoss
+from models.autoencoder import build_autoencoder
+from models.dit import build_dit
+from models.layers import Attention
+from training.config import load_config
+
+META = torch.device("meta")
+DEFAULT_CONFIG_DIR = "configs/ucf101"
+TINY_CONFIG_DIR = "configs/tiny"
+UCF101_CLASSES = 101
+# Target of the issue: CMD needs at most 1/15 of the direct video DiT's FLOPs per video.
+TARGET_RATIO = 1.0 / 15.0
+# Paper Table 8: TFLOPs of one training step at batch 1 (latent mode, 512x512x16): AE, content, motion.
+PAPER_TRAINING_TFLOPS = {"autoencoder": 0.77, "content": 0.34, "motion": 0.14}
+# Paper, efficiency comparison: TFLOPs per 512x1024x16 video at 50 steps.
+PAPER_VIDEO_TFLOPS = {"CMD": 46.8, "ModelScope": 939.0, "LVDM": 626.0}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Total FLOPs of everything `fn()` runs (forward and, if it calls it, backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def sdpa_is_counted() -> bool:
+    """True if attention on the meta device is counted as its two batched matmuls (QK^T and AV)."""
+    batch, tokens, dim, heads = 2, 16, 64, 4
+    attention = Attention(dim, heads).to(META)
+    x = torch.empty(batch, tokens, dim, device=META)
+    linear = 2 * batch * tokens * dim * (3 * dim) + 2 * batch * tokens * dim * dim  # qkv + output projection
+    scores = 2 * 2 * batch * heads * tokens * tokens * (dim // heads)  # QK^T and AV
+    with torch.no_grad():
+        return count_flops(lambda: attention(x)) == linear + scores
+
+
+# ---- configs and models -----------------------------------------------------------------------------------
+def load_stage_configs(config_dir: str = DEFAULT_CONFIG_DIR, overrides: Optional[Dict[str, list]] = None) -> dict:
+    """{'autoencoder', 'content', 'motion'} configs from <config_dir>/<stage>.yaml, ready to build models.
+
+    Paths that only training reads (data path, autoencoder checkpoint) get placeholders, because the
+    benchmarks build models from the configs and never touch data or checkpoints.
+    """
+    folder = Path(config_dir)
+    placeholders = ["data.data_path=unused-by-benchmarks"]
+    configs = {}
+    for stage in ("autoencoder", "content", "motion"):
+        path = folder / f"{stage}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        extra = [] if stage == "autoencoder" else ["ae_ckpt=unused-by-benchmarks"]
+        configs[stage] = load_config(stage, str(path), placeholders + extra + list((overrides or {}).get(stage, [])))
+    return configs
+
+
+def num_classes_of(configs: dict) -> int:
+    """The class count the configs train on: data.num_classes if set, else UCF-101's 101."""
+    value = configs["content"].data.num_classes
+    return int(value) if value is not None else UCF101_CLASSES
+
+
+def build_models(configs: dict, device=META) -> dict:
+    """The autoencoder, the content and motion DiTs and the video DiT baseline, on `device` (meta: no memory).
+
+    Parameters are created on `device` directly (an XL model on the CPU first would cost GBs and seconds);
+    buffers the constructors build from numpy start on the CPU and move with the final `.to`.
+    """
+    classes = num_classes_of(configs)
+    with torch.device(device):
+        ae = build_autoencoder(configs["autoencoder"].model, configs["autoencoder"].data)
+        content = build_dit("content", configs["content"].model, classes, ae.content_shape, ae.motion_shape)
+        motion = build_dit("motion", configs["motion"].model, classes, ae.content_shape, ae.motion_shape)
+        baseline = build_video_dit_baseline(configs["content"].model.name, ae.clip_shape, classes,
+                                            learn_sigma=bool(configs["content"].model.learn_sigma))
+    return {name: model.to(device) for name, model in
+            {"autoencoder": ae, "content": content, "motion": motion, "baseline": baseline}.items()}
+
+
+def _labels(batch: int, device) -> torch.Tensor:
+    return torch.zeros(batch, dtype=torch.long, device=device)
+
+
+def _steps(batch: int, device) -> torch.Tensor:
+    return torch.full((batch,), 500, dtype=torch.long, device=device)
+
+
+def _denoiser_call_flops(model, shape, guided: bool, cond: Optional[dict] = None) -> int:
+    """FLOPs of one sampling step for one video: the model once, or on the doubled batch when guided.
+
+    Mirrors training.generation.sample_latents, where guidance (cfg_scale != 1) goes through guided_model;
+    the scale's value does not change the FLOPs.
+    """
+    device = next(model.parameters()).device
+    x = torch.zeros(1, *shape, device=device)
+    fn = guided_model(model, 2.0, null_label=model.num_classes) if guided else model
+    with torch.no_grad():
+        return count_flops(lambda: fn(x, _steps(1, device), _labels(1, device), **(cond or {})))
+
+
+# ---- per generated video -----------------------------------------------------------------------------------
+def per_video_flops(configs: dict, models: Optional[dict] = None) -> dict:
+    """FLOPs to generate one video with CMD (content + motion sampling, one decode) and with the baseline."""
+    models = models or build_models(configs)
+    ae, content, motion, baseline = (models[k] for k in ("autoencoder", "content", "motion", "baseline"))
+    for model in models.values():
+        model.eval()
+    device = next(ae.parameters()).device
+    content_diffusion, motion_diffusion = configs["content"].diffusion, configs["motion"].diffusion
+    z_c = torch.zeros(1, *ae.content_shape, device=device)
+    z_m = torch.zeros(1, *ae.motion_shape, device=device)
+
+    parts = {}
+    for stage, model, shape, diffusion_cfg, cond in (
+        ("content", content, ae.content_shape, content_diffusion, None),
+        ("motion", motion, ae.motion_shape, motion_diffusion, {"content": z_c}),
+    ):
+        guided = float(diffusion_cfg.cfg_scale) != 1.0
+        per_step = _denoiser_call_flops(model, shape, guided, cond)
+        steps = int(diffusion_cfg.sample_steps)
+        parts[stage] = {"model": configs[stage].model.name, "steps": steps, "guided": guided, "per_step": per_step,
+                        "total": per_step * steps}
+    with torch.no_grad():
+        decode = count_flops(lambda: ae.decode(z_c, z_m))
+    parts["decode"] = {"model": "CMD autoencoder decoder", "steps": 1, "guided": False, "per_step": decode,
+                       "total": decode}
+    cmd_total = sum(part["total"] for part in parts.values())
+
+    # The baseline samples the pixel video directly, at the motion stage's step count, always guided.
+    baseline_steps = int(motion_diffusion.sample_steps)
+    baseline_per_step = _denoiser_call_flops(baseline, ae.clip_shape, guided=True)
+    baseline_info = {"model": f"VideoDiT ({configs['content'].model.name} width/depth/patch, factorised space-time)",
+                     "steps": baseline_steps, "guided": True, "per_step": baseline_per_step,
+                     "total": baseline_per_step * baseline_steps}
+    ratio = cmd_total / baseline_info["total"]
+    return {"clip_shape": list(ae.clip_shape), "cmd": parts, "cmd_total": cmd_total, "baseline": baseline_info,
+            "ratio": ratio, "target_ratio": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO}
+
+
+# ---- per training step -------------------------------------------------------------------------------------
+def training_step_flops(configs: dict, models: Optional[dict] = None, batch_size: int = 1) -> dict:
+    """FLOPs of one training step (forward + backward) of each stage at `batch_size`.
+
+    autoencoder: forward, L1 loss (LPIPS and the GAN excluded), backward.
+    content:     the diffusion training loss of the content DiT, backward.
+    motion:      the frozen autoencoder's encode (no grad) + the motion DiT's loss and backward.
+    The optimizer update is elementwise, so it adds no counted FLOPs.
+    """
+    models = models or build_models(configs)
+    ae, content, motion = models["autoencoder"], models["content"], models["motion"]
+    device = next(ae.parameters()).device
+    clips = torch.zeros(batch_size, *ae.clip_shape, device=device)
+    loss_cfg = configs["autoencoder"].loss
+    l1_only = AutoencoderLoss(l1_weight=float(loss_cfg.l1_weight), perceptual_weight=0.0,
+                              perceptual_frames=int(loss_cfg.perceptual_frames))
+
+    def autoencoder_step():
+        ae.train()
+        x_hat, _, _ = ae(clips)
+        loss, _ = l1_only(clips, x_hat, step=0)
+        loss.backward()
+
+    def diffusion_step(stage, model, x0, model_kwargs):
+        diffusion_cfg = configs[stage].diffusion
+        diffusion = create_diffusion(None, diffusion_cfg.noise_schedule, bool(configs[stage].model.learn_sigma),
+                                     int(diffusion_cfg.diffusion_steps), diffusion_cfg.loss_type)
+        model.train()
+        losses = diffusion.training_losses(model, x0, _steps(batch_size, device), model_kwargs)
+        losses["loss"].mean().backward()
+
+    def content_step():
+        z_c = torch.zeros(batch_size, *ae.content_shape, device=device)
+        diffusion_step("content", content, z_c, {"y": _labels(batch_size, device)})
+
+    def motion_encode():
+        ae.eval()
+        with torch.no_grad():
+            return ae.encode(clips)
+
+    def motion_step():
+        z_c, z_m = motion_encode()
+        diffusion_step("motion", motion, z_m, {"y": _labels(batch_size, device), "content": z_c})
+
+    result = {
+        "batch_size": batch_size,
+        "autoencoder": count_flops(autoencoder_step),
+        "content": count_flops(content_step),
+        "motion": count_flops(motion_step),
+        "motion_encode_part": count_flops(motion_encode),
+    }
+    for model in (ae, content, motion):
+        model.zero_grad(set_to_none=True)
+    return result
+
+
+def compute_flops(config_dir: Optional[str] = None, tiny: bool = False) -> dict:
+    """Everything the benchmark reports, as a dict (FLOPs as ints): 'per_video', 'training_step', checks."""
+    config_dir = config_dir or (TINY_CONFIG_DIR if tiny else DEFAULT_CONFIG_DIR)
+    configs = load_stage_configs(config_dir)
+    models = build_models(configs)
+    counted = sdpa_is_counted()
+    if not counted:
+        raise RuntimeError("FlopCounterMode does not count scaled_dot_product_attention on the meta device in this "
+                           "torch version; the FLOPs would miss attention")
+    return {"config_dir": str(config_dir), "sdpa_counted": counted, "torch": torch.__version__,
+            "per_video": per_video_flops(configs, models), "training_step": training_step_flops(configs, models)}
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def _scaled(flops: float, unit: float) -> str:
+    return f"{flops / unit:.3f}"
+
+
+def explain_gap(per_video: dict) -> str:
+    """Why CMD misses the 1/15 target: which part dominates its FLOPs, and what that part costs per step."""
+    parts = per_video["cmd"]
+    biggest = max(parts, key=lambda name: parts[name]["total"])
+    share = parts[biggest]["total"] / per_video["cmd_total"]
+    return (f"target missed: CMD/baseline = 1/{1 / per_video['ratio']:.1f} > 1/15. The {biggest} part "
+            f"({parts[biggest]['model']}, {parts[biggest]['steps']} steps, guided={parts[biggest]['guided']}) "
+            f"is {share:.0%} of CMD's FLOPs; fewer steps or a smaller {biggest} model close the gap.")
+
+
+def format_report(result: dict) -> str:
+    video, train = result["per_video"], result["training_step"]
+    # Tiny configs need GFLOPs to show anything but zeros; paper scale reads best in TFLOPs like the paper.
+    unit_name, unit = ("TFLOPs", 1e12) if video["baseline"]["total"] >= 1e12 else ("GFLOPs", 1e9)
+
+    def _tflops(flops: float) -> str:
+        return _scaled(flops, unit)
+
+    lines = [f"FLOPs (FlopCounterMode on the meta device; configs {result['config_dir']}; "
+             f"clip {'x'.join(map(str, video['clip_shape']))} (C x T x H x W); attention counted: {result['sdpa_counted']})",
+             "", "Per generated video", "",
+             f"| part | model | steps | guided (2x batch) | {unit_name} per step | {unit_name} per video |",
+             "|---|---|---|---|---|---|"]
+    for name, part in video["cmd"].items():
+        lines.append(f"| CMD {name} | {part['model']} | {part['steps']} | {part['guided']} | "
+                     f"{_tflops(part['per_step'])} | {_tflops(part['total'])} |")
+    lines.append(f"| **CMD total** | | | | | **{_tflops(video['cmd_total'])}** |")
+    base = video["baseline"]
+    lines.append(f"| direct video DiT | {base['model']} | {base['steps']} | {base['guided']} | "
+                 f"{_tflops(base['per_step'])} | **{_tflops(base['total'])}** |")
+    lines += ["", f"CMD / baseline = {video['ratio']:.4f} (1/{1 / video['ratio']:.1f}); target <= 1/15: "
+              f"{'met' if video['target_met'] else 'MISSED'}. Paper (512x1024x16, 50 steps): CMD "
+              f"{PAPER_VIDEO_TFLOPS['CMD']} vs ModelScope {PAPER_VIDEO_TFLOPS['ModelScope']} TFLOPs (1/20.1)."]
+    if not video["target_met"]:
+        lines.append(explain_gap(video))
+    stages = ("autoencoder", "content", "motion")
+    ours = {stage: train[stage] for stage in stages}
+    lines += ["", f"Per training step (batch {train['batch_size']}, forward + backward; AE loss without LPIPS; "
+              f"motion includes the frozen AE encode of {_tflops(train['motion_encode_part'])} {unit_name})", "",
+              f"| stage | {unit_name} | ratio to AE | paper Table 8 TFLOPs (512x512 latent) | paper ratio to AE |",
+              "|---|---|---|---|---|"]
+    for stage in stages:
+        lines.append(f"| {stage} | {_tflops(ours[stage])} | {ours[stage] / ours['autoencoder']:.2f} | "
+                     f"{PAPER_TRAINING_TFLOPS[stage]} | "
+                     f"{PAPER_TRAINING_TFLOPS[stage] / PAPER_TRAINING_TFLOPS['autoencoder']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="FLOPs per generated video and per training step (meta device).")
+    parser.add_argument("--config-dir", default=None, help=f"folder with the three stage YAMLs (default {DEFAULT_CONFIG_DIR})")
+    parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG_DIR} (unless --config-dir is given)")
+    parser.add_argument("--json", default=None, help="also write the result dict to this file")
+    args = parser.parse_args(argv)
+    result = compute_flops(args.config_dir, tiny=args.tiny)
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
