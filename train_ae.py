@@ -54,7 +54,7 @@ def main(cfg):
     run = TrainingRun(cfg, stage="autoencoder")
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
-    run.record_num_classes(dataset.num_classes)
+    run.record("data.num_classes", dataset.num_classes)
 
     model = build_autoencoder(cfg.model, cfg.data).to(run.device)
     loss_fn = build_ae_loss(cfg.loss, cfg.model.channels).to(run.device)

@@ -71,8 +71,15 @@ def test_model_name_validated_against_registry():
 
 
 def test_diffusion_stage_requires_ae_ckpt():
+    assert load_config("motion").ae_ckpt == "auto"
     with pytest.raises(ConfigError, match="ae_ckpt"):
-        load_config("motion")
+        load_config("motion", overrides=["ae_ckpt="])
+
+
+def test_seed_command_without_config_gets_paper_settings():
+    args = build_arg_parser("motion", "t").parse_args(["--dataset-name", "UCF101", "--data-path", "/d", "--mode", "pixel"])
+    cfg = config_from_args("motion", args)
+    assert cfg.model.name == "MotionDiT-L/2" and cfg.model.key_patch_size == 4 and cfg.ae_ckpt == "auto"
 
 
 def test_config_round_trip():
@@ -84,7 +91,8 @@ def test_config_round_trip():
 def test_yaml_configs_in_repo_load():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         stage = {"autoencoder": "autoencoder", "motion": "motion", "content": "content"}[path.stem.split("_")[0]]
-        load_config(stage, str(path), ["ae_ckpt=x.pt"] if stage != "autoencoder" else [])
+        cfg = load_config(stage, str(path), ["data.data_path=/data/UCF-101"])
+        assert cfg.stage == stage
 
 
 def test_cli_bad_key_exits_nonzero_with_one_line(tmp_path):

@@ -61,11 +61,13 @@ def test_diffusion_stages_train_under_torchrun_and_write_samples(chain, stage):
     assert "loss=" in chain["logs"][stage]
 
 
-def test_diffusion_stage_resumes(chain, tmp_path):
-    args = ["--ae-ckpt", chain["ae"], *TINY_DIFFUSION]
-    train(tmp_path, "train_content_diffusion.py", "content", "c", 2, *args)
-    proc = train(tmp_path, "train_content_diffusion.py", "content", "c", 3, *args, "--resume", tmp_path / "c")
-    assert "resumed from" in proc.stdout and load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["step"] == 3
+def test_diffusion_stage_finds_the_autoencoder_and_resumes(chain):
+    # No --ae-ckpt, as in the seed README: the newest autoencoder run in the same results folder is used.
+    tmp = chain["tmp"]
+    train(tmp, "train_content_diffusion.py", "content", "c", 2, *TINY_DIFFUSION)
+    assert load_checkpoint(tmp / "c" / "checkpoints" / "last.pt")["config"]["ae_ckpt"] == str(chain["ae"])
+    proc = train(tmp, "train_content_diffusion.py", "content", "c", 3, *TINY_DIFFUSION, "--resume", tmp / "c")
+    assert "resumed from" in proc.stdout and load_checkpoint(tmp / "c" / "checkpoints" / "last.pt")["step"] == 3
 
 
 @pytest.mark.parametrize("script,config", [("train_motion_diffusion.py", "motion"),

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 STAGES = ("autoencoder", "motion", "content")
+# The seed README's command lines name no config: they get the paper-scale UCF-101 settings.
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "ucf101"
 
 
 class ConfigError(ValueError):
@@ -125,7 +127,7 @@ class AutoencoderStageConfig:
 class DiffusionStageConfig:
     stage: str = "motion"
     mode: str = "pixel"
-    ae_ckpt: Optional[str] = None
+    ae_ckpt: str = "auto"  # a train_ae.py checkpoint, or auto: the newest autoencoder run in train.results_dir
     data: DataConfig = field(default_factory=DataConfig)
     model: DiTModelConfig = field(default_factory=DiTModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -209,7 +211,7 @@ def validate_config(cfg, stage: str) -> None:
             validate_model_name(stage, cfg.model.name)
         except ValueError as exc:
             raise ConfigError(f"config key 'model.name': {exc}") from None
-        _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is required: pass the autoencoder checkpoint with --ae-ckpt")
+        _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
         _require(cfg.diffusion.sampler in ("ddim", "ddpm"), f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not ddim|ddpm")
         _require(cfg.diffusion.loss_type in ("hybrid", "mse"), f"config key 'diffusion.loss_type': '{cfg.diffusion.loss_type}' is not hybrid|mse")
         _require(cfg.model.learn_sigma == (cfg.diffusion.loss_type == "hybrid"),
@@ -237,7 +239,8 @@ FLAG_KEYS = {
 
 def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML config (configs/ucf101/*.yaml or configs/tiny/*.yaml)")
+    parser.add_argument("--config", default=None,
+                        help=f"YAML config (default: configs/ucf101/{stage}.yaml, the paper's settings; configs/tiny/ for CPU)")
     parser.add_argument("--dataset-name", default=None, help="synthetic | UCF101 | folder")
     parser.add_argument("--data-path", default=None)
     parser.add_argument("--global-batch-size", type=int, default=None)
@@ -274,7 +277,8 @@ def config_from_args(stage: str, args: argparse.Namespace):
             # The seed passes the motion DiT name to the content script; the reference used it as the DiT size.
             motion_name = motion_name.replace("MotionDiT", "ContentDiT")
         flag_overrides.append(f"model.name={motion_name}")
-    return load_config(stage, args.config, flag_overrides + list(args.overrides))
+    config_file = args.config or str(DEFAULT_CONFIG_DIR / f"{stage}.yaml")
+    return load_config(stage, config_file, flag_overrides + list(args.overrides))
 
 
 def parse_config(stage: str, description: str, argv: Optional[list] = None):

@@ -10,7 +10,7 @@ from diffusion import create_diffusion
 from models.dit import build_dit
 from training.data import fixed_batch
 from training.generation import make_sampler
-from training.latents import build_latent_cache, encode, load_autoencoder
+from training.latents import build_latent_cache, encode, load_autoencoder, resolve_ae_ckpt
 from training.run import TrainingRun, make_ema, make_optimizer
 
 
@@ -39,10 +39,11 @@ class PreviewContext:
 
 def train_diffusion_stage(cfg, spec: StageSpec) -> None:
     run = TrainingRun(cfg, stage=spec.stage)
+    run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
     ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data)
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
-    run.record_num_classes(dataset.num_classes)
+    run.record("data.num_classes", dataset.num_classes)
 
     model = build_dit(spec.stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape).to(run.device)
     ema = make_ema(model)

@@ -16,6 +16,19 @@ from training.config import config_from_dict
 from training.distributed import barrier
 
 
+def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
+    """`ae_ckpt` itself, or for 'auto' the newest autoencoder checkpoint under results_dir (the seed's chaining)."""
+    from training.checkpoint import resolve_resume
+
+    if ae_ckpt != "auto":
+        return Path(ae_ckpt)
+    found = resolve_resume("auto", results_dir, "autoencoder")
+    if found is None:
+        raise CheckpointError(f"ae_ckpt=auto: no autoencoder checkpoint under {results_dir}; train one with "
+                              f"train_ae.py --results-dir {results_dir} or pass --ae-ckpt")
+    return found
+
+
 def load_autoencoder(path, device, data_cfg=None):
     """(frozen EMA autoencoder in eval mode, its config) from a train_ae.py checkpoint alone.
 

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from training import checkpoint as ckpt_io
@@ -171,9 +172,10 @@ class TrainingRun:
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
-    def record_num_classes(self, num_classes: int) -> None:
-        """Stores the dataset's class count in the config (and config.yaml) so later stages and sample.py read it."""
-        self.cfg.data.num_classes = int(num_classes)
+    def record(self, key: str, value) -> None:
+        """Sets a value found at run time (the dataset's class count, the resolved AE checkpoint) in the config
+        and config.yaml, so that checkpoints carry it and later stages and sample.py read it from there."""
+        OmegaConf.update(self.cfg, key, value, merge=False)
         self._write_config()
 
     def _install_signal_handlers(self) -> None:

@@ -1,0 +1,489 @@
+"""Reliability of the real entry scripts: kill -9, torchrun restarts, SIGTERM, full disk, bad input, bad videos, determinism."""
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, _env, free_port, run_python
+from training import checkpoint as ckpt_io
+from training.media import write_mp4
+
+# Every script runs CPU-sized: 16x16 clips of 4 frames, batch 4, a one-block autoencoder, losses logged every step.
+SHRINK = ["train.global_batch_size=4", "data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0",
+          "train.log_every=1", "train.num_eval_videos=2"]
+AE = ["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", *SHRINK, "model.depth=1", "model.hidden_size=32"]
+DIFFUSION_SHRINK = [*SHRINK, "diffusion.sample_steps=2", "train.sample_every=100000"]
+AE_STEPS = 40  # the shared autoencoder run; its log is the reference for determinism and the torchrun restart
+MOTION_REF = ["--max-steps", 20, "--ckpt-every", 2, "train.keep_last=2"]  # the kill -9 test's configuration
+
+
+def motion_args(ae_ckpt):
+    return ["train_motion_diffusion.py", "--config", "configs/tiny/motion.yaml", "--ae-ckpt", ae_ckpt, *DIFFUSION_SHRINK]
+
+
+def content_args(ae_ckpt):
+    return ["train_content_diffusion.py", "--config", "configs/tiny/content.yaml", "--ae-ckpt", ae_ckpt, *DIFFUSION_SHRINK]
+
+
+# ---- process helpers ---------------------------------------------------------------------------------------------
+def launch(args, output: Path, env=None, **popen_kwargs) -> subprocess.Popen:
+    """Starts `python <args>` from the repo root with stdout+stderr going to `output` (a pipe could fill and block)."""
+    handle = open(output, "w")
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=_env(env), stdout=handle,
+                            stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+    handle.close()  # the child holds its own copy
+    proc.output_path = output
+    return proc
+
+
+def output_of(proc) -> str:
+    return Path(proc.output_path).read_text()
+
+
+def wait_until(predicate, proc, timeout=180.0, poll=0.005) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"process ended (exit {proc.returncode}) before the awaited moment:\n{output_of(proc)[-4000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting:\n{output_of(proc)[-4000:]}")
+        time.sleep(poll)
+
+
+def kill_9(proc) -> None:
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}, expected a kill:\n{output_of(proc)[-3000:]}"
+
+
+def run_script(args, env=None, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    """Like conftest.run_python(check=False), with extra subprocess arguments (preexec_fn)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=_env(env), capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def children_of(pid: int) -> dict:
+    """{child pid: its RANK} of the processes whose parent is `pid` (torchrun's workers), read from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent != pid:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):  # the process ended while being read
+            continue
+        ranks = [item.split(b"=", 1)[1].decode() for item in environ if item.startswith(b"RANK=")]
+        found[int(entry.name)] = int(ranks[0]) if ranks else None
+    return found
+
+
+# ---- log and checkpoint helpers ----------------------------------------------------------------------------------
+STEP_LINE = re.compile(r"\] (step (\d{7}) \| .*)$")
+
+
+def step_lines(log: Path) -> list:
+    """(step, 'step NNNNNNN | k=v ...') for every training log line of log.txt, in order (repeats kept)."""
+    lines = []
+    for line in log.read_text().splitlines():
+        match = STEP_LINE.search(line)
+        if match:
+            lines.append((int(match.group(2)), match.group(1)))
+    return lines
+
+
+def logged_values(text: str) -> dict:
+    return {key: float(value) for key, value in re.findall(r"(\w+)=([^\s]+)", text.split("|", 1)[1])}
+
+
+def last_logged_step(log: Path) -> int:
+    lines = step_lines(log) if log.exists() else []
+    return lines[-1][0] if lines else 0
+
+
+def resumed_steps(log: Path) -> list:
+    return [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", log.read_text())] if log.exists() else []
+
+
+def temp_files(ckpt_dir: Path) -> list:
+    return sorted(p.name for p in ckpt_dir.iterdir() if ".tmp-" in p.name) if ckpt_dir.is_dir() else []
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_states_close(got: dict, want: dict, atol: float, keys=("model", "ema")) -> None:
+    for key in keys:
+        assert got[key].keys() == want[key].keys()
+        for name in want[key]:
+            assert torch.allclose(got[key][name], want[key][name], atol=atol, rtol=0), \
+                f"{key}.{name} differs by {(got[key][name] - want[key][name]).abs().max().item():.3g}"
+
+
+def assert_optimizer_close(got: dict, want: dict, atol: float) -> None:
+    assert got["step"] == want["step"]
+    for index, state in want["opt"]["state"].items():
+        for name, value in state.items():
+            assert torch.allclose(got["opt"]["state"][index][name].float(), value.float(), atol=atol, rtol=0), \
+                f"optimizer state {index}.{name} differs"
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_untouched(folder: Path, before: dict) -> None:
+    """Every file that was there is still there with the same bytes; log.txt may only have grown at its end."""
+    after = snapshot(folder)
+    for name, data in before.items():
+        assert name in after, f"{folder / name} was deleted"
+        if name == "log.txt":
+            assert after[name].startswith(data), f"{folder / name} was rewritten"
+        else:
+            assert after[name] == data, f"{folder / name} was overwritten"
+
+
+def assert_one_line_error(proc, *culprits, exit_code=None) -> str:
+    """A non-zero exit whose stderr ends in one 'error: ...' line naming each culprit, with no traceback."""
+    assert proc.returncode != 0, f"expected a failure:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    if exit_code is not None:
+        assert proc.returncode == exit_code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
+    for culprit in culprits:
+        assert str(culprit) in lines[-1], f"{culprit!r} not named in: {lines[-1]}"
+    return lines[-1]
+
+
+# ---- video files -------------------------------------------------------------------------------------------------
+def write_clip(path: Path, n_frames: int, seed: int) -> None:
+    """A small real video (32x32, moving gradient) through the repo's own mp4 writer."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(1, 32, 32, 3)).astype(np.int64)
+    frames = ((base + 9 * np.arange(n_frames)[:, None, None, None]) % 256).astype(np.uint8)
+    write_mp4(frames, path, fps=8)
+
+
+# ---- the shared trained runs -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One autoencoder, one motion and one content run (CPU-tiny), shared read-only; tests copy what they change."""
+    results = tmp_path_factory.mktemp("trained") / "results"
+    run_python([*AE, "--results-dir", results, "--exp-name", "ae", "--max-steps", AE_STEPS, "--ckpt-every", 10])
+    ae_ckpt = results / "ae" / "checkpoints" / "last.pt"
+    run_python([*motion_args(ae_ckpt), "--results-dir", results, "--exp-name", "motion", *MOTION_REF])
+    run_python([*content_args(ae_ckpt), "--results-dir", results, "--exp-name", "content", "--max-steps", 1])
+    return SimpleNamespace(results=results, ae_dir=results / "ae", ae_ckpt=ae_ckpt,
+                           motion_dir=results / "motion", motion_ckpt=results / "motion" / "checkpoints" / "last.pt",
+                           content_dir=results / "content", content_ckpt=results / "content" / "checkpoints" / "last.pt")
+
+
+def copy_run(run_dir: Path, results: Path) -> Path:
+    target = results / run_dir.name
+    shutil.copytree(run_dir, target)
+    return target
+
+
+# ---- 1. kill -9 at random moments, torn checkpoint writes ---------------------------------------------------------
+def test_kill_9_and_torn_checkpoints_resume_exactly(trained, tmp_path):
+    """Motion stage (noise, timesteps and label dropout all draw from the RNG) killed three times, then a torn last.pt:
+    the resumed run ends bit-for-bit where the uninterrupted one did, and every logged loss matches it."""
+    seed = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 10**6))
+    rng = random.Random(seed)
+    results = tmp_path / "results"
+    args = [*motion_args(trained.ae_ckpt), "--results-dir", results, *MOTION_REF]
+    run_dir = results / "run"
+    ckpt_dir, log = run_dir / "checkpoints", run_dir / "log.txt"
+    kills = []
+
+    def record_kill(proc):
+        last_step = last_logged_step(log)
+        kill_9(proc)
+        found = ckpt_io.latest_checkpoint_in_run(run_dir)
+        kills.append((last_step, load(found)["step"], temp_files(ckpt_dir)))
+
+    # A: killed the moment the step-4 checkpoint appears (last.pt is being written right then).
+    proc = launch([*args, "--exp-name", "run"], tmp_path / "a.out")
+    wait_until(lambda: (ckpt_dir / "0000004.pt").exists(), proc, poll=0.001)
+    record_kill(proc)
+    # B: killed while one of its own checkpoint temp files exists, i.e. in the middle of a checkpoint write.
+    proc = launch([*args, "--resume", "auto"], tmp_path / "b.out")
+    wait_until(lambda: any(name.endswith(f"tmp-{proc.pid}") for name in temp_files(ckpt_dir)), proc, poll=0.0005)
+    record_kill(proc)
+    # C: killed at a random moment of training.
+    proc = launch([*args, "--resume", "auto"], tmp_path / "c.out")
+    wait_until(lambda: len(resumed_steps(log)) == 2, proc)
+    time.sleep(rng.uniform(0.0, 0.4))
+    record_kill(proc)
+    # A torn last.pt (as a non-atomic writer would leave it) and a stale temp file beside it.
+    last = ckpt_dir / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    (ckpt_dir / ".last.pt.tmp-999999").write_bytes(b"\x00" * 1000)
+    newest_step_file = ckpt_io.step_checkpoints(ckpt_dir)[-1]
+    run_python([*args, "--resume", "auto"])
+
+    note = f"(RELIABILITY_SEED={seed}; kills at (last logged step, newest complete checkpoint, temp files): {kills})"
+    resumed = resumed_steps(log)
+    assert resumed[:3] == [complete for _, complete, _ in kills], note
+    for last_step, complete, _ in kills:
+        assert last_step - complete <= 2, f"more than ckpt_every=2 steps lost {note}"  # only the steps since the checkpoint
+    assert resumed[3] == int(newest_step_file.stem), note  # the torn last.pt was passed over
+    assert f"resumed from {newest_step_file} at step" in log.read_text()
+
+    reference_ckpt = load(trained.motion_ckpt)
+    final = load(ckpt_dir / "last.pt")
+    assert final["step"] == reference_ckpt["step"] == 20
+    assert_states_close(final, reference_ckpt, atol=1e-6)
+    assert_optimizer_close(final, reference_ckpt, atol=1e-6)
+    assert torch.equal(final["rng"][0]["torch"], reference_ckpt["rng"][0]["torch"]), note
+
+    reference = dict(step_lines(trained.motion_dir / "log.txt"))
+    chain = step_lines(log)
+    assert sorted({step for step, _ in chain}) == list(range(1, 21)), note
+    for step, text in chain:  # steps redone after a kill repeat the same losses
+        assert text == reference[step], f"step {step}: {text} != {reference[step]} {note}"
+
+
+def test_requeue_after_kill_during_first_checkpoint_write(trained, tmp_path):
+    """A job killed while writing its first checkpoint is requeued with the same command (exp name + resume=auto):
+    it must start over in its folder (there is nothing to resume) and finish like an uninterrupted run."""
+    results = tmp_path / "results"
+    args = [*AE, "--results-dir", results, "--exp-name", "ae", "--max-steps", AE_STEPS, "--ckpt-every", 10,
+            "train.resume=auto"]
+    ckpt_dir = results / "ae" / "checkpoints"
+    proc = launch(args, tmp_path / "first.out")
+    wait_until(lambda: ckpt_dir.is_dir() and any(ckpt_dir.iterdir()), proc, poll=0.0005)
+    kill_9(proc)
+    # Make the state exactly "killed inside the first write", whichever instant the kill actually hit.
+    for complete in ckpt_dir.glob("*.pt"):
+        complete.unlink()
+    if not temp_files(ckpt_dir):
+        (ckpt_dir / ".0000010.pt.tmp-999999").write_bytes(b"partial")
+    proc = run_python(args, check=False)
+    assert proc.returncode == 0, f"requeued job failed:\n{proc.stderr[-3000:]}"
+    assert_states_close(load(ckpt_dir / "last.pt"), load(trained.ae_ckpt), atol=1e-6)
+
+
+# ---- 2. torchrun restart ----------------------------------------------------------------------------------------
+def test_torchrun_restart_resumes_by_itself(trained, tmp_path):
+    """Rank 0 of a 2-process run is SIGKILLed after the step-10 checkpoint; torchrun --max-restarts=1 relaunches the group,
+    which resumes (train.resume=auto) and finishes; its losses follow the single-process reference run."""
+    results = tmp_path / "results"
+    log = results / "run" / "log.txt"
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", f"--master_port={free_port()}",
+                "--max-restarts=1"]
+    proc = launch([*launcher, *AE, "--results-dir", results, "--exp-name", "run", "--max-steps", 60,
+                   "--ckpt-every", 10, "train.resume=auto"], tmp_path / "torchrun.out")
+    wait_until(lambda: last_logged_step(log) >= 12, proc)
+    workers = children_of(proc.pid)
+    assert sorted(r for r in workers.values() if r is not None) == [0, 1], workers
+    os.kill(next(pid for pid, rank in workers.items() if rank == 0), signal.SIGKILL)
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, output_of(proc)[-4000:]
+
+    resumed = resumed_steps(log)
+    assert len(resumed) == 1 and 10 <= resumed[0] < AE_STEPS, log.read_text()[-3000:]
+    assert "done at step 60" in log.read_text()
+    assert load(results / "run" / "checkpoints" / "last.pt")["step"] == 60
+    # DDP sums gradients in another order than one process: equal to float tolerance, not bit-for-bit.
+    reference = dict(step_lines(trained.ae_dir / "log.txt"))
+    for step, text in step_lines(log):
+        if step <= AE_STEPS:
+            got, want = logged_values(text), logged_values(reference[step])
+            assert all(math.isclose(got[k], want[k], rel_tol=2e-3, abs_tol=1e-4) for k in want), (text, reference[step])
+    assert_states_close(load(results / "run" / "checkpoints" / f"{AE_STEPS:07d}.pt"), load(trained.ae_ckpt), atol=1e-3)
+
+
+# ---- 3. SIGTERM -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["main process", "process group"])
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, target):
+    """Pre-emption: SIGTERM to the trainer (Kubernetes) or to its whole process group, DataLoader workers included
+    (Slurm's scancel): a checkpoint of the last finished step, a log line saying so, exit code 0."""
+    log = tmp_path / "run" / "log.txt"
+    proc = launch([*AE, "--results-dir", tmp_path, "--exp-name", "run", "--max-steps", 100000, "--ckpt-every", 100000,
+                   "data.num_workers=1"], tmp_path / "out.txt", start_new_session=True)
+    wait_until(lambda: last_logged_step(log) >= 5, proc)
+    if target == "main process":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    output = output_of(proc)
+    assert proc.returncode == 0, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    match = re.search(r"received SIGTERM: checkpoint at step (\d+) saved, exiting cleanly", log.read_text())
+    assert match, log.read_text()[-2000:]
+    saved = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["step"] == int(match.group(1)) == last_logged_step(log) >= 5
+
+
+# ---- 4. non-finite loss on a real script -------------------------------------------------------------------------
+def test_nonfinite_loss_skipped_then_one_line_stop(tmp_path):
+    """lr=inf turns every weight into NaN after the first update: the NaN losses are skipped with a warning each,
+    and the third in a row ends the run with one line."""
+    proc = run_script([*AE, "--results-dir", tmp_path, "--exp-name", "run", "--max-steps", 20, "optim.lr=inf",
+                       "train.max_nonfinite_steps=3"])
+    assert_one_line_error(proc, "3 non-finite losses in a row", exit_code=1)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count("non-finite loss/gradient, update skipped") == 3
+
+
+# ---- 5. no space left while saving ---------------------------------------------------------------------------------
+def test_full_disk_while_saving_keeps_previous_checkpoint(trained, tmp_path):
+    """A write limit below a checkpoint's size (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk):
+    the run stops with one line naming the checkpoint, last.pt is untouched and loads, no temp file is left."""
+    run_dir = copy_run(trained.ae_dir, tmp_path / "results")
+    ckpt_dir = run_dir / "checkpoints"
+    before = (ckpt_dir / "last.pt").read_bytes()
+    limit = (ckpt_dir / "last.pt").stat().st_size // 3  # logs, previews and TensorBoard events stay far below it
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = run_script([*AE, "--results-dir", tmp_path / "results", "--resume", run_dir, "--max-steps", AE_STEPS + 5,
+                       "--ckpt-every", 10], preexec_fn=limit_file_size)
+    line = assert_one_line_error(proc, exit_code=1)
+    assert f"{AE_STEPS + 5:07d}.pt" in line or "last.pt" in line, line
+    assert (ckpt_dir / "last.pt").read_bytes() == before
+    assert ckpt_io.load_checkpoint(ckpt_dir / "last.pt")["step"] == AE_STEPS
+    assert temp_files(ckpt_dir) == []
+
+
+# ---- 6. bad input: one line naming the culprit, nothing overwritten -----------------------------------------------
+def _bad_videos(folder: Path) -> Path:
+    (folder / "Alpha").mkdir(parents=True)
+    (folder / "Alpha" / "zero.mp4").write_bytes(b"")
+    (folder / "Alpha" / "noise.avi").write_bytes(np.random.default_rng(0).integers(0, 255, 4096, dtype=np.uint8).tobytes())
+    return folder
+
+
+def bad_input_case(name: str, trained, tmp: Path):
+    """(args, culprits named in the error line, exit code or None, folder that must stay untouched or None)."""
+    results = tmp / "results"
+    if name == "missing data path":
+        path = tmp / "no_such_folder"
+        return [*AE, "--results-dir", results, "--dataset-name", "folder", "--data-path", path], [path], 1, None
+    if name == "data path not given":
+        return [*AE, "--results-dir", results, "--dataset-name", "folder"], ["data.data_path"], 2, None
+    if name == "empty data folder":
+        path = tmp / "empty"
+        path.mkdir()
+        return [*AE, "--results-dir", results, "--dataset-name", "folder", "--data-path", path], [path], 1, None
+    if name == "no usable videos":
+        path = _bad_videos(tmp / "videos")
+        return [*AE, "--results-dir", results, "--dataset-name", "folder", "--data-path", path], [path, "no usable videos"], 1, None
+    if name == "ae-ckpt is a motion checkpoint":
+        return ([*content_args(trained.motion_ckpt), "--results-dir", results, "--max-steps", 1],
+                [trained.motion_ckpt, "'motion' checkpoint"], 1, trained.motion_dir)
+    if name == "sample motion-ckpt is a content checkpoint":
+        return (["sample.py", "--ae-ckpt", trained.ae_ckpt, "--motion-ckpt", trained.content_ckpt, "--content-ckpt",
+                 trained.content_ckpt, "--num-videos", 1, "--out-dir", tmp / "samples", "--quiet"],
+                [trained.content_ckpt, "'content' checkpoint"], 1, trained.content_dir)
+    if name == "resume from another stage":
+        run_dir = copy_run(trained.content_dir, results)
+        path = run_dir / "checkpoints" / "last.pt"
+        return ([*motion_args(trained.ae_ckpt), "--results-dir", results, "--max-steps", 25, "--resume", path],
+                [path, "'content' checkpoint"], 1, run_dir)
+    if name == "resume from a torn file":
+        run_dir = copy_run(trained.ae_dir, results)
+        path = run_dir / "checkpoints" / "0000030.pt"
+        path.write_bytes(path.read_bytes()[:5000])
+        return [*AE, "--results-dir", results, "--max-steps", 45, "--resume", path], [path, "cannot be read"], 1, run_dir
+    if name == "ae frames differ from data":
+        return ([*motion_args(trained.ae_ckpt), "--results-dir", results, "data.n_frames=8"],
+                [trained.ae_ckpt, "4x16x16", "8x16x16"], 1, trained.ae_dir)
+    if name == "ae resolution differs from data":
+        return ([*content_args(trained.ae_ckpt), "--results-dir", results, "data.resolution=[32,32]"],
+                [trained.ae_ckpt, "4x16x16", "4x32x32"], 1, trained.ae_dir)
+    if name == "unknown config key":
+        return [*motion_args(trained.ae_ckpt), "--results-dir", results, "model.depthh=3"], ["model.depthh"], 2, None
+    if name == "class id out of range":
+        image = tmp / "frame.png"
+        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(image)
+        return (["sample.py", "--ae-ckpt", trained.ae_ckpt, "--motion-ckpt", trained.motion_ckpt, "--content-frame", image,
+                 "--classes", "1,9", "--num-videos", 2, "--out-dir", tmp / "samples", "--quiet"], ["9", "--classes"], 1, None)
+    if name == "results folder holds a run":
+        run_dir = copy_run(trained.ae_dir, results)
+        return [*AE, "--results-dir", results, "--exp-name", "ae", "--max-steps", 2], [run_dir, "already holds a run"], 1, run_dir
+    raise KeyError(name)
+
+
+BAD_INPUTS = ["missing data path", "data path not given", "empty data folder", "no usable videos",
+              "ae-ckpt is a motion checkpoint", "sample motion-ckpt is a content checkpoint", "resume from another stage",
+              "resume from a torn file", "ae frames differ from data", "ae resolution differs from data",
+              "unknown config key", "class id out of range", "results folder holds a run"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_overwrites_nothing(trained, tmp_path, case):
+    args, culprits, exit_code, protected = bad_input_case(case, trained, tmp_path)
+    before = snapshot(protected) if protected is not None else None
+    proc = run_script(args)
+    assert_one_line_error(proc, *culprits, exit_code=exit_code)
+    if protected is not None:
+        assert_untouched(protected, before)
+
+
+def test_resume_from_a_file_outside_any_run_folder_writes_only_under_results(trained, tmp_path):
+    """A checkpoint copied somewhere (a download, a backup) and given to --resume: the continued run must go to a run
+    folder under results_dir, not into whatever folder sits two levels above the file."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    shutil.copy(trained.ae_ckpt, downloads / "ae.pt")
+    results = tmp_path / "results"
+    run_python([*AE, "--results-dir", results, "--resume", downloads / "ae.pt", "--max-steps", AE_STEPS + 1,
+                "--ckpt-every", 10])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads", "results"]
+    assert [p.name for p in downloads.iterdir()] == ["ae.pt"]
+    finals = list(results.glob("*/checkpoints/last.pt"))
+    assert len(finals) == 1 and load(finals[0])["step"] == AE_STEPS + 1
+
+
+# ---- 7. damaged videos in the training data --------------------------------------------------------------------------
+def test_training_over_damaged_videos_finishes_and_reports_skips(tmp_path):
+    data = tmp_path / "videos"
+    write_clip(data / "Alpha" / "good_a.mp4", 12, seed=1)
+    write_clip(data / "Beta" / "good_b.mp4", 12, seed=2)
+    write_clip(data / "Alpha" / "short.mp4", 2, seed=3)  # a clip needs 4 frames
+    (data / "Beta" / "zero.mp4").write_bytes(b"")
+    write_clip(data / "Beta" / "truncated.mp4", 30, seed=4)
+    truncated = data / "Beta" / "truncated.mp4"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (data / "Alpha" / "corrupt.avi").write_bytes(np.random.default_rng(5).integers(0, 255, 8192, dtype=np.uint8).tobytes())
+    proc = run_python([*AE, "--results-dir", tmp_path / "results", "--exp-name", "run", "--dataset-name", "folder",
+                       "--data-path", data, "--max-steps", 3], check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "results" / "run" / "log.txt").read_text()
+    assert re.search(r"\b2 videos, 2 classes, 4 skipped\b", log), log[-3000:]
+    for bad in ("Alpha/short.mp4", "Beta/zero.mp4", "Beta/truncated.mp4", "Alpha/corrupt.avi"):
+        assert re.search(rf"skipping \S*{re.escape(bad)}: ", log), f"{bad} not reported:\n{log[-3000:]}"
+    assert "done at step 3" in log
+
+
+# ---- 8. determinism ---------------------------------------------------------------------------------------------------
+def test_same_seed_and_config_give_the_same_losses(trained, tmp_path):
+    run_python([*AE, "--results-dir", tmp_path, "--exp-name", "ae", "--max-steps", 20, "--ckpt-every", 10])
+    again = step_lines(tmp_path / "ae" / "log.txt")
+    first = step_lines(trained.ae_dir / "log.txt")[:20]
+    assert [step for step, _ in again] == list(range(1, 21))
+    assert again == first
+    losses = [logged_values(text)["loss"] for _, text in first]
+    assert len(set(losses)) > 10 and losses[-1] < losses[0]  # a real, changing signal, not a constant
