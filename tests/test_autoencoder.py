@@ -307,9 +307,9 @@ def test_discriminator_trains_and_adversarial_term_switches_on_at_disc_start():
     first_loss = None
     for _ in range(5):
         optimizer.zero_grad()
-        disc_loss, _ = loss_module.discriminator_loss(x, fake, step=5)
-        first_loss = float(disc_loss) if first_loss is None else first_loss
+        disc_loss, disc_logs = loss_module.discriminator_loss(x, fake, step=5)
+        first_loss = float(disc_logs["disc_loss"]) if first_loss is None else first_loss
         disc_loss.backward()
         optimizer.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, discriminator.parameters()))
-    assert float(loss_module.discriminator_loss(x, fake, step=5)[0]) < first_loss
+    assert float(loss_module.discriminator_loss(x, fake, step=5)[1]["disc_loss"]) < first_loss

@@ -17,8 +17,8 @@ TOY = ["-m", "tests.helpers.toy_train"]
 
 
 def toy_args(results, steps, *extra):
-    return [*TOY, "--results-dir", results, "--max-steps", steps, "--log-every", 1,
-            "train.global_batch_size=8", "data.num_workers=0", "optim.lr=0.05", *extra]
+    return [*TOY, "--config", "configs/tiny/autoencoder.yaml", "--results-dir", results, "--max-steps", steps,
+            "--log-every", 1, "train.global_batch_size=8", "data.num_workers=0", "optim.lr=0.05", *extra]
 
 
 def result(run_dir: Path, step: int) -> dict:
@@ -192,3 +192,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "received SIGTERM" in out
     step = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"]
     assert 3 <= step < 100000
+
+
+def test_seed_style_launch_flags_relaunch_under_torchrun(tmp_path):
+    # The seed README passed torchrun's flags to the script itself; that must still give a 2-process run.
+    proc = run_python(toy_args(tmp_path, 2, "--exp-name", "run", "--nnodes=1", "--nproc_per_node=2"))
+    assert "relaunching under torchrun" in proc.stderr
+    assert "world size 2" in (tmp_path / "run" / "log.txt").read_text()
