@@ -70,6 +70,27 @@ def test_diffusion_stage_finds_the_autoencoder_and_resumes(chain):
     assert "resumed from" in proc.stdout and load_checkpoint(tmp / "c" / "checkpoints" / "last.pt")["step"] == 3
 
 
+def test_motion_stage_trains_from_the_latent_cache(chain, tmp_path):
+    args = ["--ae-ckpt", chain["ae"], *TINY_DIFFUSION, "diffusion.latent_cache=true",
+            "diffusion.latent_cache_clips_per_video=2", "data.synthetic_size=8"]
+    proc = train(tmp_path, "train_motion_diffusion.py", "motion", "m", 2, *args)
+    assert "latent cache: encoding 16 clips" in proc.stdout
+    cache = next((tmp_path / "latent_cache").iterdir())
+    assert np.load(cache / "z_m.npy", mmap_mode="r").shape == (16, 4, 10, 8)
+    proc = train(tmp_path, "train_motion_diffusion.py", "motion", "m2", 2, *args)
+    assert "latent cache: reusing" in proc.stdout  # a second run does not encode again
+
+
+def test_autoencoder_reports_reconstruction_fvd_with_a_detector(chain, tmp_path):
+    from evals.i3d import InceptionI3d
+
+    torch.manual_seed(0)
+    torch.save(InceptionI3d().state_dict(), tmp_path / "i3d.pt")
+    train(tmp_path, "train_ae.py", "autoencoder", "ae", 1, *TINY_AE, "train.eval_every=1",
+          f"train.fvd_detector={tmp_path / 'i3d.pt'}")
+    assert re.search(r"eval step 0000001 \|.* fvd_recon=\d+\.\d+", (tmp_path / "ae" / "log.txt").read_text())
+
+
 @pytest.mark.parametrize("script,config", [("train_motion_diffusion.py", "motion"),
                                            ("train_content_diffusion.py", "content")])
 def test_wrong_stage_as_ae_ckpt_is_refused(chain, tmp_path, script, config):

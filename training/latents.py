@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from models.autoencoder import build_autoencoder
 from training.checkpoint import CheckpointError, load_stage_checkpoint, model_weights
@@ -113,7 +114,7 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
         _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers)
     run.logger.info(f"latent cache: encoding {total} clips ({clips_per_video} per video) into {folder}")
     position = 0
-    for batch in loader:
+    for batch in tqdm(loader, desc="encoding latent cache", disable=not run.dist.is_main):
         z_c, z_m = encode(ae, run.to_device(batch["x"]), run.autocast())
         slots = mine[position : position + len(z_c)]
         z_c_file[slots] = z_c.cpu().numpy()
