@@ -6,15 +6,11 @@
 import torch
 
 from evals.recon import to_uint8_videos
-from training.diffusion_stage import StageSpec, train_diffusion_stage
+from training.diffusion_stage import train_diffusion_stage
 from training.generation import sample_latents
 from training.media import save_video_set
 from training.run import entry_point
 
-
-def content_inputs(z_c, z_m, y):
-    """The content frame is diffused, conditioned on the class only."""
-    return z_c, {"y": y}
 
 
 @torch.no_grad()
@@ -34,7 +30,7 @@ def preview(ctx):
 
 
 def main(cfg):
-    train_diffusion_stage(cfg, StageSpec(stage="content", inputs=content_inputs, preview=preview))
+    train_diffusion_stage(cfg, "content", preview)
 
 
 if __name__ == "__main__":

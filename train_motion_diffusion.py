@@ -6,15 +6,11 @@
 import torch
 
 from evals.recon import to_uint8_videos
-from training.diffusion_stage import StageSpec, train_diffusion_stage
+from training.diffusion_stage import train_diffusion_stage
 from training.generation import sample_latents
 from training.media import save_video_set
 from training.run import entry_point
 
-
-def motion_inputs(z_c, z_m, y):
-    """The motion latent is diffused; the class and the content frame condition it."""
-    return z_m, {"y": y, "content": z_c}
 
 
 @torch.no_grad()
@@ -34,7 +30,7 @@ def preview(ctx):
 
 
 def main(cfg):
-    train_diffusion_stage(cfg, StageSpec(stage="motion", inputs=motion_inputs, preview=preview))
+    train_diffusion_stage(cfg, "motion", preview)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import shlex
 import sys
 import tempfile
 import time
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -37,10 +38,10 @@ from benchmarks.flops import (
     per_video_flops,
     training_step_flops,
 )
-from diffusion import create_diffusion
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
+from training.diffusion_stage import DiffusionTrainStep
 from training.generation import make_sampler, sample_latents
 from training.latents import encode
 from training.run import TrainingRun, make_ema, make_optimizer
@@ -123,30 +124,10 @@ def autoencoder_step_fn(run: TrainingRun, model, clips: torch.Tensor) -> Callabl
 
 
 def diffusion_step_fn(run: TrainingRun, stage: str, model, ae) -> Callable[[dict], None]:
-    """The loop body of training/diffusion_stage.py: batch {'x' | 'z_c','z_m'; 'y'} -> one optimizer step."""
-    cfg = run.cfg
-    ema = make_ema(model)
-    opt = make_optimizer(model.parameters(), cfg.optim, run.device)
-    train_model = run.wrap(model)
-    diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
-                                 cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
-
-    def step(batch: dict) -> None:
-        if "z_c" in batch:
-            z_c, z_m = run.to_device(batch["z_c"]), run.to_device(batch["z_m"])
-        else:
-            z_c, z_m = encode(ae, run.to_device(batch["x"]), run.autocast())
-        y = run.to_device(batch["y"])
-        x0, model_kwargs = (z_m, {"y": y, "content": z_c}) if stage == "motion" else (z_c, {"y": y})
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=run.device)
-        with run.autocast():
-            losses = diffusion.training_losses(train_model, x0, t, model_kwargs)
-        loss = losses["loss"].mean()
-        loss.backward()
-        grad_norm = run.optimizer_step(train_model, opt, ema)
-        run.log({"loss": loss, "grad_norm": grad_norm})
-
-    return step
+    """The step training/diffusion_stage.py runs (DiffusionTrainStep), with its logging."""
+    train_step = DiffusionTrainStep(run, stage, model, make_ema(model),
+                                    make_optimizer(model.parameters(), run.cfg.optim, run.device), ae)
+    return lambda batch: run.log(train_step(batch))
 
 
 def stage_overrides(args, results_dir: str) -> dict:
@@ -201,7 +182,7 @@ def run_benchmark(args) -> list:
                     fixed = {"z_c": z_c, "z_m": z_m, "y": labels}
                 else:
                     fixed = {"x": clips, "y": labels}
-                step = lambda: diffusion_step(fixed)  # noqa: E731 - a closure over this stage's batch
+                step = partial(diffusion_step, fixed)
                 # training_step_flops counts the encode in the motion step only; the loop encodes for both.
                 dit_flops = train_flops[stage] - (train_flops["motion_encode_part"] if stage == "motion" else 0)
                 flops = dit_flops + (0 if args.latent_cache else train_flops["motion_encode_part"])

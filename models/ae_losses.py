@@ -100,7 +100,7 @@ class PatchDiscriminator(nn.Module):
     """Per-frame PatchGAN: (N, C, H, W) frames -> (N, 1, h, w) real/fake logits, one per receptive-field patch.
 
     Spectral norm instead of batch norm: it keeps the discriminator Lipschitz-bounded without batch
-    statistics, so real and fake batches can be scored separately and DDP needs no synced BN.
+    statistics, so scoring real and fake frames in one batch does not mix them and DDP needs no synced BN.
     """
 
     def __init__(self, channels: int = 3, base_channels: int = 64, n_layers: int = 3):
@@ -130,7 +130,8 @@ class AutoencoderLoss(nn.Module):
     """Reconstruction loss of the CMD autoencoder; holds the frozen LPIPS and, if enabled, the discriminator.
 
     Checkpoint `loss.discriminator` (its optimizer is the caller's), not this whole module: the
-    frozen LPIPS weights are rebuilt from their file and need not be saved with every step.
+    frozen LPIPS weights are rebuilt from their file and need not be saved with every step. Under
+    DDP, wrap `loss.discriminator` itself and pass the unwrapped autoencoder's `last_layer()`.
     """
 
     def __init__(
@@ -224,8 +225,10 @@ class AutoencoderLoss(nn.Module):
         if not self.discriminator_active(step):
             zero = torch.zeros((), device=x.device)
             return zero, {"disc_loss": zero}
-        logits_real = self.discriminator(_frames(x.detach()))
-        logits_fake = self.discriminator(_frames(x_hat.detach()))
+        # One call on real and fake frames together: a DDP-wrapped discriminator allows one forward
+        # per backward, and spectral norm then takes one power-iteration step per update.
+        real_frames, fake_frames = _frames(x.detach()), _frames(x_hat.detach().to(x.dtype))
+        logits_real, logits_fake = self.discriminator(torch.cat([real_frames, fake_frames])).chunk(2)
         loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
         logs = {
             "disc_loss": loss.detach(),

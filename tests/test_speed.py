@@ -3,6 +3,7 @@ import signal
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,7 +250,7 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32():
 def test_mixed_precision_switch_is_fp32_on_cpu(run_factory):
     run = run_factory("content", ["train.mixed_precision=bf16"])
     with run.autocast():
-        assert torch.get_autocast_dtype("cpu") is not None and not torch.is_autocast_enabled("cpu")
+        assert not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast and TF32 are CUDA switches")
@@ -329,7 +330,6 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
         torch.testing.assert_close(cached["z_c"], z_c[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(cached["z_m"], z_m[0], rtol=1e-5, atol=1e-6)
         assert cached["y"] == item["y"]
-    # A second build with the same autoencoder and data reuses the files instead of encoding again.
-    assert (tmp_path / "latent_cache").is_dir()
-    again = build_latent_cache(run, ae, dataset, ae_path, clips_per_video=2, batch_size=2)
-    torch.testing.assert_close(torch.from_numpy(again.z_m[:]), torch.from_numpy(cache.z_m[:]))
+    # A second build with the same autoencoder and data reuses the files: it never reads the dataset.
+    again = build_latent_cache(run, ae, None, ae_path, clips_per_video=2, batch_size=2)
+    np.testing.assert_array_equal(again.z_m[:], cache.z_m[:])

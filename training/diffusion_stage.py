@@ -1,4 +1,4 @@
-"""The training loop both diffusion stages share; a StageSpec supplies what differs (inputs, previews)."""
+"""The training loop both diffusion stages share; each script supplies only its stage name and its previews."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,17 +14,40 @@ from training.latents import build_latent_cache, encode, load_autoencoder, resol
 from training.run import TrainingRun, make_ema, make_optimizer
 
 
-@dataclass
-class StageSpec:
-    """What makes a diffusion stage: its name, its denoising target, and how it shows progress.
+def stage_inputs(stage: str, z_c: torch.Tensor, z_m: torch.Tensor, y: torch.Tensor):
+    """(x0, model_kwargs): the motion stage diffuses z_m given (y, z_c); the content stage diffuses z_c given y."""
+    if stage == "motion":
+        return z_m, {"y": y, "content": z_c}
+    return z_c, {"y": y}
 
-    inputs(z_c, z_m, y) -> (x0, model_kwargs): the tensor to diffuse and the model's conditioning.
-    preview(ctx) writes samples to the run folder / TensorBoard; ctx is a PreviewContext.
+
+class DiffusionTrainStep:
+    """One optimizer step of a diffusion stage on a batch of clips {'x', 'y'} or cached latents {'z_c', 'z_m', 'y'}.
+
+    The training loop below and benchmarks/throughput.py both call this, so what is measured is what trains.
     """
 
-    stage: str
-    inputs: Callable
-    preview: Callable
+    def __init__(self, run: TrainingRun, stage: str, model, ema, optimizer, ae):
+        cfg = run.cfg
+        self.run, self.stage, self.ema, self.optimizer, self.ae = run, stage, ema, optimizer, ae
+        self.train_model = run.wrap(model)
+        self.diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
+                                          cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
+
+    def __call__(self, batch: dict) -> dict:
+        run = self.run
+        if "z_c" in batch:
+            z_c, z_m = run.to_device(batch["z_c"]), run.to_device(batch["z_m"])
+        else:
+            z_c, z_m = encode(self.ae, run.to_device(batch["x"]), run.autocast())
+        x0, model_kwargs = stage_inputs(self.stage, z_c, z_m, run.to_device(batch["y"]))
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=run.device)
+        with run.autocast():
+            losses = self.diffusion.training_losses(self.train_model, x0, t, model_kwargs)
+        loss = losses["loss"].mean()
+        loss.backward()
+        grad_norm = run.optimizer_step(self.train_model, self.optimizer, self.ema)
+        return {"loss": loss, "grad_norm": grad_norm, **{k: v.mean() for k, v in losses.items() if k != "loss"}}
 
 
 @dataclass
@@ -37,24 +60,23 @@ class PreviewContext:
     eval_latents: dict  # z_c, z_m, y of the fixed held-out clips
 
 
-def train_diffusion_stage(cfg, spec: StageSpec) -> None:
-    run = TrainingRun(cfg, stage=spec.stage)
+def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
+    """Trains the `stage` denoiser; `preview(PreviewContext)` writes samples every train.sample_every steps."""
+    run = TrainingRun(cfg, stage=stage)
     run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
     ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data)
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
     run.record("data.num_classes", dataset.num_classes)
 
-    model = build_dit(spec.stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape).to(run.device)
+    model = build_dit(stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape).to(run.device)
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
     modules, optimizers = {"model": model, "ema": ema}, {"opt": opt}
     run.restore(modules, optimizers)
     run.logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                     f"autoencoder {cfg.ae_ckpt}")
-    train_model = run.wrap(model)
-    diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
-                                 cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
+    train_step = DiffusionTrainStep(run, stage, model, ema, opt, ae)
     sampling, sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma)
 
     eval_clips = fixed_batch(eval_set, cfg.train.num_eval_videos)
@@ -68,20 +90,8 @@ def train_diffusion_stage(cfg, spec: StageSpec) -> None:
         source = dataset
     batches = run.loader(source)
     while not run.should_stop():
-        batch = next(batches)
-        if "z_c" in batch:
-            z_c, z_m = run.to_device(batch["z_c"]), run.to_device(batch["z_m"])
-        else:
-            z_c, z_m = encode(ae, run.to_device(batch["x"]), run.autocast())
-        x0, model_kwargs = spec.inputs(z_c, z_m, run.to_device(batch["y"]))
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=run.device)
-        with run.autocast():
-            losses = diffusion.training_losses(train_model, x0, t, model_kwargs)
-        loss = losses["loss"].mean()
-        loss.backward()
-        grad_norm = run.optimizer_step(train_model, opt, ema)
-        run.log({"loss": loss, "grad_norm": grad_norm, **{k: v.mean() for k, v in losses.items() if k != "loss"}})
+        run.log(train_step(next(batches)))
         if run.every(cfg.train.sample_every) or run.should_stop():
-            spec.preview(PreviewContext(run, ema, ae, sampling, sampler, eval_latents))
+            preview(PreviewContext(run, ema, ae, sampling, sampler, eval_latents))
         run.maybe_save(modules, optimizers)
     run.finish()

@@ -33,6 +33,9 @@ from training.distributed import (
 )
 
 
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a received SIGTERM/SIGINT
+
+
 class RunError(RuntimeError):
     """A run that cannot start or go on; the message is one line."""
 
@@ -78,7 +81,7 @@ def make_ema(model: nn.Module) -> nn.Module:
 
 
 def make_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
-    fused = bool(optim_cfg.fused) and device.type == "cuda"
+    fused = bool(optim_cfg.fused) and device.type in ("cuda", "cpu")  # fused kernels exist for both
     return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                              weight_decay=optim_cfg.weight_decay, fused=fused)
 
@@ -299,11 +302,12 @@ class TrainingRun:
         if self._stop_decision is not None and self._stop_decision[0] == self.step:
             return self._stop_decision[1]
         stop = self.step >= self.cfg.train.max_steps
-        if not stop and self.dist.distributed:
+        if not stop and not self.dist.distributed:
+            stop = self._stop_signal is not None
+        elif not stop and self.step % STOP_CHECK_EVERY == 0:
+            # Ranks agree through an all-reduce, a host sync: only every few steps, not in every step.
             flag = torch.tensor(1.0 if self._stop_signal else 0.0, device=self.device)
             stop = bool(all_reduce_max(flag).item())
-        elif not stop:
-            stop = self._stop_signal is not None
         self._stop_decision = (self.step, stop)
         return stop
 
