@@ -21,7 +21,11 @@ def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, 
 @torch.no_grad()
 def sample_latents(model, sampling, sampler: str, shape, y: torch.Tensor, cfg_scale: float, cond: Optional[dict] = None,
                    generator=None, progress: bool = False, eta: float = 0.0) -> torch.Tensor:
-    """Samples (B, *shape) from a class-conditional denoiser with classifier-free guidance (scale 1 = none)."""
+    """Samples (B, *shape) from a class-conditional denoiser with classifier-free guidance (scale 1 = none).
+
+    Predicted x0 is clipped to [-1, 1] at every step: content frames (convex combinations of frames in
+    [-1, 1]) and motion latents (tanh outputs) both live there by construction.
+    """
     cond = dict(cond or {})
     if cfg_scale == 1.0:
         def model_fn(x, t, y, **kw):
@@ -29,7 +33,7 @@ def sample_latents(model, sampling, sampler: str, shape, y: torch.Tensor, cfg_sc
     else:
         model_fn = guided_model(model, cfg_scale, null_label=model.num_classes)
     return sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
-                           device=y.device, progress=progress, eta=eta, generator=generator)
+                           device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=True)
 
 
 def load_denoiser(path, stage: str, ae, device):

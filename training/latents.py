@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +16,7 @@ from tqdm import tqdm
 from models.autoencoder import build_autoencoder
 from training.checkpoint import CheckpointError, load_stage_checkpoint, model_weights
 from training.config import config_from_dict
-from training.distributed import barrier
+from training.distributed import barrier, broadcast_object
 
 
 def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
@@ -94,27 +96,31 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
     """Encodes `dataset` once (ranks split the work) into <results_dir>/latent_cache/<key>/, reused when it exists."""
     key = latent_cache_key(ae_path, run.cfg.data, clips_per_video)
     folder = Path(cache_root or Path(run.cfg.train.results_dir) / "latent_cache") / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
     if (folder / "done").is_file():
         run.logger.info(f"latent cache: reusing {folder}")
         return LatentCache(folder)
     total = len(dataset) * clips_per_video
     content_shape, motion_shape = tuple(ae.content_shape), tuple(ae.motion_shape)
+    # Written into a private folder and renamed into place when complete, so that two runs building the
+    # same cache at once (the demo trains both diffusion stages side by side) never write into each other's files.
+    staging = Path(broadcast_object(f"{folder}.tmp-{uuid.uuid4().hex[:8]}" if run.dist.is_main else None))
     if run.dist.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(folder / "z_c.npy", mode="w+", dtype=np.float32, shape=(total, *content_shape)).flush()
-        np.lib.format.open_memmap(folder / "z_m.npy", mode="w+", dtype=np.float32, shape=(total, *motion_shape)).flush()
-        np.lib.format.open_memmap(folder / "y.npy", mode="w+", dtype=np.int64, shape=(total,)).flush()
+        staging.mkdir(parents=True)
+        np.lib.format.open_memmap(staging / "z_c.npy", mode="w+", dtype=np.float32, shape=(total, *content_shape)).flush()
+        np.lib.format.open_memmap(staging / "z_m.npy", mode="w+", dtype=np.float32, shape=(total, *motion_shape)).flush()
+        np.lib.format.open_memmap(staging / "y.npy", mode="w+", dtype=np.int64, shape=(total,)).flush()
     barrier()
-    z_c_file = np.load(folder / "z_c.npy", mmap_mode="r+")
-    z_m_file = np.load(folder / "z_m.npy", mmap_mode="r+")
-    y_file = np.load(folder / "y.npy", mmap_mode="r+")
-    mine = list(range(run.dist.rank, total, run.dist.world_size))  # slot s = clip (s // len, epoch s // len)
+    z_c_file = np.load(staging / "z_c.npy", mmap_mode="r+")
+    z_m_file = np.load(staging / "z_m.npy", mmap_mode="r+")
+    y_file = np.load(staging / "y.npy", mmap_mode="r+")
+    mine = list(range(run.dist.rank, total, run.dist.world_size))  # slot s = clip (s % len, epoch s // len)
     items = [(slot % len(dataset), slot // len(dataset)) for slot in mine]
     loader = torch.utils.data.DataLoader(
         _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers)
     run.logger.info(f"latent cache: encoding {total} clips ({clips_per_video} per video) into {folder}")
     position = 0
-    for batch in tqdm(loader, desc="encoding latent cache", disable=not run.dist.is_main):
+    for batch in tqdm(loader, desc="encoding latent cache", disable=not run.dist.is_main, mininterval=2.0):
         z_c, z_m = encode(ae, run.to_device(batch["x"]), run.autocast())
         slots = mine[position : position + len(z_c)]
         z_c_file[slots] = z_c.cpu().numpy()
@@ -123,9 +129,14 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
         position += len(z_c)
     for array in (z_c_file, z_m_file, y_file):
         array.flush()
+    del z_c_file, z_m_file, y_file
     barrier()
     if run.dist.is_main:
-        (folder / "done").write_text(json.dumps({"clips": total}))
+        (staging / "done").write_text(json.dumps({"clips": total}))
+        try:
+            staging.rename(folder)
+        except OSError:  # another run finished the same cache first: use theirs, drop ours
+            shutil.rmtree(staging, ignore_errors=True)
     barrier()
     return LatentCache(folder)
 
