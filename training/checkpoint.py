@@ -54,12 +54,13 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """Loads one of our checkpoints (mmap=True reads tensors lazily: cheap for checks of its metadata)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as exc:  # torch raises several types for a damaged file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
@@ -67,9 +68,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_stage_checkpoint(path, stage: str, map_location="cpu") -> dict:
+def load_stage_checkpoint(path, stage: str, map_location="cpu", mmap: bool = False) -> dict:
     """Loads a checkpoint and refuses one of another stage with one line saying what it got."""
-    ckpt = load_checkpoint(path, map_location)
+    ckpt = load_checkpoint(path, map_location, mmap)
     got = ckpt.get("stage", ckpt["config"].get("stage"))
     if got != stage:
         raise CheckpointError(f"{path} is a '{got}' checkpoint, but a '{stage}' checkpoint is expected here")
@@ -151,7 +152,25 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str) -> Optional[P
         found = latest_checkpoint_in_run(path)
         if found is None:
             raise CheckpointError(f"--resume {path}: no readable checkpoint in {path / 'checkpoints'}")
+        check_resumable(found, stage)
         return found
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint file or run folder")
+    check_resumable(path, stage)
     return path
+
+
+def check_resumable(path: Path, stage: str) -> None:
+    """Refuses an unreadable checkpoint or one of another stage before the run touches any folder."""
+    try:
+        load_stage_checkpoint(path, stage, mmap=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}") from None
+
+
+def remove_temp_files(ckpt_dir) -> None:
+    """Deletes temp files that killed saves left behind (each as large as a checkpoint)."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_dir():
+        for stale in ckpt_dir.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Resumable infinite sampling over a dataset, split across ranks, and the DataLoader around it."""
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import torch
@@ -45,6 +46,16 @@ class InfiniteSampler(Sampler):
         return 2**62
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which checkpoints and then shuts them down.
+
+    A scheduler (Slurm) or Ctrl-C signals the whole process group; torch's worker handler would die on it and
+    the main process would then fail with "DataLoader worker ... is killed by signal" instead of saving.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, start_step: int,
                 num_workers: int, pin_memory: bool) -> DataLoader:
     sampler = InfiniteSampler(len(dataset), rank, world_size, seed, shuffle=True, start=start_step * batch_size)
@@ -56,6 +67,7 @@ def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=True,
+        worker_init_fn=_ignore_stop_signals,
         # A private generator: creating the iterator must not consume the global RNG that resume restores.
         generator=torch.Generator().manual_seed(seed),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,17 @@ def setup_distributed() -> DistInfo:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        device_id = device if device.type == "cuda" else None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one store across --max-restarts; without a per-attempt prefix the restarted
+            # ranks can read the dead ranks' addresses and hang or fail in the gloo/NCCL connect.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timedelta(minutes=30))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"/cmd/attempt_{attempt}", store),
+                                    rank=rank, world_size=world_size, device_id=device_id)
+        else:
+            dist.init_process_group(backend=backend, device_id=device_id)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

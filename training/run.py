@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 from copy import deepcopy
@@ -124,9 +125,8 @@ class TrainingRun:
         self.seed = train.global_seed * self.dist.world_size + self.dist.rank
         self._seed_everything(self.seed)
 
-        self.resume_path = broadcast_object(
-            ckpt_io.resolve_resume(train.resume, train.results_dir, stage) if self.dist.is_main else None)
-        self.run_dir = Path(broadcast_object(self._make_run_dir() if self.dist.is_main else None))
+        self.resume_path = self._on_main(lambda: ckpt_io.resolve_resume(train.resume, train.results_dir, stage))
+        self.run_dir = Path(self._on_main(self._make_run_dir))
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = create_logger(self.run_dir, self.dist.is_main)
         self.writer = None
@@ -153,15 +153,32 @@ class TrainingRun:
         np.random.seed(seed % 2**32)
         random.seed(seed)
 
+    def _on_main(self, fn):
+        """fn() on rank 0, its result on every rank; an error there is raised on every rank (none hangs waiting)."""
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except (ValueError, OSError, RunError) as exc:
+                error = exc
+        result, error = broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
+
     def _make_run_dir(self) -> str:
         train = self.cfg.train
         results = Path(train.results_dir)
         if self.resume_path is not None:
-            return str(self.resume_path.parent.parent)  # <run>/checkpoints/x.pt -> <run>
+            run_dir = self.resume_path.parent.parent  # <run>/checkpoints/x.pt -> <run>
+            if self.resume_path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
+                ckpt_io.remove_temp_files(run_dir / "checkpoints")
+                return str(run_dir)
+            # A checkpoint outside any run folder (a copy, a download) continues in a new run folder.
         results.mkdir(parents=True, exist_ok=True)
         if train.exp_name:
             run_dir = results / train.exp_name
-            if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            if ckpt_io.latest_checkpoint_in_run(run_dir) is not None:
                 raise RunError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or "
                                f"choose another --exp-name (nothing was overwritten)")
         else:
@@ -169,6 +186,7 @@ class TrainingRun:
                      if p.is_dir() and p.name.split("-", 1)[0].isdigit()]
             run_dir = results / f"{max(taken, default=-1) + 1:03d}-{self.stage}"
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_temp_files(run_dir / "checkpoints")  # a first save that was killed half-way
         return str(run_dir)
 
     def _write_config(self) -> None:
@@ -318,7 +336,7 @@ class TrainingRun:
     def save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> Optional[Path]:
         """Writes checkpoints/{step:07d}.pt and last.pt atomically from rank 0; all ranks wait for it."""
         rng = all_gather_object(_rng_state())
-        path = None
+        path, error = None, None
         if self.dist.is_main:
             state = {name: _unwrap(m).state_dict() for name, m in modules.items()}
             state.update({name: opt.state_dict() for name, opt in optimizers.items()})
@@ -327,10 +345,23 @@ class TrainingRun:
                          data_position=self.step * self.batch_size)
             state.update(extra or {})
             path = self.ckpt_dir / f"{self.step:07d}.pt"
-            ckpt_io.atomic_torch_save(state, path)
-            ckpt_io.atomic_torch_save(state, self.ckpt_dir / "last.pt")
-            ckpt_io.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
-            self.logger.info(f"saved checkpoint {path}")
+            target = path
+            try:
+                ckpt_io.atomic_torch_save(state, path)
+                target = self.ckpt_dir / "last.pt"
+                ckpt_io.atomic_torch_save(state, target)
+            except (OSError, RuntimeError) as exc:  # a full disk surfaces as either (torch wraps the OSError)
+                cause = exc if isinstance(exc, OSError) else (exc.__cause__ or exc.__context__ or exc)
+                reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+                free = shutil.disk_usage(self.ckpt_dir).free / 2**30
+                error = (f"cannot write checkpoint {target}: {reason} ({free:.2f} GiB free); "
+                         f"the previous checkpoints in {self.ckpt_dir} are intact")
+            if error is None:
+                ckpt_io.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+                self.logger.info(f"saved checkpoint {path}")
+        error = broadcast_object(error)  # every rank stops together instead of hanging in the barrier
+        if error:
+            raise RunError(error)
         barrier()
         return path
 
