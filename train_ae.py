@@ -3,8 +3,10 @@
     torchrun --nproc_per_node=8 train_ae.py --config configs/ucf101/autoencoder.yaml --data-path /data/UCF-101
     python train_ae.py --config configs/tiny/autoencoder.yaml            # one CPU process, synthetic data
 """
+import numpy as np
 import torch
 
+from evals.fvd import extract_features, frechet_distance, load_detector
 from evals.recon import psnr, ssim, to_uint8_videos
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
@@ -26,18 +28,14 @@ def evaluate(run, model, loss_fn, eval_batch, detector=None):
     model.train()
     metrics = {"psnr": psnr(x, x_hat).mean(), "ssim": ssim(x, x_hat).mean()}
     if loss_fn.lpips is not None:
-        frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B, C, T, H, W) -> (B*T, C, H, W)
-        metrics["lpips"] = loss_fn.lpips(frames(x_hat), frames(x)).mean()
+        # Every frame counts here: (B, C, T, H, W) -> (B*T, C, H, W).
+        metrics["lpips"] = loss_fn.lpips(x_hat.transpose(1, 2).flatten(0, 1), x.transpose(1, 2).flatten(0, 1)).mean()
     keys = sorted(metrics)
     values = all_reduce_mean(torch.stack([metrics[k].float() for k in keys])).tolist()
     results = dict(zip(keys, values))
     if detector is not None:
-        from evals.fvd import extract_features, frechet_distance
-
         real = all_gather_object(extract_features(to_uint8_videos(x), detector))
         fake = all_gather_object(extract_features(to_uint8_videos(x_hat), detector))
-        import numpy as np
-
         results["fvd_recon"] = frechet_distance(np.concatenate(real), np.concatenate(fake))
     if run.dist.is_main:
         out = run.run_dir / "eval"
@@ -71,11 +69,7 @@ def main(cfg):
     train_model = run.wrap(model)
     if disc is not None:
         loss_fn.discriminator = run.wrap(disc)
-    detector = None
-    if cfg.train.fvd_detector:
-        from evals.fvd import load_detector
-
-        detector = load_detector(cfg.train.fvd_detector, run.device)
+    detector = load_detector(cfg.train.fvd_detector, run.device) if cfg.train.fvd_detector else None
     eval_batch = fixed_batch(eval_set, cfg.train.num_eval_videos)
 
     batches = run.loader(dataset)
