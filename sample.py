@@ -85,16 +85,19 @@ def main(args):
     mine = list(range(info.rank, args.num_videos, info.world_size))
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     videos, contents, indices = [], [], []
-    for batch in tqdm(batches, desc=f"sampling (rank {info.rank})", disable=not info.is_main or args.quiet):
+    show_steps = info.is_main and not args.quiet
+    for batch in tqdm(batches, desc=f"sampling (rank {info.rank})", disable=not show_steps):
         y = torch.tensor([labels[i] for i in batch], device=device)
         if given_frame is not None:
             z_c = given_frame.expand(len(batch), -1, -1, -1)
         else:
             z_c = sample_latents(content_model, content_sampling, content_sampler, tuple(ae.content_shape), y,
-                                 content_scale, generator=video_generators(args.seed, batch, 0, device))
+                                 content_scale, generator=video_generators(args.seed, batch, 0, device),
+                                 progress=show_steps)
             z_c = z_c.clamp(-1, 1)
         z_m = sample_latents(motion, motion_sampling, motion_sampler, tuple(ae.motion_shape), y, motion_scale,
-                             cond={"content": z_c}, generator=video_generators(args.seed, batch, 1, device))
+                             cond={"content": z_c}, generator=video_generators(args.seed, batch, 1, device),
+                             progress=show_steps)
         clips = to_uint8_videos(ae.decode(z_c, z_m).float())
         contents.append(to_uint8_videos(z_c.unsqueeze(2))[:, 0])
         for index, label, clip in zip(batch, y.tolist(), clips):

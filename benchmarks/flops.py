@@ -13,6 +13,16 @@ attention (`sdpa_is_counted` checks this).
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`python benchmarks/flops.py`): the repo root is not on the import path then, so run
+    # again as the module `benchmarks.flops` with the root on PYTHONPATH (the repo is not pip-installed).
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.flops", *sys.argv[1:]])
+
 import argparse
 import json
 from pathlib import Path
@@ -68,6 +78,8 @@ def load_stage_configs(config_dir: str = DEFAULT_CONFIG_DIR, overrides: Optional
     benchmarks build models from the configs and never touch data or checkpoints.
     """
     folder = Path(config_dir)
+    if not folder.is_dir() and not folder.is_absolute():
+        folder = Path(__file__).resolve().parents[1] / folder  # the repo's configs/, from any working folder
     placeholders = ["data.data_path=unused-by-benchmarks"]
     configs = {}
     for stage in ("autoencoder", "content", "motion"):

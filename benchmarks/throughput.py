@@ -15,13 +15,21 @@ included). MFU = achieved FLOP/s / peak, the peak measured by a large bf16 matmu
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`python benchmarks/throughput.py`): the repo root is not on the import path then, so run
+    # again as the module `benchmarks.throughput` with the root on PYTHONPATH (the repo is not pip-installed).
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.throughput", *sys.argv[1:]])
+
 import argparse
 import datetime
-import os
 import platform
 import resource
 import shlex
-import sys
 import tempfile
 import time
 from functools import partial

@@ -18,14 +18,9 @@ import torch
 import torch.nn as nn
 
 from models.dit import DIT_SIZES, FinalLayer, LabelEmbedder, TimestepEmbedder
-from models.layers import Attention, Mlp, sincos_1d, sincos_2d
+from models.layers import Attention, Mlp, modulate, sincos_1d, sincos_2d
 
 __all__ = ["VideoDiT", "VideoDiTBlock", "baseline_size_from_content_name", "build_video_dit_baseline"]
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation of (B, L, C) tokens by per-sample (B, C) shift and scale."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 class VideoDiTBlock(nn.Module):
@@ -50,15 +45,15 @@ class VideoDiTBlock(nn.Module):
          shift_m, scale_m, gate_m) = self.adaLN_modulation(c).chunk(9, dim=1)
         # Temporal attention: the modulation is per clip, so flatten (T, N) for it and split for attention.
         tokens = x.reshape(b, t * n, hidden)
-        modulated = _modulate(self.norm_time(tokens), shift_t, scale_t).reshape(b, t, n, hidden)
+        modulated = modulate(self.norm_time(tokens), shift_t, scale_t).reshape(b, t, n, hidden)
         sequences = modulated.transpose(1, 2).reshape(b * n, t, hidden)  # one sequence per location
         attended = self.attn_time(sequences).reshape(b, n, t, hidden).transpose(1, 2).reshape(b, t * n, hidden)
         tokens = tokens + gate_t.unsqueeze(1) * attended
         # Spatial attention: one sequence of N tokens per frame.
-        modulated = _modulate(self.norm_space(tokens), shift_s, scale_s).reshape(b * t, n, hidden)
+        modulated = modulate(self.norm_space(tokens), shift_s, scale_s).reshape(b * t, n, hidden)
         attended = self.attn_space(modulated).reshape(b, t * n, hidden)
         tokens = tokens + gate_s.unsqueeze(1) * attended
-        tokens = tokens + gate_m.unsqueeze(1) * self.mlp(_modulate(self.norm_mlp(tokens), shift_m, scale_m))
+        tokens = tokens + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm_mlp(tokens), shift_m, scale_m))
         return tokens.reshape(b, t, n, hidden)
 
 
