@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_requirements.sh
 OUT=${OUT:-demo_output}
-AE_STEPS=${AE_STEPS:-1000}
-MOTION_STEPS=${MOTION_STEPS:-600}
-CONTENT_STEPS=${CONTENT_STEPS:-600}
+AE_STEPS=${AE_STEPS:-600}
+MOTION_STEPS=${MOTION_STEPS:-1500}
+CONTENT_STEPS=${CONTENT_STEPS:-1500}
 # One thread per process: these tiny models gain little from a second thread, and two processes that each
 # spin two OpenMP threads on two cores slow each other down many times over.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
