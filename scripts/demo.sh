@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: trains all three CMD stages on the built-in synthetic dataset with the tiny configs (CPU is
-# enough), then samples videos of every class. About 10 minutes on 2 CPU cores. Output: $OUT (demo_output/).
+# enough), then samples videos of every class. About 5 minutes on 2 CPU cores. Output: $OUT (demo_output/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_requirements.sh

@@ -106,7 +106,7 @@ class TrainingRun:
     """One training run of one stage: everything but the model, the loss and the loop body.
 
     Use: build it first, build the model, `restore(...)`, `wrap(model)`, `loader(dataset)`, then per step
-    `optimizer_step(...)`, `log(...)`, `maybe_checkpoint(...)` until `should_stop()`; `finish(...)` at the end.
+    `optimizer_step(...)`, `log(...)`, `maybe_save(...)` until `should_stop()`; `finish()` at the end.
     """
 
     def __init__(self, cfg, stage: str):
