@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from diffusion import (
-    GaussianDiffusion,
     cfg_combine,
     create_diffusion,
     get_beta_schedule,
