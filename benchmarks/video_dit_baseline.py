@@ -17,7 +17,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from models.dit import DIT_SIZES, FinalLayer, LabelEmbedder, TimestepEmbedder
+from models.dit import DIT_SIZES, FinalLayer, LabelEmbedder, TimestepEmbedder, init_dit_weights
 from models.layers import Attention, Mlp, modulate, sincos_1d, sincos_2d
 
 __all__ = ["VideoDiT", "VideoDiTBlock", "baseline_size_from_content_name", "build_video_dit_baseline"]
@@ -93,21 +93,7 @@ class VideoDiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.blocks = nn.ModuleList(VideoDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        # adaLN-Zero: blocks start as the identity and the output at zero, as in DiT.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_dit_weights(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, *self.input_size)

@@ -156,6 +156,35 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def init_dit_weights(model: nn.Module) -> None:
+    """DiT initialisation of a model with t_embedder, y_embedder, blocks (adaLN) and final_layer; call it once all
+    its modules exist (the DiTs here and the video DiT baseline in benchmarks/ share it)."""
+
+    def xavier_linear(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(xavier_linear)
+    for module in model.modules():
+        if isinstance(module, PatchEmbed):
+            # Treat the conv as the linear map over a flattened patch that it is.
+            nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
+            nn.init.zeros_(module.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    # adaLN-Zero: every block starts as the identity and the output starts at zero.
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+
+
 class _DiTBackbone(nn.Module):
     """What both denoisers share: patchified main input, t/y conditioning, adaLN-Zero blocks, unpatchify.
 
@@ -202,31 +231,7 @@ class _DiTBackbone(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
     def _initialize_weights(self) -> None:
-        """DiT initialisation; subclasses call it once all their modules exist."""
-
-        def xavier_linear(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(xavier_linear)
-        for module in self.modules():
-            if isinstance(module, PatchEmbed):
-                # Treat the conv as the linear map over a flattened patch that it is.
-                nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
-                nn.init.zeros_(module.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output starts at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_dit_weights(self)
 
     def _check_input(self, x: torch.Tensor, name: str, channels: int, size: Tuple[int, int]) -> None:
         # The fixed position table only fits one grid, so a wrong shape must fail loudly here.
