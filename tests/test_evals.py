@@ -15,6 +15,7 @@ import datasets
 from evals import fvd
 from evals.i3d import MIN_FRAMES, InceptionI3d, preprocess_for_i3d
 from evals.recon import psnr, ssim, to_uint8_videos
+from training.media import write_mp4
 
 FRAMES = MIN_FRAMES  # the shortest clip I3D accepts keeps the 224-px forward passes cheap on CPU
 
@@ -301,26 +302,12 @@ def test_cli_missing_detector_exits_2_as_a_script(tmp_path, npz_pair):
     assert "no_i3d.pt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def write_mp4(path, frames: np.ndarray) -> None:
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def test_cli_reads_a_folder_of_video_files(capsys, tmp_path, npz_pair, torchscript_checkpoint):
     real, _ = npz_pair
     folder = tmp_path / "samples"
     folder.mkdir()
     for index, video in enumerate(random_videos(20, 3, frames=FRAMES + 3)):
-        write_mp4(folder / f"{index:03d}.mp4", video)
+        write_mp4(video, folder / f"{index:03d}.mp4")
     argv = ["--real", real, "--fake", folder, "--detector", torchscript_checkpoint, "--no-cache", "--device", "cpu"]
     code, out, err = run_cli(capsys, argv)
     assert code == 0, err
