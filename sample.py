@@ -5,7 +5,6 @@
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --content-frame photo.png --classes 3   # image-to-video
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from datasets.transforms import frames_to_clip
 from evals.recon import to_uint8_videos
 from training.checkpoint import CheckpointError
 from training.distributed import barrier, cleanup_distributed, setup_distributed
 from training.generation import load_denoiser, make_sampler, sample_latents
 from training.latents import load_autoencoder
+from training.run import run_reporting_user_errors
 from training.media import save_video_set, write_mp4
 
 
@@ -27,19 +28,12 @@ def video_generators(seed: int, indices, stream: int, device) -> list:
 
 
 def load_image(path, resolution, channels: int = 3) -> torch.Tensor:
-    """An image file -> (C, H, W) in [-1, 1], resized (shorter side) and center-cropped like the clips."""
+    """An image file -> (C, H, W) in [-1, 1], resized and center-cropped exactly like the training clips."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--content-frame {path}: no such image")
-    image = Image.open(path).convert("RGB")
-    height, width = resolution
-    scale = max(height / image.height, width / image.width)
-    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                         Image.BICUBIC)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-    return array[:channels]
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+    return frames_to_clip(pixels[None], resolution)[:channels, 0]  # a one-frame clip (C, 1, H, W) -> (C, H, W)
 
 
 def class_list(args, num_classes: int) -> list:
@@ -150,9 +144,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_reporting_user_errors(main, parse_args())

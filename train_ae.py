@@ -87,7 +87,7 @@ def main(cfg):
             logs.update(disc_logs)
         logs["grad_norm"] = run.optimizer_step(train_model, opt, ema)
         run.log(logs)
-        if run.every(cfg.train.eval_every) or run.should_stop():
+        if run.due(cfg.train.eval_every):
             evaluate(run, ema, loss_fn, eval_batch, detector)
         run.maybe_save(modules, optimizers)
     run.finish()

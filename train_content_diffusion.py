@@ -12,13 +12,10 @@ from training.media import save_video_set
 from training.run import entry_point
 
 
-
 @torch.no_grad()
 def preview(ctx):
     """Generated content frames, one per class round-robin, next to real held-out content frames."""
     run, latents = ctx.run, ctx.eval_latents
-    if not run.dist.is_main:
-        return
     count = len(latents["y"])
     y = torch.arange(count, device=run.device) % run.cfg.data.num_classes
     z_c = sample_latents(ctx.ema, ctx.sampling, ctx.sampler, tuple(ctx.ae.content_shape), y,

@@ -12,13 +12,10 @@ from training.media import save_video_set
 from training.run import entry_point
 
 
-
 @torch.no_grad()
 def preview(ctx):
     """The paper's motion-only check: generated motion on REAL content frames, next to the real clip's decoding."""
     run, latents = ctx.run, ctx.eval_latents
-    if not run.dist.is_main:
-        return
     z_m = sample_latents(ctx.ema, ctx.sampling, ctx.sampler, tuple(ctx.ae.motion_shape), latents["y"],
                          run.cfg.diffusion.cfg_scale, cond={"content": latents["z_c"]})
     real = ctx.ae.decode(latents["z_c"], latents["z_m"])

@@ -61,7 +61,7 @@ class PreviewContext:
 
 
 def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
-    """Trains the `stage` denoiser; `preview(PreviewContext)` writes samples every train.sample_every steps."""
+    """Trains the `stage` denoiser; `preview(PreviewContext)` writes samples every train.sample_every steps (rank 0)."""
     run = TrainingRun(cfg, stage=stage)
     run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
     ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data)
@@ -91,7 +91,8 @@ def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
     batches = run.loader(source)
     while not run.should_stop():
         run.log(train_step(next(batches)))
-        if run.every(cfg.train.sample_every) or run.should_stop():
-            preview(PreviewContext(run, ema, ae, sampling, sampler, eval_latents))
+        if run.due(cfg.train.sample_every):
+            if run.dist.is_main:  # the other ranks wait for it at the next collective (log or save)
+                preview(PreviewContext(run, ema, ae, sampling, sampler, eval_latents))
         run.maybe_save(modules, optimizers)
     run.finish()

@@ -27,11 +27,7 @@ def sample_latents(model, sampling, sampler: str, shape, y: torch.Tensor, cfg_sc
     [-1, 1]) and motion latents (tanh outputs) both live there by construction.
     """
     cond = dict(cond or {})
-    if cfg_scale == 1.0:
-        def model_fn(x, t, y, **kw):
-            return model(x, t, y, **kw)
-    else:
-        model_fn = guided_model(model, cfg_scale, null_label=model.num_classes)
+    model_fn = model if cfg_scale == 1.0 else guided_model(model, cfg_scale, null_label=model.num_classes)
     return sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
                            device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=True)
 

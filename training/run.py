@@ -329,8 +329,9 @@ class TrainingRun:
         self._stop_decision = (self.step, stop)
         return stop
 
-    def every(self, interval: int) -> bool:
-        return interval > 0 and self.step % interval == 0
+    def due(self, interval: int) -> bool:
+        """Every `interval` steps, and at the last step (max_steps or a stop signal)."""
+        return (interval > 0 and self.step % interval == 0) or self.should_stop()
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> Optional[Path]:
@@ -366,7 +367,7 @@ class TrainingRun:
         return path
 
     def maybe_save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
-        if self.every(self.cfg.train.ckpt_every) or self.should_stop():
+        if self.due(self.cfg.train.ckpt_every):
             self.save(modules, optimizers, extra)
 
     def finish(self) -> None:
@@ -379,16 +380,13 @@ class TrainingRun:
         cleanup_distributed()
 
 
-def entry_point(main, stage: str, description: str, argv=None) -> None:
-    """Parses the config and runs `main(cfg)`; a user error ends as one line on stderr and exit code 1.
+def run_reporting_user_errors(fn, *args) -> None:
+    """fn(*args); a user error ends as one line `error: ...` on stderr and exit code 1, not a traceback.
 
     Set CMD_TRACEBACK=1 to see the full traceback instead.
     """
-    from training.config import parse_config
-
-    cfg = parse_config(stage, description, argv)
     try:
-        main(cfg)
+        fn(*args)
     except (ValueError, FileNotFoundError, RunError) as exc:  # our one-line errors (ConfigError, CheckpointError, ...)
         if os.environ.get("CMD_TRACEBACK"):
             raise
@@ -396,6 +394,13 @@ def entry_point(main, stage: str, description: str, argv=None) -> None:
         print(f"error: {message}", file=sys.stderr)
         cleanup_distributed()
         raise SystemExit(1) from None
+
+
+def entry_point(main, stage: str, description: str, argv=None) -> None:
+    """The training scripts' `__main__`: parse the config (exit 2 on a bad one), then run `main(cfg)`."""
+    from training.config import parse_config
+
+    run_reporting_user_errors(main, parse_config(stage, description, argv))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
