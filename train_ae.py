@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from evals.fvd import extract_features, frechet_distance, load_detector
-from evals.recon import psnr, ssim, to_uint8_videos
+from evals.recon import motion_health, motion_warning, ssim, to_uint8_videos
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from training.data import fixed_batch
@@ -18,15 +18,20 @@ from training.run import TrainingRun, entry_point, make_ema, make_optimizer
 
 @torch.no_grad()
 def evaluate(run, model, loss_fn, eval_batch, detector=None):
-    """PSNR/SSIM/LPIPS (+ reconstruction FVD with a detector) on the fixed held-out clips, sharded over ranks."""
+    """PSNR/SSIM/LPIPS, motion-latent health (+ reconstruction FVD with a detector) on the fixed held-out clips.
+
+    The clips are sharded over ranks; the motion swap happens within each rank's shard.
+    """
     rank, world = run.dist.rank, run.dist.world_size
     x = run.to_device(eval_batch["x"][rank::world])
     model.eval()
     with run.autocast():
         x_hat, z_c, _ = model(x)
+        health = motion_health(model, x)
     x_hat = x_hat.float()
     model.train()
-    metrics = {"psnr": psnr(x, x_hat).mean(), "ssim": ssim(x, x_hat).mean()}
+    metrics = {key: value.mean() for key, value in health.items()}
+    metrics["ssim"] = ssim(x, x_hat).mean()
     if loss_fn.lpips is not None:
         # Every frame counts here: (B, C, T, H, W) -> (B*T, C, H, W).
         metrics["lpips"] = loss_fn.lpips(x_hat.transpose(1, 2).flatten(0, 1), x.transpose(1, 2).flatten(0, 1)).mean()
@@ -45,6 +50,9 @@ def evaluate(run, model, loss_fn, eval_batch, detector=None):
         for key, value in results.items():
             run.writer.add_scalar(f"eval/{key}", value, run.step)
         run.logger.info(f"eval step {run.step:07d} | " + " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        warning = motion_warning(results)
+        if warning:
+            run.logger.warning(f"eval step {run.step:07d} | WARNING {warning}")
     return results
 
 
@@ -70,9 +78,11 @@ def main(cfg):
     if disc is not None:
         loss_fn.discriminator = run.wrap(disc)
     detector = load_detector(cfg.train.fvd_detector, run.device) if cfg.train.fvd_detector else None
-    eval_batch = fixed_batch(eval_set, cfg.train.num_eval_videos)
+    # The motion-swap measure decodes each clip with another clip's motion latent: two clips per rank at least.
+    eval_batch = fixed_batch(eval_set, max(cfg.train.num_eval_videos, 2 * run.dist.world_size))
 
     batches = run.loader(dataset)
+    results = None
     while not run.should_stop():
         x = run.to_device(next(batches)["x"])
         with run.autocast():
@@ -88,8 +98,16 @@ def main(cfg):
         logs["grad_norm"] = run.optimizer_step(train_model, opt, ema)
         run.log(logs)
         if run.due(cfg.train.eval_every):
-            evaluate(run, ema, loss_fn, eval_batch, detector)
+            results = evaluate(run, ema, loss_fn, eval_batch, detector)
         run.maybe_save(modules, optimizers)
+    if results is not None:
+        warning = motion_warning(results)
+        run.logger.info(
+            f"summary (EMA, {len(eval_batch['x'])} held-out clips): reconstruction {results['psnr']:.2f} dB, "
+            f"static temporal-mean baseline {results['psnr_temporal_mean']:.2f} dB "
+            f"(gain {results['gain_over_static']:+.2f} dB), motion-swap gap {results['swap_gap']:.2f} dB, "
+            f"z_m spread {results['zm_spread']:.3f}, saturated {100 * results['zm_saturated']:.1f}%"
+            + (f" | WARNING {warning}" if warning else ""))
     run.finish()
 
 

@@ -82,3 +82,65 @@ def to_uint8_videos(x: torch.Tensor) -> np.ndarray:
     # Same mapping as StyleGAN-V's generator output (x * 127.5 + 128, truncated) = round-half-up of (x + 1) * 127.5.
     pixels = torch.floor(x.detach().float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
     return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+# A motion latent whose spread across clips is below this (z_m lives in (-1, 1)) carries no information, and
+# one whose entries mostly sit in tanh's flat tails passes no gradient back to the encoder's motion heads.
+COLLAPSED_SPREAD = 0.01
+SATURATED_LEVEL = 0.99
+SATURATED_SHARE = 0.5
+# Below this swap gap (dB) the decoder barely looks at z_m: the motion comes from the content frame or not at all.
+UNUSED_SWAP_GAP_DB = 0.5
+
+
+@torch.no_grad()
+def motion_health(ae, x: torch.Tensor) -> dict:
+    """Does the autoencoder's motion latent carry the motion? Per-clip measures on clips x (B, C, T, H, W), B >= 2.
+
+    - psnr: reconstruction PSNR; psnr_swap: PSNR when each clip is decoded with the next clip's z_m
+      (swap_gap = psnr - psnr_swap: 0 dB means the decoder ignores z_m);
+    - psnr_temporal_mean: the trivial static baseline, every frame replaced by the clip's temporal mean
+      (gain_over_static = psnr - psnr_temporal_mean); psnr_content_frame: the content frame repeated;
+    - zm_spread: std of z_m across the clips, averaged over its entries (~0 when z_m is one constant);
+      zm_saturated: share of z_m entries with |z_m| > 0.99 (tanh's flat tails).
+    Values come back as (B,) tensors (spread and saturated share repeated), so callers can average them over ranks.
+    """
+    if x.shape[0] < 2:
+        raise ValueError(f"motion_health needs at least 2 clips to swap motion latents between, got {x.shape[0]}")
+    z_c, z_m = ae.encode(x)
+    x = x.float()
+    x_hat = ae.decode(z_c, z_m).float()
+    x_swap = ae.decode(z_c, z_m.roll(1, dims=0)).float()
+    z_c, z_m = z_c.float(), z_m.float()
+    frames = x.shape[2]
+    static = x.mean(dim=2, keepdim=True).expand_as(x)
+    measures = {
+        "psnr": psnr(x, x_hat),
+        "psnr_swap": psnr(x, x_swap),
+        "psnr_temporal_mean": psnr(x, static),
+        "psnr_content_frame": psnr(x, z_c.unsqueeze(2).expand(-1, -1, frames, -1, -1)),
+    }
+    measures["swap_gap"] = measures["psnr"] - measures["psnr_swap"]
+    measures["gain_over_static"] = measures["psnr"] - measures["psnr_temporal_mean"]
+    batch = x.shape[0]
+    measures["zm_spread"] = z_m.std(dim=0).mean().expand(batch)
+    measures["zm_saturated"] = (z_m.abs() > SATURATED_LEVEL).float().mean().expand(batch)
+    return measures
+
+
+def motion_warning(health: dict) -> "str | None":
+    """One line naming the numbers when the motion latent has collapsed or is ignored, else None.
+
+    `health` holds scalars (floats) averaged over clips, as motion_health's values after a mean.
+    """
+    problems = []
+    if health["zm_spread"] < COLLAPSED_SPREAD:
+        problems.append(f"z_m is nearly the same for every clip (spread {health['zm_spread']:.4f} < {COLLAPSED_SPREAD})")
+    if health["zm_saturated"] > SATURATED_SHARE:
+        problems.append(f"{100 * health['zm_saturated']:.0f}% of z_m entries are saturated (|z_m| > {SATURATED_LEVEL})")
+    if health["swap_gap"] < UNUSED_SWAP_GAP_DB:
+        problems.append(f"the decoder ignores z_m (motion-swap gap {health['swap_gap']:.2f} dB < {UNUSED_SWAP_GAP_DB} dB)")
+    if not problems:
+        return None
+    return (f"motion latent collapsed or unused: {'; '.join(problems)}; reconstruction {health['psnr']:.2f} dB vs "
+            f"{health['psnr_temporal_mean']:.2f} dB for the static temporal-mean baseline")

@@ -1,4 +1,4 @@
-"""Autoencoder training losses: L1 + LPIPS on random frames, and an optional per-frame PatchGAN (hinge)."""
+"""Autoencoder training losses: L1 and/or MSE + LPIPS on random frames, and an optional per-frame PatchGAN (hinge)."""
 
 from __future__ import annotations
 
@@ -143,8 +143,12 @@ class AutoencoderLoss(nn.Module):
         disc_weight: float = 0.0,
         disc_start: int = 0,
         channels: int = 3,
+        mse_weight: float = 0.0,
     ):
         super().__init__()
+        if l1_weight < 0 or mse_weight < 0 or l1_weight + mse_weight <= 0:
+            raise ValueError(f"loss.l1_weight={l1_weight} and loss.mse_weight={mse_weight}: both must be >= 0 "
+                             f"and at least one > 0")
         if perceptual_weight > 0 and lpips_module is None:
             raise ValueError(f"perceptual_weight={perceptual_weight} needs an lpips_module (see build_lpips)")
         if perceptual_weight > 0 and channels != 3:
@@ -152,6 +156,7 @@ class AutoencoderLoss(nn.Module):
         if perceptual_weight > 0 and perceptual_frames < 1:
             raise ValueError(f"perceptual_frames must be >= 1, got {perceptual_frames}")
         self.l1_weight = float(l1_weight)
+        self.mse_weight = float(mse_weight)
         self.perceptual_weight = float(perceptual_weight)
         self.perceptual_frames = int(perceptual_frames)
         self.lpips = lpips_module if perceptual_weight > 0 else None
@@ -197,9 +202,14 @@ class AutoencoderLoss(nn.Module):
         """Generator-side loss of clips x and reconstructions x_hat (B, C, T, H, W) -> (loss, detached logs)."""
         if x.shape != x_hat.shape:
             raise ValueError(f"reconstruction of size {tuple(x_hat.shape)} does not match clip {tuple(x.shape)}")
-        l1 = (x_hat - x).abs().mean()
-        rec_loss = self.l1_weight * l1
-        logs = {"l1": l1.detach()}
+        error = x_hat - x
+        l1 = error.abs().mean()
+        mse = error.pow(2).mean()
+        # Without LPIPS, L1 alone favours the per-pixel median over time, i.e. the static background: a
+        # moving object covers any one pixel only in a few frames. MSE rewards placing it (the paper's
+        # latent mode uses MSE too), so the tiny CPU configs, which have no VGG weights, weight it.
+        rec_loss = self.l1_weight * l1 + self.mse_weight * mse
+        logs = {"l1": l1.detach(), "mse": mse.detach()}
         if self.lpips is not None:
             perceptual = self.perceptual_loss(x, x_hat)
             rec_loss = rec_loss + self.perceptual_weight * perceptual
@@ -246,6 +256,7 @@ def build_ae_loss(loss_cfg, channels: int, random_lpips_backbone: bool = False) 
         lpips_module = build_lpips(loss_cfg.lpips_net, loss_cfg.lpips_weights, random_backbone=random_lpips_backbone)
     return AutoencoderLoss(
         l1_weight=float(loss_cfg.l1_weight),
+        mse_weight=float(loss_cfg.mse_weight),
         perceptual_weight=perceptual_weight,
         perceptual_frames=int(loss_cfg.perceptual_frames),
         lpips_module=lpips_module,

@@ -11,6 +11,17 @@ Shapes (B batch, C channels, T frames, H x W pixels, p patch, H' = H / p, W' = W
 Encoder and decoder are factorised space-time transformers (TimeSformer-style blocks: attention
 over time at every spatial location, then attention over space in every frame, then an MLP).
 
+Motion latent, why it is centred over time: the motion heads see the encoder features averaged over
+one spatial axis, *minus their mean over the clip's frames*. Without that, the pooled features are
+dominated by a part that is the same for every clip (positions, the static background); the heads'
+first Adam steps push that shared part in one consistent direction, tanh saturates within ~50 steps
+at lr 2e-3, z_m becomes one constant for all clips and no gradient reaches the heads again; the
+decoder then learns to ignore z_m and reconstructs a static clip from the content frame
+(docs/BENCHMARKS.md, "Motion latent ablation"). What is static over a clip already reaches the
+decoder through the content frame, so removing it from z_m loses nothing the paper's interface
+needs: z_m stays bounded by tanh and keeps its D x T x (W'+H') shape, and what is left to it is what
+changes over time, the motion.
+
 Positional information: fixed sin-cos embeddings, a 2-D one over the (H', W') token grid plus a
 1-D one over the frame index, added to the tokens before the first block of both encoder and
 decoder. The reference code built rotary embeddings and never applied them, which left the
@@ -70,6 +81,11 @@ class SpaceTimeTransformer(nn.Module):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
         return x
+
+
+def _temporal_deviation(pooled: torch.Tensor) -> torch.Tensor:
+    """(B, T, N, hidden) pooled features minus their mean over the T frames: only what changes in the clip."""
+    return pooled - pooled.mean(dim=1, keepdim=True)
 
 
 def _as_hw(resolution) -> Tuple[int, int]:
@@ -209,8 +225,8 @@ class CMDAutoencoder(nn.Module):
         weights = torch.softmax(logits.float(), dim=2).to(x.dtype)  # over time, per pixel and channel
         z_c = (weights * x).sum(dim=2)
 
-        z_x = torch.tanh(self.motion_head_x(features.mean(dim=2)))  # (B, T, W', D): averaged over height
-        z_y = torch.tanh(self.motion_head_y(features.mean(dim=3)))  # (B, T, H', D): averaged over width
+        z_x = torch.tanh(self.motion_head_x(_temporal_deviation(features.mean(dim=2))))  # (B, T, W', D): over height
+        z_y = torch.tanh(self.motion_head_y(_temporal_deviation(features.mean(dim=3))))  # (B, T, H', D): over width
         z_m = torch.cat([z_x, z_y], dim=2).permute(0, 3, 1, 2)  # (B, D, T, W'+H')
         return z_c, z_m
 

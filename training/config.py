@@ -51,6 +51,7 @@ class AutoencoderModelConfig:
 @dataclass
 class AutoencoderLossConfig:
     l1_weight: float = 4.0
+    mse_weight: float = 0.0  # the paper's pixel mode: L1 + LPIPS; the tiny configs (no LPIPS) use MSE
     perceptual_weight: float = 4.0
     perceptual_frames: int = 1  # random frames per clip that LPIPS sees
     lpips_net: str = "vgg"
