@@ -113,6 +113,7 @@ class CMDAutoencoder(nn.Module):
         mlp_ratio: float = 4.0,
         motion_dim: int = 8,
         grad_checkpointing: bool = False,
+        motion_centering: bool = True,
     ):
         super().__init__()
         height, width = _as_hw(resolution)
@@ -127,6 +128,7 @@ class CMDAutoencoder(nn.Module):
         self.grid_h, self.grid_w = height // patch_size, width // patch_size
         self.hidden_size = hidden_size
         self.motion_dim = motion_dim
+        self.motion_centering = motion_centering  # False only to reproduce the collapse (the ablation)
         patch_dim = channels * patch_size * patch_size
 
         # Fixed positional embeddings (see the module docstring); non-persistent because they are
@@ -225,8 +227,11 @@ class CMDAutoencoder(nn.Module):
         weights = torch.softmax(logits.float(), dim=2).to(x.dtype)  # over time, per pixel and channel
         z_c = (weights * x).sum(dim=2)
 
-        z_x = torch.tanh(self.motion_head_x(_temporal_deviation(features.mean(dim=2))))  # (B, T, W', D): over height
-        z_y = torch.tanh(self.motion_head_y(_temporal_deviation(features.mean(dim=3))))  # (B, T, H', D): over width
+        columns, rows = features.mean(dim=2), features.mean(dim=3)  # (B, T, W', hidden), (B, T, H', hidden)
+        if self.motion_centering:
+            columns, rows = _temporal_deviation(columns), _temporal_deviation(rows)
+        z_x = torch.tanh(self.motion_head_x(columns))  # (B, T, W', D)
+        z_y = torch.tanh(self.motion_head_y(rows))  # (B, T, H', D)
         z_m = torch.cat([z_x, z_y], dim=2).permute(0, 3, 1, 2)  # (B, D, T, W'+H')
         return z_c, z_m
 
@@ -266,4 +271,5 @@ def build_autoencoder(model_cfg, data_cfg) -> CMDAutoencoder:
         mlp_ratio=float(model_cfg.mlp_ratio),
         motion_dim=int(model_cfg.motion_dim),
         grad_checkpointing=bool(model_cfg.grad_checkpointing),
+        motion_centering=bool(model_cfg.motion_centering),
     )

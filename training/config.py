@@ -46,6 +46,7 @@ class AutoencoderModelConfig:
     mlp_ratio: float = 4.0
     motion_dim: int = 8  # D
     grad_checkpointing: bool = False
+    motion_centering: bool = True  # z_m from features minus their temporal mean; false collapses z_m (ablation)
 
 
 @dataclass
