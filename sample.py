@@ -52,15 +52,16 @@ def main(args):
     info = setup_distributed()
     device = info.device
     ae, ae_cfg = load_autoencoder(args.ae_ckpt, device)
-    motion, motion_cfg = load_denoiser(args.motion_ckpt, "motion", ae, device)
+    # Each denoiser comes with the latent statistics of its own run; sample_latents works in the AE's units.
+    motion, motion_cfg, motion_scaler = load_denoiser(args.motion_ckpt, "motion", ae, device)
     num_classes = motion.num_classes
-    content_model, content_cfg, given_frame = None, None, None
+    content_model, content_cfg, content_scaler, given_frame = None, None, None, None
     if args.content_frame:
         given_frame = load_image(args.content_frame, ae_cfg.data.resolution, ae_cfg.model.channels).to(device)
     else:
         if not args.content_ckpt:
             raise ValueError("--content-ckpt is required unless --content-frame gives the content frame")
-        content_model, content_cfg = load_denoiser(args.content_ckpt, "content", ae, device)
+        content_model, content_cfg, content_scaler = load_denoiser(args.content_ckpt, "content", ae, device)
         if content_model.num_classes != num_classes:
             raise CheckpointError(f"{args.content_ckpt} knows {content_model.num_classes} classes but "
                                   f"{args.motion_ckpt} knows {num_classes}")
@@ -85,12 +86,11 @@ def main(args):
         if given_frame is not None:
             z_c = given_frame.expand(len(batch), -1, -1, -1)
         else:
-            z_c = sample_latents(content_model, content_sampling, content_sampler, tuple(ae.content_shape), y,
-                                 content_scale, generator=video_generators(args.seed, batch, 0, device),
-                                 progress=show_steps)
-            z_c = z_c.clamp(-1, 1)
-        z_m = sample_latents(motion, motion_sampling, motion_sampler, tuple(ae.motion_shape), y, motion_scale,
-                             cond={"content": z_c}, generator=video_generators(args.seed, batch, 1, device),
+            z_c = sample_latents(content_model, content_sampling, content_sampler, "content", tuple(ae.content_shape),
+                                 y, content_scale, content_scaler, progress=show_steps,
+                                 generator=video_generators(args.seed, batch, 0, device))
+        z_m = sample_latents(motion, motion_sampling, motion_sampler, "motion", tuple(ae.motion_shape), y, motion_scale,
+                             motion_scaler, content=z_c, generator=video_generators(args.seed, batch, 1, device),
                              progress=show_steps)
         clips = to_uint8_videos(ae.decode(z_c, z_m).float())
         contents.append(to_uint8_videos(z_c.unsqueeze(2))[:, 0])

@@ -18,9 +18,9 @@ def preview(ctx):
     run, latents = ctx.run, ctx.eval_latents
     count = len(latents["y"])
     y = torch.arange(count, device=run.device) % run.cfg.data.num_classes
-    z_c = sample_latents(ctx.ema, ctx.sampling, ctx.sampler, tuple(ctx.ae.content_shape), y,
-                         run.cfg.diffusion.cfg_scale)
-    frames = torch.cat([latents["z_c"], z_c.clamp(-1, 1)]).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
+    z_c = sample_latents(ctx.ema, ctx.sampling, ctx.sampler, "content", tuple(ctx.ae.content_shape), y,
+                         run.cfg.diffusion.cfg_scale, ctx.scaler)
+    frames = torch.cat([latents["z_c"], z_c]).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
     paths = save_video_set(to_uint8_videos(frames), run.run_dir / "samples", "content_frames", run.step, run.writer,
                            nrow=count)
     run.logger.info(f"content samples (top real, bottom generated for classes {y.tolist()}): {paths['png']}")

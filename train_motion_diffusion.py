@@ -16,8 +16,8 @@ from training.run import entry_point
 def preview(ctx):
     """The paper's motion-only check: generated motion on REAL content frames, next to the real clip's decoding."""
     run, latents = ctx.run, ctx.eval_latents
-    z_m = sample_latents(ctx.ema, ctx.sampling, ctx.sampler, tuple(ctx.ae.motion_shape), latents["y"],
-                         run.cfg.diffusion.cfg_scale, cond={"content": latents["z_c"]})
+    z_m = sample_latents(ctx.ema, ctx.sampling, ctx.sampler, "motion", tuple(ctx.ae.motion_shape), latents["y"],
+                         run.cfg.diffusion.cfg_scale, ctx.scaler, content=latents["z_c"])
     real = ctx.ae.decode(latents["z_c"], latents["z_m"])
     fake = ctx.ae.decode(latents["z_c"], z_m)
     pairs = torch.stack([real, fake], dim=1).flatten(0, 1)  # rows: (real motion, generated motion) per content frame

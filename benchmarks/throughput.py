@@ -51,7 +51,7 @@ from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from training.diffusion_stage import DiffusionTrainStep
 from training.generation import make_sampler, sample_latents
-from training.latents import encode
+from training.latents import LatentScaler, encode
 from training.run import TrainingRun, make_ema, make_optimizer
 
 STAGES = ("autoencoder", "content", "motion", "sampling")
@@ -217,15 +217,16 @@ def sampling_benchmark(configs: dict, args, device: torch.device, peak: Optional
         denoisers[stage] = model.to(device).eval().requires_grad_(False)
         samplers[stage] = make_sampler(cfg.diffusion, cfg.model.learn_sigma, args.sample_steps)
     y = torch.randint(0, classes, (args.batch_size,), device=device)
+    scaler = LatentScaler.identity(ae).to(device)  # as costly as measured statistics
 
     @torch.no_grad()
     def generate():
         sampling, sampler = samplers["content"]
-        z_c = sample_latents(denoisers["content"], sampling, sampler, tuple(ae.content_shape), y,
-                             float(configs["content"].diffusion.cfg_scale)).clamp(-1, 1)
+        z_c = sample_latents(denoisers["content"], sampling, sampler, "content", tuple(ae.content_shape), y,
+                             float(configs["content"].diffusion.cfg_scale), scaler)
         sampling, sampler = samplers["motion"]
-        z_m = sample_latents(denoisers["motion"], sampling, sampler, tuple(ae.motion_shape), y,
-                             float(configs["motion"].diffusion.cfg_scale), cond={"content": z_c})
+        z_m = sample_latents(denoisers["motion"], sampling, sampler, "motion", tuple(ae.motion_shape), y,
+                             float(configs["motion"].diffusion.cfg_scale), scaler, content=z_c)
         return ae.decode(z_c, z_m)
 
     seconds = seconds_per_call(generate, max(1, args.steps // 5), 1, device)

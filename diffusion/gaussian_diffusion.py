@@ -1,7 +1,7 @@
 """Gaussian diffusion (DDPM / improved DDPM / DDIM): forward process, losses, sample loops."""
 
 import math
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -12,6 +12,10 @@ from diffusion.rng import GeneratorArg, randn_like_per_sample
 
 LOSS_TYPES = ("hybrid", "mse")
 SAMPLERS = ("ddim", "ddpm")
+
+# How sampling clips the predicted x0: False = not at all, True = to [-1, 1], or a pair (low, high) of tensors
+# broadcastable against x (e.g. per channel, shaped (1, C, 1, 1)) for data whose range is not [-1, 1].
+ClipDenoised = Union[bool, Tuple[torch.Tensor, torch.Tensor]]
 
 
 class GaussianDiffusion:
@@ -141,8 +145,15 @@ class GaussianDiffusion:
         )
 
     # ------------------------------------------------------------------------ reverse process
+    @staticmethod
+    def _clip(x0: torch.Tensor, clip_denoised: ClipDenoised) -> torch.Tensor:
+        if not isinstance(clip_denoised, (tuple, list)):
+            return x0.clamp(-1.0, 1.0)
+        low, high = (torch.as_tensor(bound, dtype=x0.dtype, device=x0.device) for bound in clip_denoised)
+        return torch.clamp(x0, low, high)
+
     def _output_to_distribution(
-        self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool
+        self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: ClipDenoised
     ):
         """Turn a raw model output into p(x_{t-1} | x_t): mean, variance, log variance, x0, eps."""
         channels = xt.shape[1]
@@ -155,8 +166,8 @@ class GaussianDiffusion:
         else:
             log_variance = self._extract("fixed_large_log_variance", t, xt).expand_as(xt)
         pred_x0 = self.predict_x0_from_eps(xt, t, eps)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        if isinstance(clip_denoised, (tuple, list)) or clip_denoised:
+            pred_x0 = self._clip(pred_x0, clip_denoised)
             # Keep eps consistent with the clipped x0 (matters for DDIM).
             eps = self.predict_eps_from_x0(xt, t, pred_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
@@ -169,9 +180,13 @@ class GaussianDiffusion:
         }
 
     def p_mean_variance(
-        self, model: Callable, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False, model_kwargs=None
+        self, model: Callable, xt: torch.Tensor, t: torch.Tensor, clip_denoised: ClipDenoised = False,
+        model_kwargs=None,
     ):
-        """p(x_{t-1} | x_t) from the model: dict with mean, variance, log_variance, pred_x0, eps."""
+        """p(x_{t-1} | x_t) from the model: dict with mean, variance, log_variance, pred_x0, eps.
+
+        clip_denoised: see ClipDenoised (True clips the predicted x0 to [-1, 1]); the sampling methods pass it on.
+        """
         xt = xt.to(self._working_dtype(xt))
         output = self._run_model(model, xt, t, model_kwargs)
         return self._output_to_distribution(output, xt, t, clip_denoised)
@@ -237,8 +252,8 @@ class GaussianDiffusion:
         steps = list(range(self.num_timesteps))[::-1]
         return tqdm(steps, desc=description, leave=False) if progress else steps
 
-    def p_sample_step(self, model, x, t, clip_denoised=False, model_kwargs=None, generator: GeneratorArg = None,
-                      final: Optional[bool] = None):
+    def p_sample_step(self, model, x, t, clip_denoised: ClipDenoised = False, model_kwargs=None,
+                      generator: GeneratorArg = None, final: Optional[bool] = None):
         """One ancestral step x_t -> x_{t-1} (all elements share the same t).
 
         `final` (t == 0) may be given by a loop that knows it, sparing a device sync per step on CUDA.
@@ -250,8 +265,8 @@ class GaussianDiffusion:
         return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
 
     def ddim_sample_step(
-        self, model, x, t, clip_denoised=False, model_kwargs=None, eta=0.0, generator: GeneratorArg = None,
-        final: Optional[bool] = None,
+        self, model, x, t, clip_denoised: ClipDenoised = False, model_kwargs=None, eta=0.0,
+        generator: GeneratorArg = None, final: Optional[bool] = None,
     ):
         """One DDIM step x_t -> x_{t-1}; eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
@@ -271,7 +286,7 @@ class GaussianDiffusion:
 
     def p_sample_loop(
         self, model, shape, noise=None, model_kwargs=None, device=None, progress=False,
-        generator: GeneratorArg = None, clip_denoised=False,
+        generator: GeneratorArg = None, clip_denoised: ClipDenoised = False,
     ):
         """Ancestral (DDPM) sampling from x_T to x_0; returns x_0 (float32, or float64 for fp64 noise)."""
         x = self._initial_noise(model, shape, noise, device, generator)
@@ -283,7 +298,7 @@ class GaussianDiffusion:
 
     def ddim_sample_loop(
         self, model, shape, noise=None, model_kwargs=None, device=None, progress=False, eta=0.0,
-        generator: GeneratorArg = None, clip_denoised=False,
+        generator: GeneratorArg = None, clip_denoised: ClipDenoised = False,
     ):
         """DDIM sampling from x_T to x_0 over this process' (typically respaced) timesteps."""
         x = self._initial_noise(model, shape, noise, device, generator)
@@ -295,7 +310,7 @@ class GaussianDiffusion:
 
     def sample(
         self, model, shape, sampler="ddim", noise=None, model_kwargs=None, device=None, progress=False, eta=0.0,
-        generator: GeneratorArg = None, clip_denoised=False,
+        generator: GeneratorArg = None, clip_denoised: ClipDenoised = False,
     ):
         """Dispatch to ddim_sample_loop or p_sample_loop by name."""
         if sampler == "ddim":

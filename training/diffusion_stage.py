@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -10,26 +10,37 @@ from diffusion import create_diffusion
 from models.dit import build_dit
 from training.data import fixed_batch
 from training.generation import make_sampler
-from training.latents import build_latent_cache, encode, load_autoencoder, resolve_ae_ckpt
+from training.latents import (
+    LatentScaler,
+    build_latent_cache,
+    encode,
+    load_autoencoder,
+    measure_latent_stats,
+    resolve_ae_ckpt,
+)
 from training.run import TrainingRun, make_ema, make_optimizer
 
 
-def stage_inputs(stage: str, z_c: torch.Tensor, z_m: torch.Tensor, y: torch.Tensor):
-    """(x0, model_kwargs): the motion stage diffuses z_m given (y, z_c); the content stage diffuses z_c given y."""
+def stage_inputs(stage: str, z_c: torch.Tensor, z_m: torch.Tensor, y: torch.Tensor, scaler: LatentScaler):
+    """(x0, model_kwargs) in the denoisers' standardised space: the motion stage diffuses z_m given (y, z_c),
+    the content stage diffuses z_c given y. z_c (B, C, H, W) and z_m (B, D, T, H'+W') come in the AE's units."""
+    z_c = scaler.normalize("content", z_c)
     if stage == "motion":
-        return z_m, {"y": y, "content": z_c}
+        return scaler.normalize("motion", z_m), {"y": y, "content": z_c}
     return z_c, {"y": y}
 
 
 class DiffusionTrainStep:
     """One optimizer step of a diffusion stage on a batch of clips {'x', 'y'} or cached latents {'z_c', 'z_m', 'y'}.
 
-    The training loop below and benchmarks/throughput.py both call this, so what is measured is what trains.
+    The training loop below and benchmarks/throughput.py both call this, so what is measured is what trains;
+    `scaler` (the run's latent statistics) defaults to identity ones, which cost the same.
     """
 
-    def __init__(self, run: TrainingRun, stage: str, model, ema, optimizer, ae):
+    def __init__(self, run: TrainingRun, stage: str, model, ema, optimizer, ae, scaler: Optional[LatentScaler] = None):
         cfg = run.cfg
         self.run, self.stage, self.ema, self.optimizer, self.ae = run, stage, ema, optimizer, ae
+        self.scaler = (scaler or LatentScaler.identity(ae)).to(run.device)
         self.train_model = run.wrap(model)
         self.diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
                                           cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
@@ -40,7 +51,7 @@ class DiffusionTrainStep:
             z_c, z_m = run.to_device(batch["z_c"]), run.to_device(batch["z_m"])
         else:
             z_c, z_m = encode(self.ae, run.to_device(batch["x"]), run.autocast())
-        x0, model_kwargs = stage_inputs(self.stage, z_c, z_m, run.to_device(batch["y"]))
+        x0, model_kwargs = stage_inputs(self.stage, z_c, z_m, run.to_device(batch["y"]), self.scaler)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=run.device)
         with run.autocast():
             losses = self.diffusion.training_losses(self.train_model, x0, t, model_kwargs)
@@ -57,7 +68,8 @@ class PreviewContext:
     ae: torch.nn.Module
     sampling: object
     sampler: str
-    eval_latents: dict  # z_c, z_m, y of the fixed held-out clips
+    eval_latents: dict  # z_c, z_m (the autoencoder's units), y of the fixed held-out clips
+    scaler: LatentScaler  # the run's latent statistics, for sample_latents
 
 
 def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
@@ -73,10 +85,11 @@ def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
     modules, optimizers = {"model": model, "ema": ema}, {"opt": opt}
-    run.restore(modules, optimizers)
+    resumed = run.restore(modules, optimizers)
+    scaler = restored_latent_stats(run, resumed, ae) if resumed is not None else None
+    del resumed  # the checkpoint's weights are not kept for the whole run
     run.logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                     f"autoencoder {cfg.ae_ckpt}")
-    train_step = DiffusionTrainStep(run, stage, model, ema, opt, ae)
     sampling, sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma)
 
     eval_clips = fixed_batch(eval_set, cfg.train.num_eval_videos)
@@ -88,11 +101,27 @@ def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
                                     run.batch_size)
     else:
         source = dataset
+    if scaler is None:
+        scaler = measure_latent_stats(run, ae, source)
+    extra = {"latent_stats": scaler.state_dict()}
+    train_step = DiffusionTrainStep(run, stage, model, ema, opt, ae, scaler)
     batches = run.loader(source)
     while not run.should_stop():
         run.log(train_step(next(batches)))
         if run.due(cfg.train.sample_every):
             if run.dist.is_main:  # the other ranks wait for it at the next collective (log or save)
-                preview(PreviewContext(run, ema, ae, sampling, sampler, eval_latents))
-        run.maybe_save(modules, optimizers)
+                preview(PreviewContext(run, ema, ae, sampling, sampler, eval_latents, train_step.scaler))
+        run.maybe_save(modules, optimizers, extra)
     run.finish()
+
+
+def restored_latent_stats(run: TrainingRun, ckpt: dict, ae) -> LatentScaler:
+    """The statistics the resumed run trained with, never measured again: the data they would be measured on
+    may have changed, and the denoiser learned in the space of the old ones."""
+    scaler = LatentScaler.from_checkpoint(ckpt, run.resume_path, ae)
+    if "latent_stats" in ckpt:
+        run.logger.info(f"latent stats restored from {run.resume_path}: {scaler.describe()}")
+    else:
+        run.logger.warning(f"latent stats: {run.resume_path} has none (a run from before latents were standardised); "
+                           f"it goes on with identity stats (mean 0, std 1), the raw latents it trained on")
+    return scaler

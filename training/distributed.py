@@ -75,6 +75,20 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy, on the input's device); identity in a single process.
+
+    NCCL reduces only CUDA tensors, so a CPU tensor makes the round trip through the current CUDA device there.
+    """
+    tensor = tensor.detach().clone()
+    if is_distributed():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+        reduced = tensor.to(device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        tensor = reduced.to(tensor.device)
+    return tensor
+
+
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach().clone()
     if is_distributed():

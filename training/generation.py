@@ -7,6 +7,7 @@ import torch
 
 from diffusion import create_diffusion
 from diffusion.guidance import guided_model
+from training.latents import LatentScaler
 
 
 def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, sampler: Optional[str] = None):
@@ -19,21 +20,28 @@ def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, 
 
 
 @torch.no_grad()
-def sample_latents(model, sampling, sampler: str, shape, y: torch.Tensor, cfg_scale: float, cond: Optional[dict] = None,
-                   generator=None, progress: bool = False, eta: float = 0.0) -> torch.Tensor:
-    """Samples (B, *shape) from a class-conditional denoiser with classifier-free guidance (scale 1 = none).
+def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Tensor, cfg_scale: float,
+                   scaler: LatentScaler, content: Optional[torch.Tensor] = None, generator=None,
+                   progress: bool = False, eta: float = 0.0) -> torch.Tensor:
+    """Samples the `stage` latent (B, *shape) in the autoencoder's units with classifier-free guidance (scale 1 = none).
 
-    Predicted x0 is clipped to [-1, 1] at every step: content frames (convex combinations of frames in
-    [-1, 1]) and motion latents (tanh outputs) both live there by construction.
+    The denoiser lives in the standardised space of `scaler` (the statistics of its own training run): the motion
+    stage's condition `content` (B, C, H, W), given in the autoencoder's units, is standardised for it, and the
+    sample is denormalised on return. Predicted x0 is clipped at every step to the image of [-1, 1] per channel:
+    content frames (convex combinations of frames in [-1, 1]) and motion latents (tanh outputs) both live there.
     """
-    cond = dict(cond or {})
+    cond = {"content": scaler.normalize("content", content)} if stage == "motion" else {}
     model_fn = model if cfg_scale == 1.0 else guided_model(model, cfg_scale, null_label=model.num_classes)
-    return sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
-                           device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=True)
+    bounds = scaler.bounds(stage, len(shape) + 1, y.device)
+    z = sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
+                        device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=bounds)
+    # Clipped x0 maps back into [-1, 1]; the clamp only absorbs the rounding of the affine map.
+    return scaler.denormalize(stage, z).clamp(-1.0, 1.0)
 
 
 def load_denoiser(path, stage: str, ae, device):
-    """(EMA denoiser in eval mode, its config) rebuilt from a diffusion checkpoint and the autoencoder's shapes."""
+    """(EMA denoiser in eval mode, its config, its LatentScaler) rebuilt from a diffusion checkpoint and the
+    autoencoder's shapes; a checkpoint older than the latent statistics gets identity ones (mean 0, std 1)."""
     from models.dit import build_dit
     from training.checkpoint import CheckpointError, load_stage_checkpoint, model_weights
     from training.config import config_from_dict
@@ -48,4 +56,5 @@ def load_denoiser(path, stage: str, ae, device):
     except RuntimeError:
         raise CheckpointError(f"{path} does not fit the autoencoder's latent shapes (content {tuple(ae.content_shape)}, "
                               f"motion {tuple(ae.motion_shape)}): was it trained on another autoencoder?") from None
-    return model.to(device).eval().requires_grad_(False), cfg
+    scaler = LatentScaler.from_checkpoint(ckpt, path, ae).to(device)
+    return model.to(device).eval().requires_grad_(False), cfg, scaler

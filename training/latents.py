@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -16,7 +17,15 @@ from tqdm import tqdm
 from models.autoencoder import build_autoencoder
 from training.checkpoint import CheckpointError, load_stage_checkpoint, model_weights
 from training.config import config_from_dict
-from training.distributed import barrier, broadcast_object
+from training.distributed import all_reduce_sum, barrier, broadcast_object
+
+STATS_CLIPS = 512  # training clips the latent statistics are measured over when there is no latent cache
+# Floor of a measured std, in the autoencoder's units (both latents live in [-1, 1], typical stds are 0.1-0.5).
+# A channel spreading less than 1e-3 carries nothing the decoder can show (in the content frame it is an eighth
+# of one 8-bit pixel level, 2/255); dividing by its true, possibly zero std would blow float rounding up into
+# unit-variance targets for the denoiser, while with the floor its sampled values stay within ~1e-3 of the mean.
+STD_FLOOR = 1e-3
+MOMENTS_FILE = "latent_moments.npz"  # a latent cache's per-channel sums, written when it is built
 
 
 def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
@@ -68,7 +77,7 @@ class LatentCache(Dataset):
     """
 
     def __init__(self, folder):
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
         self.z_c = np.load(folder / "z_c.npy", mmap_mode="r")
         self.z_m = np.load(folder / "z_m.npy", mmap_mode="r")
         self.y = np.load(folder / "y.npy")
@@ -80,6 +89,181 @@ class LatentCache(Dataset):
         index = item[0] if isinstance(item, tuple) else item
         return {"z_c": torch.from_numpy(np.array(self.z_c[index])), "z_m": torch.from_numpy(np.array(self.z_m[index])),
                 "y": int(self.y[index]), "index": index}
+
+    def moments(self, run, chunk: int = 256) -> "LatentMoments":
+        """The per-channel sums of every cached latent: those saved when the cache was built, else (a cache built
+        before they were saved) summed now over the arrays, ranks splitting the slots, and saved for the next run."""
+        path = self.folder / MOMENTS_FILE
+        if path.is_file():
+            return LatentMoments.load(path)
+        moments = LatentMoments(self.z_c.shape[1], self.z_m.shape[1])
+        rank, world = run.dist.rank, run.dist.world_size
+        first, end = len(self) * rank // world, len(self) * (rank + 1) // world  # this rank's contiguous share
+        for start in range(first, end, chunk):
+            slots = slice(start, min(start + chunk, end))
+            moments.add(torch.from_numpy(np.array(self.z_c[slots])), torch.from_numpy(np.array(self.z_m[slots])))
+        moments.all_reduce()
+        if run.dist.is_main:
+            moments.save(path)
+        return moments
+
+
+class LatentMoments:
+    """Float64 per-channel sums (count, sum, sum of squares) of z_c (B, C, H, W) and z_m (B, D, T, H'+W') batches,
+    over every axis but the channel axis: sums of rank shares all-reduce into the sums of the whole set."""
+
+    KINDS = ("content", "motion")
+
+    def __init__(self, content_channels: int, motion_channels: int):
+        # Kept on the CPU: one small copy per batch is nothing for a measurement done once per run.
+        self.sums = {kind: torch.zeros(3, channels, dtype=torch.float64)
+                     for kind, channels in zip(self.KINDS, (content_channels, motion_channels))}
+
+    def add(self, z_c: torch.Tensor, z_m: torch.Tensor) -> None:
+        for kind, z in zip(self.KINDS, (z_c, z_m)):
+            values = z.detach().transpose(0, 1).reshape(z.shape[1], -1).double()
+            count = torch.full_like(values[:, 0], values.shape[1])
+            self.sums[kind] += torch.stack([count, values.sum(1), values.square().sum(1)]).cpu()
+
+    def all_reduce(self) -> None:
+        """Every rank ends with the sums over all ranks."""
+        for kind in self.KINDS:
+            self.sums[kind] = all_reduce_sum(self.sums[kind])
+
+    def mean_std(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 (channels,) mean and population std (numpy's default, ddof=0)."""
+        count, total, squares = self.sums[kind]
+        if not count.gt(0).all():
+            raise ValueError("latent statistics: no latents were measured")
+        mean = total / count
+        # In float64 the cancellation in E[z^2] - E[z]^2 is harmless for latents bounded by 1.
+        return mean, (squares / count - mean.square()).clamp(min=0.0).sqrt()
+
+    def save(self, path) -> None:
+        """Written to a temp file and renamed, so that a concurrent reader never sees half a file."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **{kind: sums.numpy() for kind, sums in self.sums.items()})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "LatentMoments":
+        with np.load(path) as arrays:
+            if any(kind not in arrays for kind in cls.KINDS):
+                raise CheckpointError(f"{path} lacks the content or motion sums; delete it to have them measured again")
+            moments = cls(arrays["content"].shape[1], arrays["motion"].shape[1])
+            moments.sums = {kind: torch.from_numpy(arrays[kind]) for kind in cls.KINDS}
+        return moments
+
+
+class LatentScaler:
+    """Per-channel standardisation z' = (z - mean) / std of z_c (B, C, H, W) and z_m (B, D, T, H'+W'): both
+    denoisers learn and sample standardised latents ('content' and 'motion' name the latent, not the stage).
+
+    Its state_dict, the `latent_stats` entry of every diffusion checkpoint, holds four plain float32 tensors:
+    content_mean, content_std (C,) and motion_mean, motion_std (D,).
+    """
+
+    KEYS = ("content_mean", "content_std", "motion_mean", "motion_std")
+
+    def __init__(self, content_mean, content_std, motion_mean, motion_std):
+        as32 = [torch.as_tensor(t, dtype=torch.float32) for t in (content_mean, content_std, motion_mean, motion_std)]
+        self.stats = {"content": tuple(as32[:2]), "motion": tuple(as32[2:])}
+
+    @classmethod
+    def identity(cls, ae) -> "LatentScaler":
+        """Mean 0, std 1: the latents as the autoencoder `ae` (its content_shape, motion_shape) emits them."""
+        c, d = ae.content_shape[0], ae.motion_shape[0]
+        return cls(torch.zeros(c), torch.ones(c), torch.zeros(d), torch.ones(d))
+
+    @classmethod
+    def from_moments(cls, moments: LatentMoments) -> tuple["LatentScaler", dict]:
+        """(scaler, {kind: indices of channels whose std was raised to STD_FLOOR})."""
+        stats, floored = [], {}
+        for kind in LatentMoments.KINDS:
+            mean, std = moments.mean_std(kind)
+            floored[kind] = torch.nonzero(std < STD_FLOOR).flatten().tolist()
+            stats += [mean, std.clamp(min=STD_FLOOR)]
+        return cls(*stats), {kind: idx for kind, idx in floored.items() if idx}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, path, ae) -> "LatentScaler":
+        """The checkpoint's `latent_stats`, checked against the autoencoder's channel counts.
+
+        A checkpoint without them (written before the latents were standardised) trained on the raw latents:
+        identity stats (mean 0, std 1) give its denoiser exactly what it was trained on.
+        """
+        state = ckpt.get("latent_stats")
+        if state is None:
+            return cls.identity(ae)
+        channels = {"content": ae.content_shape[0], "motion": ae.motion_shape[0]}
+        for key in cls.KEYS:
+            value = state.get(key) if isinstance(state, dict) else None
+            want = channels[key.split("_")[0]]
+            if not torch.is_tensor(value) or tuple(value.shape) != (want,):
+                raise CheckpointError(f"{path}: latent_stats['{key}'] is not a ({want},) tensor for this autoencoder's "
+                                      f"latents; was it trained on another autoencoder?")
+        return cls(*(state[key] for key in cls.KEYS))
+
+    def _tensors(self) -> list:
+        return [*self.stats["content"], *self.stats["motion"]]  # in KEYS order
+
+    def state_dict(self) -> dict:
+        return {key: value.detach().cpu().clone() for key, value in zip(self.KEYS, self._tensors())}
+
+    def to(self, device) -> "LatentScaler":
+        """A copy whose statistics live on `device`, so that the training step moves nothing."""
+        return LatentScaler(*(t.to(device) for t in self._tensors()))
+
+    def _broadcast(self, kind: str, ndim: int, device=None, dtype=torch.float32):
+        """(mean, std) shaped (1, channels, 1, ...) to broadcast against a (B, channels, ...) latent of `ndim` dims."""
+        shape = (1, -1) + (1,) * (ndim - 2)
+        return tuple(t.to(device=device, dtype=dtype).view(shape) for t in self.stats[kind])
+
+    def normalize(self, kind: str, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._broadcast(kind, z.ndim, z.device, z.dtype)
+        return (z - mean) / std
+
+    def denormalize(self, kind: str, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._broadcast(kind, z.ndim, z.device, z.dtype)
+        return z * std + mean
+
+    def bounds(self, kind: str, ndim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The autoencoder's range [-1, 1] in standardised units, per channel: ((-1 - mean) / std, (1 - mean) / std),
+        shaped (1, channels, 1, ...) for a latent of `ndim` dims."""
+        mean, std = self._broadcast(kind, ndim, device)
+        return (-1.0 - mean) / std, (1.0 - mean) / std
+
+    def describe(self) -> str:
+        def values(t):
+            return "[" + ", ".join(f"{v:.4g}" for v in t.tolist()) + "]"
+
+        return " | ".join(f"{kind} mean {values(mean)} std {values(std)}" for kind, (mean, std) in self.stats.items())
+
+
+def measure_latent_stats(run, ae, source) -> LatentScaler:
+    """Per-channel statistics of the training latents, measured once per run and logged once.
+
+    Over every latent of `source` when it is a LatentCache, else over the first STATS_CLIPS clips (all when
+    fewer) of the clip dataset `source`, which the ranks encode in shares whose sums are all-reduced.
+    """
+    if isinstance(source, LatentCache):
+        moments, where = source.moments(run), f"the {len(source)} cached latents in {source.folder}"
+    else:
+        count = min(STATS_CLIPS, len(source))
+        moments = LatentMoments(ae.content_shape[0], ae.motion_shape[0])
+        items = [(index, 0) for index in range(run.dist.rank, count, run.dist.world_size)]
+        for _, z_c, z_m in _encoded(run, ae, source, items, run.batch_size, "measuring latent statistics"):
+            moments.add(z_c, z_m)
+        moments.all_reduce()
+        where = f"the first {count} training clips"
+    scaler, floored = LatentScaler.from_moments(moments)
+    run.logger.info(f"latent stats over {where} (std floor {STD_FLOOR:g}): {scaler.describe()}")
+    for kind, channels in floored.items():
+        run.logger.warning(f"latent stats: {kind} channels {channels} are near-constant (std < {STD_FLOOR:g}); "
+                           f"their std is floored at {STD_FLOOR:g}")
+    return scaler
 
 
 def latent_cache_key(ae_path, data_cfg, clips_per_video: int) -> str:
@@ -116,22 +300,23 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
     y_file = np.load(staging / "y.npy", mmap_mode="r+")
     mine = list(range(run.dist.rank, total, run.dist.world_size))  # slot s = clip (s % len, epoch s // len)
     items = [(slot % len(dataset), slot // len(dataset)) for slot in mine]
-    loader = torch.utils.data.DataLoader(
-        _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers)
     run.logger.info(f"latent cache: encoding {total} clips ({clips_per_video} per video) into {folder}")
+    moments = LatentMoments(content_shape[0], motion_shape[0])  # the latent statistics, at no extra encoding
     position = 0
-    for batch in tqdm(loader, desc="encoding latent cache", disable=not run.dist.is_main, mininterval=2.0):
-        z_c, z_m = encode(ae, run.to_device(batch["x"]), run.autocast())
+    for batch, z_c, z_m in _encoded(run, ae, dataset, items, batch_size, "encoding latent cache"):
         slots = mine[position : position + len(z_c)]
         z_c_file[slots] = z_c.cpu().numpy()
         z_m_file[slots] = z_m.cpu().numpy()
         y_file[slots] = batch["y"].numpy()
+        moments.add(z_c, z_m)
         position += len(z_c)
     for array in (z_c_file, z_m_file, y_file):
         array.flush()
     del z_c_file, z_m_file, y_file
+    moments.all_reduce()
     barrier()
     if run.dist.is_main:
+        moments.save(staging / MOMENTS_FILE)
         (staging / "done").write_text(json.dumps({"clips": total}))
         try:
             staging.rename(folder)
@@ -139,6 +324,18 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
             shutil.rmtree(staging, ignore_errors=True)
     barrier()
     return LatentCache(folder)
+
+
+def _encoded(run, ae, dataset, items, batch_size: int, description: str):
+    """Yields (batch, z_c, z_m) for the (index, epoch) `items` of the clip dataset, encoded in batches in order."""
+    loader = torch.utils.data.DataLoader(
+        _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers,
+        # A private generator: creating the iterator must not consume the global RNG, so that a run that
+        # encodes here draws the same training noise as one that reuses a cache or resumes.
+        generator=torch.Generator().manual_seed(0))
+    for batch in tqdm(loader, desc=description, disable=not run.dist.is_main, mininterval=2.0):
+        z_c, z_m = encode(ae, run.to_device(batch["x"]), run.autocast())
+        yield batch, z_c, z_m
 
 
 class _ItemList(Dataset):
