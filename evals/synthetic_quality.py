@@ -537,6 +537,16 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> List[dict]:
+    if args.prepare:
+        if args.npz or args.num_classes is None:
+            raise ValueError("--prepare trains (or finds) the classifier for --resolution/--frames/--num-classes; "
+                             "it takes no --npz and needs --num-classes")
+        classifier = load_or_train_classifier(args.resolution, args.frames, args.num_classes, args.seed, args.cache_dir)
+        print(f"quality classifier ready at {classifier.cache_path} (held-out accuracy "
+              f"{classifier.held_out_accuracy:.3f})")
+        return []
+    if not args.npz:
+        raise ValueError("give at least one --npz (or --prepare)")
     # Every file is checked before any classifier trains, so a typo fails in a second, not after training.
     files = [(path, *_read_npz(path, args.num_classes)) for path in args.npz]
     classifiers: Dict[str, QualityClassifier] = {}
@@ -577,7 +587,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Class accuracy and Fréchet distance of generated synthetic-dataset videos (sample.py --npz), "
         "in the feature space of a small classifier trained on real clips (cached per settings)."
     )
-    parser.add_argument("--npz", action="append", required=True,
+    parser.add_argument("--npz", action="append", default=[],
                         help="sample.py output: 'videos' uint8 (N, T, H, W, 3), 'labels' (N,); repeat for several")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="the models' class count; required unless the npz has a 'num_classes' entry")
@@ -585,6 +595,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help=f"classifier cache; default ${CACHE_ENV} or "
                         "~/.cache/cmd/quality_classifier")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only train and cache the classifier for --resolution H W, --frames, --num-classes")
+    parser.add_argument("--resolution", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
+    parser.add_argument("--frames", type=int, default=8)
     return parser.parse_args(argv)
 
 

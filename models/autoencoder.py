@@ -36,6 +36,7 @@ from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.layers import Attention, Mlp, sincos_1d, sincos_2d
@@ -114,6 +115,7 @@ class CMDAutoencoder(nn.Module):
         motion_dim: int = 8,
         grad_checkpointing: bool = False,
         motion_centering: bool = True,
+        content_logits: str = "pixel",
     ):
         super().__init__()
         height, width = _as_hw(resolution)
@@ -129,6 +131,9 @@ class CMDAutoencoder(nn.Module):
         self.hidden_size = hidden_size
         self.motion_dim = motion_dim
         self.motion_centering = motion_centering  # False only to reproduce the collapse (the ablation)
+        if content_logits not in ("pixel", "token"):
+            raise ValueError(f"content_logits must be 'pixel' or 'token', got {content_logits!r}")
+        self.content_logits = content_logits
         patch_dim = channels * patch_size * patch_size
 
         # Fixed positional embeddings (see the module docstring); non-persistent because they are
@@ -141,7 +146,8 @@ class CMDAutoencoder(nn.Module):
         self.patch_embed = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.encoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
         self.encoder_norm = nn.LayerNorm(hidden_size)
-        self.content_head = nn.Linear(hidden_size, patch_dim)  # per-pixel, per-channel logits over time
+        # Per-channel logits over time: one per pixel (the paper), or one per token, upsampled bilinearly to pixels.
+        self.content_head = nn.Linear(hidden_size, patch_dim if content_logits == "pixel" else channels)
         self.motion_head_x = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_x
         self.motion_head_y = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_y
 
@@ -218,12 +224,26 @@ class CMDAutoencoder(nn.Module):
         tokens = self.encoder_norm(self.encoder(tokens))
         return tokens.reshape(b, t, self.grid_h, self.grid_w, self.hidden_size)
 
+    def _content_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features (B, T, H', W', hidden) -> content-frame logits (B, C, T, H, W).
+
+        'token' logits vary smoothly inside a patch: the weights cannot form a per-pixel dither pattern, a code
+        that a small autoencoder learns to hide frame information in (and that a content DiT then has to generate).
+        """
+        b, t = features.shape[:2]
+        head = self.content_head(features)
+        if self.content_logits == "pixel":
+            return self._unpatchify(head.reshape(b, t, -1, head.shape[-1]))
+        grid = head.permute(0, 1, 4, 2, 3).reshape(b * t, self.channels, self.grid_h, self.grid_w)
+        pixels = F.interpolate(grid, size=(self.height, self.width), mode="bilinear", align_corners=False)
+        return pixels.reshape(b, t, self.channels, self.height, self.width).transpose(1, 2)
+
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Clip (B, C, T, H, W) -> content frame z_c (B, C, H, W), motion latent z_m (B, D, T, W'+H')."""
         features = self.encode_features(x)
         b, t = features.shape[:2]
 
-        logits = self._unpatchify(self.content_head(features).reshape(b, t, -1, self.content_head.out_features))
+        logits = self._content_logits(features)  # (B, C, T, H, W)
         weights = torch.softmax(logits.float(), dim=2).to(x.dtype)  # over time, per pixel and channel
         z_c = (weights * x).sum(dim=2)
 
@@ -272,4 +292,5 @@ def build_autoencoder(model_cfg, data_cfg) -> CMDAutoencoder:
         motion_dim=int(model_cfg.motion_dim),
         grad_checkpointing=bool(model_cfg.grad_checkpointing),
         motion_centering=bool(model_cfg.motion_centering),
+        content_logits=str(model_cfg.content_logits),
     )

@@ -48,3 +48,15 @@ def python_runner():
 @pytest.fixture
 def torchrun_runner():
     return run_torchrun
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_ae(tmp_path_factory):
+    """The demo's autoencoder config trained for 150 steps (about a minute): (checkpoint path, train_ae.py stdout).
+
+    Shared by the tests that need an autoencoder whose motion latent carries motion.
+    """
+    results = tmp_path_factory.mktemp("trained_ae")
+    proc = run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "--results-dir", results,
+                       "--exp-name", "ae", "--max-steps", 150, "train.eval_every=150", "train.ckpt_every=150"])
+    return results / "ae" / "checkpoints" / "last.pt", proc.stdout

@@ -350,19 +350,18 @@ def test_motion_health_flags_a_constant_motion_latent():
     assert motion_warning({**collapsed, "zm_spread": 0.3, "zm_saturated": 0.0, "swap_gap": 4.0}) is None
 
 
-def test_tiny_autoencoder_learns_a_motion_latent_the_decoder_uses(python_runner, tmp_path):
+def test_tiny_autoencoder_learns_a_motion_latent_the_decoder_uses(trained_tiny_ae):
     """The demo's autoencoder config, trained for 150 steps, must already route motion through z_m.
 
     Before the motion latent was centred over time, z_m collapsed to one constant within ~50 steps and the
     motion-swap gap stayed at 0.00 dB for thousands of steps. A decoder that uses z_m loses > 1 dB when it gets
     another clip's z_m (~26% more squared error); the centred latent measures ~3 dB at this budget.
     """
-    proc = python_runner(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "--results-dir", tmp_path,
-                          "--exp-name", "ae", "--max-steps", 150, "train.eval_every=150", "train.ckpt_every=150"])
-    summary = [line for line in proc.stdout.splitlines() if "summary (EMA" in line]
-    assert summary, proc.stdout[-2000:]
+    _, stdout = trained_tiny_ae
+    summary = [line for line in stdout.splitlines() if "summary (EMA" in line]
+    assert summary, stdout[-2000:]
     gap = float(re.search(r"motion-swap gap (-?[\d.]+) dB", summary[0]).group(1))
     spread = float(re.search(r"z_m spread ([\d.]+)", summary[0]).group(1))
     assert gap > 1.0, summary[0]
     assert spread > 0.05, summary[0]
-    assert "WARNING" not in proc.stdout, summary[0]
+    assert "WARNING" not in stdout, summary[0]

@@ -47,6 +47,7 @@ class AutoencoderModelConfig:
     motion_dim: int = 8  # D
     grad_checkpointing: bool = False
     motion_centering: bool = True  # z_m from features minus their temporal mean; false collapses z_m (ablation)
+    content_logits: str = "pixel"  # pixel (the paper) | token: content weights per token, bilinearly upsampled
 
 
 @dataclass
