@@ -2,13 +2,13 @@
 # The demo: trains all three CMD stages on the built-in synthetic dataset with the tiny configs (CPU is
 # enough), then samples videos of every class and measures them: autoencoder health (motion-swap gap, PSNR
 # against the static baseline) and the built-in classifier metric (evals/synthetic_quality.py) on generated and
-# motion-only videos. About 9 minutes on 2 CPU cores. Output: $OUT (demo_output/).
+# motion-only videos. About 13 minutes on 2 CPU cores. Output: $OUT (demo_output/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure_requirements.sh
 OUT=${OUT:-demo_output}
 AE_STEPS=${AE_STEPS:-800}
-MOTION_STEPS=${MOTION_STEPS:-1500}
+MOTION_STEPS=${MOTION_STEPS:-3000}
 CONTENT_STEPS=${CONTENT_STEPS:-1500}
 # One thread per process: these tiny models gain little from a second thread, and two processes that each
 # spin two OpenMP threads on two cores slow each other down many times over.

@@ -52,11 +52,11 @@ def torchrun_runner():
 
 @pytest.fixture(scope="session")
 def trained_tiny_ae(tmp_path_factory):
-    """The demo's autoencoder config trained for 150 steps (about a minute): (checkpoint path, train_ae.py stdout).
+    """The demo's autoencoder config trained for 250 steps (about a minute and a half): (checkpoint path, train_ae.py stdout).
 
     Shared by the tests that need an autoencoder whose motion latent carries motion.
     """
     results = tmp_path_factory.mktemp("trained_ae")
     proc = run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "--results-dir", results,
-                       "--exp-name", "ae", "--max-steps", 150, "train.eval_every=150", "train.ckpt_every=150"])
+                       "--exp-name", "ae", "--max-steps", 250, "train.eval_every=250", "train.ckpt_every=250"])
     return results / "ae" / "checkpoints" / "last.pt", proc.stdout
