@@ -188,13 +188,13 @@ def training_step_flops(configs: dict, models: Optional[dict] = None, batch_size
     device = next(ae.parameters()).device
     clips = torch.zeros(batch_size, *ae.clip_shape, device=device)
     loss_cfg = configs["autoencoder"].loss
-    l1_only = AutoencoderLoss(l1_weight=float(loss_cfg.l1_weight), perceptual_weight=0.0,
-                              perceptual_frames=int(loss_cfg.perceptual_frames))
+    pixel_loss = AutoencoderLoss(l1_weight=float(loss_cfg.l1_weight), mse_weight=float(loss_cfg.mse_weight),
+                              perceptual_weight=0.0, perceptual_frames=int(loss_cfg.perceptual_frames))
 
     def autoencoder_step():
         ae.train()
         x_hat, _, _ = ae(clips)
-        loss, _ = l1_only(clips, x_hat, step=0)
+        loss, _ = pixel_loss(clips, x_hat, step=0)
         loss.backward()
 
     def diffusion_step(stage, model, x0, model_kwargs):

@@ -194,8 +194,10 @@ def test_fused_adamw_matches_foreach():
             dit_loss(model, x0, kwargs, seed=step).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+    # Each Adam update is ~lr in size; the two kernels round m / (sqrt(v) + eps) differently, which for entries with
+    # tiny v changes an update by up to ~1e-3 of lr, and the 3 steps add up: atol = 3 * lr * 1e-3.
     for p_off, p_on in zip(off.parameters(), on.parameters()):
-        torch.testing.assert_close(p_on, p_off, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p_on, p_off, rtol=1e-5, atol=3 * 1e-3 * 1e-3)
 
 
 def test_optim_fused_switch_trains():
