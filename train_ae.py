@@ -26,8 +26,8 @@ def evaluate(run, model, loss_fn, eval_batch, detector=None):
     x = run.to_device(eval_batch["x"][rank::world])
     model.eval()
     with run.autocast():
-        x_hat, z_c, _ = model(x)
-        health = motion_health(model, x)
+        x_hat, z_c, z_m = model(x)
+        health = motion_health(model, x, encoded=(z_c, z_m), x_hat=x_hat)
     x_hat = x_hat.float()
     model.train()
     metrics = {key: value.mean() for key, value in health.items()}

@@ -94,7 +94,7 @@ UNUSED_SWAP_GAP_DB = 0.5
 
 
 @torch.no_grad()
-def motion_health(ae, x: torch.Tensor) -> dict:
+def motion_health(ae, x: torch.Tensor, encoded=None, x_hat=None) -> dict:
     """Does the autoencoder's motion latent carry the motion? Per-clip measures on clips x (B, C, T, H, W), B >= 2.
 
     - psnr: reconstruction PSNR; psnr_swap: PSNR when each clip is decoded with the next clip's z_m
@@ -104,12 +104,13 @@ def motion_health(ae, x: torch.Tensor) -> dict:
     - zm_spread: std of z_m across the clips, averaged over its entries (~0 when z_m is one constant);
       zm_saturated: share of z_m entries with |z_m| > 0.99 (tanh's flat tails).
     Values come back as (B,) tensors (spread and saturated share repeated), so callers can average them over ranks.
+    `encoded` = (z_c, z_m) and `x_hat`, when the caller already has them, are not computed again.
     """
     if x.shape[0] < 2:
         raise ValueError(f"motion_health needs at least 2 clips to swap motion latents between, got {x.shape[0]}")
-    z_c, z_m = ae.encode(x)
+    z_c, z_m = encoded if encoded is not None else ae.encode(x)
     x = x.float()
-    x_hat = ae.decode(z_c, z_m).float()
+    x_hat = (x_hat if x_hat is not None else ae.decode(z_c, z_m)).float()
     x_swap = ae.decode(z_c, z_m.roll(1, dims=0)).float()
     z_c, z_m = z_c.float(), z_m.float()
     frames = x.shape[2]
