@@ -98,6 +98,11 @@ class VideoFolderDataset(Dataset):
                 self._skip(listed, f"listed in {list_file} but not found")
         if self.listing.ignored_folders:
             logger.warning("%s: folders without a classInd.txt entry ignored: %s", self.root, self.listing.ignored_folders)
+        if self.listing.empty_classes:
+            # Their labels stay reserved (num_classes counts them) so the other classes keep their ids.
+            logger.warning(
+                "%s: classes with no videos (label kept, nothing to train on): %s", self.root, self.listing.empty_classes
+            )
         if not self.entries:
             first = f"; first skip: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
             raise DatasetError(
@@ -196,5 +201,11 @@ class VideoFolderDataset(Dataset):
             lines.append(f"    {path}: {reason}")
         if len(self.skipped) > 10:
             lines.append(f"    ... {len(self.skipped) - 10} more")
+        if listing.empty_classes:
+            lines.append(f"classes with no videos: {', '.join(listing.empty_classes)}")
+        if listing.skipped_links:
+            lines.append(f"symlinks skipped (aliases, loops, broken): {len(listing.skipped_links)}")
+            for path, reason in listing.skipped_links[:10]:
+                lines.append(f"    {path}: {reason}")
         lines.append(f"index cache: {self.index_stats['cache_file']}")
         return "\n".join(lines)

@@ -6,10 +6,11 @@ import json
 import logging
 import os
 import tempfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 from datasets import video_decode
 from datasets.errors import DatasetError, VideoReadError
@@ -20,7 +21,9 @@ VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov")
 SPLIT_LIST_FOLDER = "ucftraintestlist"  # compared lower-case: the official download spells it ucfTrainTestlist
 SPLITS = ("train", "test", "all")
 FOLDS = (1, 2, 3)
-# Bump when the probe changes what it returns, so old cache entries are not trusted.
+# Bump when the probe changes what it returns, so old cache entries are not trusted. Only per-file probe results
+# are cached (keyed by relative path, size and mtime); classes, labels and the file list are rebuilt on every start,
+# so changing how the tree is listed (symlink aliases, empty classes) needs no bump: stale keys are never looked up.
 PROBE_VERSION = 1
 CACHE_FOLDER_NAME = ".cmd_index_cache"
 
@@ -36,6 +39,8 @@ class FolderListing:
     split_videos: Dict[str, List[Tuple[str, int]]] = field(default_factory=dict)  # "train"/"test" of the fold
     missing_listed: List[Tuple[str, str]] = field(default_factory=list)  # (listed path, list file) not on disk
     ignored_folders: List[str] = field(default_factory=list)  # folders with videos but no classInd entry
+    empty_classes: List[str] = field(default_factory=list)  # classes (folders or classInd entries) without videos
+    skipped_links: List[Tuple[str, str]] = field(default_factory=list)  # (path relative to root, why) aliases/loops
 
     def videos_of_split(self, split: str) -> List[Tuple[str, int]]:
         if split == "all" or split not in self.split_videos:
@@ -47,14 +52,117 @@ def _is_video(name: str) -> bool:
     return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
 
 
-def _videos_under(folder: Path, root: Path) -> List[str]:
-    found = []
-    for directory, subdirectories, files in os.walk(folder):
-        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        for name in sorted(files):
-            if _is_video(name):
-                found.append(Path(directory, name).relative_to(root).as_posix())
-    return found
+def _is_within(path: str, folder: str) -> bool:
+    """True when real path `path` is `folder` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_order(relative_path: str) -> List[Tuple[int, str]]:
+    """Sort key giving os.walk's top-down order (a folder's files, then its sorted subfolders), as before symlinks
+    were resolved: dataset indices, and so the seeded clip starts, stay those of existing runs."""
+    *folders, name = relative_path.split("/")[1:]
+    return [(1, folder) for folder in folders] + [(0, name)]
+
+
+class _ClassTreeWalk:
+    """Class folders and their videos, each file on disk indexed once, found by real path.
+
+    Every real (non-link) folder and video under the class folders is listed first; only then are symlinks resolved,
+    so a real folder always wins over a link to it whatever the two names' sort order. A symlink (or a folder reached
+    through one) is then skipped, with one warning line naming it and its target, when:
+    - its target is the data root, or a folder containing the data root or the link itself (a loop);
+    - its real path was already indexed (an alias: `C -> .`, `Dup -> Apple`, a second link to the same folder);
+    - it is broken (missing target or a chain of links that loops).
+    A link to a folder or video that nothing else indexes, typically a class folder kept on another disk, is followed:
+    such trees are a common way to assemble a dataset, and indexing the target once cannot duplicate anything.
+    Among several links to the same outside target the first in tree order (sorted names) wins.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root_real = os.path.realpath(root)
+        self.seen: Dict[str, str] = {}  # real path -> path relative to root under which it was indexed
+        self.videos: Dict[str, List[str]] = {}  # class folder -> video paths relative to root
+        self.pending_links: Deque[str] = deque()  # relative paths, resolved after every real entry is known
+        self.skipped: List[Tuple[str, str]] = []
+
+    def run(self) -> None:
+        for entry in self._entries(self.root):
+            if entry.name.lower() == SPLIT_LIST_FOLDER:
+                continue
+            if entry.is_symlink():
+                self.pending_links.append(entry.name)
+            elif entry.is_dir(follow_symlinks=False):
+                self._add_folder(entry.name, os.path.join(self.root_real, entry.name))
+        # Links found inside followed links are appended and resolved in turn; `seen` makes every step finite.
+        while self.pending_links:
+            self._resolve_link(self.pending_links.popleft())
+
+    def _entries(self, folder: Path) -> List[os.DirEntry]:
+        try:
+            with os.scandir(folder) as iterator:
+                return sorted((entry for entry in iterator if not entry.name.startswith(".")), key=lambda e: e.name)
+        except OSError as error:
+            logger.warning("cannot list folder %s, its videos are left out: %s", folder, error)
+            return []
+
+    def _skip(self, relative: str, target: str, reason: str, is_link: bool = True) -> None:
+        self.skipped.append((relative, reason))
+        # Not a link itself: a real entry inside a followed outside tree that an earlier link already indexed.
+        kind = "symlink" if is_link else "path reached through a symlink"
+        logger.warning("skipping %s %s -> %s: %s", kind, self.root / relative, target, reason)
+
+    def _add_folder(self, relative: str, real: str, is_link: bool = False) -> None:
+        if real in self.seen:
+            self._skip(relative, real, f"alias of {self.seen[real]}, already indexed", is_link)
+            return
+        self.seen[real] = relative
+        if "/" not in relative:  # a class folder, kept even if it holds no videos
+            self.videos.setdefault(relative, [])
+        self._walk(relative, real)
+
+    def _add_video(self, relative: str, real: str, is_link: bool = False) -> None:
+        if real in self.seen:
+            self._skip(relative, real, f"alias of {self.seen[real]}, already indexed", is_link)
+            return
+        self.seen[real] = relative
+        self.videos[relative.split("/", 1)[0]].append(relative)
+
+    def _walk(self, relative: str, real: str) -> None:
+        for entry in self._entries(self.root / relative):
+            child, child_real = f"{relative}/{entry.name}", os.path.join(real, entry.name)
+            if entry.is_symlink():
+                self.pending_links.append(child)
+            elif entry.is_dir(follow_symlinks=False):
+                self._add_folder(child, child_real)
+            elif _is_video(entry.name):
+                self._add_video(child, child_real)
+
+    def _resolve_link(self, relative: str) -> None:
+        path = self.root / relative
+        try:
+            real = os.path.realpath(path, strict=True)
+        except OSError as error:
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            self._skip(relative, target, f"broken link ({error.strerror or error})")
+            return
+        if _is_within(self.root_real, real):
+            self._skip(relative, real, "loops back to the data root (its target contains the data root)")
+            return
+        if _is_within(os.path.realpath(path.parent), real):
+            self._skip(relative, real, "loops back to a folder that contains the link")
+            return
+        if real in self.seen:
+            self._skip(relative, real, f"alias of {self.seen[real]}, already indexed")
+            return
+        if os.path.isdir(real):
+            self._add_folder(relative, real, is_link=True)
+        elif "/" in relative and _is_video(relative.rsplit("/", 1)[-1]) and os.path.isfile(real):
+            self._add_video(relative, real, is_link=True)
+        # Links to other files (notes, videos loose in the data root) are ignored like real files of that kind.
 
 
 def find_split_list_dir(root: Path) -> Optional[Path]:
@@ -96,20 +204,23 @@ def _read_split_list(path: Path) -> List[str]:
 
 
 def list_video_folder(root: Path, fold: int = 1) -> FolderListing:
-    """Classes and videos of a class-folder tree, plus the fold's split lists when ucfTrainTestlist exists."""
+    """Classes and videos of a class-folder tree, plus the fold's split lists when ucfTrainTestlist exists.
+
+    Class ids follow classInd.txt when present, else the sorted class folder names, empty folders included, so a
+    class losing its videos never renumbers the others (`empty_classes` names such classes). Symlinks are followed
+    only when they reach something not already indexed; aliases and loops are skipped and listed in `skipped_links`
+    (see _ClassTreeWalk).
+    """
     if fold not in FOLDS:
         raise DatasetError(f"fold must be one of {FOLDS}, got {fold}")
     if not root.exists():
         raise DatasetError(f"data path does not exist: {root}")
     if not root.is_dir():
         raise DatasetError(f"data path is not a folder: {root}")
-    videos_by_folder: Dict[str, List[str]] = {}
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir() and not entry.name.startswith(".") and entry.name.lower() != SPLIT_LIST_FOLDER:
-            videos = _videos_under(entry, root)
-            if videos:
-                videos_by_folder[entry.name] = videos
-    if not videos_by_folder:
+    walk = _ClassTreeWalk(root)
+    walk.run()
+    videos_by_folder = {folder: sorted(videos, key=_walk_order) for folder, videos in sorted(walk.videos.items())}
+    if not any(videos_by_folder.values()):
         raise DatasetError(f"no class folders with videos ({', '.join(VIDEO_EXTENSIONS)}) in data path: {root}")
 
     split_list_dir = find_split_list_dir(root)
@@ -117,16 +228,21 @@ def list_video_folder(root: Path, fold: int = 1) -> FolderListing:
     if class_index_file is not None and class_index_file.is_file():
         class_names = _read_class_index(class_index_file)
     else:
+        # Empty folders count: dropping one would renumber every later class and silently break old checkpoints.
         class_names = sorted(videos_by_folder)
     # UCF-101 mixes case between classInd and folders (HandstandPushups vs HandStandPushups), so match lower-case.
     label_of = {name.lower(): label for label, name in enumerate(class_names)}
     listing = FolderListing(root=root, class_names=class_names, videos=[], split_list_dir=split_list_dir)
+    listing.skipped_links = walk.skipped
     for folder, videos in videos_by_folder.items():
         label = label_of.get(folder.lower())
         if label is None:
-            listing.ignored_folders.append(folder)
+            if videos:
+                listing.ignored_folders.append(folder)
             continue
         listing.videos.extend((relative_path, label) for relative_path in videos)
+    with_videos = {label for _, label in listing.videos}
+    listing.empty_classes = [name for label, name in enumerate(class_names) if label not in with_videos]
 
     if split_list_dir is not None:
         on_disk = {relative_path.lower(): (relative_path, label) for relative_path, label in listing.videos}

@@ -339,6 +339,70 @@ def test_split_lists_inside_data_path(tmp_path):
     assert relative_paths(dataset) == sorted(path for path in GOOD_VIDEOS if "_g02_" in path)
 
 
+def labelled_paths(dataset):
+    return sorted((entry.path.relative_to(dataset.root).as_posix(), entry.label) for entry in dataset.entries)
+
+
+def test_symlink_aliases_and_loops_are_skipped_not_indexed_twice(tmp_path, caplog):
+    root = tmp_path / "clips"
+    write_video(root / "Apple/a.avi", 12)
+    write_video(root / "Mango/m.avi", 12)
+    write_video(tmp_path / "elsewhere/Zoo/z.avi", 12)
+    links = {
+        # link (relative to root): (target, what its one warning line must say)
+        "C": (".", "data root"),  # the whole tree again: once a phantom class "C" of duplicates
+        "AAlias": ("Apple", "alias of Apple"),  # sorts before its target: the real folder must still win
+        "Mango/up": ("..", "data root"),  # a loop inside a class folder
+        "Mango/again.avi": ("../Apple/a.avi", "alias of Apple/a.avi"),  # a second name of an indexed file
+        "Zoo2": (str(tmp_path / "elsewhere/Zoo"), "alias of Zoo"),  # second link to the same outside folder
+        "Gone": (str(tmp_path / "missing"), "broken"),
+    }
+    for link, (target, _) in links.items():
+        (root / link).symlink_to(target)
+    # A link to a real folder outside the tree that aliases nothing indexed is a class like any other.
+    (root / "Zoo").symlink_to(tmp_path / "elsewhere/Zoo")
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        dataset = build_dataset(config(root, dataset_name="folder", num_classes=3), split="all")
+    assert dataset.class_names == ["Apple", "Mango", "Zoo"] and dataset.num_classes == 3
+    assert labelled_paths(dataset) == [("Apple/a.avi", 0), ("Mango/m.avi", 1), ("Zoo/z.avi", 2)]
+    messages = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    for link, (target, reason) in links.items():
+        lines = [message for message in messages if f"{root / link} -> " in message]
+        assert len(lines) == 1 and reason in lines[0] and "\n" not in lines[0], (link, messages)
+    assert not [message for message in messages if f"{root / 'Zoo'} -> " in message]
+    assert sorted(path for path, _ in dataset.listing.skipped_links) == sorted(links)
+    again = build_dataset(config(root, dataset_name="folder"), split="all")  # from the index cache: same listing
+    assert again.index_stats["reused"] == 3 and labelled_paths(again) == labelled_paths(dataset)
+
+
+def test_empty_class_folder_keeps_its_label_and_is_named(tmp_path, caplog):
+    root = tmp_path / "clips"
+    write_video(root / "Apple/a.avi", 12)
+    (root / "Banana").mkdir()
+    (root / "Banana/notes.txt").write_text("no videos yet")
+    write_video(root / "Cherry/c.avi", 12)
+    (root / "Durian").mkdir()
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        dataset = build_dataset(config(root, dataset_name="folder", num_classes=4), split="all")
+    # Dropping an empty folder would renumber Cherry to 1 and break every checkpoint trained before it emptied.
+    assert dataset.class_names == ["Apple", "Banana", "Cherry", "Durian"] and dataset.num_classes == 4
+    assert labelled_paths(dataset) == [("Apple/a.avi", 0), ("Cherry/c.avi", 2)]
+    lines = [record.getMessage() for record in caplog.records if "Banana" in record.getMessage()]
+    assert len(lines) == 1 and "Durian" in lines[0] and str(root) in lines[0] and "no videos" in lines[0]
+
+    # With classInd.txt the labels follow it; a listed class with no videos (empty or no folder) is named too.
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("1 Cherry\n2 Banana\n3 Apple\n4 Fig\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        listed = build_dataset(config(root, dataset_name="folder"), split="all")
+    assert listed.class_names == ["Cherry", "Banana", "Apple", "Fig"] and listed.num_classes == 4
+    assert labelled_paths(listed) == [("Apple/a.avi", 2), ("Cherry/c.avi", 0)]
+    lines = [record.getMessage() for record in caplog.records if "Banana" in record.getMessage()]
+    assert len(lines) == 1 and "Fig" in lines[0] and "no videos" in lines[0]
+
+
 def test_cli_prints_summary(ucf_root, capsys):
     from datasets.__main__ import main
 
