@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from evals.i3d import MIN_FRAMES, InceptionI3d, preprocess_for_i3d
+from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
 from evals.recon import to_uint8_videos
 
 DETECTOR_ENV = "CMD_I3D_PATH"
@@ -167,10 +167,11 @@ def extract_features(
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = False,
     total: Optional[int] = None,
+    name: str = "videos",
 ) -> np.ndarray:
     """Detector features (N, D) in float64 for uint8 videos N x T x H x W x 3 (or an iterable of such batches).
 
-    `total` only sizes the progress bar when `videos` is an iterable.
+    `total` only sizes the progress bar when `videos` is an iterable; `name` says which input an error is about.
     """
     if device is not None:
         detector.to(device)
@@ -189,15 +190,26 @@ def extract_features(
     if progress_bar is not None:
         progress_bar.close()
     if not features:
-        raise ValueError("no videos given to extract features from")
-    return np.concatenate(features, axis=0)
+        raise ValueError(f"{name}: no videos to extract features from")
+    features = np.concatenate(features, axis=0)
+    # Checked here, where the input is still known: a NaN reaching the eigensolvers only says
+    # "Eigenvalues did not converge", naming neither the input nor the detector.
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{name}: detector {detector.name} gave non-finite features (NaN/inf) for {int(bad.sum())} of "
+            f"{len(features)} videos, first video {int(np.argmax(bad))}; check these videos and the detector file"
+        )
+    return features
 
 
-def compute_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def compute_stats(features: np.ndarray, name: str = "features") -> Tuple[np.ndarray, np.ndarray]:
     """Mean and covariance in float64; covariance divides by N like StyleGAN-V (the protocol FVD numbers use)."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty (N, D) array, got shape {features.shape}")
+        raise ValueError(f"{name} must be a non-empty (N, D) array, got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError(f"{name} are not finite (NaN/inf in {int((~np.isfinite(features)).any(axis=1).sum())} rows)")
     mean = features.mean(axis=0)
     centered = features - mean
     return mean, centered.T @ centered / features.shape[0]
@@ -218,6 +230,10 @@ def frechet_distance_from_stats(
     for name, array, shape in expected_shapes:
         if array.shape != shape:
             raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+    # Statistics can come from a cache file or a caller: NaN would otherwise surface as a solver failure.
+    for name, array in (("mu_a", mu_a), ("sigma_a", sigma_a), ("mu_b", mu_b), ("sigma_b", sigma_b)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} is not finite (contains NaN/inf)")
     eigenvalues, eigenvectors = np.linalg.eigh((sigma_a + sigma_a.T) / 2)
     root_a = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
     middle = root_a @ sigma_b @ root_a
@@ -230,14 +246,48 @@ def frechet_distance_from_stats(
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets."""
-    return frechet_distance_from_stats(*compute_stats(features_a), *compute_stats(features_b))
+    stats_a, stats_b = compute_stats(features_a, "features_a"), compute_stats(features_b, "features_b")
+    return frechet_distance_from_stats(*stats_a, *stats_b)
 
 
-def compute_fvd(real_videos, fake_videos, detector: VideoFeatureDetector, batch_size: int = 16) -> float:
-    """FVD between two uint8 (N, T, H, W, 3) video sets (arrays, tensors or iterables of batches)."""
-    real = extract_features(real_videos, detector, batch_size=batch_size)
-    fake = extract_features(fake_videos, detector, batch_size=batch_size)
-    return frechet_distance(real, fake)
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(size)) for size in shape)
+
+
+def _same_clip_shapes(videos, role: str, reference: dict, batch_size: int, allow_resize: bool):
+    """Yield the batches of `videos`, refusing a clip shape (T, H, W) that differs from the first one seen.
+
+    `reference` is shared by both sides, so the fake set is held to the real set's shape as it streams.
+    """
+    for batch in _batches(videos, batch_size):
+        shape = tuple(int(size) for size in batch.shape[1:4])
+        first_role, first = reference.setdefault("shape", (role, shape))
+        frames_differ = shape[0] != first[0]
+        if frames_differ or (shape[1:] != first[1:] and not allow_resize):
+            remedy = ("truncate both to the same number of frames" if frames_differ else
+                      f"pass allow_resize=True to let the detector resize both to {INPUT_SIZE}x{INPUT_SIZE}")
+            raise ValueError(
+                f"clip shapes differ: {first_role} videos are {_shape_text(first)}, {role} videos are "
+                f"{_shape_text(shape)} (frames x height x width); {remedy}"
+            )
+        yield batch
+
+
+def compute_fvd(
+    real_videos, fake_videos, detector: VideoFeatureDetector, batch_size: int = 16, allow_resize: bool = False
+) -> float:
+    """FVD between two uint8 (N, T, H, W, 3) video sets (arrays, tensors or iterables of batches).
+
+    Both sets must have the same clip shape (frames x height x width). Each detector brings every clip to its
+    224x224 input itself, so sets of different frame sizes can be scored, but the value then partly measures
+    the resize: that takes allow_resize=True.
+    """
+    reference: dict = {}
+    real = extract_features(_same_clip_shapes(real_videos, "real", reference, batch_size, allow_resize), detector,
+                            batch_size=batch_size, name="real videos")
+    fake = extract_features(_same_clip_shapes(fake_videos, "fake", reference, batch_size, allow_resize), detector,
+                            batch_size=batch_size, name="fake videos")
+    return frechet_distance_from_stats(*compute_stats(real, "real features"), *compute_stats(fake, "fake features"))
 
 
 def fvd_protocol_name(num_videos: int, n_frames: int) -> str:
@@ -275,19 +325,44 @@ class VideoSource:
         return {"kind": self.kind, "path": str(resolved), "mtime": max(mtimes)}
 
 
+def _is_video_name(name: str) -> bool:
+    # The same rule as datasets/video_index.py: hidden files (e.g. macOS "._clip.mp4" resource forks) are not videos.
+    return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
+
+
 def _list_video_files(folder: Path) -> List[Path]:
-    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS)
+    return sorted(path for path in folder.iterdir() if path.is_file() and _is_video_name(path.name))
+
+
+def _class_folders(folder: Path) -> List[Path]:
+    # Hidden folders (the datasets index cache, .git, ...) are not classes.
+    return [child for child in folder.iterdir() if child.is_dir() and not child.name.startswith(".")]
 
 
 def _open_npz(role: str, path: str) -> VideoSource:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{role} videos file not found: {path}")
-    with np.load(path) as archive:
+    try:
+        archive = np.load(path)  # allow_pickle stays False: an .npz of videos never needs code execution
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        # An empty or truncated file fails inside numpy with a message that does not name the file.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: not a readable .npz archive ({reason})") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds one bare array, not an .npz archive with key 'videos' (np.savez)")
+    with archive:
         if "videos" not in archive.files:
-            raise ValueError(f"{path}: no key 'videos' (found {sorted(archive.files)})")
-        videos = archive["videos"]
+            found = f"found {sorted(archive.files)}" if archive.files else "the archive is empty"
+            raise ValueError(f"{path}: no key 'videos' ({found})")
+        try:
+            videos = archive["videos"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{path}: cannot read 'videos' ({reason})") from error
     if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
         raise ValueError(f"{path}: 'videos' must be uint8 (N, T, H, W, 3), got {videos.dtype} {videos.shape}")
+    if videos.shape[0] == 0:
+        raise ValueError(f"{path}: 'videos' holds no videos (shape {videos.shape})")
     return VideoSource(role, "npz", path, count=videos.shape[0], n_frames=videos.shape[1],
                        resolution=(videos.shape[2], videos.shape[3]), videos=videos)
 
@@ -319,9 +394,18 @@ def _open_source(role: str, path: str, args: argparse.Namespace) -> VideoSource:
     if not folder.is_dir():
         raise FileNotFoundError(f"{role} videos not found: {path} (expected an .npz file or a folder)")
     files = _list_video_files(folder)
-    if files and args.dataset_name is None:
+    classes = _class_folders(folder)
+    name = (args.dataset_name or "").lower()
+    # Video files directly in the folder are read as they are; so is a flat folder named "folder": the datasets
+    # loader of that name only reads class subfolders, and a flat folder of samples has none.
+    if files and (not name or (name == "folder" and not classes)):
         return VideoSource(role, "folder", path, count=len(files), files=files)
-    if not any(child.is_dir() for child in folder.iterdir()):
+    if not classes:
+        if files:
+            raise ValueError(
+                f"{path}: {len(files)} video files but no class folders, which --dataset-name {args.dataset_name} "
+                "reads; omit --dataset-name (or use 'folder') to read the files as they are"
+            )
         raise ValueError(f"{path}: no video files ({', '.join(VIDEO_EXTENSIONS)}) and no class folders")
     return VideoSource(role, "dataset", path)
 
@@ -367,6 +451,13 @@ def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, args: a
             yield to_uint8_videos(batch["x"])
 
 
+def _clip_shape_mismatch(real: VideoSource, fake: VideoSource, shapes: Sequence[Sequence[int]], remedy: str) -> str:
+    return (
+        f"clip shapes differ: real '{real.path}' is {_shape_text(shapes[0])}, fake '{fake.path}' is "
+        f"{_shape_text(shapes[1])} (frames x height x width); {remedy}"
+    )
+
+
 def _choose_frames(real: VideoSource, fake: VideoSource, requested: Optional[int]) -> int:
     if requested is not None:
         for source in (real, fake):
@@ -374,21 +465,45 @@ def _choose_frames(real: VideoSource, fake: VideoSource, requested: Optional[int
                 raise ValueError(f"{source.path}: has {source.n_frames} frames, fewer than --n-frames {requested}")
         return requested
     if real.n_frames is not None and fake.n_frames is not None and real.n_frames != fake.n_frames:
-        raise ValueError(
-            f"mismatched frame counts: real {real.n_frames}, fake {fake.n_frames} (pass --n-frames to truncate)"
-        )
+        # Only .npz sides fix their frame count, so both have a resolution to show too.
+        shapes = [(source.n_frames, *source.resolution) for source in (real, fake)]
+        raise ValueError(_clip_shape_mismatch(real, fake, shapes, "pass --n-frames N to compare the first N frames"))
     return real.n_frames or fake.n_frames or 16
+
+
+def _frame_size(source: VideoSource) -> Tuple[int, int]:
+    """(H, W) of a source's frames; a folder's is its first file's (the reader refuses files that differ)."""
+    if source.resolution is None and source.kind == "folder":
+        source.resolution = tuple(int(size) for size in _read_video_frames(source.files[0], 1).shape[1:3])
+    return source.resolution
 
 
 def _choose_resolution(real: VideoSource, fake: VideoSource, args: argparse.Namespace) -> Optional[Tuple[int, int]]:
     if args.resolution is not None:
         return (args.resolution[0], args.resolution[1])
     for source in (fake, real):
-        if source.resolution is not None:
-            return source.resolution
-        if source.kind == "folder":
-            return _read_video_frames(source.files[0], 1).shape[1:3]
+        if source.kind != "dataset":
+            return _frame_size(source)
     return None
+
+
+def _check_frame_sizes(real: VideoSource, fake: VideoSource, n_frames: int, allow_resize: bool) -> Optional[str]:
+    """Refuse real and fake frames of different sizes unless allow_resize; then return a note saying so.
+
+    Both detectors resize every clip to their 224x224 input, so different sizes do give a number, but it mostly
+    measures the resize (32x32 against 64x64 reads as a huge distance): comparing them must be asked for.
+    """
+    sizes = [_frame_size(source) for source in (real, fake)]
+    if tuple(sizes[0]) == tuple(sizes[1]):
+        return None
+    if not allow_resize:
+        shapes = [(n_frames, *size) for size in sizes]
+        remedy = f"pass --allow-resize to let the detector resize both to its {INPUT_SIZE}x{INPUT_SIZE} input"
+        raise ValueError(_clip_shape_mismatch(real, fake, shapes, remedy))
+    return (
+        f"real {_shape_text(sizes[0])} and fake {_shape_text(sizes[1])} frames both resized by the detector to "
+        f"{INPUT_SIZE}x{INPUT_SIZE} (--allow-resize)"
+    )
 
 
 def _choose_count(real: VideoSource, fake: VideoSource, requested: Optional[int]) -> int:
@@ -418,11 +533,16 @@ def _real_stats(real, detector, detector_path, settings, args) -> Tuple[np.ndarr
     cache_file = None if args.no_cache else _cache_file(args.cache_dir, real, detector_path, settings)
     if cache_file is not None and cache_file.is_file():
         with np.load(cache_file) as cached:
-            print(f"real statistics: loaded from cache {cache_file}", file=sys.stderr)
-            return cached["mu"], cached["sigma"]
+            mu, sigma = cached["mu"], cached["sigma"]
+        # Versions before the feature check cached whatever the detector gave, NaN included.
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"{cache_file}: cached real statistics are not finite; delete the file or pass --no-cache")
+        print(f"real statistics: loaded from cache {cache_file}", file=sys.stderr)
+        return mu, sigma
     batches = _iterate_source(real, settings["num_videos"], settings["n_frames"], args)
     num_videos = settings["num_videos"]
-    features = extract_features(batches, detector, args.batch_size, progress=args.progress, total=num_videos)
+    features = extract_features(batches, detector, args.batch_size, progress=args.progress, total=num_videos,
+                                name=f"real '{real.path}'")
     mu, sigma = compute_stats(features)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -454,9 +574,13 @@ def run(args: argparse.Namespace) -> float:
                 raise ValueError(f"{source.path}: pass --resolution H W to read this dataset")
             source.dataset = _build_dataset(source, n_frames, resolution, args)
             source.count = len(source.dataset)
+            source.resolution = tuple(resolution)
+    resize_note = _check_frame_sizes(real, fake, n_frames, args.allow_resize)
     num_videos = _choose_count(real, fake, args.num_videos)
     protocol = fvd_protocol_name(num_videos, n_frames)
     print(f"{real.describe()} | {fake.describe()} | detector {detector.name} | {protocol}", file=sys.stderr)
+    if resize_note:
+        print(f"note: {resize_note}", file=sys.stderr)
     settings = {
         "num_videos": num_videos, "n_frames": n_frames, "seed": args.seed, "split": args.split,
         "dataset_name": args.dataset_name,
@@ -464,16 +588,25 @@ def run(args: argparse.Namespace) -> float:
     }
     mu_real, sigma_real = _real_stats(real, detector, detector_path, settings, args)
     fake_batches = _iterate_source(fake, num_videos, n_frames, args)
-    fake_features = extract_features(fake_batches, detector, args.batch_size, progress=args.progress, total=num_videos)
+    fake_features = extract_features(fake_batches, detector, args.batch_size, progress=args.progress, total=num_videos,
+                                     name=f"fake '{fake.path}'")
     mu_fake, sigma_fake = compute_stats(fake_features)
     value = frechet_distance_from_stats(mu_real, sigma_real, mu_fake, sigma_fake)
-    print(f"{protocol}: {value:.4f}")
+    # The resize goes on the result line too: a value logged from stdout alone must not pass for a like-for-like one.
+    print(f"{protocol}: {value:.4f}" + (f" [{resize_note}]" if resize_note else ""))
     print(f"{value:.6f}")
     return value
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="FVD between real and generated videos (StyleGAN-V protocol).")
+    parser = argparse.ArgumentParser(
+        description="FVD between real and generated videos (StyleGAN-V protocol).",
+        epilog="Real and fake clips must have the same shape (frames x height x width). Two .npz files of different "
+        "frame counts are refused unless --n-frames N compares the first N frames of both (folders and datasets "
+        "give the frames asked for); frames of different sizes are refused unless --allow-resize. A folder is "
+        f"read as its video files ({', '.join(VIDEO_EXTENSIONS)}) when it holds some (also with --dataset-name "
+        "folder if it has no class subfolders), else as a dataset tree of class folders.",
+    )
     parser.add_argument("--real", required=True,
                         help=".npz (key 'videos', uint8 NxTxHxWx3), folder of video files, or dataset tree")
     parser.add_argument("--fake", required=True, help="same forms as --real")
@@ -482,6 +615,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--n-frames", type=int, default=None, help="frames per clip; default: from the .npz side(s)")
     parser.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="dataset clip size; default: the other side's frame size")
+    parser.add_argument("--allow-resize", action="store_true",
+                        help=f"compare real and fake frames of different sizes; the detector resizes both to its "
+                        f"{INPUT_SIZE}x{INPUT_SIZE} input and the result line says so (default: refuse)")
     parser.add_argument("--dataset-name", default=None, help="datasets.build_dataset name (default UCF101 for a tree)")
     parser.add_argument("--split", default="train", help="dataset split (train | test | all)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -499,7 +635,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # First line only: the contract is one line, whatever a library put in its message.
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -280,7 +280,8 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, npz_pair, torchscript
     longer = tmp_path / "longer.npz"
     np.savez(longer, videos=random_videos(12, 2, frames=FRAMES + 2))
     code, _, err = run_cli(capsys, ["--real", real, "--fake", longer] + base)
-    assert code == 2 and "mismatched frame counts" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "clip shapes differ" in err and len(err.strip().splitlines()) == 1
+    assert f"'{real}' is {FRAMES}x16x16" in err and f"'{longer}' is {FRAMES + 2}x16x16" in err and "--n-frames" in err
 
     code, _, err = run_cli(capsys, ["--real", tmp_path / "absent.npz", "--fake", fake] + base)
     assert code == 2 and "absent.npz" in err
@@ -359,6 +360,163 @@ def test_cli_real_statistics_from_the_synthetic_dataset(capsys, tmp_path, npz_pa
     assert code == 0, err
     assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
     assert len(list((tmp_path / "cache").glob(f"fvd2_{FRAMES}f-synthetic-*.npz"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------- trust boundaries
+
+
+class NaNForBlackI3D(torch.nn.Module):
+    """A TorchScript stand-in whose features are NaN for an all-black clip (a broken detector or input)."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        mean = x.float().flatten(1).mean(dim=1, keepdim=True)
+        features = mean.repeat(1, 4) * torch.arange(1, 5).float()
+        return torch.where(mean > 0, features, torch.full_like(features, float("nan")))
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nan_detector") / "nan_for_black.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(NaNForBlackI3D()), str(path))
+    return path
+
+
+def one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) >= 1 and lines[-1].startswith("error: "), err
+    assert not any(line.startswith("Traceback") for line in lines), err
+    return lines[-1]
+
+
+def test_cli_refuses_different_frame_sizes_unless_allow_resize(capsys, tmp_path, torchscript_checkpoint):
+    small, large = tmp_path / "real32.npz", tmp_path / "fake64.npz"
+    np.savez(small, videos=random_videos(30, 2, size=16))
+    np.savez(large, videos=random_videos(31, 2, size=24))
+    base = ["--real", small, "--fake", large, "--detector", torchscript_checkpoint, "--no-cache", "--device", "cpu"]
+    code, out, err = run_cli(capsys, base)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    line = one_line_error(err)
+    assert f"'{small}' is {FRAMES}x16x16" in line and f"'{large}' is {FRAMES}x24x24" in line
+    assert "--allow-resize" in line
+
+    code, out, err = run_cli(capsys, base + ["--allow-resize"])
+    assert code == 0, err
+    result_line = out.strip().splitlines()[-2]
+    assert result_line.startswith(f"fvd2_{FRAMES}f: ")
+    assert "16x16" in result_line and "24x24" in result_line and "resized" in result_line and "224x224" in result_line
+    assert "note:" in err and "resized" in err
+    assert float(out.strip().splitlines()[-1]) > 0.0
+
+    # A dataset side read at an explicit --resolution that is not the other side's size is the same mismatch.
+    code, _, err = run_cli(capsys, ["--real", "synthetic", "--fake", small, "--resolution", 24, 24, "--detector",
+                                    torchscript_checkpoint, "--no-cache", "--device", "cpu"])
+    assert code == 2 and "'synthetic' is" in one_line_error(err) and "x24x24" in err and "x16x16" in err
+
+
+def test_compute_fvd_refuses_different_clip_shapes_unless_allowed(torchscript_checkpoint):
+    detector = fvd.load_detector(str(torchscript_checkpoint))
+    small, large = random_videos(32, 2, size=16), random_videos(33, 2, size=24)
+    with pytest.raises(ValueError, match=f"real videos are {FRAMES}x16x16, fake videos are {FRAMES}x24x24"):
+        fvd.compute_fvd(small, large, detector)
+    # As one-video batches from a generator: refused while streaming, before the fake set is scored.
+    with pytest.raises(ValueError, match="clip shapes differ"):
+        fvd.compute_fvd(small, (large[i : i + 1] for i in range(2)), detector, batch_size=1)
+    longer = random_videos(34, 2, frames=FRAMES + 1, size=16)
+    with pytest.raises(ValueError, match="frames"):
+        fvd.compute_fvd(small, longer, detector, allow_resize=True)  # resizing never covers the frame count
+    assert fvd.compute_fvd(small, large, detector, allow_resize=True) > 0.0
+
+
+def test_cli_non_finite_features_name_the_input(capsys, tmp_path, nan_checkpoint):
+    real, black = tmp_path / "real.npz", tmp_path / "black.npz"
+    np.savez(real, videos=random_videos(40, 3))
+    np.savez(black, videos=np.zeros((3, FRAMES, 16, 16, 3), dtype=np.uint8))
+    base = ["--detector", nan_checkpoint, "--no-cache", "--device", "cpu"]
+    code, _, err = run_cli(capsys, ["--real", real, "--fake", black] + base)
+    line = one_line_error(err)
+    assert code == 2 and line.startswith(f"error: fake '{black}': ")
+    assert "non-finite features" in line and "3 of 3 videos" in line and "nan_for_black" in line
+    code, _, err = run_cli(capsys, ["--real", black, "--fake", real] + base)
+    assert code == 2 and one_line_error(err).startswith(f"error: real '{black}': ")
+
+
+def test_non_finite_features_and_statistics_are_named(nan_checkpoint):
+    detector = fvd.load_detector(str(nan_checkpoint))
+    videos = random_videos(41, 2)
+    black = np.zeros_like(videos)
+    with pytest.raises(ValueError, match="fake videos: detector .* non-finite features .* 2 of 2 videos"):
+        fvd.compute_fvd(videos, black, detector)
+    features = np.ones((3, 4))
+    features[1, 2] = np.nan
+    with pytest.raises(ValueError, match="features_b are not finite"):
+        fvd.frechet_distance(np.random.default_rng(0).normal(size=(3, 4)), features)
+    with pytest.raises(ValueError, match="mu_a is not finite"):
+        fvd.frechet_distance_from_stats(np.full(2, np.nan), np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_cli_refuses_a_cached_non_finite_real_statistic(capsys, tmp_path, npz_pair, torchscript_checkpoint):
+    real, fake = npz_pair
+    argv = ["--real", real, "--fake", fake, "--detector", torchscript_checkpoint, "--cache-dir", tmp_path / "cache",
+            "--device", "cpu"]
+    assert run_cli(capsys, argv)[0] == 0
+    (cache_file,) = (tmp_path / "cache").glob("*.npz")
+    with np.load(cache_file) as cached:
+        mu, sigma = cached["mu"], cached["sigma"]
+    mu[0] = np.nan  # what a run before the feature check could have cached
+    np.savez(cache_file, mu=mu, sigma=sigma, num_videos=2)
+    code, out, err = run_cli(capsys, argv)
+    assert code == 2 and str(cache_file) in one_line_error(err) and "--no-cache" in err and out == ""
+
+
+def test_cli_empty_or_unreadable_npz_names_the_file(capsys, tmp_path, npz_pair, torchscript_checkpoint):
+    _, fake = npz_pair
+    base = ["--fake", fake, "--detector", torchscript_checkpoint, "--no-cache", "--device", "cpu"]
+    no_videos = tmp_path / "no_videos.npz"
+    np.savez(no_videos, videos=np.zeros((0, FRAMES, 16, 16, 3), dtype=np.uint8))
+    code, _, err = run_cli(capsys, ["--real", no_videos] + base)
+    line = one_line_error(err)
+    assert code == 2 and str(no_videos) in line and "no videos" in line
+
+    zero_bytes = tmp_path / "zero_bytes.npz"
+    zero_bytes.write_bytes(b"")
+    code, _, err = run_cli(capsys, ["--real", zero_bytes] + base)
+    line = one_line_error(err)
+    assert code == 2 and str(zero_bytes) in line and "not a readable .npz" in line
+
+    empty_archive = tmp_path / "empty_archive.npz"
+    np.savez(empty_archive)
+    code, _, err = run_cli(capsys, ["--real", empty_archive] + base)
+    line = one_line_error(err)
+    assert code == 2 and str(empty_archive) in line and "'videos'" in line and "empty" in line
+
+    bare_array = tmp_path / "bare_array.npz"
+    with open(bare_array, "wb") as handle:
+        np.save(handle, random_videos(0, 1))
+    code, _, err = run_cli(capsys, ["--real", bare_array] + base)
+    line = one_line_error(err)
+    assert code == 2 and str(bare_array) in line and "'videos'" in line
+
+
+def test_cli_dataset_name_folder_reads_a_flat_folder_of_mp4s(capsys, tmp_path, npz_pair, torchscript_checkpoint):
+    real, _ = npz_pair
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for index, video in enumerate(random_videos(21, 3, frames=FRAMES + 1)):
+        write_mp4(video, folder / f"{index:03d}.MP4")  # upper-case extension: cameras write them
+    (folder / "._000.MP4").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork, not a video
+    (folder / ".cmd_index_cache").mkdir()  # hidden folders are not classes
+    base = ["--real", real, "--fake", folder, "--detector", torchscript_checkpoint, "--no-cache", "--device", "cpu"]
+    code, out, err = run_cli(capsys, base + ["--dataset-name", "folder"])
+    assert code == 0, err
+    assert f"fake: folder '{folder}'" in err
+    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
+
+    # UCF101 needs class subfolders: say so, and how to read the files instead.
+    code, _, err = run_cli(capsys, base + ["--dataset-name", "UCF101"])
+    line = one_line_error(err)
+    assert code == 2 and str(folder) in line and "3 video files" in line and "no class folders" in line
 
 
 # ---------------------------------------------------------------------------------------------- PSNR / SSIM
