@@ -141,7 +141,7 @@ def temp_files(ckpt_dir: Path) -> list:
 
 
 def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt_io.safe_torch_load(path)
 
 
 def assert_states_close(got: dict, want: dict, atol: float, keys=("model", "ema")) -> None:
@@ -471,6 +471,42 @@ def bad_input_case(name: str, trained, tmp: Path):
         Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(image)
         return (["sample.py", "--ae-ckpt", trained.ae_ckpt, "--motion-ckpt", trained.motion_ckpt, "--content-frame", image,
                  "--classes", "1,9", "--num-videos", 2, "--out-dir", tmp / "samples", "--quiet"], ["9", "--classes"], 1, None)
+    if name == "resume with another model size":
+        run_dir = copy_run(trained.ae_dir, results)
+        return ([*AE, "--results-dir", results, "--resume", run_dir, "--max-steps", AE_STEPS + 2, "model.hidden_size=64"],
+                [run_dir, "model.hidden_size: 32 -> 64"], 1, run_dir)
+    if name == "resume with another DiT":
+        run_dir = copy_run(trained.motion_dir, results)
+        return ([*motion_args(trained.ae_ckpt), "--results-dir", results, "--resume", run_dir, "--max-steps", 25,
+                 "--model", "MotionDiT-S/2"], ["model.name: MotionDiT-T/2 -> MotionDiT-S/2"], 1, run_dir)
+    if name == "resume with another autoencoder":
+        run_dir = copy_run(trained.motion_dir, results)
+        other = perturbed_autoencoder(trained.ae_ckpt, tmp / "other_ae.pt")
+        return ([*motion_args(other), "--results-dir", results, "--resume", run_dir, "--max-steps", 25],
+                [run_dir, other, "another autoencoder"], 1, run_dir)
+    if name == "resume auto of a named run with other data":
+        run_dir = copy_run(trained.ae_dir, results)
+        return ([*AE, "--results-dir", results, "--exp-name", "ae", "--resume", "auto", "--max-steps", AE_STEPS + 2,
+                 "data.synthetic_size=64"], [run_dir, "data.synthetic_size"], 1, run_dir)
+    if name == "sample with another autoencoder":
+        other = perturbed_autoencoder(trained.ae_ckpt, tmp / "other_ae.pt")
+        return (["sample.py", "--ae-ckpt", other, "--motion-ckpt", trained.motion_ckpt, "--content-ckpt",
+                 trained.content_ckpt, "--num-videos", 1, "--out-dir", tmp / "samples", "--quiet"],
+                [trained.motion_ckpt, trained.ae_ckpt, "--allow-ae-mismatch"], 1, None)
+    if name == "foreign weights of the right keys":
+        foreign = tmp / "foreign_ae.pt"
+        ckpt = load(trained.ae_ckpt)
+        key = sorted(ckpt["ema"])[3]
+        for name_ in ("model", "ema"):
+            ckpt[name_][key] = torch.zeros(tuple(ckpt[name_][key].shape) + (2,))
+        torch.save(ckpt, foreign)
+        return ([*motion_args(foreign), "--results-dir", results, "--max-steps", 1], [foreign, f"'{key}'"], 1, None)
+    if name == "results dir under a file":
+        blocker = tmp / "a_file"
+        blocker.write_text("not a folder")
+        return [*AE, "--results-dir", blocker / "results", "--max-steps", 1], ["--results-dir", blocker / "results"], 1, None
+    if name == "results dir on a pseudo file system":
+        return [*AE, "--results-dir", "/proc/cmd_results", "--max-steps", 1], ["--results-dir", "/proc/cmd_results"], 1, None
     if name == "results folder holds a run":
         run_dir = copy_run(trained.ae_dir, results)
         return [*AE, "--results-dir", results, "--exp-name", "ae", "--max-steps", 2], [run_dir, "already holds a run"], 1, run_dir
@@ -481,7 +517,10 @@ BAD_INPUTS = ["missing data path", "data path not given", "empty data folder", "
               "ae-ckpt is a motion checkpoint", "ae-ckpt auto finds no autoencoder", "sample ae-ckpt is a motion checkpoint",
               "sample motion-ckpt is a content checkpoint", "sample content-ckpt is a motion checkpoint", "resume from another stage",
               "resume from a torn file", "ae frames differ from data", "ae resolution differs from data",
-              "unknown config key", "class id out of range", "results folder holds a run"]
+              "unknown config key", "class id out of range", "results folder holds a run", "resume with another model size",
+              "resume with another DiT", "resume with another autoencoder", "resume auto of a named run with other data",
+              "sample with another autoencoder", "foreign weights of the right keys", "results dir under a file",
+              "results dir on a pseudo file system"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -507,6 +546,116 @@ def test_resume_from_a_file_outside_any_run_folder_writes_only_under_results(tra
     assert [p.name for p in downloads.iterdir()] == ["ae.pt"]
     finals = list(results.glob("*/checkpoints/last.pt"))
     assert len(finals) == 1 and load(finals[0])["step"] == AE_STEPS + 1
+
+
+def perturbed_autoencoder(ae_ckpt: Path, target: Path) -> Path:
+    """The same autoencoder layout with other weights (what another training run would give)."""
+    ckpt = load(ae_ckpt)
+    for name in ("model", "ema"):
+        ckpt[name] = {key: value + 0.01 if value.is_floating_point() else value for key, value in ckpt[name].items()}
+    torch.save(ckpt, target)
+    return target
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when it is unpickled: what a hostile checkpoint holds."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(trained, tmp_path):
+    """A .pt with the right entries whose pickle runs a command: every loader refuses it in one line, nothing runs."""
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "run" / "checkpoints" / "last.pt"
+    hostile.parent.mkdir(parents=True)
+    ckpt = load(trained.ae_ckpt)
+    ckpt["payload"] = _RunsCode(marker)
+    torch.save(ckpt, hostile)
+    with pytest.raises(ckpt_io.CheckpointError, match="pickled object .*never run code"):
+        ckpt_io.load_checkpoint(hostile)
+    assert ckpt_io.latest_checkpoint_in_run(tmp_path / "run") is None  # passed over like a torn file
+    for args in (["sample.py", "--ae-ckpt", hostile, "--motion-ckpt", trained.motion_ckpt, "--content-ckpt",
+                  trained.content_ckpt, "--num-videos", 1, "--out-dir", tmp_path / "samples", "--quiet"],
+                 [*AE, "--results-dir", tmp_path / "results", "--resume", hostile, "--max-steps", AE_STEPS + 1]):
+        assert_one_line_error(run_script(args), hostile, "never run code", exit_code=1)
+    assert not marker.exists(), "loading the checkpoint ran its code"
+
+
+def test_checkpoints_of_an_older_version_with_numpy_rng_state_still_load(trained, tmp_path):
+    """Checkpoints from before the RNG states were tensors hold numpy's state tuple: they load weights-only and
+    resume with that exact numpy stream."""
+    legacy = load(trained.ae_ckpt)
+    state = np.random.RandomState(7).get_state()
+    legacy["rng"] = [{**legacy["rng"][0], "numpy": state}]
+    legacy.pop("samples_seen")
+    legacy["data_position"] = AE_STEPS * 4
+    path = tmp_path / "legacy.pt"
+    torch.save(legacy, path)
+    loaded = ckpt_io.load_checkpoint(path)
+    assert np.array_equal(loaded["rng"][0]["numpy"][1], state[1])
+    from training.run import _samples_seen, _set_rng_state
+
+    _set_rng_state(loaded["rng"][0])
+    assert np.random.rand() == np.random.RandomState(7).rand()
+    assert _samples_seen(loaded) == AE_STEPS * 4
+
+
+def test_resume_applies_a_changed_learning_rate_and_batch_size_and_says_so(trained, tmp_path):
+    """The rule: optimiser and batch settings changed on resume apply, the log says so, the checkpoint records what
+    trained, and the data stream continues at the exact clip (counted in clips, not steps)."""
+    run_dir = copy_run(trained.ae_dir, tmp_path / "results")
+    old_lr = load(trained.ae_ckpt)["config"]["optim"]["lr"]
+    run_python([*AE, "--results-dir", tmp_path / "results", "--resume", run_dir, "--max-steps", AE_STEPS + 2,
+                "--ckpt-every", 1, "optim.lr=1e-5", "train.global_batch_size=8"])
+    log = (run_dir / "log.txt").read_text()
+    assert f"resume: optim.lr {old_lr} -> 1e-05 (applied)" in log, log[-2000:]
+    assert f"resume: train.global_batch_size 4 -> 8 (applied); the data stream continues at clip {AE_STEPS * 4}" in log
+    for step, seen in ((AE_STEPS + 1, AE_STEPS * 4 + 8), (AE_STEPS + 2, AE_STEPS * 4 + 16)):
+        ckpt = load(run_dir / "checkpoints" / f"{step:07d}.pt")
+        assert ckpt["samples_seen"] == seen
+        assert ckpt["config"]["optim"]["lr"] == 1e-5
+        assert {group["lr"] for group in ckpt["opt"]["param_groups"]} == {1e-5}
+
+
+def test_resume_auto_passes_over_a_run_with_other_data_and_leaves_it_alone(trained, tmp_path):
+    results = tmp_path / "results"
+    other = copy_run(trained.ae_dir, results)
+    before = snapshot(other)
+    run_python([*AE, "--results-dir", results, "--resume", "auto", "--max-steps", 2, "data.synthetic_size=64"])
+    assert_untouched(other, before)
+    new_runs = [p for p in results.iterdir() if p != other]
+    assert [p.name for p in new_runs] == ["000-autoencoder"]
+    log = (new_runs[0] / "log.txt").read_text()
+    assert f"resume auto: not continuing {other}: its settings differ (data.synthetic_size: " in log, log[-2000:]
+    assert load(new_runs[0] / "checkpoints" / "last.pt")["step"] == 2
+
+
+def _claim(results, barrier, queue):
+    from training.run import claim_run_dir
+
+    barrier.wait()
+    queue.put(claim_run_dir(Path(results), "motion").name)
+
+
+def test_run_folders_claimed_at_the_same_instant_are_distinct(tmp_path):
+    """Runs started together in one --results-dir (no --exp-name) each get their own NNN-stage folder."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for index in range(300):
+        (tmp_path / f"{index:03d}-content").mkdir()
+    barrier, queue = context.Barrier(6), context.Queue()
+    workers = [context.Process(target=_claim, args=(tmp_path, barrier, queue)) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    names = sorted(queue.get(timeout=5) for _ in workers)
+    assert names == [f"{index:03d}-motion" for index in range(300, 306)], names
 
 
 # ---- 7. damaged videos in the training data --------------------------------------------------------------------------

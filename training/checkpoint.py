@@ -1,14 +1,18 @@
-"""Self-describing checkpoints: atomic writes, prefix-tolerant loading, stage checks, resume lookup."""
+"""Self-describing checkpoints: atomic writes, safe (weights-only) loading, stage checks, resume lookup."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 STEP_FILE = re.compile(r"^(\d{7})\.pt$")
+UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
+UNSAFE_CLASS = re.compile(r"got <class '([^']+)'>")
 
 
 class CheckpointError(ValueError):
@@ -54,15 +58,41 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
+# Checkpoints written before the RNG states were stored as tensors hold numpy's RNG key array (uint32). These
+# three globals can only rebuild a numeric array: an object array would need further, still refused, globals.
+_LEGACY_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                         getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
+def safe_torch_load(path, map_location="cpu", mmap: bool = False):
+    """torch.load that can only build tensors and plain Python values: a file whose pickle would import or call
+    anything else (code execution, foreign classes) is refused by torch's weights-only unpickler, never run."""
+    with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """One line for a file torch.load refused: torch's own message spans many lines and suggests
+    weights_only=False, which would execute whatever the file holds."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        unsafe = UNSAFE_GLOBAL.search(text) or UNSAFE_CLASS.search(text)
+        what = unsafe.group(1).rstrip(".,") if unsafe else "an object"
+        return (f"checkpoint {path} refused: it holds a pickled object ({what}) besides tensors and plain values; "
+                f"checkpoints are loaded weights-only and never run code")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"checkpoint {path} cannot be read ({type(exc).__name__}: {first})"
+
+
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """Loads one of our checkpoints (mmap=True reads tensors lazily: cheap for checks of its metadata)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-    except Exception as exc:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        ckpt = safe_torch_load(path, map_location, mmap)
+    except Exception as exc:  # torch raises several types for a damaged or unsafe file
+        raise CheckpointError(_load_failure(path, exc)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint written by this repo (no 'model'/'config' entries)")
     return ckpt
@@ -81,6 +111,37 @@ def model_weights(ckpt: dict, prefer_ema: bool = True) -> dict:
     """The weights to sample with: EMA when present and preferred, else the raw model."""
     state = ckpt["ema"] if prefer_ema and ckpt.get("ema") is not None else ckpt["model"]
     return strip_prefixes(state)
+
+
+def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
+    """module.load_state_dict(state), strict, refusing foreign weights with one line that names `path` and the
+    first tensor that is missing, unexpected or of another shape (load_state_dict's own error lists them all)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its {what} are not a state dict")
+    expected = module.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: its {what} do not fit this model: tensor '{key}' is missing")
+        got = state[key]
+        if not torch.is_tensor(got) or tuple(got.shape) != tuple(tensor.shape):
+            shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
+            raise CheckpointError(f"{path}: its {what} do not fit this model: tensor '{key}' has shape {shape}, "
+                                  f"the model expects {tuple(tensor.shape)}")
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        raise CheckpointError(f"{path}: its {what} do not fit this model: unexpected tensor '{unexpected[0]}'")
+    module.load_state_dict(state)
+
+
+def weights_fingerprint(state: dict) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and bytes (16 hex digits): which weights these are, whatever
+    file or folder they were copied to. The diffusion stages record their autoencoder's, and check it."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def step_checkpoints(ckpt_dir) -> list[Path]:
@@ -107,7 +168,7 @@ def latest_checkpoint_in_run(run_dir) -> Optional[Path]:
         if not candidate.is_file():
             continue
         try:
-            step = int(torch.load(candidate, map_location="cpu", weights_only=False, mmap=True).get("step", -1))
+            step = int(safe_torch_load(candidate, mmap=True).get("step", -1))
         except Exception:  # an unreadable file is skipped: the next older one is the fallback
             continue
         if step > best_step:
@@ -133,39 +194,128 @@ def _run_stage(run_dir: Path) -> Optional[str]:
         return None
 
 
-def resolve_resume(resume: Optional[str], results_dir, stage: str) -> Optional[Path]:
+def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
+                   notes: Optional[list] = None) -> Optional[Path]:
     """Maps `--resume` (a file, a run folder, or 'auto') to a checkpoint file, or None to start fresh.
 
-    'auto' picks the newest run folder of this stage under results_dir that holds a readable
-    checkpoint, and starts fresh when there is none (so a restarted job resumes by itself).
+    'auto' picks the newest run folder of this stage under results_dir (only `exp_name` when the config names
+    one) that holds a readable checkpoint and, given `cfg`, whose settings match it (`resume_differences`);
+    runs passed over are described in `notes`. It starts fresh when there is none, so a restarted job resumes
+    by itself. A file or run folder given by name is refused, in one line, when its settings differ.
     """
     if not resume:
         return None
     if resume == "auto":
-        for run_dir in reversed(find_run_dirs(results_dir, stage)):
+        exp_name = cfg.train.exp_name if cfg is not None else None
+        runs = [Path(results_dir) / exp_name] if exp_name else list(reversed(find_run_dirs(results_dir, stage)))
+        fingerprints: dict = {}
+        for run_dir in runs:
             found = latest_checkpoint_in_run(run_dir)
-            if found is not None:
+            if found is None:
+                continue
+            ckpt = load_stage_checkpoint(found, stage, mmap=True) if exp_name else _try_load(found, stage)
+            differences = resume_differences(ckpt, cfg, fingerprints) if cfg is not None and ckpt else []
+            if ckpt and not differences:
                 return found
+            if ckpt and exp_name:  # the named run folder cannot be continued and must not be reused either
+                raise CheckpointError(f"resume auto: {run_dir} holds a run whose settings differ from this command's: "
+                                      f"{'; '.join(differences)} (nothing was changed)")
+            if ckpt and notes is not None:
+                notes.append(f"resume auto: not continuing {run_dir}: its settings differ ({'; '.join(differences)})")
         return None
     path = Path(resume)
     if path.is_dir():
         found = latest_checkpoint_in_run(path)
         if found is None:
             raise CheckpointError(f"--resume {path}: no readable checkpoint in {path / 'checkpoints'}")
-        check_resumable(found, stage)
-        return found
-    if not path.is_file():
+        path = found
+    elif not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint file or run folder")
-    check_resumable(path, stage)
+    try:
+        ckpt = load_stage_checkpoint(path, stage, mmap=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}") from None
+    differences = resume_differences(ckpt, cfg) if cfg is not None else []
+    if differences:
+        raise CheckpointError(f"--resume {path}: this command's settings differ from the run's: {'; '.join(differences)} "
+                              f"(a run continues with the settings it started with; nothing was changed)")
     return path
 
 
-def check_resumable(path: Path, stage: str) -> None:
-    """Refuses an unreadable checkpoint or one of another stage before the run touches any folder."""
+def _try_load(path: Path, stage: str) -> Optional[dict]:
     try:
-        load_stage_checkpoint(path, stage, mmap=True)
-    except CheckpointError as exc:
-        raise CheckpointError(f"--resume: {exc}") from None
+        return load_stage_checkpoint(path, stage, mmap=True)
+    except CheckpointError:
+        return None
+
+
+# What a run learns, and from what: resuming with other values would load weights into another model, continue
+# another data stream, or train a denoiser in another latent space. Everything else (optimiser, batch size,
+# steps, logging, workers, mixed precision) may change on resume; TrainingRun.restore applies and logs it.
+RUN_DEFINING_KEYS = ("mode", "model", "data.dataset_name", "data.data_path", "data.resolution", "data.n_frames",
+                     "data.frame_stride", "data.split", "data.fold", "data.num_classes", "data.synthetic_size",
+                     "diffusion.diffusion_steps", "diffusion.noise_schedule", "diffusion.loss_type")
+FREE_KEYS = ("model.grad_checkpointing",)  # recomputation in the backward pass: the same model and numbers
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _comparable(key: str, value):
+    if value is None:
+        return None
+    if key == "data.data_path":
+        return os.path.realpath(os.path.expanduser(str(value)))
+    if key == "data.dataset_name":
+        return str(value).lower()
+    return value
+
+
+def resume_differences(ckpt: dict, cfg, fingerprints: Optional[dict] = None) -> list[str]:
+    """'key: run value -> this command's value' for every run-defining setting that differs between a checkpoint
+    and the config of the command that wants to continue it (empty: it may continue), the autoencoder included."""
+    from omegaconf import OmegaConf
+
+    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    old = _flat(ckpt["config"])
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        if not any(key == k or key.startswith(k + ".") for k in RUN_DEFINING_KEYS) or key in FREE_KEYS:
+            continue
+        before, after = _comparable(key, old.get(key)), _comparable(key, new.get(key))
+        if key == "data.num_classes" and (before is None or after is None):
+            continue  # recorded by the run from its dataset; a command that does not set it asks for the same data
+        if before != after:
+            differences.append(f"{key}: {old.get(key)} -> {new.get(key)}")
+    if "ae_ckpt" in new:
+        difference = _autoencoder_difference(ckpt, new["ae_ckpt"], fingerprints if fingerprints is not None else {})
+        if difference:
+            differences.append(difference)
+    return differences
+
+
+def _autoencoder_difference(ckpt: dict, ae_ckpt: str, fingerprints: dict) -> Optional[str]:
+    """A diffusion run's autoencoder is part of what it learned: its latent space. `ae_ckpt=auto` on resume means
+    the run's own autoencoder; another file is compared by the fingerprint of its weights."""
+    recorded_path = ckpt["config"].get("ae_ckpt")
+    recorded = ckpt["config"].get("ae_fingerprint")
+    if ae_ckpt == "auto" or not recorded:
+        if ae_ckpt == "auto" or recorded_path in (None, "auto"):
+            return None
+        same = os.path.realpath(ae_ckpt) == os.path.realpath(recorded_path)
+        return None if same else f"ae_ckpt: {recorded_path} -> {ae_ckpt}"
+    if ae_ckpt not in fingerprints:
+        fingerprints[ae_ckpt] = weights_fingerprint(model_weights(load_stage_checkpoint(ae_ckpt, "autoencoder")))
+    if fingerprints[ae_ckpt] != recorded:
+        return (f"autoencoder: {recorded_path} (weights {recorded}) -> {ae_ckpt} (weights {fingerprints[ae_ckpt]}), "
+                f"another autoencoder")
+    return None
 
 
 def remove_temp_files(ckpt_dir) -> None:

@@ -13,7 +13,7 @@ class InfiniteSampler(Sampler):
 
     Epoch e is a permutation seeded by (seed, e), padded to a multiple of the world size and dealt
     out round-robin (like DistributedSampler). Because the stream is a pure function of
-    (seed, rank, world_size), resuming at step k only needs `start = k * per_rank_batch`. The epoch
+    (seed, rank, world_size), resuming only needs `start` = clips drawn by all ranks / world size. The epoch
     travels with the index so that datasets drawing random clip starts stay reproducible even in
     persistent DataLoader workers, which never see `set_epoch`.
     """
@@ -56,9 +56,11 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, start_step: int,
+def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,
                 num_workers: int, pin_memory: bool) -> DataLoader:
-    sampler = InfiniteSampler(len(dataset), rank, world_size, seed, shuffle=True, start=start_step * batch_size)
+    """Batches of this rank's stream from item `start` on (global clips drawn so far / world size: the streams are
+    dealt round-robin from one permutation, so this holds exactly when the batch size changed on resume)."""
+    sampler = InfiniteSampler(len(dataset), rank, world_size, seed, shuffle=True, start=start)
     return DataLoader(
         dataset,
         batch_size=batch_size,

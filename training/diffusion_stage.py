@@ -8,6 +8,7 @@ import torch
 
 from diffusion import create_diffusion
 from models.dit import build_dit
+from training.checkpoint import weights_fingerprint
 from training.data import fixed_batch
 from training.generation import make_sampler
 from training.latents import (
@@ -77,6 +78,7 @@ def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
     run = TrainingRun(cfg, stage=stage)
     run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
     ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data)
+    run.record("ae_fingerprint", weights_fingerprint(ae.state_dict()))  # checked on resume and by sample.py
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
     run.record("data.num_classes", dataset.num_classes)

@@ -39,22 +39,32 @@ def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Te
     return scaler.denormalize(stage, z).clamp(-1.0, 1.0)
 
 
-def load_denoiser(path, stage: str, ae, device):
+def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False):
     """(EMA denoiser in eval mode, its config, its LatentScaler) rebuilt from a diffusion checkpoint and the
-    autoencoder's shapes; a checkpoint older than the latent statistics gets identity ones (mean 0, std 1)."""
+    autoencoder's shapes; a checkpoint older than the latent statistics gets identity ones (mean 0, std 1).
+
+    A denoiser learned the latent space of one autoencoder: one trained with other weights (the run records their
+    fingerprint) is refused unless `allow_ae_mismatch`, since its samples would decode to something else.
+    """
     from models.dit import build_dit
-    from training.checkpoint import CheckpointError, load_stage_checkpoint, model_weights
+    from training.checkpoint import CheckpointError, load_stage_checkpoint, load_weights, model_weights, weights_fingerprint
     from training.config import config_from_dict
 
     ckpt = load_stage_checkpoint(path, stage)
     cfg = config_from_dict(stage, ckpt["config"])
     if cfg.data.num_classes is None:
         raise CheckpointError(f"{path} does not record data.num_classes; it was not written by a finished run")
+    if cfg.ae_fingerprint and not allow_ae_mismatch:
+        given = weights_fingerprint(ae.state_dict())
+        if given != cfg.ae_fingerprint:
+            raise CheckpointError(f"{path} was trained with the autoencoder {cfg.ae_ckpt} (weights {cfg.ae_fingerprint}), "
+                                  f"but the given autoencoder's weights are {given}: pass the one it was trained with "
+                                  f"(or --allow-ae-mismatch)")
     model = build_dit(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape)
     try:
-        model.load_state_dict(model_weights(ckpt, prefer_ema=True))
-    except RuntimeError:
-        raise CheckpointError(f"{path} does not fit the autoencoder's latent shapes (content {tuple(ae.content_shape)}, "
-                              f"motion {tuple(ae.motion_shape)}): was it trained on another autoencoder?") from None
+        load_weights(model, model_weights(ckpt, prefer_ema=True), path, f"{stage} denoiser weights")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (latent shapes from the autoencoder: content {tuple(ae.content_shape)}, "
+                              f"motion {tuple(ae.motion_shape)}; was it trained on another autoencoder?)") from None
     scaler = LatentScaler.from_checkpoint(ckpt, path, ae).to(device)
     return model.to(device).eval().requires_grad_(False), cfg, scaler

@@ -1,10 +1,15 @@
 """The frozen autoencoder seen from the diffusion stages: rebuilt from its checkpoint, encoding, latent cache."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -15,8 +20,15 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from models.autoencoder import build_autoencoder
-from training.checkpoint import CheckpointError, load_stage_checkpoint, model_weights
+from training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_stage_checkpoint,
+    load_weights,
+    model_weights,
+)
 from training.config import config_from_dict
+from training.data import _ignore_stop_signals
 from training.distributed import all_reduce_sum, barrier, broadcast_object
 
 STATS_CLIPS = 512  # training clips the latent statistics are measured over when there is no latent cache
@@ -38,7 +50,10 @@ def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
     if found is None:
         raise CheckpointError(f"ae_ckpt=auto: no autoencoder checkpoint under {results_dir}; train one with "
                               f"train_ae.py --results-dir {results_dir} or pass --ae-ckpt")
-    return found
+    # The step file rather than last.pt, which moves on while the autoencoder run goes on: the path recorded in the
+    # diffusion run then keeps naming the weights it was trained with.
+    step_file = found.with_name(f"{int(load_checkpoint(found, mmap=True)['step']):07d}.pt")
+    return step_file if found.name == "last.pt" and step_file.is_file() else found
 
 
 def load_autoencoder(path, device, data_cfg=None):
@@ -55,7 +70,7 @@ def load_autoencoder(path, device, data_cfg=None):
             raise CheckpointError(f"autoencoder {path} was trained on clips of {have[0]}x{have[1]}x{have[2]} "
                                   f"(frames x H x W) but the data config asks for {want[0]}x{want[1]}x{want[2]}")
     model = build_autoencoder(ae_cfg.model, ae_cfg.data)
-    model.load_state_dict(model_weights(ckpt, prefer_ema=True))
+    load_weights(model, model_weights(ckpt, prefer_ema=True), path, "autoencoder weights")
     model.to(device).eval().requires_grad_(False)
     return model, ae_cfg
 
@@ -275,12 +290,93 @@ def latent_cache_key(ae_path, data_cfg, clips_per_video: int) -> str:
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# A staging folder is <key>.tmp-<pid>@<machine>-<random>: the build's owner, so that a later run can tell an
+# abandoned one (its owner was killed) from one a live run is still writing.
+STAGING_OWNER = re.compile(r"\.tmp-(\d+)@(.+)-[0-9a-f]{8}$")
+# A staging folder whose owner this machine cannot check (another machine, or named before owners were recorded)
+# is removed once nothing was written into it for this long: far beyond any pause of a live build.
+STAGING_MAX_IDLE_S = 24 * 3600
+# Cache batches between the ranks' agreement on a received SIGTERM/SIGINT (an all-reduce, a host sync).
+CACHE_STOP_CHECK_EVERY = 16
+
+
+def _machine() -> str:
+    """This host and its pid namespace, safe in a file name: a pid names one process only within both."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    try:
+        return f"{host}.pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (not Linux): the host name alone
+        return host
+
+
+def _staging_path(folder: Path, pid: int, machine: str) -> Path:
+    return folder.with_name(f"{folder.name}.tmp-{pid}@{machine}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) writes nothing any more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _idle_seconds(folder: Path) -> float:
+    """Seconds since anything was written into `folder` (the memmaps' mtimes move as clips are encoded)."""
+    times = [folder.stat().st_mtime] + [entry.stat().st_mtime for entry in folder.iterdir()]
+    return time.time() - max(times)
+
+
+def remove_abandoned_staging(cache_root, logger) -> None:
+    """Removes the staging folders under `cache_root` whose build was killed (kill -9, a crash, a lost node).
+
+    On this machine a folder goes once its owner process is gone; one of a live process is never touched. One of
+    another machine (or without a recorded owner) goes once untouched for STAGING_MAX_IDLE_S, and is only
+    reported before that: its owner's liveness cannot be checked from here.
+    """
+    here = _machine()
+    for path in sorted(Path(cache_root).glob("*.tmp-*")):
+        try:
+            if not path.is_dir():
+                continue
+            owner = STAGING_OWNER.search(path.name)
+            if owner and owner.group(2) == here:
+                if _process_alive(int(owner.group(1))):
+                    continue
+                why = f"its build, process {owner.group(1)}, is gone"
+            else:
+                idle = _idle_seconds(path)
+                if idle < STAGING_MAX_IDLE_S:
+                    who = f"process {owner.group(1)} on {owner.group(2)}" if owner else "an unrecorded process"
+                    logger.info(f"latent cache: leaving {path}, a build by {who} that cannot be checked from here; "
+                                f"it is removed once untouched for {STAGING_MAX_IDLE_S / 3600:g} h")
+                    continue
+                why = f"untouched for {idle / 3600:.0f} h"
+            shutil.rmtree(path)
+            logger.info(f"latent cache: removed the abandoned staging folder {path} ({why})")
+        except FileNotFoundError:  # another run removed or renamed it meanwhile
+            continue
+        except OSError as exc:
+            logger.warning(f"latent cache: cannot remove the abandoned staging folder {path}: {exc}")
+
+
 def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_size: int,
                        cache_root: Optional[str] = None) -> LatentCache:
-    """Encodes `dataset` once (ranks split the work) into <results_dir>/latent_cache/<key>/, reused when it exists."""
+    """Encodes `dataset` once (ranks split the work) into <results_dir>/latent_cache/<key>/, reused when it exists.
+
+    A SIGTERM/SIGINT during the build stops it within a few batches: the half-built folder is removed, the run
+    finishes (TrainingRun.finish) and the process exits with code 0, as after a stop signal in the training loop.
+    """
     key = latent_cache_key(ae_path, run.cfg.data, clips_per_video)
     folder = Path(cache_root or Path(run.cfg.train.results_dir) / "latent_cache") / key
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if run.dist.is_main:
+        remove_abandoned_staging(folder.parent, run.logger)
     if (folder / "done").is_file():
         run.logger.info(f"latent cache: reusing {folder}")
         return LatentCache(folder)
@@ -288,7 +384,27 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
     content_shape, motion_shape = tuple(ae.content_shape), tuple(ae.motion_shape)
     # Written into a private folder and renamed into place when complete, so that two runs building the
     # same cache at once (the demo trains both diffusion stages side by side) never write into each other's files.
-    staging = Path(broadcast_object(f"{folder}.tmp-{uuid.uuid4().hex[:8]}" if run.dist.is_main else None))
+    staging = Path(broadcast_object(str(_staging_path(folder, os.getpid(), _machine())) if run.dist.is_main else None))
+    try:
+        _fill_staging(run, ae, dataset, staging, total, clips_per_video, batch_size, folder)
+    except BaseException:  # an error, or the stop below: the half-built folder goes with the run
+        if run.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    barrier()
+    if run.dist.is_main:
+        try:
+            staging.rename(folder)
+        except OSError:  # another run finished the same cache first: use theirs, drop ours
+            shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    return LatentCache(folder)
+
+
+def _fill_staging(run, ae, dataset, staging: Path, total: int, clips_per_video: int, batch_size: int, folder: Path):
+    """Encodes this rank's share of the cache's `total` slots into `staging`; on rank 0 writes its moments and
+    `done` once every rank is through. A stop signal ends the run here (SystemExit(0)) after finish()."""
+    content_shape, motion_shape = tuple(ae.content_shape), tuple(ae.motion_shape)
     if run.dist.is_main:
         staging.mkdir(parents=True)
         np.lib.format.open_memmap(staging / "z_c.npy", mode="w+", dtype=np.float32, shape=(total, *content_shape)).flush()
@@ -302,14 +418,33 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
     items = [(slot % len(dataset), slot // len(dataset)) for slot in mine]
     run.logger.info(f"latent cache: encoding {total} clips ({clips_per_video} per video) into {folder}")
     moments = LatentMoments(content_shape[0], motion_shape[0])  # the latent statistics, at no extra encoding
-    position = 0
-    for batch, z_c, z_m in _encoded(run, ae, dataset, items, batch_size, "encoding latent cache"):
-        slots = mine[position : position + len(z_c)]
-        z_c_file[slots] = z_c.cpu().numpy()
-        z_m_file[slots] = z_m.cpu().numpy()
-        y_file[slots] = batch["y"].numpy()
-        moments.add(z_c, z_m)
-        position += len(z_c)
+    # Ranks agree on a stop only at batch counts every one of them reaches (their shares differ by at most one
+    # clip), every few batches; a single process reads its own flag before every batch.
+    every = CACHE_STOP_CHECK_EVERY if run.dist.distributed else 1
+    reached_by_all = -(-(total // run.dist.world_size) // batch_size)
+    position, stopped = 0, False
+    with contextlib.closing(_encoded(run, ae, dataset, items, batch_size, "encoding latent cache")) as encoded:
+        for done in itertools.count():
+            if done % every == 0 and done <= reached_by_all and run.stop_requested():
+                stopped = True
+                break
+            encoded_batch = next(encoded, None)
+            if encoded_batch is None:
+                break
+            batch, z_c, z_m = encoded_batch
+            slots = mine[position : position + len(z_c)]
+            z_c_file[slots] = z_c.cpu().numpy()
+            z_m_file[slots] = z_m.cpu().numpy()
+            y_file[slots] = batch["y"].numpy()
+            moments.add(z_c, z_m)
+            position += len(z_c)
+    if stopped:
+        del z_c_file, z_m_file, y_file
+        if run.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        share = " by rank 0" if run.dist.distributed else ""
+        run.finish(interrupted=f"building the latent cache ({position} of {len(mine)} clips encoded{share})")
+        raise SystemExit(0)  # the exit code of a stop in the training loop: the scheduler's requeue is not an error
     for array in (z_c_file, z_m_file, y_file):
         array.flush()
     del z_c_file, z_m_file, y_file
@@ -318,18 +453,15 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
     if run.dist.is_main:
         moments.save(staging / MOMENTS_FILE)
         (staging / "done").write_text(json.dumps({"clips": total}))
-        try:
-            staging.rename(folder)
-        except OSError:  # another run finished the same cache first: use theirs, drop ours
-            shutil.rmtree(staging, ignore_errors=True)
-    barrier()
-    return LatentCache(folder)
 
 
 def _encoded(run, ae, dataset, items, batch_size: int, description: str):
     """Yields (batch, z_c, z_m) for the (index, epoch) `items` of the clip dataset, encoded in batches in order."""
     loader = torch.utils.data.DataLoader(
         _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers,
+        # A stop signal to the whole process group (Slurm, torchrun) would kill the workers mid-batch and fail
+        # the main process with a worker traceback; the main process handles it and shuts them down.
+        worker_init_fn=_ignore_stop_signals,
         # A private generator: creating the iterator must not consume the global RNG, so that a run that
         # encodes here draws the same training noise as one that reuses a cache or resumes.
         generator=torch.Generator().manual_seed(0))

@@ -88,7 +88,11 @@ def make_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optim
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states as tensors and plain values only, so that checkpoints load weights-only."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -96,10 +100,40 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple: a checkpoint from before the states were stored as tensors
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def claim_run_dir(results: Path, stage: str, exp_name: Optional[str] = None) -> Path:
+    """A new run folder under `results` that belongs to this run alone: `exp_name`, or the next NNN-stage. mkdir is
+    atomic, so two runs started at the same instant in one results folder cannot both take the same NNN-stage:
+    the loser takes the next free index."""
+    results.mkdir(parents=True, exist_ok=True)
+    if exp_name:
+        run_dir = results / exp_name
+        if ckpt_io.latest_checkpoint_in_run(run_dir) is not None:
+            raise RunError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or "
+                           f"choose another --exp-name (nothing was overwritten)")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # a requeued job whose first save was killed
+        ckpt_io.remove_temp_files(run_dir / "checkpoints")
+        return run_dir
+    taken = [int(p.name.split("-", 1)[0]) for p in results.iterdir() if p.name.split("-", 1)[0].isdigit()]
+    index = max(taken, default=-1) + 1
+    while True:
+        run_dir = results / f"{index:03d}-{stage}"
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            index += 1
+            continue
+        (run_dir / "checkpoints").mkdir()
+        return run_dir
 
 
 class TrainingRun:
@@ -125,7 +159,15 @@ class TrainingRun:
         self.seed = train.global_seed * self.dist.world_size + self.dist.rank
         self._seed_everything(self.seed)
 
-        self.resume_path = self._on_main(lambda: ckpt_io.resolve_resume(train.resume, train.results_dir, stage))
+        resume_notes: list = []
+        self.resume_path = self._on_main(
+            lambda: ckpt_io.resolve_resume(train.resume, train.results_dir, stage, cfg, resume_notes))
+        resume_notes = broadcast_object(resume_notes)
+        if self.resume_path is not None and OmegaConf.select(cfg, "ae_ckpt") == "auto":
+            # 'auto' found the run's autoencoder when the run started; a newer one found today is another latent space.
+            recorded = self._on_main(lambda: ckpt_io.load_checkpoint(self.resume_path, mmap=True)["config"].get("ae_ckpt"))
+            if recorded not in (None, "auto"):
+                OmegaConf.update(cfg, "ae_ckpt", recorded, merge=False)
         self.run_dir = Path(self._on_main(self._make_run_dir))
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = create_logger(self.run_dir, self.dist.is_main)
@@ -137,9 +179,13 @@ class TrainingRun:
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
         self.logger.info(f"{stage} run in {self.run_dir} | world size {self.dist.world_size} | "
                          f"device {self.device} | batch {self.batch_size} per rank")
+        for note in resume_notes:
+            self.logger.info(note)
 
         self.step = 0
+        self.samples_seen = 0  # training clips drawn by all ranks together: the data stream's position
         self.nonfinite_in_a_row = 0
+        self.last_saved_step: Optional[int] = None  # the step of this run's latest checkpoint, for finish()'s message
         self._stop_signal: Optional[str] = None
         self._stop_decision: Optional[tuple[int, bool]] = None
         self._log_sums: dict[str, torch.Tensor] = {}
@@ -172,22 +218,17 @@ class TrainingRun:
         if self.resume_path is not None:
             run_dir = self.resume_path.parent.parent  # <run>/checkpoints/x.pt -> <run>
             if self.resume_path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
+                if not os.access(run_dir, os.W_OK) or not os.access(run_dir / "checkpoints", os.W_OK):
+                    raise RunError(f"--resume: the run folder {run_dir} is not writable; nothing was changed")
                 ckpt_io.remove_temp_files(run_dir / "checkpoints")
                 return str(run_dir)
             # A checkpoint outside any run folder (a copy, a download) continues in a new run folder.
-        results.mkdir(parents=True, exist_ok=True)
-        if train.exp_name:
-            run_dir = results / train.exp_name
-            if ckpt_io.latest_checkpoint_in_run(run_dir) is not None:
-                raise RunError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or "
-                               f"choose another --exp-name (nothing was overwritten)")
-        else:
-            taken = [int(p.name.split("-", 1)[0]) for p in results.iterdir()
-                     if p.is_dir() and p.name.split("-", 1)[0].isdigit()]
-            run_dir = results / f"{max(taken, default=-1) + 1:03d}-{self.stage}"
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        ckpt_io.remove_temp_files(run_dir / "checkpoints")  # a first save that was killed half-way
-        return str(run_dir)
+        try:
+            return str(claim_run_dir(results, self.stage, train.exp_name))
+        except OSError as exc:  # under a file, read-only, a pseudo file system, no space
+            reason = exc.strerror or type(exc).__name__
+            raise RunError(f"--results-dir {results}: cannot create a run folder there ({reason}: "
+                           f"{exc.filename or results})") from None
 
     def _write_config(self) -> None:
         if self.dist.is_main:
@@ -217,11 +258,17 @@ class TrainingRun:
         for name, module in modules.items():
             if ckpt.get(name) is None:
                 raise RunError(f"{self.resume_path} has no '{name}' weights to resume from")
-            module.load_state_dict(ckpt_io.strip_prefixes(ckpt[name]))
+            ckpt_io.load_weights(module, ckpt_io.strip_prefixes(ckpt[name]), self.resume_path, f"'{name}' weights")
         for name, optimizer in optimizers.items():
             if ckpt.get(name) is not None:
                 optimizer.load_state_dict(ckpt[name])
+                self._apply_optimizer_settings(name, optimizer, ckpt["config"])
         self.step = int(ckpt["step"])
+        self.samples_seen = _samples_seen(ckpt)
+        old_batch = ckpt["config"]["train"]["global_batch_size"]
+        if old_batch != self.cfg.train.global_batch_size:
+            self.logger.info(f"resume: train.global_batch_size {old_batch} -> {self.cfg.train.global_batch_size} "
+                             f"(applied); the data stream continues at clip {self.samples_seen}")
         rng = ckpt.get("rng") or []
         if len(rng) == self.dist.world_size:
             _set_rng_state(rng[self.dist.rank])
@@ -230,6 +277,25 @@ class TrainingRun:
             self._seed_everything(self.seed + self.step)
         self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
         return ckpt
+
+    def _apply_optimizer_settings(self, name: str, optimizer: torch.optim.Optimizer, old_cfg: dict) -> None:
+        """The rule for optimiser settings changed on resume: they apply, and the log says so.
+
+        load_state_dict restores the run's old lr/betas/weight decay into the param groups; without this the
+        command's new values would be recorded in the checkpoint's config while the old ones kept training.
+        The discriminator's optimiser keeps its own learning rate (loss.disc_lr), set where it is built.
+        """
+        if name != "opt":
+            return
+        optim = self.cfg.optim
+        wanted = {"lr": float(optim.lr), "betas": tuple(float(b) for b in optim.betas),
+                  "weight_decay": float(optim.weight_decay)}
+        for group in optimizer.param_groups:
+            group.update(wanted)
+        old = old_cfg.get("optim", {})
+        for key, value in (("lr", optim.lr), ("betas", list(optim.betas)), ("weight_decay", optim.weight_decay)):
+            if key in old and old[key] != value:
+                self.logger.info(f"resume: optim.{key} {old[key]} -> {value} (applied)")
 
     # ---- model and data ------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -245,7 +311,7 @@ class TrainingRun:
     def loader(self, dataset):
         """An endless iterator of batches that resumes where step `self.step` left the data stream."""
         loader = make_loader(dataset, self.batch_size, self.dist.rank, self.dist.world_size,
-                             seed=self.cfg.train.global_seed, start_step=self.step,
+                             seed=self.cfg.train.global_seed, start=self.samples_seen // self.dist.world_size,
                              num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         return iter(loader)
 
@@ -296,6 +362,7 @@ class TrainingRun:
         optimizer.zero_grad(set_to_none=True)
         if count_step:
             self.step += 1
+            self.samples_seen += self.batch_size * self.dist.world_size
         return grad_norm
 
     def log(self, values: dict) -> None:
@@ -329,6 +396,16 @@ class TrainingRun:
         self._stop_decision = (self.step, stop)
         return stop
 
+    def stop_requested(self) -> bool:
+        """True after SIGTERM/SIGINT on any rank, for long work outside the step loop (the latent cache build).
+
+        Distributed, this is an all-reduce: every rank must call it at the same points of that work.
+        """
+        if not self.dist.distributed:
+            return self._stop_signal is not None
+        flag = torch.tensor(1.0 if self._stop_signal else 0.0, device=self.device)
+        return bool(all_reduce_max(flag).item())
+
     def due(self, interval: int) -> bool:
         """Every `interval` steps, and at the last step (max_steps or a stop signal)."""
         return (interval > 0 and self.step % interval == 0) or self.should_stop()
@@ -343,7 +420,7 @@ class TrainingRun:
             state.update({name: opt.state_dict() for name, opt in optimizers.items()})
             state.update(step=self.step, stage=self.stage, config=config_to_dict(self.cfg), rng=rng,
                          world_size=self.dist.world_size, batch_size_per_rank=self.batch_size,
-                         data_position=self.step * self.batch_size)
+                         samples_seen=self.samples_seen)
             state.update(extra or {})
             path = self.ckpt_dir / f"{self.step:07d}.pt"
             target = path
@@ -363,6 +440,7 @@ class TrainingRun:
         error = broadcast_object(error)  # every rank stops together instead of hanging in the barrier
         if error:
             raise RunError(error)
+        self.last_saved_step = self.step
         barrier()
         return path
 
@@ -370,9 +448,19 @@ class TrainingRun:
         if self.due(self.cfg.train.ckpt_every):
             self.save(modules, optimizers, extra)
 
-    def finish(self) -> None:
-        if self._stop_signal and self.step < self.cfg.train.max_steps:
-            self.logger.info(f"received {self._stop_signal}: checkpoint at step {self.step} saved, exiting cleanly")
+    def finish(self, interrupted: Optional[str] = None) -> None:
+        """Logs how the run ended and closes it. `interrupted` names the work a stop signal cut short before the
+        training loop (\"building the latent cache\"); the log names a checkpoint only if this run saved it."""
+        if self._stop_signal and (interrupted or self.step < self.cfg.train.max_steps):
+            received = f"received {self._stop_signal}" + (f" while {interrupted}" if interrupted else "")
+            if self.last_saved_step == self.step:
+                self.logger.info(f"{received}: checkpoint at step {self.step} saved, exiting cleanly")
+            elif self.last_saved_step is not None:
+                self.logger.info(f"{received}: stopped at step {self.step}; the last checkpoint saved is at step "
+                                 f"{self.last_saved_step}")
+            else:
+                kept = f" ({self.resume_path}, which it resumed from, is kept)" if self.resume_path else ""
+                self.logger.info(f"{received}: stopped before step {self.step + 1}; no checkpoint was written{kept}")
         else:
             self.logger.info(f"done at step {self.step}")
         if self.writer is not None:
@@ -401,6 +489,14 @@ def entry_point(main, stage: str, description: str, argv=None) -> None:
     from training.config import parse_config
 
     run_reporting_user_errors(main, parse_config(stage, description, argv))
+
+
+def _samples_seen(ckpt: dict) -> int:
+    """Training clips drawn by all ranks together before the checkpoint; older checkpoints recorded one rank's
+    position (data_position, with the batch size never changed)."""
+    if "samples_seen" in ckpt:
+        return int(ckpt["samples_seen"])
+    return int(ckpt.get("data_position", ckpt["step"] * ckpt.get("batch_size_per_rank", 0))) * int(ckpt.get("world_size", 1))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
