@@ -6,11 +6,18 @@
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --real-content --npz motion_only.npz  # motion-only
 """
 import argparse
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from datasets.transforms import frames_to_clip
@@ -28,12 +35,52 @@ def video_generators(seed: int, indices, stream: int, device) -> list:
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + index * 2 + stream) for index in indices]
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def rgb8(image: Image.Image, path) -> np.ndarray:
+    """Any PIL image -> (H, W, 3) uint8 as a viewer shows it; one line for an image without a known white level.
+
+    PIL's convert("RGB") clips 16- and 32-bit values at 255 (a 16-bit photo turns white) and drops alpha (the
+    hidden colour of transparent pixels shows), so those modes are converted here.
+    """
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        # Mode "I" is how 16-bit PNG/PGM files open in many Pillows: scale by the 16-bit range, as for I;16.
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"--content-frame {path}: a 32-bit integer image with values {values.min()}..{values.max()} "
+                             f"has no known white level; save it as an 8- or 16-bit image")
+        return np.repeat(np.round(values / 257.0).astype(np.uint8)[..., None], 3, axis=-1)  # 65535 / 255 = 257
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ValueError(f"--content-frame {path}: a floating-point image with values {values.min():.4g}.."
+                             f"{values.max():.4g}; only values in [0, 1] have a known white level")
+        return np.repeat(np.round(values * 255.0).astype(np.uint8)[..., None], 3, axis=-1)
+    try:
+        if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+            # Transparent parts shown on white, as viewers and web pages do; the model knows no transparency.
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return np.array(Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"))
+        return np.array(image.convert("RGB"))
+    except ValueError:  # a mode PIL cannot convert
+        raise ValueError(f"--content-frame {path}: cannot convert a {image.mode} image to 8-bit RGB") from None
+
+
 def load_image(path, resolution, channels: int = 3) -> torch.Tensor:
     """An image file -> (C, H, W) in [-1, 1], resized and center-cropped exactly like the training clips."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--content-frame {path}: no such image")
-    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            # A phone photo stores its rotation in EXIF: show it upright, as viewers do.
+            image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # PIL raises many types for a file that is not an image it can decode
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--content-frame {path}: not an image that can be read ({reason})") from None
+    pixels = rgb8(image, path)
     return frames_to_clip(pixels[None], resolution)[:channels, 0]  # a one-frame clip (C, 1, H, W) -> (C, H, W)
 
 
@@ -65,7 +112,7 @@ def real_content_frames(ae, data_cfg, seed: int, labels, device) -> torch.Tensor
 
 def class_list(args, num_classes: int) -> list:
     if args.classes:
-        classes = [int(c) for c in args.classes.split(",")]
+        classes = args.classes
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
             raise ValueError(f"--classes: class id {bad[0]} is out of range; the models know classes 0..{num_classes - 1}")
@@ -74,15 +121,150 @@ def class_list(args, num_classes: int) -> list:
     return [classes[i % len(classes)] for i in range(args.num_videos)]
 
 
+# ---- outputs: checked before any model loads, so that a bad path does not cost a sampling run ----------------------
+class OutputError(ValueError):
+    """An output location that cannot be used; the message is one line."""
+
+
+VIDEO_NAME = re.compile(r"^\d{6}_class\d{3}\.mp4$")  # the names sample.py gives its videos
+GRID_FILES = ("grid.mp4", "grid.png")
+
+
+def npz_path(npz) -> Path | None:
+    """The file np.savez writes for `npz`: it appends .npz to a name without it."""
+    if npz is None:
+        return None
+    npz = Path(npz)
+    return npz if npz.suffix == ".npz" else npz.with_name(npz.name + ".npz")
+
+
+def check_creatable(path: Path, flag: str, folder: bool) -> None:
+    """One line if `path` (a folder, or a file) cannot be created or written: something in the way or no permission.
+
+    Writability is probed by creating a file, since permission bits say nothing for root or on a read-only mount.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path:
+        if folder and not path.is_dir():
+            raise OutputError(f"{flag} {path}: is a file, not a folder")
+        if not folder and path.is_dir():
+            raise OutputError(f"{flag} {path}: is a folder, not a file")
+        where = path if folder else path.parent
+    elif not existing.is_dir():
+        raise OutputError(f"{flag} {path}: {existing} is a file, not a folder")
+    else:
+        where = existing  # the folders below it will be created
+    try:
+        handle, probe = tempfile.mkstemp(dir=where, prefix=".sample-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{flag} {path}: cannot write in {where} ({exc.strerror or exc})") from None
+
+
+def files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
+
+
+def earlier_videos(out_dir: Path, overwrite: bool) -> list:
+    """The videos of an earlier run in out_dir/videos, to be removed (with --overwrite) or refused (without it):
+    a run that added its videos to another run's would report a count that the folder does not show."""
+    videos = out_dir / "videos"
+    try:
+        earlier = sorted(videos.iterdir()) if videos.is_dir() else []
+    except OSError as exc:
+        raise OutputError(f"--out-dir {out_dir}: cannot list {videos} ({exc.strerror or exc})") from None
+    if earlier and not overwrite:
+        raise OutputError(f"--out-dir {out_dir}: {videos} already holds {files(len(earlier))} of an earlier run; "
+                          f"choose another --out-dir, or pass --overwrite to replace them")
+    foreign = [p for p in earlier if not (VIDEO_NAME.match(p.name) and p.is_file())]
+    if foreign:
+        raise OutputError(f"--overwrite: {videos} holds {files(len(foreign))} that sample.py did not write (such as "
+                          f"{foreign[0].name}), which it does not remove: choose another --out-dir")
+    return earlier
+
+
+def check_outputs(args) -> list:
+    """Every output location is usable; returns the videos of an earlier run that --overwrite will replace."""
+    out_dir = Path(args.out_dir)
+    check_creatable(out_dir, "--out-dir", folder=True)
+    check_creatable(out_dir / "videos", "--out-dir", folder=True)
+    for name in GRID_FILES:
+        check_creatable(out_dir / name, "--out-dir", folder=False)
+    if args.npz:
+        check_creatable(npz_path(args.npz), "--npz", folder=False)
+    return earlier_videos(out_dir, args.overwrite)
+
+
+@contextmanager
+def removed_if_unfinished(*paths):
+    """A file cut short (a stop signal, a full disk) would pass for a result: it is removed unless it was finished."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        raise
+
+
+# ---- stop signals -----------------------------------------------------------------------------------------------
+class StopSignal(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM arrived. A BaseException, like KeyboardInterrupt: `except Exception` blocks
+    (write_mp4 has one) must not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    def handler(signum, frame):
+        # Later signals (a second Ctrl-C, torchrun's SIGTERM after the terminal's SIGINT) must not cut the cleanup
+        # short; it only removes a few files.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise StopSignal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def main(args):
     if args.content_frame and args.real_content:
         raise ValueError("--content-frame and --real-content both give the content frames: choose one")
+    if not (args.content_frame or args.real_content or args.content_ckpt):
+        raise ValueError("--content-ckpt is required unless --content-frame gives the content frame")
+    # Before setup_distributed: its rendezvous waits for every rank, so all ranks check before any can write.
+    earlier = check_outputs(args)
     info = setup_distributed()
+    stop_on_signals()
+    out_dir = Path(args.out_dir)
+    written = []  # this rank's finished videos
+    try:
+        sample_videos(args, info, earlier, written)
+    except StopSignal as stop:
+        # Every file in `written` is a whole video; the one being written when the signal came was removed.
+        count = sum(path.exists() for path in written)
+        total = len(range(info.rank, args.num_videos, info.world_size))
+        rank = f"rank {info.rank}: " if info.world_size > 1 else ""
+        print(f"{rank}stopped by {stop}: {count} of {total} videos written to {out_dir / 'videos'}; grid"
+              f"{' and --npz' if args.npz else ''} files are written only by a finished run", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None
+    finally:
+        (out_dir / f".shard-{info.rank:05d}.npz").unlink(missing_ok=True)  # rank 0 has read them all, or failed
+    cleanup_distributed()
+
+
+def sample_videos(args, info, earlier: list, written: list) -> None:
     device = info.device
     ae, ae_cfg = load_autoencoder(args.ae_ckpt, device)
     # Each denoiser comes with the latent statistics of its own run; sample_latents works in the AE's units.
-    motion, motion_cfg, motion_scaler = load_denoiser(args.motion_ckpt, "motion", ae, device)
+    motion, motion_cfg, motion_scaler = load_denoiser(args.motion_ckpt, "motion", ae, device,
+                                                      allow_ae_mismatch=args.allow_ae_mismatch)
     num_classes = motion.num_classes
     content_model, content_cfg, content_scaler, given_frame, real_frames = None, None, None, None, None
     labels = class_list(args, num_classes)
@@ -91,9 +273,8 @@ def main(args):
     elif args.real_content:
         real_frames = real_content_frames(ae, motion_cfg.data, int(motion_cfg.train.global_seed), labels, device)
     else:
-        if not args.content_ckpt:
-            raise ValueError("--content-ckpt is required unless --content-frame gives the content frame")
-        content_model, content_cfg, content_scaler = load_denoiser(args.content_ckpt, "content", ae, device)
+        content_model, content_cfg, content_scaler = load_denoiser(args.content_ckpt, "content", ae, device,
+                                                                   allow_ae_mismatch=args.allow_ae_mismatch)
         if content_model.num_classes != num_classes:
             raise CheckpointError(f"{args.content_ckpt} knows {content_model.num_classes} classes but "
                                   f"{args.motion_ckpt} knows {num_classes}")
@@ -107,6 +288,12 @@ def main(args):
         content_scale = content_cfg.diffusion.cfg_scale if args.content_cfg_scale is None else args.content_cfg_scale
 
     out_dir = Path(args.out_dir)
+    # --overwrite removes the earlier run only now that the models loaded: a typo in a flag must not cost it.
+    if earlier and info.is_main:
+        for path in [*earlier, *(out_dir / name for name in GRID_FILES)]:
+            path.unlink(missing_ok=True)
+        print(f"removed {len(earlier)} videos of an earlier run from {out_dir / 'videos'} (--overwrite)")
+    barrier()  # no rank writes a video that rank 0 is about to remove
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     mine = list(range(info.rank, args.num_videos, info.world_size))
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
@@ -128,12 +315,17 @@ def main(args):
         clips = to_uint8_videos(ae.decode(z_c, z_m).float())
         contents.append(to_uint8_videos(z_c.unsqueeze(2))[:, 0])
         for index, label, clip in zip(batch, y.tolist(), clips):
-            write_mp4(clip, out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4", fps=args.fps)
+            path = out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4"
+            with removed_if_unfinished(path):
+                write_mp4(clip, path, fps=args.fps)
+            written.append(path)
         videos.append(clips)
         indices.extend(batch)
     shard = out_dir / f".shard-{info.rank:05d}.npz"
-    np.savez(shard, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8),
-             content_frames=np.concatenate(contents) if contents else np.zeros((0,), np.uint8), indices=np.array(indices))
+    with removed_if_unfinished(shard):
+        np.savez(shard, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8),
+                 content_frames=np.concatenate(contents) if contents else np.zeros((0,), np.uint8),
+                 indices=np.array(indices))
     barrier()
     if info.is_main:
         shards = [np.load(out_dir / f".shard-{r:05d}.npz") for r in range(info.world_size)]
@@ -141,15 +333,56 @@ def main(args):
         ranked = np.argsort(order)
         all_videos = np.concatenate([s["videos"] for s in shards if len(s["indices"])])[ranked]
         all_contents = np.concatenate([s["content_frames"] for s in shards if len(s["indices"])])[ranked]
-        grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
+        with removed_if_unfinished(*(out_dir / name for name in GRID_FILES)):
+            grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
         if args.npz:
-            np.savez(args.npz, videos=all_videos, labels=np.array(labels, dtype=np.int64), content_frames=all_contents,
-                     num_classes=np.int64(num_classes))
-            print(f"wrote {args.npz}: videos {all_videos.shape} uint8")
+            write_npz(npz_path(args.npz), videos=all_videos, labels=np.array(labels, dtype=np.int64),
+                      content_frames=all_contents, num_classes=np.int64(num_classes))
+            print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
         print(f"wrote {len(all_videos)} videos to {out_dir / 'videos'}; grid: {grid['mp4']} and {grid['png']}")
     barrier()
-    shard.unlink()
-    cleanup_distributed()
+
+
+def write_npz(path: Path, **arrays) -> None:
+    """Written beside its place and renamed: an earlier file stays whole until the new one is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with removed_if_unfinished(partial):
+        with open(partial, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(partial, path)
+
+
+# ---- flags: a bad value is refused by the parser (exit 2, naming the flag) before anything loads ------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def class_ids(text: str) -> list:
+    """'3' or '0,2,5' -> [0, 2, 5]; the range is checked against the models once they are loaded."""
+    ids = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not a class id (a whole number >= 0)")
+        ids.append(int(part))
+    return ids
 
 
 def parse_args(argv=None):
@@ -160,22 +393,27 @@ def parse_args(argv=None):
     parser.add_argument("--content-frame", default=None, help="an image to animate instead of sampling content")
     parser.add_argument("--real-content", action="store_true",
                         help="motion-only samples: content frames of held-out real clips of each video's class")
-    parser.add_argument("--classes", default=None, help="comma-separated class ids, used round-robin (default: all)")
-    parser.add_argument("--num-videos", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--allow-ae-mismatch", action="store_true",
+                        help="sample even though the denoisers were trained with another autoencoder checkpoint")
+    parser.add_argument("--classes", type=class_ids, default=None,
+                        help="comma-separated class ids, used round-robin (default: all)")
+    parser.add_argument("--num-videos", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--content-sampler", choices=["ddim", "ddpm"], default="ddim")
-    parser.add_argument("--content-steps", type=int, default=50)
-    parser.add_argument("--content-cfg-scale", type=float, default=None, help="default: the checkpoint's config")
+    parser.add_argument("--content-steps", type=positive_int, default=50)
+    parser.add_argument("--content-cfg-scale", type=finite_float, default=None, help="default: the checkpoint's config")
     parser.add_argument("--motion-sampler", choices=["ddim", "ddpm"], default="ddim")
-    parser.add_argument("--motion-steps", type=int, default=100)
-    parser.add_argument("--motion-cfg-scale", type=float, default=None, help="default: the checkpoint's config")
+    parser.add_argument("--motion-steps", type=positive_int, default=100)
+    parser.add_argument("--motion-cfg-scale", type=finite_float, default=None, help="default: the checkpoint's config")
     parser.add_argument("--out-dir", default="samples")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the videos and grid of an earlier run in --out-dir (refused without this flag)")
     parser.add_argument("--npz", default=None,
                         help="also write videos (N, T, H, W, 3) uint8, labels (N,), content_frames (N, H, W, 3) and "
                         "num_classes here")
-    parser.add_argument("--grid-videos", type=int, default=16)
-    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--grid-videos", type=positive_int, default=16)
+    parser.add_argument("--fps", type=positive_int, default=8)
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 

@@ -1,0 +1,312 @@
+"""sample.py at its trust boundary: flags, the --content-frame image, output folders, earlier runs, stop signals,
+and the autoencoder identity check. Every refusal is one line naming the flag or path, before any model loads."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from tests.conftest import REPO, _env, run_python
+from tests.test_pipeline import TINY_AE, TINY_DIFFUSION, train
+from training.media import write_mp4
+
+N_FRAMES, RESOLUTION = 10, 16  # the clips of tests.test_pipeline.TINY_DATA
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """One tiny autoencoder, motion and content checkpoint (single process, 2 steps each), shared by every test."""
+    tmp = tmp_path_factory.mktemp("sample_cli")
+    train(tmp, "train_ae.py", "autoencoder", "ae", 2, *TINY_AE, "train.eval_every=2")
+    ae = tmp / "ae" / "checkpoints" / "last.pt"
+    train(tmp, "train_motion_diffusion.py", "motion", "motion", 2, "--ae-ckpt", ae, *TINY_DIFFUSION)
+    train(tmp, "train_content_diffusion.py", "content", "content", 2, "--ae-ckpt", ae, *TINY_DIFFUSION)
+    return {"ae": ae, "motion": tmp / "motion" / "checkpoints" / "last.pt",
+            "content": tmp / "content" / "checkpoints" / "last.pt"}
+
+
+def sample_args(ckpts, out_dir, *extra):
+    args = ["sample.py", "--ae-ckpt", ckpts["ae"], "--motion-ckpt", ckpts["motion"], "--content-steps", 2,
+            "--motion-steps", 2, "--out-dir", out_dir, "--quiet", *extra]
+    if "--content-frame" not in extra:
+        args += ["--content-ckpt", ckpts["content"]]
+    return args
+
+
+def run_sample(ckpts, out_dir, *extra):
+    return run_python(sample_args(ckpts, out_dir, *extra), check=False, timeout=300)
+
+
+def one_line_error(proc, *culprits, exit_code=1) -> str:
+    """The last stderr line is the only message: `error: ...` (or argparse's `...: error: ...`), naming each culprit."""
+    assert proc.returncode == exit_code, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "error: " in line, proc.stderr[-3000:]
+    for culprit in culprits:
+        assert str(culprit) in line, f"{culprit!r} not named in: {line}"
+    return line
+
+
+def mp4s(folder: Path) -> list:
+    return sorted(folder.glob("*.mp4")) if folder.is_dir() else []
+
+
+def frame_count(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+# ---- 1. flags: refused by the parser, naming the flag, exit 2 -------------------------------------------------------
+BASE = ["--ae-ckpt", "ae.pt", "--motion-ckpt", "motion.pt"]
+
+
+@pytest.mark.parametrize("flag, value", [("--num-videos", "0"), ("--num-videos", "-3"), ("--batch-size", "0"),
+                                         ("--batch-size", "-2"), ("--classes", "a,b"), ("--classes", "1,,2"),
+                                         ("--classes", "-1"), ("--grid-videos", "0"), ("--fps", "0"),
+                                         ("--motion-steps", "0"), ("--content-steps", "-1"), ("--num-videos", "2.5"),
+                                         ("--motion-cfg-scale", "nan")])
+def test_bad_flag_value_is_refused_by_the_parser_naming_the_flag(capsys, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        sample.parse_args([*BASE, f"{flag}={value}"])
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}:" in line and value in line, line
+
+
+def test_good_flag_values_parse():
+    args = sample.parse_args([*BASE, "--num-videos", "3", "--batch-size", "1", "--classes", "2, 0"])
+    assert (args.num_videos, args.batch_size, args.classes) == (3, 1, [2, 0])
+
+
+def test_zero_videos_stops_before_any_model_loads_and_leaves_nothing(ckpts, tmp_path):
+    # Before: "need at least one array to concatenate" after loading every model, and a stray .shard-00000.npz.
+    out = tmp_path / "out"
+    proc = run_sample(ckpts, out, "--num-videos", 0)
+    one_line_error(proc, "--num-videos", exit_code=2)
+    assert not out.exists()
+
+
+# ---- 2. the --content-frame image ---------------------------------------------------------------------------------
+def test_content_frame_that_is_not_an_image_is_one_line(ckpts, tmp_path):
+    frame = tmp_path / "notes.png"
+    frame.write_text("these are not pixels\n")
+    proc = run_sample(ckpts, tmp_path / "out", "--content-frame", frame, "--num-videos", 1)
+    one_line_error(proc, frame, "--content-frame")
+    assert mp4s(tmp_path / "out" / "videos") == []
+
+
+def test_16_bit_content_frame_is_scaled_not_clipped_to_white(ckpts, tmp_path):
+    # A 16-bit grey ramp: PIL's convert("RGB") clips every value above 255 to white.
+    ramp = np.linspace(0, 65535, RESOLUTION * RESOLUTION).round().astype(np.uint16).reshape(RESOLUTION, RESOLUTION)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    npz = tmp_path / "deep.npz"
+    proc = run_sample(ckpts, tmp_path / "out", "--content-frame", tmp_path / "deep.png", "--num-videos", 1, "--npz", npz)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(npz)["content_frames"][0].astype(int)  # (H, W, 3): the given frame as the models saw it
+    want = np.round(ramp / 257.0).astype(int)
+    assert np.abs(got - want[..., None]).max() <= 1
+
+
+def _image(mode: str) -> tuple:
+    """(image of `mode`, the 8-bit RGB a person sees in it) for a 16x16 test pattern."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (RESOLUTION, RESOLUTION)).astype(np.uint8)
+    rgb = rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3)).astype(np.uint8)
+    alpha = np.where(np.arange(RESOLUTION)[:, None] < RESOLUTION // 2, 255, 0).astype(np.uint8).repeat(RESOLUTION, 1)
+    grey3 = np.repeat(grey[..., None], 3, -1)
+    if mode == "I;16":
+        return Image.fromarray(grey.astype(np.uint16) * 257), grey3
+    if mode == "I":  # a 16-bit PGM/PNG as older Pillows and other formats open it: int32 holding 0..65535
+        return Image.fromarray(grey.astype(np.int32) * 257), grey3
+    if mode == "F":
+        return Image.fromarray(grey.astype(np.float32) / 255), grey3
+    if mode == "L":
+        return Image.fromarray(grey), grey3
+    if mode == "P":
+        return Image.fromarray(rgb).quantize(64), None  # compared against its own palette below
+    # Transparent pixels show the background (white); opaque ones their colour.
+    white = np.full_like(rgb, 255)
+    if mode == "LA":
+        return Image.fromarray(np.stack([grey, alpha], -1), "LA"), np.where(alpha[..., None] > 0, grey3, white)
+    if mode == "RGBA":
+        return Image.fromarray(np.concatenate([rgb, alpha[..., None]], -1), "RGBA"), np.where(alpha[..., None] > 0, rgb, white)
+    raise KeyError(mode)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "L", "P", "LA", "RGBA"])
+def test_content_frame_modes_become_the_8_bit_rgb_they_show(tmp_path, mode):
+    image, want = _image(mode)
+    assert image.mode == mode
+    if want is None:
+        want = np.asarray(image.convert("RGB"))
+    path = tmp_path / f"frame_{mode.replace(';', '')}.tiff"
+    image.save(path)
+    assert Image.open(path).mode == mode  # the mode the file opens as is the one under test
+    got = sample.load_image(path, (RESOLUTION, RESOLUTION))  # (3, H, W) in [-1, 1]
+    got = ((got.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(int)
+    assert np.abs(got - want.astype(int)).max() <= 1
+
+
+def test_content_frame_of_unknown_brightness_is_refused_in_one_line(tmp_path):
+    # Floats in [0, 1000]: no white level to scale by; clipping would show a white square.
+    path = tmp_path / "hdr.tiff"
+    Image.fromarray(np.linspace(0, 1000, RESOLUTION * RESOLUTION, dtype=np.float32).reshape(RESOLUTION, RESOLUTION)).save(path)
+    with pytest.raises(ValueError) as refused:
+        sample.load_image(path, (RESOLUTION, RESOLUTION))
+    assert str(path) in str(refused.value) and "\n" not in str(refused.value)
+
+
+# ---- 3. output locations: checked before any model loads ----------------------------------------------------------
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in: a read-only one, or (as root, which ignores permission bits)
+    a sysfs folder; skips where neither exists."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys/kernel")):
+        try:
+            fd, probe = tempfile.mkstemp(dir=candidate)
+        except OSError:
+            return candidate
+        os.close(fd)
+        os.unlink(probe)
+    pytest.skip("no unwritable folder here")
+
+
+def output_case(name: str, tmp_path: Path) -> tuple:
+    """(extra flags, the path the error must name)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    paths = {"out-dir under a file": ("--out-dir", lambda: a_file / "samples"),
+             "out-dir is a file": ("--out-dir", lambda: a_file),
+             "out-dir not writable": ("--out-dir", lambda: _unwritable_folder(tmp_path) / "samples"),
+             "npz under a file": ("--npz", lambda: a_file / "samples.npz"),
+             "npz folder not writable": ("--npz", lambda: _unwritable_folder(tmp_path) / "samples.npz")}
+    flag, path = paths[name]
+    path = path()
+    return [flag, path], path
+
+
+@pytest.mark.parametrize("case", ["out-dir under a file", "out-dir is a file", "out-dir not writable", "npz under a file",
+                                  "npz folder not writable"])
+def test_unusable_output_location_is_refused_before_sampling(ckpts, tmp_path, case):
+    extra, culprit = output_case(case, tmp_path)
+    out = tmp_path / "out"
+    proc = run_sample(ckpts, out, "--num-videos", 2, *extra)  # a second --out-dir wins over the first
+    one_line_error(proc, culprit)
+    # Nothing was sampled (before, a bad --npz failed only after every video, leaving them and a hidden shard).
+    assert not out.exists()
+
+
+def test_npz_goes_to_a_new_folder_and_keeps_its_name(ckpts, tmp_path):
+    npz = tmp_path / "new" / "deeper" / "samples"  # numpy would write samples.npz; say so and create the folder
+    proc = run_sample(ckpts, tmp_path / "out", "--num-videos", 1, "--npz", npz)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {npz}.npz" in proc.stdout
+    assert np.load(f"{npz}.npz")["videos"].shape == (1, N_FRAMES, RESOLUTION, RESOLUTION, 3)
+
+
+# ---- 4. an out-dir that holds an earlier run --------------------------------------------------------------------
+def _earlier_run(out: Path, count: int) -> list:
+    clip = np.zeros((N_FRAMES, RESOLUTION, RESOLUTION, 3), np.uint8)
+    paths = [write_mp4(clip, out / "videos" / f"{i:06d}_class{i % 4:03d}.mp4") for i in range(count)]
+    (out / "grid.png").write_bytes(b"earlier grid")
+    return paths
+
+
+def test_out_dir_with_an_earlier_run_is_refused_and_left_alone(ckpts, tmp_path):
+    out = tmp_path / "out"
+    earlier = _earlier_run(out, 6)
+    before = {p: p.read_bytes() for p in [*earlier, out / "grid.png"]}
+    proc = run_sample(ckpts, out, "--num-videos", 2)
+    one_line_error(proc, out / "videos", "6 files", "--overwrite", "--out-dir")
+    assert {p: p.read_bytes() for p in before} == before and len(mp4s(out / "videos")) == 6
+
+
+def test_overwrite_replaces_the_earlier_run_and_says_so(ckpts, tmp_path):
+    out = tmp_path / "out"
+    _earlier_run(out, 6)
+    proc = run_sample(ckpts, out, "--num-videos", 2, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "removed 6 videos of an earlier run" in proc.stdout
+    assert [p.name for p in mp4s(out / "videos")] == ["000000_class000.mp4", "000001_class001.mp4"]
+    assert "wrote 2 videos" in proc.stdout
+    assert (out / "grid.png").read_bytes() != b"earlier grid"
+
+
+def test_overwrite_keeps_files_it_did_not_write(ckpts, tmp_path):
+    out = tmp_path / "out"
+    _earlier_run(out, 2)
+    (out / "videos" / "notes.txt").write_text("mine")
+    proc = run_sample(ckpts, out, "--num-videos", 1, "--overwrite")
+    one_line_error(proc, out / "videos", "notes.txt")
+    assert (out / "videos" / "notes.txt").read_text() == "mine" and len(mp4s(out / "videos")) == 2
+
+
+# ---- 5. Ctrl-C and SIGTERM while sampling -------------------------------------------------------------------------
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_keeps_finished_videos_and_says_how_many(ckpts, tmp_path, signal_number, exit_code):
+    out = tmp_path / "out"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen([sys.executable, *map(str, sample_args(ckpts, out, "--num-videos", 100000,
+                                                                      "--batch-size", 1, "--npz", tmp_path / "s.npz"))],
+                                cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not mp4s(out / "videos"):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        proc.send_signal(signal_number)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == exit_code, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1, output[-3000:]
+    line = lines[0]
+    videos = mp4s(out / "videos")
+    name = signal.Signals(signal_number).name
+    assert line.startswith(f"stopped by {name}: {len(videos)} of 100000 videos written to {out / 'videos'}"), line
+    assert all(frame_count(path) == N_FRAMES for path in videos)  # a video cut short is removed, not left torn
+    assert not list(out.glob(".shard-*")) and not (tmp_path / "s.npz").exists()
+    assert not list(tmp_path.glob(".s.npz*"))
+
+
+# ---- 6. denoisers trained with another autoencoder --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_ae(ckpts, tmp_path_factory):
+    """The autoencoder with one weight nudged: same shapes, other weights, so another fingerprint."""
+    ckpt = torch.load(ckpts["ae"], map_location="cpu", weights_only=False)
+    for key in ("model", "ema"):
+        if ckpt.get(key):
+            name = next(k for k, v in ckpt[key].items() if v.is_floating_point())
+            ckpt[key][name] = ckpt[key][name] + 1e-3
+    path = tmp_path_factory.mktemp("other_ae") / "other.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_another_autoencoder_is_refused_unless_allowed(ckpts, other_ae, tmp_path):
+    args = sample_args({**ckpts, "ae": other_ae}, tmp_path / "refused", "--num-videos", 1)
+    one_line_error(run_python(args, check=False), ckpts["motion"], "--allow-ae-mismatch")
+    args = sample_args({**ckpts, "ae": other_ae}, tmp_path / "allowed", "--num-videos", 1, "--allow-ae-mismatch")
+    proc = run_python(args, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(mp4s(tmp_path / "allowed" / "videos")) == 1
