@@ -110,7 +110,7 @@ def children_of(pid: int) -> dict:
 
 
 # ---- log and checkpoint helpers ----------------------------------------------------------------------------------
-STEP_LINE = re.compile(r"\] (step (\d{7}) \| .*)$")
+STEP_LINE = re.compile(r"\] (step (\d{7}) \| [^|]*)(?: \| .*steps/s.*| \| speed n/a)?$")  # without the speed
 
 
 def step_lines(log: Path) -> list:

@@ -113,6 +113,8 @@ class TrainConfig:
     compile: bool = False
     max_nonfinite_steps: int = 10  # consecutive NaN/inf losses before the run stops
     fvd_detector: Optional[str] = None  # I3D file for reconstruction FVD during AE evaluation
+    wandb_project: Optional[str] = None  # also log to Weights & Biases (pip install wandb); off by default
+    wandb_entity: Optional[str] = None  # W&B team or user; default: wandb's own default
 
 
 @dataclass
@@ -206,6 +208,12 @@ def validate_config(cfg, stage: str) -> None:
     for key in ("max_steps", "log_every", "ckpt_every"):
         _require(train[key] > 0, f"config key 'train.{key}' must be positive, got {train[key]}")
     _require(0.0 <= train.ema_decay < 1.0, f"config key 'train.ema_decay' must be in [0, 1), got {train.ema_decay}")
+    if train.wandb_project:
+        import importlib.util
+
+        _require(importlib.util.find_spec("wandb") is not None,
+                 f"config key 'train.wandb_project' is set ('{train.wandb_project}') but wandb is not installed: "
+                 f"pip install wandb")
     if stage == "autoencoder":
         _require(cfg.loss.perceptual_frames > 0, "config key 'loss.perceptual_frames' must be positive")
     else:

@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 from copy import deepcopy
 from pathlib import Path
 from typing import Optional
@@ -173,7 +174,9 @@ class TrainingRun:
         self.logger = create_logger(self.run_dir, self.dist.is_main)
         self.writer = None
         self._write_config()
+        self.wandb = None
         if self.dist.is_main:
+            self.wandb = start_wandb(cfg, self.run_dir)  # before the TensorBoard writer, whose scalars it mirrors
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
@@ -190,6 +193,7 @@ class TrainingRun:
         self._stop_decision: Optional[tuple[int, bool]] = None
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_count = 0
+        self._speed_mark: Optional[tuple[float, int]] = None  # (time, step) of the last log line or the first step
         self._install_signal_handlers()
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -367,6 +371,8 @@ class TrainingRun:
 
     def log(self, values: dict) -> None:
         """Accumulates detached scalars on device (no sync); every log_every steps averages over steps and ranks."""
+        if self._speed_mark is None:  # the clock starts at the first step, not at setup (datasets, latent cache)
+            self._speed_mark = (time.perf_counter(), self.step)
         for key, value in values.items():
             value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
             self._log_sums[key] = self._log_sums.get(key, 0.0) + value.to(self.device)
@@ -377,10 +383,23 @@ class TrainingRun:
         means = all_reduce_mean(torch.stack([self._log_sums[k] for k in keys]) / self._log_count).tolist()
         self._log_sums, self._log_count = {}, 0
         text = " ".join(f"{k}={v:.4g}" for k, v in zip(keys, means))
-        self.logger.info(f"step {self.step:07d} | {text}")
+        self.logger.info(f"step {self.step:07d} | {text} | {self._speed()}")
         if self.writer is not None:
             for key, value in zip(keys, means):
                 self.writer.add_scalar(f"train/{key}", value, self.step)
+
+    def _speed(self) -> str:
+        """Steps/s and clips/s since the previous log line (after the all-reduce, so device work is finished) and
+        the time left to max_steps at that rate."""
+        now = time.perf_counter()
+        last_time, last_step = self._speed_mark if self._speed_mark is not None else (now, self.step)
+        self._speed_mark = (now, self.step)
+        rate = (self.step - last_step) / max(now - last_time, 1e-9)
+        if rate <= 0:
+            return "speed n/a"
+        seconds_left = int((self.cfg.train.max_steps - self.step) / rate)
+        eta = f"{seconds_left // 3600}:{seconds_left // 60 % 60:02d}:{seconds_left % 60:02d}"
+        return f"{rate:.3g} steps/s {rate * self.cfg.train.global_batch_size:.3g} clips/s ETA {eta}"
 
     def should_stop(self) -> bool:
         """True at max_steps or after SIGTERM/SIGINT on any rank; decided once per step so ranks agree."""
@@ -465,7 +484,24 @@ class TrainingRun:
             self.logger.info(f"done at step {self.step}")
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         cleanup_distributed()
+
+
+def start_wandb(cfg, run_dir: Path):
+    """A Weights & Biases run mirroring the TensorBoard scalars and media, when train.wandb_project is set (off by
+    default; TensorBoard stays). The id is kept in the run folder, so a resumed run continues the same W&B run."""
+    project = cfg.train.wandb_project
+    if not project:
+        return None
+    import wandb  # optional: validate_config has checked that it is installed
+
+    id_file = Path(run_dir) / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=project, entity=cfg.train.wandb_entity, name=Path(run_dir).name, id=run_id,
+                      resume="allow", dir=str(run_dir), config=config_to_dict(cfg), sync_tensorboard=True)
 
 
 def run_reporting_user_errors(fn, *args) -> None:
