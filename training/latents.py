@@ -381,13 +381,12 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
         run.logger.info(f"latent cache: reusing {folder}")
         return LatentCache(folder)
     total = len(dataset) * clips_per_video
-    content_shape, motion_shape = tuple(ae.content_shape), tuple(ae.motion_shape)
     # Written into a private folder and renamed into place when complete, so that two runs building the
     # same cache at once (the demo trains both diffusion stages side by side) never write into each other's files.
     staging = Path(broadcast_object(str(_staging_path(folder, os.getpid(), _machine())) if run.dist.is_main else None))
     try:
         _fill_staging(run, ae, dataset, staging, total, clips_per_video, batch_size, folder)
-    except BaseException:  # an error, or the stop below: the half-built folder goes with the run
+    except BaseException:  # an error, or a stop signal's SystemExit: the half-built folder goes with the run
         if run.dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         raise
