@@ -112,27 +112,93 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def relaunch_with_torchrun_if_asked(args, argv=None) -> None:
-    """The seed README runs `python train_x.py --nnodes=N --nproc_per_node=G ...`; hand that to torchrun.
+# torchrun's launcher flags that the entry scripts accept as well, because the seed README passes them to the script
+# itself: (attribute, the spellings torchrun knows, type). training.config.build_arg_parser adds them to the parser;
+# the relaunch forwards each one given under its first (underscore) spelling, which older torchruns read as well.
+LAUNCHER_FLAGS = (
+    ("nnodes", ("--nnodes",), int),
+    ("nproc_per_node", ("--nproc_per_node", "--nproc-per-node"), int),
+    ("node_rank", ("--node_rank", "--node-rank"), int),
+    ("master_addr", ("--master_addr", "--master-addr"), str),
+    ("master_port", ("--master_port", "--master-port"), int),
+    ("rdzv_backend", ("--rdzv_backend", "--rdzv-backend"), str),
+    ("rdzv_endpoint", ("--rdzv_endpoint", "--rdzv-endpoint"), str),
+    ("rdzv_id", ("--rdzv_id", "--rdzv-id"), str),
+    ("rdzv_conf", ("--rdzv_conf", "--rdzv-conf"), str),
+    ("max_restarts", ("--max_restarts", "--max-restarts"), int),
+)
 
-    Under torchrun already (or with a single process asked for) this does nothing.
-    """
-    nproc = getattr(args, "nproc_per_node", None)
-    nnodes = getattr(args, "nnodes", None)
-    if "LOCAL_RANK" in os.environ or ((nproc or 1) <= 1 and (nnodes or 1) <= 1):
+
+class LaunchError(ValueError):
+    """A launcher flag combination that cannot start the run; the message is one line naming the flag."""
+
+
+def _check_multi_node(given: dict) -> None:
+    """Several nodes must find each other; torchrun's defaults (127.0.0.1, node rank 0) would have every node wait
+    for the others on its own loopback until the rendezvous times out, so refuse before starting anything."""
+    nnodes = given["nnodes"]
+    backend = given["rdzv_backend"] or "static"
+    if backend != "static":
+        if not given["rdzv_endpoint"]:
+            raise LaunchError(f"--nnodes={nnodes} with --rdzv_backend={backend} needs --rdzv_endpoint=HOST:PORT "
+                              "(an address of the first node that every node can reach)")
         return
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if not given["master_addr"] and not given["rdzv_endpoint"]:
+        raise LaunchError(f"--nnodes={nnodes} needs --master_addr=HOST (the first node, with --node_rank on each node) "
+                          "or --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT")
+    node_rank = given["node_rank"]
+    if node_rank is None:
+        others = "1" if nnodes == 2 else f"1..{nnodes - 1}"
+        raise LaunchError(f"--nnodes={nnodes} with static rendezvous needs --node_rank (0 on the --master_addr node, "
+                          f"{others} on the others), or use --rdzv_backend=c10d")
+    if not 0 <= node_rank < nnodes:
+        raise LaunchError(f"--node_rank={node_rank} is outside 0..{nnodes - 1} for --nnodes={nnodes}")
+
+
+def _without_launcher_flags(argv: list) -> list:
+    """argv less the launcher flags (`--flag=value` or `--flag value`): they go to torchrun, not to the workers."""
+    names = {spelling for _, spellings, _ in LAUNCHER_FLAGS for spelling in spellings}
     kept, skip = [], False
     for item in argv:
         if skip:
             skip = False
             continue
         name = item.split("=", 1)[0]
-        if name in ("--nnodes", "--nproc_per_node", "--nproc-per-node"):
+        if name in names:
             skip = "=" not in item
             continue
         kept.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes or 1}",
-               f"--nproc_per_node={nproc or 1}", sys.argv[0], *kept]
+    return kept
+
+
+def torchrun_command(args, argv: list, script: str) -> list:
+    """The torchrun command line that runs `script` with the launcher flags found in `args` (a parsed namespace).
+
+    Raises LaunchError for several nodes without a way to find the first one.
+    """
+    given = {name: getattr(args, name, None) for name, _, _ in LAUNCHER_FLAGS}
+    given["nnodes"] = given["nnodes"] or 1
+    given["nproc_per_node"] = given["nproc_per_node"] or 1
+    if given["nnodes"] > 1:
+        _check_multi_node(given)
+    launcher = [f"{spellings[0]}={given[name]}" for name, spellings, _ in LAUNCHER_FLAGS if given[name] is not None]
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, script, *_without_launcher_flags(list(argv))]
+
+
+def relaunch_with_torchrun_if_asked(args, argv=None) -> None:
+    """The seed README runs `python train_x.py --nnodes=N --nproc_per_node=G ...`; hand that to torchrun.
+
+    Under torchrun already (or with a single process asked for) this does nothing. A launcher flag combination that
+    cannot work ends the process with one line on stderr and exit code 2, like any other command-line error.
+    """
+    nproc = getattr(args, "nproc_per_node", None)
+    nnodes = getattr(args, "nnodes", None)
+    if "LOCAL_RANK" in os.environ or ((nproc or 1) <= 1 and (nnodes or 1) <= 1):
+        return
+    try:
+        command = torchrun_command(args, sys.argv[1:] if argv is None else argv, sys.argv[0])
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print("relaunching under torchrun: " + " ".join(command), file=sys.stderr)
     os.execv(sys.executable, command)
