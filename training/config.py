@@ -265,8 +265,11 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--global-seed", type=int, default=None)
     parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
     # The seed README passes torchrun's own flags to the script; we accept them and relaunch (training.distributed).
-    parser.add_argument("--nnodes", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=None, help=argparse.SUPPRESS)
+    # Hidden from --help: they are torchrun's, documented in README ("Several nodes (Slurm)").
+    from training.distributed import LAUNCHER_FLAGS
+
+    for name, spellings, kind in LAUNCHER_FLAGS:
+        parser.add_argument(*spellings, dest=name, type=kind, default=None, help=argparse.SUPPRESS)
     if stage != "autoencoder":
         parser.add_argument("--ae-ckpt", default=None, help="autoencoder checkpoint (from train_ae.py)")
         parser.add_argument("--model", default=None, help="DiT registry name, e.g. MotionDiT-L/2")
