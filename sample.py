@@ -4,14 +4,18 @@
     torchrun --nproc_per_node=8 sample.py ... --num-videos 2048 --npz out/samples.npz   # for FVD
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --content-frame photo.png --classes 3   # image-to-video
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --real-content --npz motion_only.npz  # motion-only
+    torchrun --nproc_per_node=8 sample.py ... --num-videos 10000 --classes dataset --no-mp4 --frames-dir out/frames
 """
 import argparse
+import difflib
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,15 +114,72 @@ def real_content_frames(ae, data_cfg, seed: int, labels, device) -> torch.Tensor
     return torch.cat([ae.encode(chunk)[0] for chunk in clips.split(64)])
 
 
-def class_list(args, num_classes: int) -> list:
+def training_labels(dataset) -> np.ndarray:
+    """The label of every item of `dataset`, read without decoding a clip where the dataset allows it."""
+    if hasattr(dataset, "label_of"):
+        return np.array([dataset.label_of(index) for index in range(len(dataset))], dtype=np.int64)
+    if hasattr(dataset, "entries"):  # datasets.video_folder: one entry per video, its label known from the listing
+        return np.array([entry.label for entry in dataset.entries], dtype=np.int64)
+    return np.array([int(dataset[index]["y"]) for index in range(len(dataset))], dtype=np.int64)
+
+
+def labels_by_frequency(labels: np.ndarray, num_videos: int, seed: int) -> list:
+    """`num_videos` labels drawn with replacement from the training labels, i.e. by class frequency, as StyleGAN-V's
+    metrics and the reference evaluation draw them; a function of `seed` alone, so every rank draws the same."""
+    picks = np.random.default_rng(seed).integers(0, len(labels), size=num_videos)
+    return labels[picks].tolist()
+
+
+def resolve_class_name(name: str, class_names: list, where: str) -> int:
+    """A class name -> its 0-based id; exact first, then case-insensitive (UCF-101 itself mixes case:
+    HandstandPushups in classInd.txt, HandStandPushups on disk)."""
+    if name in class_names:
+        return class_names.index(name)
+    folded = [known.lower() for known in class_names]
+    if name.lower() in folded:
+        return folded.index(name.lower())
+    close = difflib.get_close_matches(name, class_names, n=3, cutoff=0.6)
+    if close:
+        hint = f"did you mean {' or '.join(close)}?"
+    else:
+        hint = f"its classes are {', '.join(class_names[:4])}{', ...' if len(class_names) > 4 else ''}"
+    raise ValueError(f"--classes: {name!r} is not a class of {where}; {hint} "
+                     f"({len(class_names)} classes, ids 0..{len(class_names) - 1})")
+
+
+def class_list(args, num_classes: int, data_cfg=None, seed: int = 0) -> list:
+    """The label of every video: --classes round-robin (ids, or names of the motion run's dataset classes), drawn
+    by the training split's class frequencies (--classes dataset), or every class round-robin (the default)."""
+    dataset = None
+    if args.classes == DATASET_CLASSES or any(isinstance(c, str) for c in args.classes or []):
+        dataset = classes_dataset(data_cfg, seed)
+        if dataset.num_classes != num_classes:
+            raise ValueError(f"--classes {args.classes if isinstance(args.classes, str) else 'names'}: the motion run's "
+                             f"dataset has {dataset.num_classes} classes but the models know {num_classes}")
+    if args.classes == DATASET_CLASSES:
+        return labels_by_frequency(training_labels(dataset), args.num_videos, args.seed)
     if args.classes:
-        classes = args.classes
+        where = f"the motion run's {data_cfg.dataset_name} dataset"
+        classes = [c if isinstance(c, int) else resolve_class_name(c, list(dataset.class_names), where)
+                   for c in args.classes]
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
             raise ValueError(f"--classes: class id {bad[0]} is out of range; the models know classes 0..{num_classes - 1}")
     else:
         classes = list(range(num_classes))
     return [classes[i % len(classes)] for i in range(args.num_videos)]
+
+
+def classes_dataset(data_cfg, seed: int):
+    """The motion run's training split (data.split): its class names and, for --classes dataset, its labels."""
+    from datasets import build_dataset
+
+    try:
+        return build_dataset(data_cfg, split=data_cfg.split, seed=seed)
+    except ValueError as exc:  # DatasetError: e.g. the data path of the training machine is not here
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--classes: class names and frequencies come from the motion run's training data, which "
+                         f"cannot be read here ({message})") from None
 
 
 # ---- outputs: checked before any model loads, so that a bad path does not cost a sampling run ----------------------
@@ -128,6 +189,10 @@ class OutputError(ValueError):
 
 VIDEO_NAME = re.compile(r"^\d{6}_class\d{3}\.mp4$")  # the names sample.py gives its videos
 GRID_FILES = ("grid.mp4", "grid.png")
+# --frames-dir: DIR/000000/000.png ..., one folder per video, the layout StyleGAN-V's metric scripts read;
+# a folder being written is hidden (.000000.partial-PID) and renamed when complete.
+FRAME_FOLDER = re.compile(r"^(\d{6}|\.\d{6}\.partial-\d+)$")
+FRAME_NAME = re.compile(r"^\d{3,}\.png$")
 
 
 def npz_path(npz) -> Path | None:
@@ -186,8 +251,33 @@ def earlier_videos(out_dir: Path, overwrite: bool) -> list:
     return earlier
 
 
+def frame_folder_is_ours(path: Path) -> bool:
+    """A video folder sample.py wrote: a six-digit name and nothing but numbered PNG frames in it."""
+    if not (FRAME_FOLDER.match(path.name) and path.is_dir() and not path.is_symlink()):
+        return False
+    return all(FRAME_NAME.match(frame.name) and frame.is_file() for frame in path.iterdir())
+
+
+def earlier_frames(frames_dir: Path, overwrite: bool) -> list:
+    """The video folders of an earlier run in --frames-dir, removed with --overwrite and refused without it: the
+    metric scripts read every folder there, so a smaller run written over a larger one would be scored with it."""
+    try:
+        earlier = sorted(frames_dir.iterdir()) if frames_dir.is_dir() else []
+        foreign = [path for path in earlier if not frame_folder_is_ours(path)]
+    except OSError as exc:
+        raise OutputError(f"--frames-dir {frames_dir}: cannot list it ({exc.strerror or exc})") from None
+    if earlier and not overwrite:
+        raise OutputError(f"--frames-dir {frames_dir}: already holds {len(earlier)} entries (such as {earlier[0].name}); "
+                          f"choose another --frames-dir, or pass --overwrite to replace an earlier run's frames")
+    if foreign:
+        raise OutputError(f"--overwrite: {frames_dir} holds {len(foreign)} entries that sample.py did not write (such "
+                          f"as {foreign[0].name}), which it does not remove: choose another --frames-dir")
+    return earlier
+
+
 def check_outputs(args) -> list:
-    """Every output location is usable; returns the videos of an earlier run that --overwrite will replace."""
+    """Every output location is usable; returns what of an earlier run --overwrite will replace (mp4 files and
+    --frames-dir video folders)."""
     out_dir = Path(args.out_dir)
     check_creatable(out_dir, "--out-dir", folder=True)
     check_creatable(out_dir / "videos", "--out-dir", folder=True)
@@ -195,7 +285,37 @@ def check_outputs(args) -> list:
         check_creatable(out_dir / name, "--out-dir", folder=False)
     if args.npz:
         check_creatable(npz_path(args.npz), "--npz", folder=False)
-    return earlier_videos(out_dir, args.overwrite)
+    earlier = earlier_videos(out_dir, args.overwrite)
+    if args.frames_dir:
+        frames_dir = Path(args.frames_dir)
+        if frames_dir.resolve() in (out_dir.resolve(), (out_dir / "videos").resolve()):
+            # The grid files and the mp4 folder would read as foreign entries to the next run's check.
+            raise OutputError(f"--frames-dir {frames_dir}: give it a folder of its own, not --out-dir or its videos folder")
+        check_creatable(frames_dir, "--frames-dir", folder=True)
+        earlier += earlier_frames(frames_dir, args.overwrite)
+    return earlier
+
+
+def write_frames(clip: np.ndarray, folder: Path) -> Path:
+    """uint8 (T, H, W, 3) -> folder/000.png, 001.png, ...; written under a hidden name and renamed when complete."""
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    digits = max(3, len(str(len(clip) - 1)))
+    try:
+        partial.mkdir(parents=True)
+        for t, frame in enumerate(clip):
+            Image.fromarray(frame).save(partial / f"{t:0{digits}d}.png")
+        os.rename(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return folder
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -205,7 +325,7 @@ def removed_if_unfinished(*paths):
         yield
     except BaseException:
         for path in paths:
-            Path(path).unlink(missing_ok=True)
+            remove(Path(path))
         raise
 
 
@@ -238,6 +358,8 @@ def main(args):
         raise ValueError("--content-frame and --real-content both give the content frames: choose one")
     if not (args.content_frame or args.real_content or args.content_ckpt):
         raise ValueError("--content-ckpt is required unless --content-frame gives the content frame")
+    if args.no_mp4 and not (args.npz or args.frames_dir):
+        raise ValueError("--no-mp4 would keep only the grid of a sampling run: pass --npz or --frames-dir to keep the videos")
     # Before setup_distributed: its rendezvous waits for every rank, so all ranks check before any can write.
     earlier = check_outputs(args)
     info = setup_distributed()
@@ -251,12 +373,18 @@ def main(args):
         count = sum(path.exists() for path in written)
         total = len(range(info.rank, args.num_videos, info.world_size))
         rank = f"rank {info.rank}: " if info.world_size > 1 else ""
-        print(f"{rank}stopped by {stop}: {count} of {total} videos written to {out_dir / 'videos'}; grid"
+        print(f"{rank}stopped by {stop}: {count} of {total} videos written to {' and '.join(video_places(args))}; grid"
               f"{' and --npz' if args.npz else ''} files are written only by a finished run", file=sys.stderr, flush=True)
         raise SystemExit(128 + stop.signum) from None
     finally:
         (out_dir / f".shard-{info.rank:05d}.npz").unlink(missing_ok=True)  # rank 0 has read them all, or failed
     cleanup_distributed()
+
+
+def video_places(args) -> list:
+    """Where each video goes as it is finished: its mp4 (unless --no-mp4) and its folder of PNG frames."""
+    places = [] if args.no_mp4 else [str(Path(args.out_dir) / "videos")]
+    return places + ([f"{args.frames_dir} (PNG frames)"] if args.frames_dir else [])
 
 
 def sample_videos(args, info, earlier: list, written: list) -> None:
@@ -267,7 +395,7 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
                                                       allow_ae_mismatch=args.allow_ae_mismatch)
     num_classes = motion.num_classes
     content_model, content_cfg, content_scaler, given_frame, real_frames = None, None, None, None, None
-    labels = class_list(args, num_classes)
+    labels = class_list(args, num_classes, motion_cfg.data, int(motion_cfg.train.global_seed))
     if args.content_frame:
         given_frame = load_image(args.content_frame, ae_cfg.data.resolution, ae_cfg.model.channels).to(device)
     elif args.real_content:
@@ -291,10 +419,16 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
     # --overwrite removes the earlier run only now that the models loaded: a typo in a flag must not cost it.
     if earlier and info.is_main:
         for path in [*earlier, *(out_dir / name for name in GRID_FILES)]:
-            path.unlink(missing_ok=True)
-        print(f"removed {len(earlier)} videos of an earlier run from {out_dir / 'videos'} (--overwrite)")
+            remove(path)
+        counts = Counter(str(path.parent) for path in earlier)
+        print("removed " + " and ".join(f"{count} videos of an earlier run from {place}" for place, count in counts.items())
+              + " (--overwrite)")
     barrier()  # no rank writes a video that rank 0 is about to remove
-    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # the grid and the rank shards go here, mp4s or not
+    if not args.no_mp4:
+        (out_dir / "videos").mkdir(exist_ok=True)
+    if args.frames_dir:
+        Path(args.frames_dir).mkdir(parents=True, exist_ok=True)
     mine = list(range(info.rank, args.num_videos, info.world_size))
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     videos, contents, indices = [], [], []
@@ -315,10 +449,15 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
         clips = to_uint8_videos(ae.decode(z_c, z_m).float())
         contents.append(to_uint8_videos(z_c.unsqueeze(2))[:, 0])
         for index, label, clip in zip(batch, y.tolist(), clips):
-            path = out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4"
-            with removed_if_unfinished(path):
-                write_mp4(clip, path, fps=args.fps)
-            written.append(path)
+            mp4 = None if args.no_mp4 else out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4"
+            frames = Path(args.frames_dir) / f"{index:06d}" if args.frames_dir else None
+            outputs = [path for path in (mp4, frames) if path is not None]
+            with removed_if_unfinished(*outputs):  # a video counts once all its outputs are whole
+                if mp4 is not None:
+                    write_mp4(clip, mp4, fps=args.fps)
+                if frames is not None:
+                    write_frames(clip, frames)
+            written.extend(outputs[:1])
         videos.append(clips)
         indices.extend(batch)
     shard = out_dir / f".shard-{info.rank:05d}.npz"
@@ -339,7 +478,9 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
             write_npz(npz_path(args.npz), videos=all_videos, labels=np.array(labels, dtype=np.int64),
                       content_frames=all_contents, num_classes=np.int64(num_classes))
             print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
-        print(f"wrote {len(all_videos)} videos to {out_dir / 'videos'}; grid: {grid['mp4']} and {grid['png']}")
+        places = video_places(args)
+        print((f"wrote {len(all_videos)} videos to {' and '.join(places)}; " if places else "")
+              + f"grid: {grid['mp4']} and {grid['png']}")
     barrier()
 
 
@@ -374,15 +515,31 @@ def finite_float(text: str) -> float:
     return value
 
 
-def class_ids(text: str) -> list:
-    """'3' or '0,2,5' -> [0, 2, 5]; the range is checked against the models once they are loaded."""
-    ids = []
+DATASET_CLASSES = "dataset"  # --classes dataset: labels drawn by the training split's class frequencies
+
+
+def class_choice(text: str):
+    """'3', '0,2,5', 'ApplyEyeMakeup,Biking' or 'dataset' -> [3], [0, 2, 5], ['ApplyEyeMakeup', 'Biking'], 'dataset'.
+
+    Ids are checked against the models and names looked up in the motion run's dataset once those are loaded; an
+    entry of digits alone is an id.
+    """
+    if text.strip() == DATASET_CLASSES:
+        return DATASET_CLASSES
+    choices = []
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit():
-            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not a class id (a whole number >= 0)")
-        ids.append(int(part))
-    return ids
+        if part.isdigit():
+            choices.append(int(part))
+        elif not part or re.fullmatch(r"[-+]\d+", part):
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not a class id (a whole number >= 0) nor a "
+                                             f"class name")
+        elif part == DATASET_CLASSES:
+            raise argparse.ArgumentTypeError(f"{text!r}: 'dataset' draws every label by the dataset's class "
+                                             f"frequencies; give it alone")
+        else:
+            choices.append(part)
+    return choices
 
 
 def parse_args(argv=None):
@@ -395,23 +552,39 @@ def parse_args(argv=None):
                         help="motion-only samples: content frames of held-out real clips of each video's class")
     parser.add_argument("--allow-ae-mismatch", action="store_true",
                         help="sample even though the denoisers were trained with another autoencoder checkpoint")
-    parser.add_argument("--classes", type=class_ids, default=None,
-                        help="comma-separated class ids, used round-robin (default: all)")
+    parser.add_argument("--classes", type=class_choice, default=None,
+                        help="comma-separated class ids or names, used round-robin; ids are 0-based (UCF-101's "
+                        "classInd.txt numbers from 1: id = its number - 1), names are those of the motion run's dataset "
+                        "(e.g. ApplyEyeMakeup,Biking). 'dataset': labels drawn by the class frequencies of the motion "
+                        "run's training split, as the reference and StyleGAN-V evaluate (deterministic given --seed). "
+                        "Default: every class round-robin")
     parser.add_argument("--num-videos", type=positive_int, default=16)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--content-sampler", choices=["ddim", "ddpm"], default="ddim")
     parser.add_argument("--content-steps", type=positive_int, default=50)
-    parser.add_argument("--content-cfg-scale", type=finite_float, default=None, help="default: the checkpoint's config")
+    parser.add_argument("--content-cfg-scale", type=finite_float, default=None,
+                        help="guidance scale s, DiT's convention: eps = eps(null) + s * (eps(c) - eps(null)); 1 = none; "
+                        "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the checkpoint's config "
+                        "(configs/ucf101: 4.0, what the reference evaluation used)")
     parser.add_argument("--motion-sampler", choices=["ddim", "ddpm"], default="ddim")
     parser.add_argument("--motion-steps", type=positive_int, default=100)
-    parser.add_argument("--motion-cfg-scale", type=finite_float, default=None, help="default: the checkpoint's config")
+    parser.add_argument("--motion-cfg-scale", type=finite_float, default=None,
+                        help="guidance scale s of the motion model, the same convention as --content-cfg-scale. "
+                        "Default: the checkpoint's config (configs/ucf101: 1.0, unguided as in the reference evaluation)")
     parser.add_argument("--out-dir", default="samples")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the videos and grid of an earlier run in --out-dir (refused without this flag)")
+                        help="replace the videos and grid of an earlier run in --out-dir and its frame folders in "
+                        "--frames-dir (refused without this flag)")
     parser.add_argument("--npz", default=None,
                         help="also write videos (N, T, H, W, 3) uint8, labels (N,), content_frames (N, H, W, 3) and "
                         "num_classes here")
+    parser.add_argument("--frames-dir", default=None,
+                        help="also write each video as a folder of PNG frames, DIR/000000/000.png ..., the layout "
+                        "StyleGAN-V's metric scripts read")
+    parser.add_argument("--no-mp4", action="store_true",
+                        help="write no mp4 per video (for runs of thousands of videos); the grid is still written. "
+                        "Needs --npz or --frames-dir")
     parser.add_argument("--grid-videos", type=positive_int, default=16)
     parser.add_argument("--fps", type=positive_int, default=8)
     parser.add_argument("--quiet", action="store_true")

@@ -34,11 +34,16 @@ VideoBatch = Union[np.ndarray, torch.Tensor]
 
 
 class VideoFeatureDetector:
-    """Maps uint8 videos (N, T, H, W, 3) to float features (N, D); subclasses wrap one checkpoint kind."""
+    """Maps uint8 videos (N, T, H, W, 3) to float features (N, D); subclasses wrap one checkpoint kind.
 
-    def __init__(self, module: torch.nn.Module, name: str, device: Union[str, torch.device] = "cpu"):
+    `tag` names the detector in metric names (fvd2048_16f[i3d_torchscript]): the two kinds give different
+    features, so a number without its detector cannot be compared with another.
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str, device: Union[str, torch.device] = "cpu", tag: str = ""):
         self.module = module
         self.name = name
+        self.tag = tag or name
         self.device = torch.device(device)
         self.module.to(self.device)
 
@@ -134,7 +139,8 @@ def load_detector(path: Optional[str] = None, device: Union[str, torch.device] =
             # TorchScript is deprecated upstream, but it is the only format StyleGAN-V's reference detector ships in.
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(resolved, map_location="cpu").eval()
-        return TorchScriptI3D(module, f"torchscript:{Path(resolved).stem}", device)
+        # The reference detector keeps its file name as its tag (StyleGAN-V's i3d_torchscript).
+        return TorchScriptI3D(module, f"torchscript:{Path(resolved).stem}", device, tag=Path(resolved).stem)
     try:
         loaded = torch.load(resolved, map_location="cpu", weights_only=True)
     except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
@@ -143,7 +149,8 @@ def load_detector(path: Optional[str] = None, device: Union[str, torch.device] =
             f"{resolved}: not a TorchScript archive nor a plain tensor state dict ({type(error).__name__})"
         ) from error
     model = build_port_i3d(_unwrap_state_dict(loaded, resolved), resolved)
-    return PortI3D(model, f"i3d-port:{Path(resolved).stem}", device)
+    # The port's tag says so, so that its numbers never pass for the reference detector's.
+    return PortI3D(model, f"i3d-port:{Path(resolved).stem}", device, tag=f"i3d-port:{Path(resolved).stem}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,6 +302,21 @@ def fvd_protocol_name(num_videos: int, n_frames: int) -> str:
     return f"fvd{num_videos}_{n_frames}f"
 
 
+def fvd_metric_name(num_videos: int, n_frames: int, detector: VideoFeatureDetector) -> str:
+    """The protocol and the detector, e.g. fvd2048_16f[i3d_torchscript]: what a reported FVD must carry."""
+    return f"{fvd_protocol_name(num_videos, n_frames)}[{detector.tag}]"
+
+
+def mean_and_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean ± standard deviation of FVDs over repeated sample sets, the paper's "107 ± 9".
+
+    The population std (numpy's default, ddof=0), as evaluation scripts that report mean ± std over a few
+    sample sets compute it; with K = 1 it is 0.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # CLI video sources: an .npz file, a folder of video files, or a dataset tree read by datasets.build_dataset.
 
@@ -425,17 +447,19 @@ def _build_dataset(source: VideoSource, n_frames: int, resolution: Tuple[int, in
     return build_dataset(data_cfg, args.split, args.seed)
 
 
-def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, args: argparse.Namespace):
-    """uint8 (B, n_frames, H, W, 3) batches of the first num_videos videos (dataset: a seeded random subset)."""
+def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, args: argparse.Namespace, first: int = 0):
+    """uint8 (B, n_frames, H, W, 3) batches of videos first .. first + num_videos - 1 (dataset: of a seeded random
+    order); consecutive ranges are the disjoint sets of --repeats."""
     batch_size = args.batch_size
+    end = first + num_videos
     if source.kind == "npz":
-        for start in range(0, num_videos, batch_size):
-            yield source.videos[start : min(start + batch_size, num_videos), :n_frames]
+        for start in range(first, end, batch_size):
+            yield source.videos[start : min(start + batch_size, end), :n_frames]
     elif source.kind == "folder":
         shape = None
-        for start in range(0, num_videos, batch_size):
+        for start in range(first, end, batch_size):
             clips = []
-            for file in source.files[start : min(start + batch_size, num_videos)]:
+            for file in source.files[start : min(start + batch_size, end)]:
                 clip = _read_video_frames(file, n_frames)
                 if shape is not None and clip.shape != shape:
                     raise ValueError(f"{file}: frame size {clip.shape[1:3]} differs from the folder's {shape[1:3]}")
@@ -444,7 +468,7 @@ def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, args: a
             yield np.stack(clips)
     else:
         # A seeded subset rather than the first N items: dataset order is grouped by class.
-        order = np.random.default_rng(args.seed).permutation(len(source.dataset))[:num_videos]
+        order = np.random.default_rng(args.seed).permutation(len(source.dataset))[first:end]
         subset = torch.utils.data.Subset(source.dataset, order.tolist())
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=args.num_workers)
         for batch in loader:
@@ -506,15 +530,18 @@ def _check_frame_sizes(real: VideoSource, fake: VideoSource, n_frames: int, allo
     )
 
 
-def _choose_count(real: VideoSource, fake: VideoSource, requested: Optional[int]) -> int:
+def _choose_count(real: VideoSource, fake: VideoSource, requested: Optional[int], repeats: int = 1) -> int:
+    """Videos per set: --num-videos, or as many as both sides hold (the fake side split into `repeats` sets)."""
     if requested is not None:
-        for source in (real, fake):
-            if source.count < requested:
-                raise ValueError(
-                    f"{source.role} '{source.path}' has {source.count} videos, fewer than --num-videos {requested}"
-                )
+        for source, needed in ((real, requested), (fake, requested * repeats)):
+            if source.count < needed:
+                asked = f"--num-videos {requested}" if needed == requested else (
+                    f"--repeats {repeats} x --num-videos {requested} = {needed} (disjoint sets)")
+                raise ValueError(f"{source.role} '{source.path}' has {source.count} videos, fewer than {asked}")
         return requested
-    return min(real.count, fake.count)
+    if fake.count < repeats:
+        raise ValueError(f"fake '{fake.path}' has {fake.count} videos, fewer than --repeats {repeats} (one per set)")
+    return min(real.count, fake.count // repeats)
 
 
 def _cache_file(cache_dir: str, real: VideoSource, detector_path: str, settings: dict) -> Path:
@@ -576,9 +603,11 @@ def run(args: argparse.Namespace) -> float:
             source.count = len(source.dataset)
             source.resolution = tuple(resolution)
     resize_note = _check_frame_sizes(real, fake, n_frames, args.allow_resize)
-    num_videos = _choose_count(real, fake, args.num_videos)
-    protocol = fvd_protocol_name(num_videos, n_frames)
-    print(f"{real.describe()} | {fake.describe()} | detector {detector.name} | {protocol}", file=sys.stderr)
+    repeats = args.repeats
+    num_videos = _choose_count(real, fake, args.num_videos, repeats)
+    metric = fvd_metric_name(num_videos, n_frames, detector)
+    sets = f" | {repeats} disjoint fake sets of {num_videos}" if repeats > 1 else ""
+    print(f"{real.describe()} | {fake.describe()} | detector {detector.name} | {metric}{sets}", file=sys.stderr)
     if resize_note:
         print(f"note: {resize_note}", file=sys.stderr)
     settings = {
@@ -586,15 +615,37 @@ def run(args: argparse.Namespace) -> float:
         "dataset_name": args.dataset_name,
         "resolution": list(resolution) if real.kind == "dataset" and resolution is not None else None,
     }
+    # Real statistics once: the sets differ only on the fake side.
     mu_real, sigma_real = _real_stats(real, detector, detector_path, settings, args)
-    fake_batches = _iterate_source(fake, num_videos, n_frames, args)
-    fake_features = extract_features(fake_batches, detector, args.batch_size, progress=args.progress, total=num_videos,
-                                     name=f"fake '{fake.path}'")
-    mu_fake, sigma_fake = compute_stats(fake_features)
-    value = frechet_distance_from_stats(mu_real, sigma_real, mu_fake, sigma_fake)
+    values = []
+    for index in range(repeats):
+        first = index * num_videos
+        fake_batches = _iterate_source(fake, num_videos, n_frames, args, first=first)
+        where = f"fake '{fake.path}'" + (f" videos {first}..{first + num_videos - 1}" if repeats > 1 else "")
+        fake_features = extract_features(fake_batches, detector, args.batch_size, progress=args.progress,
+                                         total=num_videos, name=where)
+        values.append(frechet_distance_from_stats(mu_real, sigma_real, *compute_stats(fake_features)))
+        if repeats > 1:
+            print(f"set {index + 1}/{repeats} ({where}): {values[-1]:.4f}", file=sys.stderr)
     # The resize goes on the result line too: a value logged from stdout alone must not pass for a like-for-like one.
-    print(f"{protocol}: {value:.4f}" + (f" [{resize_note}]" if resize_note else ""))
-    print(f"{value:.6f}")
+    note = f" [{resize_note}]" if resize_note else ""
+    if repeats == 1:
+        print(f"{metric}: {values[0]:.4f}{note}")
+        print(f"{values[0]:.6f}")
+        return values[0]
+    mean, std = mean_and_std(values)
+    print(f"{metric}: {mean:.4f} ± {std:.4f} (K={repeats}){note}")
+    print(f"{mean:.6f} {std:.6f}")
+    return mean
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -611,7 +662,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=".npz (key 'videos', uint8 NxTxHxWx3), folder of video files, or dataset tree")
     parser.add_argument("--fake", required=True, help="same forms as --real")
     parser.add_argument("--detector", default=None, help=f"I3D file; default ${DETECTOR_ENV}")
-    parser.add_argument("--num-videos", type=int, default=None, help="default: as many as both sides hold")
+    parser.add_argument("--num-videos", type=int, default=None,
+                        help="videos per set; default: as many as both sides hold (the fake side over --repeats)")
+    parser.add_argument("--repeats", type=_positive_int, default=1, metavar="K",
+                        help="FVD of K disjoint fake sets of --num-videos each (fake videos 0..N-1, N..2N-1, ...) "
+                        "against real statistics computed once; prints mean ± std (ddof=0) and, on the last line, "
+                        "'MEAN STD'. sample.py seeds every video by its index, so one run of K x N videos holds K "
+                        "independent sample sets")
     parser.add_argument("--n-frames", type=int, default=None, help="frames per clip; default: from the .npz side(s)")
     parser.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="dataset clip size; default: the other side's frame size")

@@ -254,7 +254,7 @@ def test_cli_end_to_end_prints_value_last_and_caches_real_stats(capsys, tmp_path
     code, out, err = run_cli(capsys, argv)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[-2].startswith(f"fvd2_{FRAMES}f: ")
+    assert lines[-2].startswith(f"fvd2_{FRAMES}f[i3d-port:i3d_pretrained_400]: ")
     value = float(lines[-1])
     assert value > 0.0
     cache_files = list((tmp_path / "cache").glob("*.npz"))
@@ -268,7 +268,7 @@ def test_cli_end_to_end_prints_value_last_and_caches_real_stats(capsys, tmp_path
     # A different protocol (fewer videos) must not reuse those statistics.
     code, out, err = run_cli(capsys, argv + ["--num-videos", 1])
     assert code == 0 and "loaded from cache" not in err
-    assert out.strip().splitlines()[-2].startswith(f"fvd1_{FRAMES}f: ")
+    assert out.strip().splitlines()[-2].startswith(f"fvd1_{FRAMES}f[i3d-port:i3d_pretrained_400]: ")
 
 
 def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, npz_pair, torchscript_checkpoint):
@@ -313,7 +313,7 @@ def test_cli_reads_a_folder_of_video_files(capsys, tmp_path, npz_pair, torchscri
     code, out, err = run_cli(capsys, argv)
     assert code == 0, err
     # The folder side follows the npz side's frame count (its files are longer).
-    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
+    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f[i3d_torchscript]: ")
     assert float(out.strip().splitlines()[-1]) > 0.0
 
 
@@ -349,7 +349,7 @@ def test_cli_dataset_tree_uses_build_dataset(capsys, tmp_path, npz_pair, torchsc
     assert data_cfg.dataset_name == "UCF101" and data_cfg.data_path == str(tree)
     assert data_cfg.n_frames == FRAMES and list(data_cfg.resolution) == [16, 16]
     assert (split, seed) == ("train", 7)
-    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
+    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f[i3d_torchscript]: ")
 
 
 def test_cli_real_statistics_from_the_synthetic_dataset(capsys, tmp_path, npz_pair, torchscript_checkpoint):
@@ -358,7 +358,7 @@ def test_cli_real_statistics_from_the_synthetic_dataset(capsys, tmp_path, npz_pa
             tmp_path / "cache", "--resolution", 16, 16, "--device", "cpu"]
     code, out, err = run_cli(capsys, argv)
     assert code == 0, err
-    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
+    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f[i3d_torchscript]: ")
     assert len(list((tmp_path / "cache").glob(f"fvd2_{FRAMES}f-synthetic-*.npz"))) == 1
 
 
@@ -404,7 +404,7 @@ def test_cli_refuses_different_frame_sizes_unless_allow_resize(capsys, tmp_path,
     code, out, err = run_cli(capsys, base + ["--allow-resize"])
     assert code == 0, err
     result_line = out.strip().splitlines()[-2]
-    assert result_line.startswith(f"fvd2_{FRAMES}f: ")
+    assert result_line.startswith(f"fvd2_{FRAMES}f[i3d_torchscript]: ")
     assert "16x16" in result_line and "24x24" in result_line and "resized" in result_line and "224x224" in result_line
     assert "note:" in err and "resized" in err
     assert float(out.strip().splitlines()[-1]) > 0.0
@@ -511,7 +511,7 @@ def test_cli_dataset_name_folder_reads_a_flat_folder_of_mp4s(capsys, tmp_path, n
     code, out, err = run_cli(capsys, base + ["--dataset-name", "folder"])
     assert code == 0, err
     assert f"fake: folder '{folder}'" in err
-    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f: ")
+    assert out.strip().splitlines()[-2].startswith(f"fvd2_{FRAMES}f[i3d_torchscript]: ")
 
     # UCF101 needs class subfolders: say so, and how to read the files instead.
     code, _, err = run_cli(capsys, base + ["--dataset-name", "UCF101"])
@@ -560,3 +560,68 @@ def test_to_uint8_videos_layout_and_values():
     gray = to_uint8_videos(smooth)
     assert gray.shape == (1, 2, 3, 3, 3) and (gray[..., 0] == gray[..., 2]).all()
     assert np.abs(gray[..., 0] / 127.5 - 1 - smooth[:, 0].numpy()).max() <= 0.5 / 127.5 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- FVD as papers report it
+
+
+def test_cli_repeats_give_mean_and_std_over_disjoint_fake_sets_with_real_statistics_once(
+        capsys, tmp_path, npz_pair, torchscript_checkpoint, monkeypatch):
+    real, _ = npz_pair  # 2 real videos
+    fake = tmp_path / "fake6.npz"
+    videos = random_videos(40, 6)
+    np.savez(fake, videos=videos)
+    names = []
+    extract = fvd.extract_features
+
+    def counting(*args, name="videos", **kwargs):
+        names.append(name)
+        return extract(*args, name=name, **kwargs)
+
+    monkeypatch.setattr(fvd, "extract_features", counting)
+    base = ["--real", real, "--detector", torchscript_checkpoint, "--no-cache", "--device", "cpu"]
+    code, out, err = run_cli(capsys, base + ["--fake", fake, "--repeats", 3])
+    assert code == 0, err
+    # The paper's "107 ± 9": one line carrying protocol, detector, mean ± std and K; the last line 'MEAN STD'.
+    result, last = out.strip().splitlines()[-2:]
+    assert result.startswith(f"fvd2_{FRAMES}f[i3d_torchscript]: ") and result.endswith(" (K=3)") and " ± " in result
+    mean, std = map(float, last.split())
+    assert sum(name.startswith("real") for name in names) == 1  # real statistics once, not once per set
+
+    # Each set is fake videos 2i..2i+1, scored against the same real statistics.
+    detector = fvd.load_detector(str(torchscript_checkpoint))
+    real_stats = fvd.compute_stats(extract(np.load(real)["videos"], detector))
+    each = [fvd.frechet_distance_from_stats(*real_stats, *fvd.compute_stats(extract(videos[i:i + 2], detector)))
+            for i in (0, 2, 4)]
+    assert len(set(np.round(each, 6))) == 3  # three different sets, so the std is a real spread
+    assert mean == pytest.approx(np.mean(each), rel=1e-5) and std == pytest.approx(np.std(each), rel=1e-4)
+    assert result == f"fvd2_{FRAMES}f[i3d_torchscript]: {np.mean(each):.4f} ± {np.std(each):.4f} (K=3)"
+
+    code, _, err = run_cli(capsys, base + ["--fake", fake, "--repeats", 4, "--num-videos", 2])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"fake '{fake}' has 6 videos, fewer than --repeats 4 x --num-videos 2 = 8" in err
+
+
+def test_recon_fvd_uses_its_own_clip_count_spread_over_the_split_and_sharded(torchscript_checkpoint):
+    from datasets.synthetic import SyntheticMovingShapes
+    from train_ae import ReconstructionFVD
+
+    dataset = SyntheticMovingShapes(size=12, num_classes=4, resolution=(16, 16), n_frames=FRAMES, split="test")
+    detector = fvd.load_detector(str(torchscript_checkpoint))
+    seen = []
+
+    def identity(x):  # a perfect autoencoder: FVD 0
+        seen.append(len(x))
+        return x, None, None
+
+    shards = [ReconstructionFVD(dataset, 6, detector, rank, 2, batch_size=2) for rank in (0, 1)]
+    picked = [index for shard in shards for index in shard.mine]
+    # 6 distinct clips, disjoint over ranks, spread over the split rather than its first six.
+    assert sorted(picked) == [0, 2, 4, 6, 8, 10] and not set(shards[0].mine) & set(shards[1].mine)
+    recon = ReconstructionFVD(dataset, 6, detector, batch_size=4)
+    assert recon.name(FRAMES) == f"fvd6_{FRAMES}f[i3d_torchscript]"
+    assert recon(identity, "cpu") == pytest.approx(0.0, abs=1e-6) and sum(seen) == 6
+    assert len(recon.real) == 6  # the real clips' features, kept for the next evaluation
+    darker = recon(lambda x: (x * 0.5 - 0.5, None, None), "cpu")
+    assert darker > 1.0
+    assert ReconstructionFVD(dataset, 2048, detector).count == 12  # at most the whole split

@@ -71,7 +71,7 @@ BASE = ["--ae-ckpt", "ae.pt", "--motion-ckpt", "motion.pt"]
 
 
 @pytest.mark.parametrize("flag, value", [("--num-videos", "0"), ("--num-videos", "-3"), ("--batch-size", "0"),
-                                         ("--batch-size", "-2"), ("--classes", "a,b"), ("--classes", "1,,2"),
+                                         ("--batch-size", "-2"), ("--classes", "dataset,1"), ("--classes", "1,,2"),
                                          ("--classes", "-1"), ("--grid-videos", "0"), ("--fps", "0"),
                                          ("--motion-steps", "0"), ("--content-steps", "-1"), ("--num-videos", "2.5"),
                                          ("--motion-cfg-scale", "nan")])
@@ -310,3 +310,113 @@ def test_another_autoencoder_is_refused_unless_allowed(ckpts, other_ae, tmp_path
     proc = run_python(args, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(mp4s(tmp_path / "allowed" / "videos")) == 1
+
+
+# ---- 7. FVD as papers report it: guidance convention, labels, frame folders ----------------------------------------
+def test_ucf101_guidance_is_the_reference_evaluations_and_every_flag_states_the_convention(capsys):
+    from training.config import load_config
+
+    # DiT's convention, eps(null) + s (eps(c) - eps(null)): the reference evaluation ran the content model at 4.0 (the
+    # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided (PAPER.md "Guidance").
+    content = load_config("content", "configs/ucf101/content.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
+    motion = load_config("motion", "configs/ucf101/motion.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
+    assert (content.diffusion.cfg_scale, motion.diffusion.cfg_scale) == (4.0, 1.0)
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    parser_help = " ".join(capsys.readouterr().out.split())
+    for flag in ("--content-cfg-scale", "--motion-cfg-scale"):
+        assert flag in parser_help
+    assert "eps(null) + s * (eps(c) - eps(null))" in parser_help and "s = 1 + w" in parser_help
+    assert "0-based" in parser_help  # --classes: UCF-101's classInd.txt numbers from 1
+
+
+def test_classes_flag_takes_ids_names_or_dataset():
+    assert sample.parse_args([*BASE, "--classes", "dataset"]).classes == "dataset"
+    assert sample.parse_args([*BASE, "--classes", "ApplyEyeMakeup, 3,Biking"]).classes == ["ApplyEyeMakeup", 3, "Biking"]
+
+
+class SkewedDataset:
+    """Training labels 0 x 80, 1 x 15, 2 x 5, 3 x 0: what --classes dataset must reproduce."""
+    num_classes = 4
+    class_names = ["ApplyEyeMakeup", "Biking", "HandstandPushups", "YoYo"]
+    entries = [type("Entry", (), {"label": label})() for label in [0] * 80 + [1] * 15 + [2] * 5]
+
+
+def labels_for(monkeypatch, classes: str, num_videos: int = 4000, seed: int = 0) -> list:
+    monkeypatch.setattr(sample, "classes_dataset", lambda data_cfg, seed: SkewedDataset())
+    args = sample.parse_args([*BASE, "--classes", classes, "--num-videos", str(num_videos), "--seed", str(seed)])
+    return sample.class_list(args, 4, type("DataConfig", (), {"dataset_name": "UCF101", "split": "train"})())
+
+
+def test_classes_dataset_draws_labels_by_the_training_split_frequencies(monkeypatch):
+    labels = labels_for(monkeypatch, "dataset")
+    counts = np.bincount(labels, minlength=4) / len(labels)
+    assert np.abs(counts - [0.80, 0.15, 0.05, 0.0]).max() < 0.03  # not round-robin's 0.25 each
+    assert labels == labels_for(monkeypatch, "dataset")  # deterministic given --seed
+    assert labels != labels_for(monkeypatch, "dataset", seed=1)
+
+
+def test_classes_by_name_resolve_through_the_dataset_and_a_wrong_name_lists_valid_ones(monkeypatch):
+    assert labels_for(monkeypatch, "Biking,handstandpushups,0", num_videos=4) == [1, 2, 0, 1]  # case-insensitive
+    with pytest.raises(ValueError) as refused:
+        labels_for(monkeypatch, "Bikeing", num_videos=1)
+    message = str(refused.value)
+    assert "\n" not in message and "'Bikeing'" in message and "Biking" in message and "ids 0..3" in message
+
+
+def test_frames_dir_output_is_checked_before_models_load(tmp_path):
+    def check(*extra):
+        return sample.check_outputs(sample.parse_args([*BASE, "--out-dir", str(tmp_path / "out"), *map(str, extra)]))
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for bad in (a_file, a_file / "frames", tmp_path / "out"):
+        with pytest.raises(sample.OutputError) as refused:
+            check("--frames-dir", bad)
+        assert "--frames-dir" in str(refused.value) and str(bad) in str(refused.value)
+    frames = tmp_path / "frames"
+    (frames / "000000").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(frames / "000000" / "000.png")
+    with pytest.raises(sample.OutputError) as refused:  # an earlier run: refused without --overwrite
+        check("--frames-dir", frames)
+    assert str(frames) in str(refused.value) and "--overwrite" in str(refused.value)
+    assert check("--frames-dir", frames, "--overwrite") == [frames / "000000"]
+    (frames / "notes.txt").write_text("mine")  # never removed, even with --overwrite
+    with pytest.raises(sample.OutputError, match="notes.txt"):
+        check("--frames-dir", frames, "--overwrite")
+    with pytest.raises(ValueError, match="--no-mp4"):  # nothing but a grid would be kept
+        sample.main(sample.parse_args([*BASE, "--content-ckpt", "c.pt", "--no-mp4", "--out-dir", str(tmp_path / "o")]))
+    assert not (tmp_path / "o").exists()
+
+
+def test_frames_dir_no_mp4_and_dataset_labels_end_to_end(ckpts, tmp_path):
+    from datasets import build_dataset
+    from training.checkpoint import load_stage_checkpoint
+    from training.config import config_from_dict
+
+    out, frames, npz = tmp_path / "out", tmp_path / "frames", tmp_path / "s.npz"
+    proc = run_sample(ckpts, out, "--num-videos", 3, "--classes", "dataset", "--frames-dir", frames, "--no-mp4",
+                      "--npz", npz, "--seed", 5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote 3 videos to {frames} (PNG frames)" in proc.stdout
+    assert mp4s(out / "videos") == [] and (out / "grid.png").is_file()
+    saved = np.load(npz)
+    assert sorted(p.name for p in frames.iterdir()) == ["000000", "000001", "000002"]
+    for index, video in enumerate(saved["videos"]):  # lossless PNG frames, the npz's videos exactly
+        names = sorted(p.name for p in (frames / f"{index:06d}").iterdir())
+        assert names == [f"{t:03d}.png" for t in range(N_FRAMES)]
+        got = np.stack([np.asarray(Image.open(frames / f"{index:06d}" / name)) for name in names])
+        np.testing.assert_array_equal(got, video)
+    motion_cfg = config_from_dict("motion", load_stage_checkpoint(ckpts["motion"], "motion")["config"])
+    train_split = build_dataset(motion_cfg.data, motion_cfg.data.split, int(motion_cfg.train.global_seed))
+    want = sample.labels_by_frequency(sample.training_labels(train_split), 3, 5)
+    assert saved["labels"].tolist() == want
+
+    # --overwrite replaces the earlier run's frame folders (000002 is not left behind); class names work end to end.
+    proc = run_sample(ckpts, out, "--num-videos", 2, "--classes", "disc-right,0", "--frames-dir", frames,
+                      "--npz", npz, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"removed 3 videos of an earlier run from {frames}" in proc.stdout
+    assert sorted(p.name for p in frames.iterdir()) == ["000000", "000001"]
+    assert [p.name for p in mp4s(out / "videos")] == ["000000_class001.mp4", "000001_class000.mp4"]
+    assert np.load(npz)["labels"].tolist() == [1, 0]
