@@ -160,5 +160,5 @@ def test_end_to_end_fvd_cli_prints_a_number(chain, tmp_path):
     proc = run_python(["-m", "evals.fvd", "--real", "synthetic", "--fake", tmp_path / "fake.npz", "--detector", detector,
                        "--num-videos", 4, "--n-frames", 10, "--resolution", 16, 16, "--cache-dir", tmp_path / "cache"])
     lines = proc.stdout.strip().splitlines()
-    assert lines[-2].startswith("fvd4_10f: ")
+    assert lines[-2].startswith("fvd4_10f[i3d-port:i3d_random]: ")
     assert float(lines[-1]) >= 0.0
