@@ -8,7 +8,6 @@
 """
 import argparse
 import difflib
-import math
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from datasets.transforms import frames_to_clip
 from evals.recon import to_uint8_videos
 from training.checkpoint import CheckpointError
+from training.cli import finite_float, positive_int
 from training.distributed import barrier, cleanup_distributed, setup_distributed
 from training.generation import load_denoiser, make_sampler, sample_latents
 from training.latents import load_autoencoder
@@ -495,26 +495,6 @@ def write_npz(path: Path, **arrays) -> None:
 
 
 # ---- flags: a bad value is refused by the parser (exit 2, naming the flag) before anything loads ------------------
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
 DATASET_CLASSES = "dataset"  # --classes dataset: labels drawn by the training split's class frequencies
 
 

@@ -18,6 +18,7 @@ import torch
 
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
 from evals.recon import to_uint8_videos
+from training.cli import positive_int
 
 DETECTOR_ENV = "CMD_I3D_PATH"
 DETECTOR_SOURCES = (
@@ -639,16 +640,6 @@ def run(args: argparse.Namespace) -> float:
     return mean
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="FVD between real and generated videos (StyleGAN-V protocol).",
@@ -664,7 +655,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--detector", default=None, help=f"I3D file; default ${DETECTOR_ENV}")
     parser.add_argument("--num-videos", type=int, default=None,
                         help="videos per set; default: as many as both sides hold (the fake side over --repeats)")
-    parser.add_argument("--repeats", type=_positive_int, default=1, metavar="K",
+    parser.add_argument("--repeats", type=positive_int, default=1, metavar="K",
                         help="FVD of K disjoint fake sets of --num-videos each (fake videos 0..N-1, N..2N-1, ...) "
                         "against real statistics computed once; prints mean ± std (ddof=0) and, on the last line, "
                         "'MEAN STD'. sample.py seeds every video by its index, so one run of K x N videos holds K "

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, _env, run_python
+from tests.test_reliability import _LAUNCHED, reap_processes  # noqa: F401 (autouse: kills what a test launched)
 
 SHRINK = ["train.global_batch_size=4", "data.resolution=[16,16]", "data.n_frames=4", "train.log_every=1",
           "train.num_eval_videos=2"]
@@ -36,20 +37,6 @@ def motion_args(ae_ckpt, results, exp_name, *extra):
     return ["train_motion_diffusion.py", "--config", "configs/tiny/motion.yaml", "--ae-ckpt", ae_ckpt, *SHRINK,
             "diffusion.sample_steps=2", "train.sample_every=100000", "--results-dir", results, "--exp-name", exp_name,
             *extra]
-
-
-_LAUNCHED = []
-
-
-@pytest.fixture(autouse=True)
-def reap_processes():
-    """A failed assertion must not leave a trainer running."""
-    yield
-    while _LAUNCHED:
-        proc = _LAUNCHED.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def launch(args, output: Path) -> subprocess.Popen:
