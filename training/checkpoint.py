@@ -1,9 +1,12 @@
 """Self-describing checkpoints: atomic writes, safe (weights-only) loading, stage checks, resume lookup."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +20,24 @@ UNSAFE_CLASS = re.compile(r"got <class '([^']+)'>")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used where it was given; the message names the file."""
+
+
+# Exported weights (training/export.py): a .safetensors file, which holds only tensors and string metadata and so
+# cannot run code when opened. Its metadata keys, and the prefix of the latent statistics among its tensors:
+EXPORT_FORMAT = "cmd-weights-1"
+META_FORMAT, META_STAGE, META_STEP, META_CONFIG = "cmd.format", "cmd.stage", "cmd.step", "cmd.config"
+META_WEIGHTS, META_WEIGHTS_FINGERPRINT, META_AE_FINGERPRINT = "cmd.weights", "cmd.weights_fingerprint", "cmd.ae_fingerprint"
+LATENT_STATS_PREFIX = "latent_stats."
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Makes a rename in `folder` durable: without it a power cut may bring back the old directory entry."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_torch_save(obj, path) -> None:
@@ -37,11 +58,41 @@ def atomic_torch_save(obj, path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+# os.link errors meaning "no hard link here", not "cannot write": another filesystem (EXDEV), a filesystem without
+# hard links (EPERM/EOPNOTSUPP on some FUSE, SMB and object-store mounts), or the file's link limit (EMLINK).
+_NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def atomic_link(src, dst) -> None:
+    """Makes `dst` name the complete file `src`, atomically, without writing its bytes again.
+
+    A hard link to `src` is made under a temp name and renamed over `dst`: `dst` is at every instant either its
+    old complete file or `src`'s, and deleting `src` later (pruning) leaves `dst` whole, since the bytes live until
+    their last name goes. Both names are one file, so it must never be written in place (everything here replaces
+    files by rename). Where hard links are not supported, `src` is copied to the temp name, fsync'ed and renamed:
+    as atomic, at the cost of the second write the link saves.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left by a killed process of the same pid: os.link does not overwrite
     try:
-        os.fsync(dir_fd)
+        try:
+            os.link(src, tmp)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINK:
+                raise
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, dst)
     finally:
-        os.close(dir_fd)
+        # Gone after a rename; still there after a failure, or when `dst` already named `src` (rename(2) then
+        # does nothing and leaves both names).
+        tmp.unlink(missing_ok=True)
+    fsync_dir(dst.parent)
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -84,11 +135,67 @@ def _load_failure(path: Path, exc: Exception) -> str:
     return f"checkpoint {path} cannot be read ({type(exc).__name__}: {first})"
 
 
+def is_safetensors(path) -> bool:
+    """An exported weights file: by its suffix, or by its content for a renamed one (8 bytes of little-endian header
+    length, then the JSON header; a torch checkpoint starts with a zip signature or a pickle opcode instead)."""
+    path = Path(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _load_safetensors(path: Path, map_location="cpu") -> dict:
+    """An exported weights file as the dict a checkpoint loads as: {model, ema, config, stage, step, latent_stats}.
+
+    "model" and "ema" both name the exported weights (EMA ones when "ema" is not None), so that callers reading
+    either find them. The tensors are memory-mapped: pages are read as the weights are copied into a model.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read as safetensors ({type(exc).__name__}: {first})") from None
+    if metadata.get(META_FORMAT) != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not weights exported by training/export.py "
+                              f"(its metadata has no '{META_FORMAT}: {EXPORT_FORMAT}')")
+    try:
+        config = json.loads(metadata[META_CONFIG])
+        step = int(metadata.get(META_STEP, -1))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its metadata has no readable '{META_CONFIG}'/'{META_STEP}' "
+                              f"({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its metadata '{META_CONFIG}' is not a config (a JSON object)")
+    if map_location not in (None, "cpu"):
+        tensors = {key: value.to(map_location) for key, value in tensors.items()}
+    weights = {key: value for key, value in tensors.items() if not key.startswith(LATENT_STATS_PREFIX)}
+    stats = {key[len(LATENT_STATS_PREFIX):]: value for key, value in tensors.items()
+             if key.startswith(LATENT_STATS_PREFIX)}
+    ckpt = {"model": weights, "ema": weights if metadata.get(META_WEIGHTS, "ema") == "ema" else None,
+            "config": config, "stage": metadata.get(META_STAGE, config.get("stage")), "step": step}
+    if stats:
+        ckpt["latent_stats"] = stats
+    return ckpt
+
+
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
-    """Loads one of our checkpoints (mmap=True reads tensors lazily: cheap for checks of its metadata)."""
+    """Loads one of our checkpoints (mmap=True reads tensors lazily: cheap for checks of its metadata), or weights
+    exported by training/export.py (.safetensors, always memory-mapped) in the same dict shape."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_safetensors(path):
+        return _load_safetensors(path, map_location)
     try:
         ckpt = safe_torch_load(path, map_location, mmap)
     except Exception as exc:  # torch raises several types for a damaged or unsafe file
@@ -105,6 +212,28 @@ def load_stage_checkpoint(path, stage: str, map_location="cpu", mmap: bool = Fal
     if got != stage:
         raise CheckpointError(f"{path} is a '{got}' checkpoint, but a '{stage}' checkpoint is expected here")
     return ckpt
+
+
+# What sampling and a frozen model read from a checkpoint besides its weights.
+_SAMPLING_KEYS = ("config", "stage", "step", "latent_stats")
+
+
+def load_for_sampling(path, stage: str) -> dict:
+    """The weights to sample with (EMA preferred) and the metadata beside them, read lazily.
+
+    The file is memory-mapped, so only the pages of the tensors that are used are ever read: the optimizer
+    state (twice the weights, with AdamW) and the raw weights stay on disk, instead of every rank of a
+    multi-GPU job holding the whole checkpoint in host memory. The returned dict holds no reference to them;
+    its "model" and "ema" name the same weights (mapped until copied into a model), its latent_stats are copies,
+    so that nothing kept for a whole run (a LatentScaler) pins the mapping of the file.
+    """
+    ckpt = load_stage_checkpoint(path, stage, mmap=True)
+    weights = model_weights(ckpt, prefer_ema=True)
+    kept = {key: ckpt[key] for key in _SAMPLING_KEYS if key in ckpt}
+    stats = kept.get("latent_stats")
+    if isinstance(stats, dict):
+        kept["latent_stats"] = {key: value.clone() if torch.is_tensor(value) else value for key, value in stats.items()}
+    return {**kept, "model": weights, "ema": weights}
 
 
 def model_weights(ckpt: dict, prefer_ema: bool = True) -> dict:
@@ -152,7 +281,8 @@ def step_checkpoints(ckpt_dir) -> list[Path]:
 
 
 def prune_checkpoints(ckpt_dir, keep_last: int) -> None:
-    """Keeps the newest `keep_last` step checkpoints (0 keeps all); `last.pt` is never touched."""
+    """Keeps the newest `keep_last` step checkpoints (0 keeps all); `last.pt` is never touched (a hard link to a
+    step file, it keeps the bytes when the step file's name is deleted)."""
     if keep_last <= 0:
         return
     for old in step_checkpoints(ckpt_dir)[:-keep_last]:
@@ -231,6 +361,9 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
         path = found
     elif not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint file or run folder")
+    if is_safetensors(path):
+        raise CheckpointError(f"--resume {path}: exported weights hold no optimizer state, step or RNG state to "
+                              f"continue a run from; resume from the run's .pt checkpoint or its run folder")
     try:
         ckpt = load_stage_checkpoint(path, stage, mmap=True)
     except CheckpointError as exc:
@@ -311,7 +444,7 @@ def _autoencoder_difference(ckpt: dict, ae_ckpt: str, fingerprints: dict) -> Opt
         same = os.path.realpath(ae_ckpt) == os.path.realpath(recorded_path)
         return None if same else f"ae_ckpt: {recorded_path} -> {ae_ckpt}"
     if ae_ckpt not in fingerprints:
-        fingerprints[ae_ckpt] = weights_fingerprint(model_weights(load_stage_checkpoint(ae_ckpt, "autoencoder")))
+        fingerprints[ae_ckpt] = weights_fingerprint(model_weights(load_for_sampling(ae_ckpt, "autoencoder")))
     if fingerprints[ae_ckpt] != recorded:
         return (f"autoencoder: {recorded_path} (weights {recorded}) -> {ae_ckpt} (weights {fingerprints[ae_ckpt]}), "
                 f"another autoencoder")

@@ -47,10 +47,10 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
     fingerprint) is refused unless `allow_ae_mismatch`, since its samples would decode to something else.
     """
     from models.dit import build_dit
-    from training.checkpoint import CheckpointError, load_stage_checkpoint, load_weights, model_weights, weights_fingerprint
+    from training.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
     from training.config import config_from_dict
 
-    ckpt = load_stage_checkpoint(path, stage)
+    ckpt = load_for_sampling(path, stage)  # mmap'ed, EMA weights only: no rank reads the optimizer state
     cfg = config_from_dict(stage, ckpt["config"])
     if cfg.data.num_classes is None:
         raise CheckpointError(f"{path} does not record data.num_classes; it was not written by a finished run")

@@ -59,9 +59,12 @@ def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
 def load_autoencoder(path, device, data_cfg=None):
     """(frozen EMA autoencoder in eval mode, its config) from a train_ae.py checkpoint alone.
 
-    With `data_cfg`, a clip size that differs from the one the autoencoder was trained on is refused.
+    With `data_cfg`, a clip size that differs from the one the autoencoder was trained on is refused. `path` may be
+    a .pt checkpoint or weights exported by training/export.py.
     """
-    ckpt = load_stage_checkpoint(path, "autoencoder")
+    from training.checkpoint import load_for_sampling
+
+    ckpt = load_for_sampling(path, "autoencoder")  # mmap'ed, EMA weights only: no rank reads the optimizer state
     ae_cfg = config_from_dict("autoencoder", ckpt["config"])
     if data_cfg is not None:
         want = (int(data_cfg.n_frames), *map(int, data_cfg.resolution))

@@ -431,7 +431,11 @@ class TrainingRun:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> Optional[Path]:
-        """Writes checkpoints/{step:07d}.pt and last.pt atomically from rank 0; all ranks wait for it."""
+        """Writes checkpoints/{step:07d}.pt atomically from rank 0 and makes last.pt name it; all ranks wait for it.
+
+        The checkpoint is written once: last.pt becomes a hard link to the step file, swapped in by rename (a full
+        copy where the filesystem has no hard links), so it always names the newest complete checkpoint.
+        """
         rng = all_gather_object(_rng_state())
         path, error = None, None
         if self.dist.is_main:
@@ -446,7 +450,7 @@ class TrainingRun:
             try:
                 ckpt_io.atomic_torch_save(state, path)
                 target = self.ckpt_dir / "last.pt"
-                ckpt_io.atomic_torch_save(state, target)
+                ckpt_io.atomic_link(path, target)
             except (OSError, RuntimeError) as exc:  # a full disk surfaces as either (torch wraps the OSError)
                 cause = exc if isinstance(exc, OSError) else (exc.__cause__ or exc.__context__ or exc)
                 reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__

@@ -1,0 +1,247 @@
+"""Checkpoint I/O: a save writes its bytes once, sampling maps checkpoints and reads only the weights, exported
+.safetensors weights stand in for the .pt files everywhere a checkpoint is sampled or encoded with."""
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, _env, run_python
+from training import checkpoint as ckpt_io
+
+# CPU-sized runs, as in test_reliability.py: 16x16 clips of 4 frames, batch 4, a one-block autoencoder.
+SHRINK = ["train.global_batch_size=4", "data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0",
+          "train.num_eval_videos=2"]
+AE = ["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", *SHRINK, "model.depth=1", "model.hidden_size=32",
+      "train.eval_every=100000"]
+DIFFUSION = [*SHRINK, "diffusion.sample_steps=2", "train.sample_every=100000"]
+BIG = 16 * 2**20  # float32 elements of the fake optimizer state: 64 MiB
+
+
+def motion_args(ae_ckpt):
+    return ["train_motion_diffusion.py", "--config", "configs/tiny/motion.yaml", "--ae-ckpt", ae_ckpt, *DIFFUSION]
+
+
+def content_args(ae_ckpt):
+    return ["train_content_diffusion.py", "--config", "configs/tiny/content.yaml", "--ae-ckpt", ae_ckpt, *DIFFUSION]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An autoencoder run (a checkpoint every step, keep_last=1) and a motion and a content run on top of it.
+
+    Two training steps leave the EMA decoder near its zero-initialised output (every video one flat grey), so the
+    denoisers are trained on a copy of the autoencoder with noise on its EMA weights: its videos differ per pixel,
+    and comparing two sampling runs means something.
+    """
+    root = tmp_path_factory.mktemp("checkpoint_io")
+    results = root / "results"
+    run_python([*AE, "--results-dir", results, "--exp-name", "ae", "--max-steps", 2, "--ckpt-every", 1,
+                "train.keep_last=1"])
+    ckpt = ckpt_io.safe_torch_load(results / "ae" / "checkpoints" / "last.pt")
+    generator = torch.Generator().manual_seed(0)
+    ckpt["ema"] = {key: value + 0.05 * torch.randn(value.shape, generator=generator) if value.is_floating_point()
+                   else value for key, value in ckpt["ema"].items()}
+    ae_ckpt = root / "ae.pt"
+    torch.save(ckpt, ae_ckpt)
+    run_python([*motion_args(ae_ckpt), "--results-dir", results, "--exp-name", "motion", "--max-steps", 2])
+    run_python([*content_args(ae_ckpt), "--results-dir", results, "--exp-name", "content", "--max-steps", 1])
+    return SimpleNamespace(root=root, results=results, ae_dir=results / "ae", ae_ckpt=ae_ckpt,
+                           motion_ckpt=results / "motion" / "checkpoints" / "last.pt",
+                           content_ckpt=results / "content" / "checkpoints" / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    """The three checkpoints exported: the autoencoder through the command line, the denoisers in-process."""
+    from training.export import export_checkpoint
+
+    out = trained.root / "exported"
+    proc = run_python(["-m", "training.export", trained.ae_ckpt, out / "ae.safetensors"])
+    assert proc.stdout.strip().startswith("exported the ema weights of"), proc.stdout
+    export_checkpoint(trained.motion_ckpt, out / "motion.safetensors")
+    export_checkpoint(trained.content_ckpt, out / "content.safetensors")
+    return SimpleNamespace(ae=out / "ae.safetensors", motion=out / "motion.safetensors",
+                           content=out / "content.safetensors")
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# ---- one write per save ------------------------------------------------------------------------------------------
+def test_a_save_writes_the_checkpoint_once_and_last_pt_names_it(trained):
+    ckpt_dir = trained.ae_dir / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["0000002.pt", "last.pt"]  # step 1 pruned, no temp file
+    step_file, last = ckpt_dir / "0000002.pt", ckpt_dir / "last.pt"
+    # One file under two names: its bytes were written once.
+    assert last.stat().st_ino == step_file.stat().st_ino and last.stat().st_nlink == 2
+    assert ckpt_io.load_checkpoint(last)["step"] == 2
+
+
+def test_last_pt_stays_complete_when_pruning_deletes_its_step_file(trained, tmp_path):
+    ckpt = ckpt_io.load_checkpoint(trained.ae_dir / "checkpoints" / "last.pt")
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_io.atomic_torch_save(ckpt, ckpt_dir / "0000002.pt")
+    ckpt_io.atomic_link(ckpt_dir / "0000002.pt", ckpt_dir / "last.pt")
+    for step in (3, 4):  # newer step files, written while last.pt still names step 2 (a save killed before its link)
+        ckpt_io.atomic_torch_save({**ckpt, "step": step}, ckpt_dir / f"{step:07d}.pt")
+    ckpt_io.prune_checkpoints(ckpt_dir, keep_last=1)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["0000004.pt", "last.pt"]
+    survivor = ckpt_io.load_checkpoint(ckpt_dir / "last.pt")
+    assert survivor["step"] == 2
+    for key, value in ckpt["ema"].items():
+        assert torch.equal(survivor["ema"][key], value)
+    # Relinking to the newest: last.pt's old bytes go with their last name; no temp name is left behind.
+    ckpt_io.atomic_link(ckpt_dir / "0000004.pt", ckpt_dir / "last.pt")
+    ckpt_io.atomic_link(ckpt_dir / "0000004.pt", ckpt_dir / "last.pt")  # already the same file: rename does nothing
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["0000004.pt", "last.pt"]
+    assert ckpt_io.load_checkpoint(ckpt_dir / "last.pt")["step"] == 4
+
+
+def test_without_hard_links_last_pt_is_a_complete_copy(trained, tmp_path, monkeypatch):
+    src = tmp_path / "0000002.pt"
+    src.write_bytes((trained.ae_dir / "checkpoints" / "0000002.pt").read_bytes())
+    (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
+
+    def no_link(errno_value):
+        def link(*_args, **_kwargs):
+            raise OSError(errno_value, os.strerror(errno_value))
+        return link
+
+    monkeypatch.setattr(os, "link", no_link(errno.ENOSPC))  # a real failure: raised, last.pt untouched
+    with pytest.raises(OSError):
+        ckpt_io.atomic_link(src, tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == b"the previous checkpoint"
+    monkeypatch.setattr(os, "link", no_link(errno.EXDEV))  # no hard link possible: a full copy instead
+    ckpt_io.atomic_link(src, tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == src.read_bytes()
+    assert (tmp_path / "last.pt").stat().st_ino != src.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000002.pt", "last.pt"]
+
+
+# ---- sampling reads the weights only -----------------------------------------------------------------------------
+def with_huge_optimizer_state(path: Path, target: Path) -> dict:
+    """The checkpoint at `path` with a 64 MiB optimizer state (a real one is twice the weights)."""
+    ckpt = ckpt_io.safe_torch_load(path)
+    ckpt["opt"] = {"state": {0: {"exp_avg": torch.rand(BIG), "exp_avg_sq": torch.rand(BIG)}}, "param_groups": []}
+    torch.save(ckpt, target)
+    return ckpt
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_loading_for_sampling_maps_the_file_and_reads_no_optimizer_state(trained, tmp_path, monkeypatch):
+    from training.generation import load_denoiser
+    from training.latents import load_autoencoder
+
+    ae_ckpt = with_huge_optimizer_state(trained.ae_ckpt, tmp_path / "ae.pt")
+    motion_ckpt = with_huge_optimizer_state(trained.motion_ckpt, tmp_path / "motion.pt")
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        before = resident_mib()
+        result = real_load(*args, **kwargs)
+        loads.append((kwargs.get("mmap"), resident_mib() - before))
+        return result
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    ae, _ = load_autoencoder(tmp_path / "ae.pt", "cpu")
+    motion, _, scaler = load_denoiser(tmp_path / "motion.pt", "motion", ae, "cpu")
+    assert [mmap for mmap, _ in loads] == [True, True]
+    # Unmapped, each load would bring the 128 MiB optimizer state into memory.
+    assert all(grown < 16 for _, grown in loads), loads
+    # The EMA weights, not the raw model's.
+    for model, ckpt in ((ae, ae_ckpt), (motion, motion_ckpt)):
+        assert any(not torch.equal(ckpt["model"][key], ckpt["ema"][key]) for key in ckpt["ema"])
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, ckpt["ema"][key]), key
+    assert torch.equal(scaler.stats["motion"][1], motion_ckpt["latent_stats"]["motion_std"])
+
+
+# ---- exported weights ----------------------------------------------------------------------------------------------
+def test_export_holds_the_ema_weights_config_and_latent_stats(trained, exported, tmp_path):
+    from safetensors import safe_open
+
+    original = ckpt_io.safe_torch_load(trained.motion_ckpt)
+    with safe_open(str(exported.motion), framework="pt") as handle:
+        metadata, keys = handle.metadata(), set(handle.keys())
+        tensors = {key: handle.get_tensor(key) for key in keys}
+    assert metadata["cmd.stage"] == "motion" and metadata["cmd.weights"] == "ema"
+    assert metadata["cmd.ae_fingerprint"] == original["config"]["ae_fingerprint"]
+    assert keys == set(original["ema"]) | {f"latent_stats.{key}" for key in original["latent_stats"]}
+    for key, value in original["ema"].items():
+        assert torch.equal(tensors[key], value) and tensors[key].is_contiguous()
+    assert exported.motion.stat().st_size < trained.motion_ckpt.stat().st_size / 2  # no raw weights, no optimizer
+
+    # The shared loader gives it the shape of a checkpoint, found by its content under any name.
+    renamed = tmp_path / "motion_weights.bin"
+    renamed.write_bytes(exported.motion.read_bytes())
+    loaded = ckpt_io.load_stage_checkpoint(renamed, "motion")
+    assert loaded["config"] == original["config"] and loaded["step"] == original["step"]
+    for key, value in original["latent_stats"].items():
+        assert torch.equal(loaded["latent_stats"][key], value)
+    with pytest.raises(ckpt_io.CheckpointError, match="'motion' checkpoint, but a 'content' checkpoint"):
+        ckpt_io.load_stage_checkpoint(exported.motion, "content")
+
+    # An exported autoencoder has the original's weight fingerprint, which the denoisers recorded.
+    ae = ckpt_io.model_weights(ckpt_io.load_stage_checkpoint(exported.ae, "autoencoder"))
+    assert ckpt_io.weights_fingerprint(ae) == original["config"]["ae_fingerprint"]
+    assert ckpt_io.weights_fingerprint(ae) == ckpt_io.weights_fingerprint(
+        ckpt_io.model_weights(ckpt_io.safe_torch_load(trained.ae_ckpt)))
+
+
+def sample(tmp_path: Path, name: str, ae, motion, content) -> dict:
+    npz = tmp_path / f"{name}.npz"
+    run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", motion, "--content-ckpt", content, "--num-videos", 3,
+                "--content-steps", 2, "--motion-steps", 2, "--out-dir", tmp_path / name, "--npz", npz, "--quiet"])
+    with np.load(npz) as data:
+        return {key: data[key] for key in data.files}
+
+
+def test_sample_py_with_exported_weights_makes_the_same_videos(trained, exported, tmp_path):
+    from_pt = sample(tmp_path, "pt", trained.ae_ckpt, trained.motion_ckpt, trained.content_ckpt)
+    from_export = sample(tmp_path, "safetensors", exported.ae, exported.motion, exported.content)
+    assert len(np.unique(from_pt["videos"])) > 50  # not one flat colour: the comparison below is a real one
+    assert from_pt.keys() == from_export.keys()
+    for key, value in from_pt.items():
+        assert np.array_equal(value, from_export[key]), key
+
+
+def test_diffusion_training_takes_an_exported_autoencoder(trained, exported, tmp_path):
+    results = tmp_path / "results"
+    run_python([*motion_args(exported.ae), "--results-dir", results, "--exp-name", "m", "--max-steps", 1])
+    ckpt = ckpt_io.load_checkpoint(results / "m" / "checkpoints" / "last.pt")
+    assert ckpt["config"]["ae_fingerprint"] == ckpt_io.safe_torch_load(trained.motion_ckpt)["config"]["ae_fingerprint"]
+
+
+def test_resume_from_exported_weights_is_refused_in_one_line(trained, tmp_path):
+    from safetensors.torch import save_file
+
+    # Written here rather than by the exporter, so that only the refusal is tested.
+    original = ckpt_io.safe_torch_load(trained.motion_ckpt)
+    weights = tmp_path / "motion.safetensors"
+    save_file({key: value.contiguous() for key, value in original["ema"].items()}, str(weights),
+              metadata={"cmd.format": "cmd-weights-1", "cmd.stage": "motion", "cmd.step": "2",
+                        "cmd.config": json.dumps(original["config"])})
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, *map(str, [*motion_args(trained.ae_ckpt), "--results-dir", results,
+                                                      "--resume", weights, "--max-steps", 3])],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    line = one_line_error(proc)
+    assert line.startswith(f"error: --resume {weights}: exported weights hold no optimizer state"), line
+    assert not results.exists() or not any(results.iterdir())
