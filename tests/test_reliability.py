@@ -252,7 +252,9 @@ def test_kill_9_and_torn_checkpoints_resume_exactly(trained, tmp_path):
     record_kill(proc)
     # A torn last.pt (as a non-atomic writer would leave it) and a stale temp file beside it.
     last = ckpt_dir / "last.pt"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    torn = last.read_bytes()[: last.stat().st_size // 2]
+    last.unlink()  # last.pt is a hard link to the newest step file: a torn last.pt is a new, half-written file
+    last.write_bytes(torn)
     (ckpt_dir / ".last.pt.tmp-999999").write_bytes(b"\x00" * 1000)
     newest_step_file = ckpt_io.step_checkpoints(ckpt_dir)[-1]
     run_python([*args, "--resume", "auto"])

@@ -23,7 +23,6 @@ from models.autoencoder import build_autoencoder
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
-    load_stage_checkpoint,
     load_weights,
     model_weights,
 )
