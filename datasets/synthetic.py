@@ -122,8 +122,8 @@ def render_moving_shapes(
 class SyntheticMovingShapes(Dataset):
     """`size` clips; clip i has label i % num_classes and depends only on (seed, split, i).
 
-    Item: dict(x=float (3, T, H, W) in [-1, 1], y=int label, index=int). The epoch is accepted (set_epoch or an
-    (index, epoch) key) for interface parity with video datasets but does not change the clip: a fixed set.
+    Item: dict(x=float (3, T, H, W) in [-1, 1], y=int label, index=int). The epoch is accepted (an (index, epoch)
+    key) for interface parity with video datasets but does not change the clip: a fixed set.
     """
 
     def __init__(
@@ -151,20 +151,15 @@ class SyntheticMovingShapes(Dataset):
         self.split = split
         self.seed = int(seed)
         self.max_distractors = int(max_distractors)
-        self.epoch = 0
-        self.skipped: list = []  # nothing is ever skipped; kept so callers can treat all datasets alike
 
     def __len__(self) -> int:
         return self.size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def label_of(self, index: int) -> int:
         return index % self.num_classes
 
     def __getitem__(self, key) -> dict:
-        index, _ = split_index_and_epoch(key, self.epoch)
+        index, _ = split_index_and_epoch(key)
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} synthetic clips")
         label = self.label_of(index)

@@ -27,7 +27,6 @@ class VideoInfo:
 
     num_frames: int
     fps: float
-    frame_count_source: str  # "header" (stream.frames) or "demux" (packets counted)
 
 
 class _RgbConverter:
@@ -119,7 +118,7 @@ def probe_video(path: str) -> VideoInfo:
         raise VideoReadError(
             f"truncated or damaged: {source} says {num_frames} frames but the last one does not decode ({error})"
         ) from error
-    return VideoInfo(num_frames=num_frames, fps=float(timing.fps), frame_count_source=source)
+    return VideoInfo(num_frames=num_frames, fps=float(timing.fps))
 
 
 def _decode_targets(path: str, targets: List[int], seek: bool) -> List[np.ndarray]:

@@ -29,13 +29,13 @@ class VideoEntry:
     num_frames: int
 
 
-def split_index_and_epoch(key: Union[int, Tuple[int, int]], default_epoch: int) -> Tuple[int, int]:
-    """Accept an int index (uses the dataset's epoch) or an (index, epoch) pair from an epoch-aware sampler."""
+def split_index_and_epoch(key: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    """Accept an int index (epoch 0) or an (index, epoch) pair from an epoch-aware sampler."""
     if isinstance(key, (tuple, list)):
         if len(key) != 2:
             raise ValueError(f"dataset key must be an index or (index, epoch), got {key!r}")
         return int(key[0]), int(key[1])
-    return int(key), default_epoch
+    return int(key), 0
 
 
 class VideoFolderDataset(Dataset):
@@ -72,7 +72,6 @@ class VideoFolderDataset(Dataset):
         self.clip_span = (n_frames - 1) * frame_stride + 1  # frames from first to last used frame
         self.seed = seed
         self.index_cache_dir = index_cache_dir
-        self.epoch = 0
         self.skipped: List[Tuple[str, str]] = []  # (path, reason) for every file left out or replaced
         self._failed_indices: Dict[int, str] = {}
 
@@ -134,9 +133,6 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def clip_start(self, index: int, epoch: int) -> int:
         """First frame of the clip for (seed, epoch, index): the same on every worker, rank and restart."""
         entry = self.entries[index]
@@ -152,7 +148,7 @@ class VideoFolderDataset(Dataset):
         return frames_to_clip(frames, self.resolution)
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> dict:
-        index, epoch = split_index_and_epoch(key, self.epoch)
+        index, epoch = split_index_and_epoch(key)
         if not 0 <= index < len(self.entries):
             raise IndexError(f"index {index} out of range for {len(self.entries)} videos")
         # A file that broke after indexing is replaced by the next one, so a long run never dies on one file.

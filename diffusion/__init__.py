@@ -4,7 +4,7 @@ from typing import Optional, Sequence, Union
 
 from diffusion.gaussian_diffusion import LOSS_TYPES, SAMPLERS, GaussianDiffusion
 from diffusion.guidance import cfg_combine, guided_model
-from diffusion.rng import randn_like_per_sample, sample_timesteps
+from diffusion.rng import randn_like_per_sample
 from diffusion.schedules import NOISE_SCHEDULES, get_beta_schedule, respace_betas, space_timesteps
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "guided_model",
     "randn_like_per_sample",
     "respace_betas",
-    "sample_timesteps",
     "space_timesteps",
 ]
 

@@ -28,11 +28,3 @@ def randn_like_per_sample(shape, generators: GeneratorArg, device=None, dtype=to
     if len(generators) != shape[0]:
         raise ValueError(f"generator list has {len(generators)} entries for batch size {shape[0]}")
     return torch.stack([_draw(shape[1:], generator, device, dtype) for generator in generators])
-
-
-def sample_timesteps(batch: int, num_timesteps: int, device=None, generator: Optional[torch.Generator] = None):
-    """Uniform timesteps t ~ U{0, ..., num_timesteps - 1} as a LongTensor (batch,)."""
-    if generator is None:
-        return torch.randint(0, num_timesteps, (batch,), device=device)
-    drawn = torch.randint(0, num_timesteps, (batch,), generator=generator, device=generator.device)
-    return drawn.to(device)

@@ -54,11 +54,6 @@ def video_grid(videos: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.
     return grid
 
 
-def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 images (N, H, W, 3) -> one uint8 image grid (H', W', 3)."""
-    return video_grid(images[:, None], nrow, pad)[0]
-
-
 def write_png(image: np.ndarray, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
