@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from datasets.transforms import parse_resolution
 from models.layers import Attention, Mlp, sincos_1d, sincos_2d
 
 __all__ = ["CMDAutoencoder", "SpaceTimeBlock", "build_autoencoder"]
@@ -89,16 +90,6 @@ def _temporal_deviation(pooled: torch.Tensor) -> torch.Tensor:
     return pooled - pooled.mean(dim=1, keepdim=True)
 
 
-def _as_hw(resolution) -> Tuple[int, int]:
-    """(H, W) from an int (square frames) or a two-element sequence."""
-    if isinstance(resolution, int):
-        return resolution, resolution
-    values = tuple(int(v) for v in resolution)
-    if len(values) != 2:
-        raise ValueError(f"resolution must be (H, W), got {tuple(resolution)}")
-    return values
-
-
 class CMDAutoencoder(nn.Module):
     """Clip (B, C, T, H, W) <-> content frame (B, C, H, W) + motion latent (B, D, T, W'+H')."""
 
@@ -118,11 +109,9 @@ class CMDAutoencoder(nn.Module):
         content_logits: str = "pixel",
     ):
         super().__init__()
-        height, width = _as_hw(resolution)
+        height, width = parse_resolution(resolution)
         if height % patch_size != 0 or width % patch_size != 0:
             raise ValueError(f"resolution (H, W) = ({height}, {width}) is not divisible by patch_size {patch_size}")
-        if hidden_size % 4 != 0:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for the 2-D sin-cos embedding")
         self.channels = channels
         self.n_frames = n_frames
         self.height, self.width = height, width
@@ -283,7 +272,7 @@ def build_autoencoder(model_cfg, data_cfg) -> CMDAutoencoder:
     return CMDAutoencoder(
         channels=int(model_cfg.channels),
         n_frames=int(data_cfg.n_frames),
-        resolution=_as_hw(data_cfg.resolution),
+        resolution=parse_resolution(data_cfg.resolution),
         patch_size=int(model_cfg.patch_size),
         hidden_size=int(model_cfg.hidden_size),
         depth=int(model_cfg.depth),

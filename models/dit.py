@@ -206,10 +206,7 @@ class _DiTBackbone(nn.Module):
         grad_checkpointing: bool,
     ):
         super().__init__()
-        if hidden_size % 4 != 0:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 for 2-D sin-cos positions")
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        # hidden_size % 4 (2-D sin-cos positions) and % num_heads are checked where they matter, in models.layers.
         self.grid_size = _token_grid(input_size, patch_size, "input")
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.in_channels = in_channels
@@ -263,12 +260,6 @@ class _DiTBackbone(nn.Module):
             p=self.patch_size,
             q=self.patch_size,
         )
-
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, **cond) -> torch.Tensor:
-        """Classifier-free guided output; the combination rule lives in diffusion.guidance only."""
-        from diffusion.guidance import guided_model  # local: keeps models/ importable without diffusion/
-
-        return guided_model(self, cfg_scale, null_label=self.num_classes)(x, t, y, **cond)
 
 
 class ContentDiT(_DiTBackbone):

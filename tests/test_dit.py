@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import models.dit as dit
+from diffusion.guidance import guided_model
 from models.dit import (
     ContentDiT,
     ContentDiT_models,
@@ -272,7 +273,7 @@ def test_label_dropout_without_probability_keeps_a_null_row():
 
 
 @pytest.mark.parametrize("stage", ["content", "motion"])
-def test_forward_with_cfg_limits(stage):
+def test_guided_model_limits(stage):
     data = batch(batch_size=3)
     if stage == "content":
         model, x, cond = perturb(tiny_content()).eval(), data["content_x"], {}
@@ -283,9 +284,9 @@ def test_forward_with_cfg_limits(stage):
     with torch.no_grad():
         conditional = model(x, data["t"], data["y"], **cond)
         unconditional = model(x, data["t"], null, **cond)
-        scale_one = model.forward_with_cfg(x, data["t"], data["y"], 1.0, **cond)
-        scale_zero = model.forward_with_cfg(x, data["t"], data["y"], 0.0, **cond)
-        scale_four = model.forward_with_cfg(x, data["t"], data["y"], 4.0, **cond)
+        scale_one = guided_model(model, 1.0, null_label=model.num_classes)(x, data["t"], data["y"], **cond)
+        scale_zero = guided_model(model, 0.0, null_label=model.num_classes)(x, data["t"], data["y"], **cond)
+        scale_four = guided_model(model, 4.0, null_label=model.num_classes)(x, data["t"], data["y"], **cond)
     assert scale_one.shape == conditional.shape
     assert differs(conditional[:, :channels], unconditional[:, :channels])
     torch.testing.assert_close(scale_one, conditional, atol=1e-5, rtol=1e-5)
