@@ -48,7 +48,8 @@ class FolderListing:
         return self.split_videos[split]
 
 
-def _is_video(name: str) -> bool:
+def is_video_name(name: str) -> bool:
+    """A video file by its name; hidden files (e.g. macOS "._clip.mp4" resource forks) are not videos."""
     return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
 
 
@@ -135,7 +136,7 @@ class _ClassTreeWalk:
                 self.pending_links.append(child)
             elif entry.is_dir(follow_symlinks=False):
                 self._add_folder(child, child_real)
-            elif _is_video(entry.name):
+            elif is_video_name(entry.name):
                 self._add_video(child, child_real)
 
     def _resolve_link(self, relative: str) -> None:
@@ -160,7 +161,7 @@ class _ClassTreeWalk:
             return
         if os.path.isdir(real):
             self._add_folder(relative, real, is_link=True)
-        elif "/" in relative and _is_video(relative.rsplit("/", 1)[-1]) and os.path.isfile(real):
+        elif "/" in relative and is_video_name(relative.rsplit("/", 1)[-1]) and os.path.isfile(real):
             self._add_video(relative, real, is_link=True)
         # Links to other files (notes, videos loose in the data root) are ignored like real files of that kind.
 

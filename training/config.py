@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,11 @@ from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from datasets.build import DATASET_NAMES
+from diffusion.gaussian_diffusion import check_loss_type
+from models.dit import validate_model_name
+from training.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
 # The seed README's command lines name no config: they get the paper-scale UCF-101 settings.
@@ -149,7 +155,6 @@ class DiffusionStageConfig:
 
 
 SCHEMAS = {"autoencoder": AutoencoderStageConfig, "motion": DiffusionStageConfig, "content": DiffusionStageConfig}
-DATASET_NAMES = ("synthetic", "ucf101", "folder")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -199,7 +204,7 @@ def validate_config(cfg, stage: str) -> None:
     """Checks that a merged config can build a run; every failure names its key."""
     _require(cfg.stage == stage, f"config key 'stage' is '{cfg.stage}' but this script trains the '{stage}' stage")
     data = cfg.data
-    _require(data.dataset_name.lower() in DATASET_NAMES,
+    _require(data.dataset_name.lower() in (name.lower() for name in DATASET_NAMES),
              f"config key 'data.dataset_name': '{data.dataset_name}' is not one of {list(DATASET_NAMES)}")
     if data.dataset_name.lower() != "synthetic":
         _require(bool(data.data_path), f"config key 'data.data_path' is required for dataset '{data.dataset_name}' (--data-path)")
@@ -216,26 +221,22 @@ def validate_config(cfg, stage: str) -> None:
         _require(train[key] > 0, f"config key 'train.{key}' must be positive, got {train[key]}")
     _require(0.0 <= train.ema_decay < 1.0, f"config key 'train.ema_decay' must be in [0, 1), got {train.ema_decay}")
     if train.wandb_project:
-        import importlib.util
-
         _require(importlib.util.find_spec("wandb") is not None,
                  f"config key 'train.wandb_project' is set ('{train.wandb_project}') but wandb is not installed: "
                  f"pip install wandb")
     if stage == "autoencoder":
         _require(cfg.loss.perceptual_frames > 0, "config key 'loss.perceptual_frames' must be positive")
     else:
-        from models.dit import validate_model_name  # deferred: config loading must not import torch models eagerly
-
         try:
             validate_model_name(stage, cfg.model.name)
         except ValueError as exc:
             raise ConfigError(f"config key 'model.name': {exc}") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
         _require(cfg.diffusion.sampler in ("ddim", "ddpm"), f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not ddim|ddpm")
-        _require(cfg.diffusion.loss_type in ("hybrid", "mse"), f"config key 'diffusion.loss_type': '{cfg.diffusion.loss_type}' is not hybrid|mse")
-        _require(cfg.model.learn_sigma == (cfg.diffusion.loss_type == "hybrid"),
-                 f"config key 'diffusion.loss_type': '{cfg.diffusion.loss_type}' needs model.learn_sigma="
-                 f"{str(cfg.diffusion.loss_type == 'hybrid').lower()} (hybrid trains the learned variance, mse has none)")
+        try:
+            check_loss_type(cfg.diffusion.loss_type, cfg.model.learn_sigma)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'diffusion.loss_type': {exc}") from None
 
 
 # The seed README's flags, mapped onto config keys (DESIGN.md convention 6).
@@ -273,8 +274,6 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
     # The seed README passes torchrun's own flags to the script; we accept them and relaunch (training.distributed).
     # Hidden from --help: they are torchrun's, documented in README ("Several nodes (Slurm)").
-    from training.distributed import LAUNCHER_FLAGS
-
     for name, spellings, kind in LAUNCHER_FLAGS:
         parser.add_argument(*spellings, dest=name, type=kind, default=None, help=argparse.SUPPRESS)
     if stage != "autoencoder":
@@ -305,7 +304,6 @@ def config_from_args(stage: str, args: argparse.Namespace):
 
 def parse_config(stage: str, description: str, argv: Optional[list] = None):
     """Entry scripts' argument parsing: a config, or one line on stderr and exit code 2."""
-    from training.distributed import relaunch_with_torchrun_if_asked
 
     parser = build_arg_parser(stage, description)
     args = parser.parse_intermixed_args(argv)  # overrides may sit between flags
