@@ -330,10 +330,11 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
     run = SimpleNamespace(
         cfg=SimpleNamespace(data=SimpleNamespace(num_workers=0, items=data_cfg.items),
                             train=SimpleNamespace(results_dir=str(tmp_path))),
-        dist=SimpleNamespace(rank=0, world_size=1, is_main=True),
-        logger=SimpleNamespace(info=lambda message: None),
+        dist=SimpleNamespace(rank=0, world_size=1, is_main=True, distributed=False),
+        logger=SimpleNamespace(info=lambda message: None, warning=lambda message: None),
         to_device=lambda tensor: tensor,
         autocast=lambda: torch.autocast("cpu", enabled=False),
+        stop_requested=lambda: False,
     )
     dataset = EpochDependentClips()
     cache = build_latent_cache(run, ae, dataset, ae_path, clips_per_video=2, batch_size=2)
