@@ -25,18 +25,11 @@ from tqdm import tqdm
 
 from datasets.transforms import frames_to_clip
 from evals.recon import to_uint8_videos
-from training.checkpoint import CheckpointError
 from training.cli import finite_float, positive_int
 from training.distributed import barrier, cleanup_distributed, setup_distributed
-from training.generation import load_denoiser, make_sampler, sample_latents
-from training.latents import load_autoencoder
+from training.generation import SamplingOptions, generate, load_models
 from training.run import run_reporting_user_errors
 from training.media import save_video_set, write_mp4
-
-
-def video_generators(seed: int, indices, stream: int, device) -> list:
-    """One generator per video index and stage, so a video never depends on its batch or its rank."""
-    return [torch.Generator(device).manual_seed(seed * 1_000_003 + index * 2 + stream) for index in indices]
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -86,6 +79,18 @@ def load_image(path, resolution, channels: int = 3) -> torch.Tensor:
         raise ValueError(f"--content-frame {path}: not an image that can be read ({reason})") from None
     pixels = rgb8(image, path)
     return frames_to_clip(pixels[None], resolution)[:channels, 0]  # a one-frame clip (C, 1, H, W) -> (C, H, W)
+
+
+def given_content_frames(args, models, labels: list, device):
+    """(N, C, H, W) content frames of every video when the flags give them (--content-frame for all, --real-content),
+    else None: the content denoiser samples them."""
+    if args.content_frame:
+        frame = load_image(args.content_frame, models.ae_cfg.data.resolution, models.ae_cfg.model.channels)
+        return frame.to(device).expand(len(labels), -1, -1, -1)
+    if args.real_content:
+        cfg = models.motion.cfg
+        return real_content_frames(models.ae, cfg.data, int(cfg.train.global_seed), labels, device)
+    return None
 
 
 def real_content_frames(ae, data_cfg, seed: int, labels, device) -> torch.Tensor:
@@ -389,31 +394,14 @@ def video_places(args) -> list:
 
 def sample_videos(args, info, earlier: list, written: list) -> None:
     device = info.device
-    ae, ae_cfg = load_autoencoder(args.ae_ckpt, device)
-    # Each denoiser comes with the latent statistics of its own run; sample_latents works in the AE's units.
-    motion, motion_cfg, motion_scaler = load_denoiser(args.motion_ckpt, "motion", ae, device,
-                                                      allow_ae_mismatch=args.allow_ae_mismatch)
-    num_classes = motion.num_classes
-    content_model, content_cfg, content_scaler, given_frame, real_frames = None, None, None, None, None
-    labels = class_list(args, num_classes, motion_cfg.data, int(motion_cfg.train.global_seed))
-    if args.content_frame:
-        given_frame = load_image(args.content_frame, ae_cfg.data.resolution, ae_cfg.model.channels).to(device)
-    elif args.real_content:
-        real_frames = real_content_frames(ae, motion_cfg.data, int(motion_cfg.train.global_seed), labels, device)
-    else:
-        content_model, content_cfg, content_scaler = load_denoiser(args.content_ckpt, "content", ae, device,
-                                                                   allow_ae_mismatch=args.allow_ae_mismatch)
-        if content_model.num_classes != num_classes:
-            raise CheckpointError(f"{args.content_ckpt} knows {content_model.num_classes} classes but "
-                                  f"{args.motion_ckpt} knows {num_classes}")
-
-    motion_sampling, motion_sampler = make_sampler(motion_cfg.diffusion, motion_cfg.model.learn_sigma,
-                                                   args.motion_steps, args.motion_sampler)
-    motion_scale = motion_cfg.diffusion.cfg_scale if args.motion_cfg_scale is None else args.motion_cfg_scale
-    if content_model is not None:
-        content_sampling, content_sampler = make_sampler(content_cfg.diffusion, content_cfg.model.learn_sigma,
-                                                         args.content_steps, args.content_sampler)
-        content_scale = content_cfg.diffusion.cfg_scale if args.content_cfg_scale is None else args.content_cfg_scale
+    # Content frames given by --content-frame or --real-content need no content denoiser.
+    content_ckpt = None if args.content_frame or args.real_content else args.content_ckpt
+    models = load_models(args.ae_ckpt, args.motion_ckpt, content_ckpt, device, args.allow_ae_mismatch,
+                         SamplingOptions(args.motion_steps, args.motion_sampler, args.motion_cfg_scale),
+                         SamplingOptions(args.content_steps, args.content_sampler, args.content_cfg_scale))
+    motion_cfg = models.motion.cfg
+    labels = class_list(args, models.num_classes, motion_cfg.data, int(motion_cfg.train.global_seed))
+    given_content = given_content_frames(args, models, labels, device)
 
     out_dir = Path(args.out_dir)
     # --overwrite removes the earlier run only now that the models loaded: a typo in a flag must not cost it.
@@ -435,18 +423,9 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
     show_steps = info.is_main and not args.quiet
     for batch in tqdm(batches, desc=f"sampling (rank {info.rank})", disable=not show_steps):
         y = torch.tensor([labels[i] for i in batch], device=device)
-        if given_frame is not None:
-            z_c = given_frame.expand(len(batch), -1, -1, -1)
-        elif real_frames is not None:
-            z_c = real_frames[batch]
-        else:
-            z_c = sample_latents(content_model, content_sampling, content_sampler, "content", tuple(ae.content_shape),
-                                 y, content_scale, content_scaler, progress=show_steps,
-                                 generator=video_generators(args.seed, batch, 0, device))
-        z_m = sample_latents(motion, motion_sampling, motion_sampler, "motion", tuple(ae.motion_shape), y, motion_scale,
-                             motion_scaler, content=z_c, generator=video_generators(args.seed, batch, 1, device),
-                             progress=show_steps)
-        clips = to_uint8_videos(ae.decode(z_c, z_m).float())
+        decoded, z_c = generate(models, y, args.seed, batch, None if given_content is None else given_content[batch],
+                                progress=show_steps)
+        clips = to_uint8_videos(decoded)
         contents.append(to_uint8_videos(z_c.unsqueeze(2))[:, 0])
         for index, label, clip in zip(batch, y.tolist(), clips):
             mp4 = None if args.no_mp4 else out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4"
@@ -476,7 +455,7 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
             grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
         if args.npz:
             write_npz(npz_path(args.npz), videos=all_videos, labels=np.array(labels, dtype=np.int64),
-                      content_frames=all_contents, num_classes=np.int64(num_classes))
+                      content_frames=all_contents, num_classes=np.int64(models.num_classes))
             print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
         places = video_places(args)
         print((f"wrote {len(all_videos)} videos to {' and '.join(places)}; " if places else "")

@@ -7,7 +7,7 @@ import torch
 
 from evals.recon import to_uint8_videos
 from training.diffusion_stage import train_diffusion_stage
-from training.generation import sample_latents
+from training.generation import CMDModels, generate_content_frames
 from training.media import save_video_set
 from training.run import entry_point
 
@@ -18,8 +18,7 @@ def preview(ctx):
     run, latents = ctx.run, ctx.eval_latents
     count = len(latents["y"])
     y = torch.arange(count, device=run.device) % run.cfg.data.num_classes
-    z_c = sample_latents(ctx.ema, ctx.sampling, ctx.sampler, "content", tuple(ctx.ae.content_shape), y,
-                         run.cfg.diffusion.cfg_scale, ctx.scaler)
+    z_c = generate_content_frames(CMDModels(ctx.ae, motion=None, content=ctx.denoiser), y)
     frames = torch.cat([latents["z_c"], z_c]).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
     paths = save_video_set(to_uint8_videos(frames), run.run_dir / "samples", "content_frames", run.step, run.writer,
                            nrow=count)

@@ -7,7 +7,7 @@ import torch
 
 from evals.recon import to_uint8_videos
 from training.diffusion_stage import train_diffusion_stage
-from training.generation import sample_latents
+from training.generation import CMDModels, generate
 from training.media import save_video_set
 from training.run import entry_point
 
@@ -16,10 +16,8 @@ from training.run import entry_point
 def preview(ctx):
     """The paper's motion-only check: generated motion on REAL content frames, next to the real clip's decoding."""
     run, latents = ctx.run, ctx.eval_latents
-    z_m = sample_latents(ctx.ema, ctx.sampling, ctx.sampler, "motion", tuple(ctx.ae.motion_shape), latents["y"],
-                         run.cfg.diffusion.cfg_scale, ctx.scaler, content=latents["z_c"])
+    fake, _ = generate(CMDModels(ctx.ae, motion=ctx.denoiser), latents["y"], content=latents["z_c"])
     real = ctx.ae.decode(latents["z_c"], latents["z_m"])
-    fake = ctx.ae.decode(latents["z_c"], z_m)
     pairs = torch.stack([real, fake], dim=1).flatten(0, 1)  # rows: (real motion, generated motion) per content frame
     paths = save_video_set(to_uint8_videos(pairs), run.run_dir / "samples", "motion_on_real_content", run.step,
                            run.writer, nrow=2)

@@ -50,7 +50,7 @@ from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from training.diffusion_stage import DiffusionTrainStep
-from training.generation import make_sampler, sample_latents
+from training.generation import CMDModels, Denoiser, SamplingOptions, generate
 from training.latents import LatentScaler, encode
 from training.run import TrainingRun, make_ema, make_optimizer
 
@@ -210,26 +210,17 @@ def sampling_benchmark(configs: dict, args, device: torch.device, peak: Optional
     torch.manual_seed(0)
     classes = num_classes_of(configs)
     ae = frozen_autoencoder(configs, device)
-    denoisers, samplers = {}, {}
+    scaler = LatentScaler.identity(ae).to(device)  # as costly as measured statistics
+    denoisers = {}
     for stage in ("content", "motion"):
         cfg = configs[stage]
         model = build_dit(stage, cfg.model, classes, ae.content_shape, ae.motion_shape)
-        denoisers[stage] = model.to(device).eval().requires_grad_(False)
-        samplers[stage] = make_sampler(cfg.diffusion, cfg.model.learn_sigma, args.sample_steps)
+        denoisers[stage] = Denoiser.from_config(model.to(device).eval().requires_grad_(False), cfg, scaler,
+                                                SamplingOptions(steps=args.sample_steps))
+    models = CMDModels(ae, motion=denoisers["motion"], content=denoisers["content"])
     y = torch.randint(0, classes, (args.batch_size,), device=device)
-    scaler = LatentScaler.identity(ae).to(device)  # as costly as measured statistics
 
-    @torch.no_grad()
-    def generate():
-        sampling, sampler = samplers["content"]
-        z_c = sample_latents(denoisers["content"], sampling, sampler, "content", tuple(ae.content_shape), y,
-                             float(configs["content"].diffusion.cfg_scale), scaler)
-        sampling, sampler = samplers["motion"]
-        z_m = sample_latents(denoisers["motion"], sampling, sampler, "motion", tuple(ae.motion_shape), y,
-                             float(configs["motion"].diffusion.cfg_scale), scaler, content=z_c)
-        return ae.decode(z_c, z_m)
-
-    seconds = seconds_per_call(generate, max(1, args.steps // 5), 1, device)
+    seconds = seconds_per_call(lambda: generate(models, y), max(1, args.steps // 5), 1, device)
     video = per_video_flops(configs)
     flops = video["cmd_total"]
     if args.sample_steps:  # the same per-step cost, at the requested step count

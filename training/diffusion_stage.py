@@ -10,7 +10,7 @@ from diffusion import create_diffusion
 from models.dit import build_dit
 from training.checkpoint import weights_fingerprint
 from training.data import fixed_batch
-from training.generation import make_sampler
+from training.generation import Denoiser, Sampler, make_sampler
 from training.latents import (
     LatentScaler,
     build_latent_cache,
@@ -70,7 +70,13 @@ class PreviewContext:
     sampling: object
     sampler: str
     eval_latents: dict  # z_c, z_m (the autoencoder's units), y of the fixed held-out clips
-    scaler: LatentScaler  # the run's latent statistics, for sample_latents
+    scaler: LatentScaler  # the run's latent statistics
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The EMA model as training.generation samples it, with the run's sampler and guidance scale."""
+        return Denoiser(self.ema, self.run.cfg, self.scaler, Sampler(self.sampling, self.sampler),
+                        float(self.run.cfg.diffusion.cfg_scale))
 
 
 def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:

@@ -1,22 +1,136 @@
-"""Class -> content frame -> motion latent -> video: the sampling steps shared by sample.py and the training previews."""
+"""Class -> content frame -> motion latent -> video: the one path sample.py, the training previews and the
+sampling benchmark generate with.
+
+    models = load_models(ae_ckpt, motion_ckpt, content_ckpt, device)
+    videos, content_frames = generate(models, labels, seed=0, indices=range(len(labels)))
+"""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from diffusion import create_diffusion
 from diffusion.guidance import guided_model
-from training.latents import LatentScaler
+from training.latents import LatentScaler, load_autoencoder
 
 
-def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, sampler: Optional[str] = None):
+class Sampler(NamedTuple):
+    """A respaced diffusion and the method ('ddim' or 'ddpm') its sampling loop runs."""
+    diffusion: object
+    method: str
+
+
+def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, sampler: Optional[str] = None) -> Sampler:
     """A respaced diffusion for sampling with the stage's schedule; DDIM respacing for ddim."""
     sampler = sampler or diffusion_cfg.sampler
     steps = steps or diffusion_cfg.sample_steps
     respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
-    return create_diffusion(respacing, noise_schedule=diffusion_cfg.noise_schedule, learn_sigma=learn_sigma,
-                            diffusion_steps=diffusion_cfg.diffusion_steps, loss_type=diffusion_cfg.loss_type), sampler
+    return Sampler(create_diffusion(respacing, noise_schedule=diffusion_cfg.noise_schedule, learn_sigma=learn_sigma,
+                                    diffusion_steps=diffusion_cfg.diffusion_steps, loss_type=diffusion_cfg.loss_type),
+                   sampler)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """A stage's sampling settings chosen at sampling time; None keeps those of the stage's config."""
+    steps: Optional[int] = None
+    sampler: Optional[str] = None
+    cfg_scale: Optional[float] = None
+
+
+@dataclass
+class Denoiser:
+    """A stage's denoiser with what sampling it takes: its run's config and latent statistics, its sampler and its
+    guidance scale."""
+    model: torch.nn.Module
+    cfg: object
+    scaler: LatentScaler
+    sampler: Sampler
+    cfg_scale: float
+
+    @classmethod
+    def from_config(cls, model, cfg, scaler: LatentScaler, options: SamplingOptions = SamplingOptions()) -> "Denoiser":
+        sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma, options.steps, options.sampler)
+        cfg_scale = cfg.diffusion.cfg_scale if options.cfg_scale is None else options.cfg_scale
+        return cls(model, cfg, scaler, sampler, float(cfg_scale))
+
+
+@dataclass
+class CMDModels:
+    """The three models of CMD. `content` is None where the content frames are given (an image, real clips);
+    `motion` is None in the content stage's training previews, which only sample content frames."""
+    ae: torch.nn.Module
+    motion: Optional[Denoiser]
+    content: Optional[Denoiser] = None
+    ae_cfg: object = None  # its run's config, where it was loaded from a checkpoint
+
+    @property
+    def num_classes(self) -> int:
+        return (self.motion or self.content).model.num_classes
+
+
+def load_models(ae_ckpt, motion_ckpt, content_ckpt=None, device="cpu", allow_ae_mismatch: bool = False,
+                motion_options: SamplingOptions = SamplingOptions(),
+                content_options: SamplingOptions = SamplingOptions()) -> CMDModels:
+    """The frozen autoencoder and the EMA denoisers of the given checkpoints (no content denoiser without
+    `content_ckpt`), each denoiser with the latent statistics of its own run and its sampling settings."""
+    from training.checkpoint import CheckpointError
+
+    ae, ae_cfg = load_autoencoder(ae_ckpt, device)
+    motion = Denoiser.from_config(*load_denoiser(motion_ckpt, "motion", ae, device, allow_ae_mismatch), motion_options)
+    models = CMDModels(ae, motion, ae_cfg=ae_cfg)
+    if content_ckpt is not None:
+        content = Denoiser.from_config(*load_denoiser(content_ckpt, "content", ae, device, allow_ae_mismatch),
+                                       content_options)
+        if content.model.num_classes != motion.model.num_classes:
+            raise CheckpointError(f"{content_ckpt} knows {content.model.num_classes} classes but "
+                                  f"{motion_ckpt} knows {motion.model.num_classes}")
+        models.content = content
+    return models
+
+
+def video_generators(seed: Optional[int], indices: Sequence[int], stream: int, device) -> Optional[list]:
+    """One generator per video index and stage, so a video never depends on its batch or its rank; None (torch's
+    global generator) without a seed."""
+    if seed is None:
+        return None
+    return [torch.Generator(device).manual_seed(seed * 1_000_003 + index * 2 + stream) for index in indices]
+
+
+@torch.no_grad()
+def generate_content_frames(models: CMDModels, labels: torch.Tensor, seed: Optional[int] = None,
+                            indices: Optional[Sequence[int]] = None, progress: bool = False) -> torch.Tensor:
+    """Content frames (B, C, H, W) in the autoencoder's units for the classes `labels` (B,); `seed` and `indices`
+    as for generate."""
+    content = models.content
+    indices = range(len(labels)) if indices is None else indices
+    return sample_latents(content.model, content.sampler.diffusion, content.sampler.method, "content",
+                          tuple(models.ae.content_shape), labels, content.cfg_scale, content.scaler, progress=progress,
+                          generator=video_generators(seed, indices, 0, labels.device))
+
+
+@torch.no_grad()
+def generate(models: CMDModels, labels: torch.Tensor, seed: Optional[int] = None,
+             indices: Optional[Sequence[int]] = None, content: Optional[torch.Tensor] = None,
+             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Videos of the classes `labels` (B,): (videos (B, C, T, H, W) in [-1, 1], their content frames (B, C, H, W)
+    in the autoencoder's units), both float32 on the labels' device.
+
+    With `seed`, the noise of the video at `indices[i]` (default: 0..B-1) comes from generators seeded by the seed
+    and that index alone, so a video is the same whatever batch or rank makes it; without, from torch's global RNG.
+    `content` (B, C, H, W) in the autoencoder's units (a given image, encoded real clips) stands in for sampled
+    content frames.
+    """
+    indices = range(len(labels)) if indices is None else indices
+    if content is None:
+        content = generate_content_frames(models, labels, seed, indices, progress)
+    motion = models.motion
+    z_m = sample_latents(motion.model, motion.sampler.diffusion, motion.sampler.method, "motion",
+                         tuple(models.ae.motion_shape), labels, motion.cfg_scale, motion.scaler, content=content,
+                         generator=video_generators(seed, indices, 1, labels.device), progress=progress)
+    return models.ae.decode(content, z_m).float(), content
 
 
 @torch.no_grad()
