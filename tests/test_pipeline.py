@@ -88,7 +88,7 @@ def test_autoencoder_reports_reconstruction_fvd_with_a_detector(chain, tmp_path)
     torch.manual_seed(0)
     torch.save(InceptionI3d().state_dict(), tmp_path / "i3d.pt")
     train(tmp_path, "train_ae.py", "autoencoder", "ae", 1, *TINY_AE, "train.eval_every=1",
-          f"train.fvd_detector={tmp_path / 'i3d.pt'}")
+          f"train.fvd_detector={tmp_path / 'i3d.pt'}", "train.fvd_eval_videos=4")
     assert re.search(r"eval step 0000001 \|.* fvd_recon=\d+\.\d+", (tmp_path / "ae" / "log.txt").read_text())
 
 
