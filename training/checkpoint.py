@@ -40,18 +40,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
-def atomic_torch_save(obj, path) -> None:
-    """Writes `obj` to `path` so that a crash or a full disk never leaves a half-written file there.
-
-    The data goes to a temp file in the same folder, is fsync'ed, then renamed over `path`
-    (rename is atomic on POSIX filesystems); on failure the temp file is removed and `path` is untouched.
-    """
+def atomic_write(path, write) -> None:
+    """Calls `write(handle)` on a temp file beside `path`, so that a crash or a full disk never leaves a half-written
+    file at `path`: the temp file is fsync'ed, then renamed over `path` (rename is atomic on POSIX filesystems);
+    on failure the temp file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -59,6 +57,10 @@ def atomic_torch_save(obj, path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path) -> None:
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 # os.link errors meaning "no hard link here", not "cannot write": another filesystem (EXDEV), a filesystem without

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from training.checkpoint import (
     META_WEIGHTS_FINGERPRINT,
     SAFETENSORS_SUFFIX,
     CheckpointError,
-    fsync_dir,
+    atomic_write,
     load_checkpoint,
     model_weights,
     weights_fingerprint,
@@ -77,7 +76,7 @@ def export_tensors(ckpt: dict, path) -> tuple[dict, dict]:
 
 def export_checkpoint(ckpt_path, out_path, overwrite: bool = False) -> str:
     """Writes the export of `ckpt_path` to `out_path` atomically; returns the line that describes it."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if out_path.suffix != SAFETENSORS_SUFFIX:
@@ -89,17 +88,7 @@ def export_checkpoint(ckpt_path, out_path, overwrite: bool = False) -> str:
     ckpt = load_checkpoint(ckpt_path, mmap=True)  # mmap: the optimizer state is never read
     tensors, metadata = export_tensors(ckpt, ckpt_path)
     del ckpt
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out_path.parent)
+    atomic_write(out_path, lambda handle: handle.write(safetensors_bytes(tensors, metadata=metadata)))
     size = sum(value.numel() * value.element_size() for value in tensors.values()) / 2**20
     return (f"exported the {metadata[META_WEIGHTS]} weights of {ckpt_path} ({metadata[META_STAGE]}, step "
             f"{metadata[META_STEP]}, {len(tensors)} tensors, {size:.1f} MiB, weights "
