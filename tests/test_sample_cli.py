@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import sample
+from training.outputs import OutputError
 from tests.conftest import REPO, _env, run_python
 from tests.test_pipeline import TINY_AE, TINY_DIFFUSION, train
 from training.media import write_mp4
@@ -371,18 +372,18 @@ def test_frames_dir_output_is_checked_before_models_load(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     for bad in (a_file, a_file / "frames", tmp_path / "out"):
-        with pytest.raises(sample.OutputError) as refused:
+        with pytest.raises(OutputError) as refused:
             check("--frames-dir", bad)
         assert "--frames-dir" in str(refused.value) and str(bad) in str(refused.value)
     frames = tmp_path / "frames"
     (frames / "000000").mkdir(parents=True)
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(frames / "000000" / "000.png")
-    with pytest.raises(sample.OutputError) as refused:  # an earlier run: refused without --overwrite
+    with pytest.raises(OutputError) as refused:  # an earlier run: refused without --overwrite
         check("--frames-dir", frames)
     assert str(frames) in str(refused.value) and "--overwrite" in str(refused.value)
     assert check("--frames-dir", frames, "--overwrite") == [frames / "000000"]
     (frames / "notes.txt").write_text("mine")  # never removed, even with --overwrite
-    with pytest.raises(sample.OutputError, match="notes.txt"):
+    with pytest.raises(OutputError, match="notes.txt"):
         check("--frames-dir", frames, "--overwrite")
     with pytest.raises(ValueError, match="--no-mp4"):  # nothing but a grid would be kept
         sample.main(sample.parse_args([*BASE, "--content-ckpt", "c.pt", "--no-mp4", "--out-dir", str(tmp_path / "o")]))
