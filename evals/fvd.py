@@ -150,7 +150,7 @@ def load_detector(path: Optional[str] = None, device: Union[str, torch.device] =
     try:
         loaded = torch.load(resolved, map_location="cpu", weights_only=True)
     except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
-        # torch's own message spans many lines and suggests weights_only=False, which we never want here.
+        # torch's own message spans many lines and suggests loading without the weights-only guard, never wanted here.
         raise ValueError(
             f"{resolved}: not a TorchScript archive nor a plain tensor state dict ({type(error).__name__})"
         ) from error

@@ -11,10 +11,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import sample
+from tests.test_reliability import perturbed_autoencoder
 from training.outputs import OutputError
 from tests.conftest import REPO, _env, run_python
 from tests.test_pipeline import TINY_AE, TINY_DIFFUSION, train
@@ -293,15 +293,8 @@ def test_stop_signal_keeps_finished_videos_and_says_how_many(ckpts, tmp_path, si
 # ---- 6. denoisers trained with another autoencoder --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def other_ae(ckpts, tmp_path_factory):
-    """The autoencoder with one weight nudged: same shapes, other weights, so another fingerprint."""
-    ckpt = torch.load(ckpts["ae"], map_location="cpu", weights_only=False)
-    for key in ("model", "ema"):
-        if ckpt.get(key):
-            name = next(k for k, v in ckpt[key].items() if v.is_floating_point())
-            ckpt[key][name] = ckpt[key][name] + 1e-3
-    path = tmp_path_factory.mktemp("other_ae") / "other.pt"
-    torch.save(ckpt, path)
-    return path
+    """The autoencoder with other weights of the same shapes, so another fingerprint."""
+    return perturbed_autoencoder(ckpts["ae"], tmp_path_factory.mktemp("other_ae") / "other.pt")
 
 
 def test_another_autoencoder_is_refused_unless_allowed(ckpts, other_ae, tmp_path):

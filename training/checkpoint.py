@@ -126,7 +126,7 @@ def safe_torch_load(path, map_location="cpu", mmap: bool = False):
 
 def _load_failure(path: Path, exc: Exception) -> str:
     """One line for a file torch.load refused: torch's own message spans many lines and suggests
-    weights_only=False, which would execute whatever the file holds."""
+    turning the weights-only guard off, which would execute whatever the file holds."""
     text = str(exc)
     if "Weights only load failed" in text:
         unsafe = UNSAFE_GLOBAL.search(text) or UNSAFE_CLASS.search(text)
@@ -340,13 +340,12 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
     if resume == "auto":
         exp_name = cfg.train.exp_name if cfg is not None else None
         runs = [Path(results_dir) / exp_name] if exp_name else list(reversed(find_run_dirs(results_dir, stage)))
-        fingerprints: dict = {}
         for run_dir in runs:
             found = latest_checkpoint_in_run(run_dir)
             if found is None:
                 continue
             ckpt = load_stage_checkpoint(found, stage, mmap=True) if exp_name else _try_load(found, stage)
-            differences = resume_differences(ckpt, cfg, fingerprints) if cfg is not None and ckpt else []
+            differences = resume_differences(ckpt, cfg) if cfg is not None and ckpt else []
             if ckpt and not differences:
                 return found
             if ckpt and exp_name:  # the named run folder cannot be continued and must not be reused either
@@ -412,7 +411,7 @@ def _comparable(key: str, value):
     return value
 
 
-def resume_differences(ckpt: dict, cfg, fingerprints: Optional[dict] = None) -> list[str]:
+def resume_differences(ckpt: dict, cfg) -> list[str]:
     """'key: run value -> this command's value' for every run-defining setting that differs between a checkpoint
     and the config of the command that wants to continue it (empty: it may continue), the autoencoder included."""
     from omegaconf import OmegaConf
@@ -429,13 +428,13 @@ def resume_differences(ckpt: dict, cfg, fingerprints: Optional[dict] = None) -> 
         if before != after:
             differences.append(f"{key}: {old.get(key)} -> {new.get(key)}")
     if "ae_ckpt" in new:
-        difference = _autoencoder_difference(ckpt, new["ae_ckpt"], fingerprints if fingerprints is not None else {})
+        difference = _autoencoder_difference(ckpt, new["ae_ckpt"])
         if difference:
             differences.append(difference)
     return differences
 
 
-def _autoencoder_difference(ckpt: dict, ae_ckpt: str, fingerprints: dict) -> Optional[str]:
+def _autoencoder_difference(ckpt: dict, ae_ckpt: str) -> Optional[str]:
     """A diffusion run's autoencoder is part of what it learned: its latent space. `ae_ckpt=auto` on resume means
     the run's own autoencoder; another file is compared by the fingerprint of its weights."""
     recorded_path = ckpt["config"].get("ae_ckpt")
@@ -445,10 +444,9 @@ def _autoencoder_difference(ckpt: dict, ae_ckpt: str, fingerprints: dict) -> Opt
             return None
         same = os.path.realpath(ae_ckpt) == os.path.realpath(recorded_path)
         return None if same else f"ae_ckpt: {recorded_path} -> {ae_ckpt}"
-    if ae_ckpt not in fingerprints:
-        fingerprints[ae_ckpt] = weights_fingerprint(model_weights(load_for_sampling(ae_ckpt, "autoencoder")))
-    if fingerprints[ae_ckpt] != recorded:
-        return (f"autoencoder: {recorded_path} (weights {recorded}) -> {ae_ckpt} (weights {fingerprints[ae_ckpt]}), "
+    given = weights_fingerprint(model_weights(load_for_sampling(ae_ckpt, "autoencoder")))
+    if given != recorded:
+        return (f"autoencoder: {recorded_path} (weights {recorded}) -> {ae_ckpt} (weights {given}), "
                 f"another autoencoder")
     return None
 

@@ -13,6 +13,9 @@ import torch
 
 from diffusion import create_diffusion
 from diffusion.guidance import guided_model
+from models.dit import build_dit
+from training.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
+from training.config import config_from_dict
 from training.latents import LatentScaler, load_autoencoder
 
 
@@ -76,8 +79,6 @@ def load_models(ae_ckpt, motion_ckpt, content_ckpt=None, device="cpu", allow_ae_
                 content_options: SamplingOptions = SamplingOptions()) -> CMDModels:
     """The frozen autoencoder and the EMA denoisers of the given checkpoints (no content denoiser without
     `content_ckpt`), each denoiser with the latent statistics of its own run and its sampling settings."""
-    from training.checkpoint import CheckpointError
-
     ae, ae_cfg = load_autoencoder(ae_ckpt, device)
     motion = Denoiser.from_config(*load_denoiser(motion_ckpt, "motion", ae, device, allow_ae_mismatch), motion_options)
     models = CMDModels(ae, motion, ae_cfg=ae_cfg)
@@ -160,10 +161,6 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
     A denoiser learned the latent space of one autoencoder: one trained with other weights (the run records their
     fingerprint) is refused unless `allow_ae_mismatch`, since its samples would decode to something else.
     """
-    from models.dit import build_dit
-    from training.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
-    from training.config import config_from_dict
-
     ckpt = load_for_sampling(path, stage)  # mmap'ed, EMA weights only: no rank reads the optimizer state
     cfg = config_from_dict(stage, ckpt["config"])
     if cfg.data.num_classes is None:

@@ -23,8 +23,10 @@ from models.autoencoder import build_autoencoder
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    load_for_sampling,
     load_weights,
     model_weights,
+    resolve_resume,
 )
 from training.config import config_from_dict
 from training.data import _ignore_stop_signals
@@ -41,8 +43,6 @@ MOMENTS_FILE = "latent_moments.npz"  # a latent cache's per-channel sums, writte
 
 def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
     """`ae_ckpt` itself, or for 'auto' the newest autoencoder checkpoint under results_dir (the seed's chaining)."""
-    from training.checkpoint import resolve_resume
-
     if ae_ckpt != "auto":
         return Path(ae_ckpt)
     found = resolve_resume("auto", results_dir, "autoencoder")
@@ -61,8 +61,6 @@ def load_autoencoder(path, device, data_cfg=None):
     With `data_cfg`, a clip size that differs from the one the autoencoder was trained on is refused. `path` may be
     a .pt checkpoint or weights exported by training/export.py.
     """
-    from training.checkpoint import load_for_sampling
-
     ckpt = load_for_sampling(path, "autoencoder")  # mmap'ed, EMA weights only: no rank reads the optimizer state
     ae_cfg = config_from_dict("autoencoder", ckpt["config"])
     if data_cfg is not None:
