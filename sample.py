@@ -24,7 +24,9 @@ from datasets.transforms import frames_to_clip
 from evals.recon import to_uint8_videos
 from training.cli import finite_float, positive_int
 from training.distributed import barrier, cleanup_distributed, setup_distributed
-from training.generation import SamplingOptions, generate, load_models
+from diffusion import SAMPLERS
+from training.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
+                                 real_content_frames, set_precision)
 from training.run import run_reporting_user_errors
 from training.media import save_video_set, write_mp4
 from training.outputs import GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished, write_frames
@@ -89,32 +91,6 @@ def given_content_frames(args, models, labels: list, device):
         cfg = models.motion.cfg
         return real_content_frames(models.ae, cfg.data, int(cfg.train.global_seed), labels, device)
     return None
-
-
-def real_content_frames(ae, data_cfg, seed: int, labels, device) -> torch.Tensor:
-    """(N, C, H, W) content frames of held-out real clips, encoded by `ae`: video i gets the next clip of its class.
-
-    The paper's motion-only evaluation (real content frames, generated motion): the held-out split of the motion
-    run's data (data.eval_split), taken in index order so that the frames do not depend on batch or rank.
-    """
-    from datasets import build_dataset
-
-    dataset = build_dataset(data_cfg, split=data_cfg.eval_split, seed=seed)
-    wanted = {label: labels.count(label) for label in set(labels)}
-    by_class = {label: [] for label in wanted}
-    for index in range(len(dataset)):
-        label = dataset.label_of(index) if hasattr(dataset, "label_of") else int(dataset[index]["y"])
-        if label in by_class and len(by_class[label]) < wanted[label]:
-            by_class[label].append(index)
-        if all(len(by_class[k]) == wanted[k] for k in wanted):
-            break
-    short = [k for k in wanted if len(by_class[k]) < wanted[k]]
-    if short:
-        raise ValueError(f"--real-content: the {data_cfg.eval_split} split has only {len(by_class[short[0]])} clips of "
-                         f"class {short[0]}, {wanted[short[0]]} are needed")
-    taken = {label: iter(indices) for label, indices in by_class.items()}
-    clips = torch.stack([dataset[next(taken[label])]["x"] for label in labels]).to(device)
-    return torch.cat([ae.encode(chunk)[0] for chunk in clips.split(64)])
 
 
 def training_labels(dataset) -> np.ndarray:
@@ -237,6 +213,18 @@ def main(args):
     cleanup_distributed()
 
 
+def stage_options(args, stage: str) -> SamplingOptions:
+    """The `stage`'s sampler, steps and guidance: --<stage>-sampler/-steps where given, else --preset's."""
+    preset = SAMPLING_PRESETS[args.preset][stage]
+    sampler, steps = getattr(args, f"{stage}_sampler"), getattr(args, f"{stage}_steps")
+    return SamplingOptions(steps or preset.steps, sampler or preset.sampler, getattr(args, f"{stage}_cfg_scale"))
+
+
+def preset_steps(name: str) -> str:
+    preset = SAMPLING_PRESETS[name]
+    return f"{preset['content'].steps} content / {preset['motion'].steps} motion"
+
+
 def video_places(args) -> list:
     """Where each video goes as it is finished: its mp4 (unless --no-mp4) and its folder of PNG frames."""
     places = [] if args.no_mp4 else [str(Path(args.out_dir) / "videos")]
@@ -248,8 +236,10 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
     # Content frames given by --content-frame or --real-content need no content denoiser.
     content_ckpt = None if args.content_frame or args.real_content else args.content_ckpt
     models = load_models(args.ae_ckpt, args.motion_ckpt, content_ckpt, device, args.allow_ae_mismatch,
-                         SamplingOptions(args.motion_steps, args.motion_sampler, args.motion_cfg_scale),
-                         SamplingOptions(args.content_steps, args.content_sampler, args.content_cfg_scale))
+                         stage_options(args, "motion"), stage_options(args, "content"))
+    set_precision(models, args.precision, device)
+    if args.compile:
+        compile_models(models)
     motion_cfg = models.motion.cfg
     labels = class_list(args, models.num_classes, motion_cfg.data, int(motion_cfg.train.global_seed))
     given_content = given_content_frames(args, models, labels, device)
@@ -371,17 +361,27 @@ def parse_args(argv=None):
     parser.add_argument("--num-videos", type=positive_int, default=16)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--content-sampler", choices=["ddim", "ddpm"], default="ddim")
-    parser.add_argument("--content-steps", type=positive_int, default=50)
+    parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
+                        help="sampler and step count of each stage: 'fast' = DPM-Solver++(2M), "
+                        f"{preset_steps('fast')} steps (the default; as good as 'ddim' within its spread over seeds, "
+                        f"docs/BENCHMARKS.md), 'ddim' = DDIM, {preset_steps('ddim')} steps as the reference evaluation "
+                        "ran. The flags below override it per stage")
+    parser.add_argument("--content-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
+    parser.add_argument("--content-steps", type=positive_int, default=None, help="default: the preset's")
     parser.add_argument("--content-cfg-scale", type=finite_float, default=None,
                         help="guidance scale s, DiT's convention: eps = eps(null) + s * (eps(c) - eps(null)); 1 = none; "
                         "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the checkpoint's config "
                         "(configs/ucf101: 4.0, what the reference evaluation used)")
-    parser.add_argument("--motion-sampler", choices=["ddim", "ddpm"], default="ddim")
-    parser.add_argument("--motion-steps", type=positive_int, default=100)
+    parser.add_argument("--motion-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
+    parser.add_argument("--motion-steps", type=positive_int, default=None, help="default: the preset's")
     parser.add_argument("--motion-cfg-scale", type=finite_float, default=None,
                         help="guidance scale s of the motion model, the same convention as --content-cfg-scale. "
                         "Default: the checkpoint's config (configs/ucf101: 1.0, unguided as in the reference evaluation)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="on CUDA: 'auto' follows the motion run's train.mixed_precision and train.tf32; 'bf16' = "
+                        "bf16 autocast (+ TF32), 'tf32' = fp32 with TF32 matmuls, 'fp32' = strict fp32. The CPU runs fp32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoisers and the decoder (pays off for thousands of videos on a GPU)")
     parser.add_argument("--out-dir", default="samples")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the videos and grid of an earlier run in --out-dir and its frame folders in "

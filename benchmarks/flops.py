@@ -39,6 +39,7 @@ from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from models.layers import Attention
 from training.config import load_config
+from training.generation import SAMPLING_PRESETS
 
 META = torch.device("meta")
 DEFAULT_CONFIG_DIR = "configs/ucf101"
@@ -136,8 +137,11 @@ def _denoiser_call_flops(model, shape, guided: bool, cond: Optional[dict] = None
 
 
 # ---- per generated video -----------------------------------------------------------------------------------
-def per_video_flops(configs: dict, models: Optional[dict] = None) -> dict:
-    """FLOPs to generate one video with CMD (content + motion sampling, one decode) and with the baseline."""
+def per_video_flops(configs: dict, models: Optional[dict] = None, steps: Optional[Dict[str, int]] = None) -> dict:
+    """FLOPs to generate one video with CMD (content + motion sampling, one decode) and with the baseline.
+
+    steps: {'content': n, 'motion': m} sampling steps per stage; default: the configs' diffusion.sample_steps.
+    """
     models = models or build_models(configs)
     ae, content, motion, baseline = (models[k] for k in ("autoencoder", "content", "motion", "baseline"))
     for model in models.values():
@@ -154,9 +158,9 @@ def per_video_flops(configs: dict, models: Optional[dict] = None) -> dict:
     ):
         guided = float(diffusion_cfg.cfg_scale) != 1.0
         per_step = _denoiser_call_flops(model, shape, guided, cond)
-        steps = int(diffusion_cfg.sample_steps)
-        parts[stage] = {"model": configs[stage].model.name, "steps": steps, "guided": guided, "per_step": per_step,
-                        "total": per_step * steps}
+        count = int((steps or {}).get(stage, diffusion_cfg.sample_steps))
+        parts[stage] = {"model": configs[stage].model.name, "steps": count, "guided": guided, "per_step": per_step,
+                        "total": per_step * count}
     with torch.no_grad():
         decode = count_flops(lambda: ae.decode(z_c, z_m))
     parts["decode"] = {"model": "CMD autoencoder decoder", "steps": 1, "guided": False, "per_step": decode,
@@ -240,7 +244,21 @@ def compute_flops(config_dir: Optional[str] = None, tiny: bool = False) -> dict:
         raise RuntimeError("FlopCounterMode does not count scaled_dot_product_attention on the meta device in this "
                            "torch version; the FLOPs would miss attention")
     return {"config_dir": str(config_dir), "sdpa_counted": counted, "torch": torch.__version__,
-            "per_video": per_video_flops(configs, models), "training_step": training_step_flops(configs, models)}
+            "per_video": per_video_flops(configs, models), "presets": preset_flops(configs, models),
+            "training_step": training_step_flops(configs, models)}
+
+
+def preset_flops(configs: dict, models: dict) -> dict:
+    """CMD FLOPs per video for each of sample.py's presets (training.generation.SAMPLING_PRESETS), with the ratio
+    to the 'ddim' preset (DDIM 50 content / 100 motion); guidance as in the configs."""
+    presets = {}
+    for name, options in SAMPLING_PRESETS.items():
+        steps = {stage: options[stage].steps for stage in ("content", "motion")}
+        presets[name] = {"samplers": {stage: options[stage].sampler for stage in steps}, "steps": steps,
+                         "total": per_video_flops(configs, models, steps)["cmd_total"]}
+    for preset in presets.values():
+        preset["ddim_over_this"] = presets["ddim"]["total"] / preset["total"]
+    return presets
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -283,6 +301,14 @@ def format_report(result: dict) -> str:
               f"{PAPER_VIDEO_TFLOPS['CMD']} vs ModelScope {PAPER_VIDEO_TFLOPS['ModelScope']} TFLOPs (1/20.1)."]
     if not video["target_met"]:
         lines.append(explain_gap(video))
+    lines += ["", "Sampling presets (sample.py --preset; guidance as in the configs)", "",
+              f"| preset | content | motion | {unit_name} per video | FLOPs of ddim / this |", "|---|---|---|---|---|"]
+    for name, preset in result["presets"].items():
+        lines.append(f"| {name} | {preset['samplers']['content']} {preset['steps']['content']} | "
+                     f"{preset['samplers']['motion']} {preset['steps']['motion']} | {_tflops(preset['total'])} | "
+                     f"{preset['ddim_over_this']:.2f}x |")
+    fast = result["presets"]["fast"]
+    lines += ["", f"fast preset: {fast['ddim_over_this']:.2f}x fewer FLOPs per video than DDIM 50/100 (target >= 2.5x)"]
     stages = ("autoencoder", "content", "motion")
     ours = {stage: train[stage] for stage in stages}
     lines += ["", f"Per training step (batch {train['batch_size']}, forward + backward; AE loss without LPIPS; "

@@ -50,7 +50,8 @@ from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from training.diffusion_stage import DiffusionTrainStep
-from training.generation import CMDModels, Denoiser, SamplingOptions, generate
+from training.generation import (PRECISIONS, SAMPLING_PRESETS, CMDModels, Denoiser, SamplingOptions, compile_models,
+                                 generate, set_precision)
 from training.latents import LatentScaler, encode
 from training.run import TrainingRun, make_ema, make_optimizer
 
@@ -205,7 +206,8 @@ def run_benchmark(args) -> list:
 
 
 def sampling_benchmark(configs: dict, args, device: torch.device, peak: Optional[float]) -> dict:
-    """class -> content frame -> motion latent -> decode, as sample.py does it, timed per video."""
+    """class -> content frame -> motion latent -> decode, as sample.py does it (its --preset, --precision and
+    --compile), timed per video."""
     reset_peak_memory(device)
     torch.manual_seed(0)
     classes = num_classes_of(configs)
@@ -214,19 +216,21 @@ def sampling_benchmark(configs: dict, args, device: torch.device, peak: Optional
     denoisers = {}
     for stage in ("content", "motion"):
         cfg = configs[stage]
+        preset = SAMPLING_PRESETS[args.preset][stage]
         model = build_dit(stage, cfg.model, classes, ae.content_shape, ae.motion_shape)
         denoisers[stage] = Denoiser.from_config(model.to(device).eval().requires_grad_(False), cfg, scaler,
-                                                SamplingOptions(steps=args.sample_steps))
+                                                SamplingOptions(args.sample_steps or preset.steps, preset.sampler))
     models = CMDModels(ae, motion=denoisers["motion"], content=denoisers["content"])
+    set_precision(models, args.precision, device)
+    if args.compile:
+        compile_models(models)
     y = torch.randint(0, classes, (args.batch_size,), device=device)
 
     seconds = seconds_per_call(lambda: generate(models, y), max(1, args.steps // 5), 1, device)
-    video = per_video_flops(configs)
-    flops = video["cmd_total"]
-    if args.sample_steps:  # the same per-step cost, at the requested step count
-        flops = sum(part["per_step"] * (args.sample_steps if name != "decode" else 1)
-                    for name, part in video["cmd"].items())
-    return _result("sampling", args.batch_size, seconds, flops * args.batch_size, peak, device)
+    steps = {stage: denoisers[stage].sampler.diffusion.num_timesteps for stage in denoisers}
+    flops = per_video_flops(configs, steps=steps)["cmd_total"]
+    label = f"sampling ({args.preset}: {steps['content']}/{steps['motion']} steps, {args.precision})"
+    return _result(label, args.batch_size, seconds, flops * args.batch_size, peak, device)
 
 
 def _result(stage: str, batch: int, seconds: float, flops: float, peak: Optional[float], device) -> dict:
@@ -243,7 +247,7 @@ def format_rows(results: list, args, device: torch.device, command: str) -> str:
               "videos/s | s/video | model TFLOP/s | MFU | peak memory |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
-        rate = "-" if r["stage"] == "sampling" else f"{r['calls_per_s']:.3g}"
+        rate = "-" if r["stage"].startswith("sampling") else f"{r['calls_per_s']:.3g}"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(f"| {date} | {machine} | {device.type} | {torch.__version__} | {args.config_dir} | {r['stage']} | "
                      f"{r['batch']} | {args.compile} | {args.grad_checkpointing} | {rate} | {r['videos_per_s']:.3g} | "
@@ -260,11 +264,14 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch for training and sampling")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per stage (sampling: steps // 5 runs)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--compile", action="store_true", help="train.compile=true")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true; sampling: sample.py --compile")
     parser.add_argument("--grad-checkpointing", action="store_true", help="model.grad_checkpointing=true")
     parser.add_argument("--mixed-precision", default=None, choices=["bf16", "no"], help="train.mixed_precision")
     parser.add_argument("--latent-cache", action="store_true", help="diffusion stages train from pre-encoded latents")
-    parser.add_argument("--sample-steps", type=int, default=None, help="sampling steps for both stages (default: configs)")
+    parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
+                        help="sample.py's preset for the sampling stage (sampler and steps per stage)")
+    parser.add_argument("--sample-steps", type=int, default=None, help="sampling steps for both stages (default: the preset's)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="sample.py's --precision for sampling")
     args = parser.parse_args(argv)
     args.config_dir = args.config_dir or (TINY_CONFIG_DIR if args.tiny else DEFAULT_CONFIG_DIR)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 from diffusion.gaussian_diffusion import LOSS_TYPES, SAMPLERS, GaussianDiffusion, check_loss_type
 from diffusion.guidance import cfg_combine, guided_model
 from diffusion.rng import randn_like_per_sample
-from diffusion.schedules import NOISE_SCHEDULES, get_beta_schedule, respace_betas, space_timesteps
+from diffusion.schedules import NOISE_SCHEDULES, get_beta_schedule, logsnr_timesteps, respace_betas, space_timesteps
 
 __all__ = [
     "GaussianDiffusion",
@@ -17,6 +17,7 @@ __all__ = [
     "create_diffusion",
     "get_beta_schedule",
     "guided_model",
+    "logsnr_timesteps",
     "randn_like_per_sample",
     "respace_betas",
     "space_timesteps",
@@ -32,14 +33,20 @@ def create_diffusion(
 ) -> GaussianDiffusion:
     """Build a diffusion over `diffusion_steps` steps, respaced when timestep_respacing is given.
 
-    timestep_respacing: None or "" = all steps; otherwise see space_timesteps ("ddim50", "100",
-    an int, or a list of section counts). The respaced process keeps the original alpha_bar at the
+    timestep_respacing: None or "" = all steps; "logsnrN" = N steps evenly spaced in log-SNR (logsnr_timesteps, for
+    the dpm++2m sampler); otherwise see space_timesteps ("ddim50", "100", an int, or a list of section counts). The respaced process keeps the original alpha_bar at the
     kept steps and calls the model with the original timestep indices.
     """
     betas = get_beta_schedule(noise_schedule, diffusion_steps)
     if timestep_respacing is None or timestep_respacing == "":
         return GaussianDiffusion(betas, learn_sigma=learn_sigma, loss_type=loss_type)
-    kept = sorted(space_timesteps(diffusion_steps, timestep_respacing))
+    if isinstance(timestep_respacing, str) and timestep_respacing.startswith("logsnr"):
+        count = timestep_respacing[len("logsnr"):]
+        if not count.isdigit():
+            raise ValueError(f"bad timestep_respacing {timestep_respacing!r}")
+        kept = logsnr_timesteps(betas, int(count))
+    else:
+        kept = sorted(space_timesteps(diffusion_steps, timestep_respacing))
     return GaussianDiffusion(
         respace_betas(betas, kept), learn_sigma=learn_sigma, loss_type=loss_type, timestep_map=kept
     )

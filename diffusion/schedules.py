@@ -44,6 +44,7 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, int, Sequence
     section_counts:
       "ddimN"    -> range(0, num_timesteps, stride) with the integer stride giving exactly N steps
                     (the DDIM paper's uniform skip; always contains 0);
+      "logsnrN"  -> not here: it depends on the betas (create_diffusion handles it with logsnr_timesteps);
       "N" or N   -> N steps evenly spaced over [0, num_timesteps - 1];
       "a,b,c" or [a, b, c] -> the process is cut into equal sections and section i keeps
                     section_counts[i] evenly spaced steps (improved DDPM);
@@ -90,6 +91,31 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, int, Sequence
             )
         kept.update(_evenly_spaced(start, size, count))
         start += size
+    return kept
+
+
+def logsnr_timesteps(betas: np.ndarray, count: int) -> List[int]:
+    """`count` distinct timesteps, 0 and T-1 among them, spaced evenly in log-SNR lambda = log(alpha / sigma).
+
+    The spacing DPM-Solver recommends for its multistep solvers (Lu et al. 2022): every solver step then covers the
+    same lambda interval h, so the second-order extrapolation sees step ratios near 1. Where rounding to whole
+    timesteps would repeat one (lambda changes fast near t = 0), the later point moves to the next free timestep.
+    """
+    num_timesteps = len(betas)
+    if not 1 <= count <= num_timesteps:
+        raise ValueError(f"timestep_respacing 'logsnr{count}': need 1..{num_timesteps} steps")
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    log_snr = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))  # decreasing in t
+    if count == 1:
+        return [num_timesteps - 1]
+    targets = np.linspace(log_snr[0], log_snr[-1], count)
+    kept: List[int] = []
+    for index, target in enumerate(targets):
+        nearest = int(np.argmin(np.abs(log_snr - target)))
+        # Distinct and increasing, leaving room for the points still to come below T.
+        nearest = max(nearest, kept[-1] + 1 if kept else 0)
+        kept.append(min(nearest, num_timesteps - count + index))
+    kept[-1] = num_timesteps - 1
     return kept
 
 

@@ -43,10 +43,10 @@ grep -E "step [0-9]+ \|" "$OUT/motion.log" | tail -n 1 | sed 's/^/motion: /'
 
 stage "3/4 sampling $NUM_VIDEOS videos, and $NUM_VIDEOS motion-only videos (real content frames, generated motion)"
 "$PYTHON" sample.py --ae-ckpt "$AE" --motion-ckpt "$OUT/runs/motion/checkpoints/last.pt" \
-  --content-ckpt "$OUT/runs/content/checkpoints/last.pt" --num-videos "$NUM_VIDEOS" --content-steps 50 \
-  --motion-steps 50 --out-dir "$OUT/samples" --npz "$OUT/samples/samples.npz" --quiet
+  --content-ckpt "$OUT/runs/content/checkpoints/last.pt" --num-videos "$NUM_VIDEOS" --out-dir "$OUT/samples" \
+  --npz "$OUT/samples/samples.npz" --quiet
 "$PYTHON" sample.py --ae-ckpt "$AE" --motion-ckpt "$OUT/runs/motion/checkpoints/last.pt" --real-content \
-  --num-videos "$NUM_VIDEOS" --motion-steps 50 --out-dir "$OUT/motion_only" --npz "$OUT/motion_only/samples.npz" --quiet
+  --num-videos "$NUM_VIDEOS" --out-dir "$OUT/motion_only" --npz "$OUT/motion_only/samples.npz" --quiet
 
 stage "4/4 what the models learned"
 if ! wait "$classifier_pid"; then

@@ -11,6 +11,7 @@ from diffusion import (
     create_diffusion,
     get_beta_schedule,
     guided_model,
+    logsnr_timesteps,
     randn_like_per_sample,
     space_timesteps,
 )
@@ -223,7 +224,7 @@ def test_ddim_eta1_equals_ddpm_with_posterior_variance():
     torch.testing.assert_close(ddim, ddpm, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0)])
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0), ("dpm++2m", 0.0)])
 def test_per_sample_generators_make_samples_batch_independent(sampler, eta):
     diffusion = create_diffusion("10")
     # Elementwise model, so results can only differ through the random draws.
@@ -249,7 +250,7 @@ def test_randn_like_per_sample():
         randn_like_per_sample((3, 2), [torch.Generator()], "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("sampler,tolerance", [("ddim", 0.03), ("ddpm", 0.06)])
+@pytest.mark.parametrize("sampler,tolerance", [("ddim", 0.03), ("ddpm", 0.06), ("dpm++2m", 0.03)])
 def test_samplers_reproduce_gaussian_data_statistics(sampler, tolerance):
     # 250 respaced steps keep the test fast; DDPM with the small variance is then slightly
     # under-dispersed, hence its looser tolerance.
@@ -262,6 +263,70 @@ def test_samplers_reproduce_gaussian_data_statistics(sampler, tolerance):
     assert abs(samples.mean().item()) < 0.03
     # Dividing by the noise's own spread removes most of the finite-sample error.
     assert samples.std().item() / noise.std().item() == pytest.approx(data_std, rel=tolerance)
+
+
+# ------------------------------------------------------------------------------ DPM-Solver++
+def _gaussian_ode_error(sampler: str, steps: int, data_std: float = 0.5) -> float:
+    """Largest error of `sampler` at `steps` against the exact probability-flow ODE for data ~ N(0, s^2).
+
+    For Gaussian data the ODE is linear: x_t / sqrt(abar_t s^2 + 1 - abar_t) stays constant along a path. Every
+    sampler here ends with the x0 prediction at t = 0, so the reference is that prediction at the exact x_0 point:
+    what remains is the solver's own error from its first timestep down to t = 0.
+    """
+    respacing = {"ddim": f"ddim{steps}", "dpm++2m": f"logsnr{steps}"}[sampler]
+    diffusion = create_diffusion(respacing, learn_sigma=False, loss_type="mse")
+    alphas_cumprod = _alphas_cumprod()
+    model = gaussian_data_eps_model(data_std, alphas_cumprod, learn_sigma=False)
+    noise = torch.linspace(-3.0, 3.0, 61, dtype=torch.float64).view(-1, 1, 1, 1)
+    first, variance = diffusion.timestep_map[-1], lambda a: a * data_std**2 + 1.0 - a
+    x_at_0 = noise * math.sqrt(variance(alphas_cumprod[0]) / variance(alphas_cumprod[first]))
+    exact = math.sqrt(alphas_cumprod[0]) * data_std**2 / variance(alphas_cumprod[0]) * x_at_0
+    return (diffusion.sample(model, noise.shape, sampler=sampler, noise=noise) - exact).abs().max().item()
+
+
+def test_dpm_solver_at_10_steps_is_closer_to_the_ode_than_ddim_at_100():
+    """Second order in log-SNR: at 10 model calls DPM-Solver++(2M) beats DDIM at 100 on the exact ODE path
+    (measured: 7e-3 vs 1.4e-2 on the linear schedule), and at 25 calls it is > 5x closer than DDIM at 25."""
+    assert _gaussian_ode_error("dpm++2m", 10) < _gaussian_ode_error("ddim", 100)
+    assert _gaussian_ode_error("dpm++2m", 25) < _gaussian_ode_error("ddim", 25) / 5
+
+
+def test_dpm_solver_is_deterministic_exact_on_a_point_mass_and_sees_original_timesteps():
+    diffusion = create_diffusion("logsnr12", learn_sigma=True)
+    torch.manual_seed(0)
+    x0 = torch.rand(2, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(x0)
+    oracle = OracleModel(x0, _alphas_cumprod(), learn_sigma=True, variance_value=0.7)
+    # The exact x0 at every step: the extrapolation of two equal predictions is that prediction again.
+    out = diffusion.sample(oracle, x0.shape, sampler="dpm++2m", noise=noise, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, x0, atol=1e-8, rtol=0)
+    assert oracle.seen_timesteps == set(logsnr_timesteps(get_beta_schedule("linear", 1000), 12))
+    again = diffusion.sample(oracle, x0.shape, sampler="dpm++2m", noise=noise, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="eta"):
+        diffusion.sample(oracle, x0.shape, sampler="dpm++2m", noise=noise, eta=0.5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("count", [1, 2, 10, 25, 100, 400, 1000])
+def test_logsnr_timesteps_are_distinct_cover_both_ends_and_space_lambda_evenly(schedule, count):
+    betas = get_beta_schedule(schedule, 1000)
+    kept = logsnr_timesteps(betas, count)
+    assert len(kept) == count and kept == sorted(set(kept)) and kept[-1] == 999
+    if count > 1:
+        assert kept[0] == 0
+    # Even lambda steps where whole timesteps can hold them: up to ~25 points on the linear schedule (the cosine
+    # schedule's last timesteps jump in lambda, its capped beta = 0.999 at t = 999 alone moves lambda by 3.5).
+    if schedule == "linear" and count <= 25:
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        log_snr = 0.5 * np.log(alphas_cumprod / (1.0 - alphas_cumprod))[kept]
+        steps = -np.diff(log_snr)
+        if count > 2:
+            assert steps.max() < 1.5 * steps.min()
+    with pytest.raises(ValueError, match="logsnr0"):
+        logsnr_timesteps(betas, 0)
+    with pytest.raises(ValueError, match="bad timestep_respacing"):
+        create_diffusion("logsnrx")
 
 
 # ------------------------------------------------------------------------------- guidance

@@ -36,6 +36,16 @@ def test_wrong_type_names_key():
         load_config("autoencoder", overrides=["train.global_batch_size=many"])
 
 
+def test_mixed_precision_no_is_no_in_yaml_and_overrides(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; the documented value must still load (it failed on CUDA machines).
+    assert load_config("autoencoder", overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    config = tmp_path / "fp32.yaml"
+    config.write_text("train:\n  mixed_precision: no\n")
+    assert load_config("autoencoder", config_file=str(config)).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*fp16"):
+        load_config("autoencoder", overrides=["train.mixed_precision=fp16"])
+
+
 def test_missing_data_path_names_key():
     with pytest.raises(ConfigError, match=r"data\.data_path"):
         load_config("autoencoder", overrides=["data.dataset_name=UCF101"])

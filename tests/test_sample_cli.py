@@ -75,7 +75,8 @@ BASE = ["--ae-ckpt", "ae.pt", "--motion-ckpt", "motion.pt"]
                                          ("--batch-size", "-2"), ("--classes", "dataset,1"), ("--classes", "1,,2"),
                                          ("--classes", "-1"), ("--grid-videos", "0"), ("--fps", "0"),
                                          ("--motion-steps", "0"), ("--content-steps", "-1"), ("--num-videos", "2.5"),
-                                         ("--motion-cfg-scale", "nan")])
+                                         ("--motion-cfg-scale", "nan"), ("--preset", "euler"),
+                                         ("--motion-sampler", "dpm"), ("--precision", "fp16")])
 def test_bad_flag_value_is_refused_by_the_parser_naming_the_flag(capsys, flag, value):
     with pytest.raises(SystemExit) as stop:
         sample.parse_args([*BASE, f"{flag}={value}"])
@@ -87,6 +88,20 @@ def test_bad_flag_value_is_refused_by_the_parser_naming_the_flag(capsys, flag, v
 def test_good_flag_values_parse():
     args = sample.parse_args([*BASE, "--num-videos", "3", "--batch-size", "1", "--classes", "2, 0"])
     assert (args.num_videos, args.batch_size, args.classes) == (3, 1, [2, 0])
+
+
+def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():
+    from training.generation import SAMPLING_PRESETS, SamplingOptions
+
+    default = sample.parse_args(BASE)
+    for stage in ("content", "motion"):
+        assert sample.stage_options(default, stage) == SAMPLING_PRESETS["fast"][stage]
+        assert sample.stage_options(default, stage).sampler == "dpm++2m"
+    args = sample.parse_args([*BASE, "--preset", "ddim", "--motion-steps", "7", "--content-sampler", "ddpm",
+                              "--content-cfg-scale", "3"])
+    assert sample.stage_options(args, "motion") == SamplingOptions(7, "ddim", None)
+    assert sample.stage_options(args, "content") == SamplingOptions(50, "ddpm", 3.0)
+    assert args.precision == "auto" and not args.compile
 
 
 def test_zero_videos_stops_before_any_model_loads_and_leaves_nothing(ckpts, tmp_path):

@@ -117,6 +117,16 @@ def test_flops_benchmark_on_tiny_configs():
     assert train["motion"] > train["motion_encode_part"] > 0
     assert train["autoencoder"] > max(train["content"], train["motion"])
     assert "CMD / baseline" in flops.format_report(result)
+    # Presets: the same per-step cost times each preset's step counts, plus one decode.
+    parts = video["cmd"]
+    for preset in result["presets"].values():
+        steps = preset["steps"]
+        expected = (parts["content"]["per_step"] * steps["content"] + parts["motion"]["per_step"] * steps["motion"]
+                    + parts["decode"]["total"])
+        assert preset["total"] == expected
+    assert result["presets"]["ddim"]["steps"] == {"content": 50, "motion": 100}
+    assert result["presets"]["fast"]["ddim_over_this"] >= 2.5  # the target for the default preset
+    assert "fewer FLOPs per video than DDIM 50/100" in flops.format_report(result)
 
 
 def test_attention_is_counted_on_the_meta_device():

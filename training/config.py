@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datasets.build import DATASET_NAMES
-from diffusion.gaussian_diffusion import check_loss_type
+from diffusion.gaussian_diffusion import SAMPLERS, check_loss_type
 from models.dit import validate_model_name
 from training.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
@@ -83,7 +83,7 @@ class DiffusionConfig:
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"
     loss_type: str = "hybrid"  # hybrid (MSE + VLB, learned sigma) | mse
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddim | ddpm | dpm++2m  (the training previews' sampler; sample.py has its own presets)
     sample_steps: int = 50
     # Guidance scale s in DiT's convention, eps = eps(null) + s (eps(c) - eps(null)); 1 = unguided. The paper writes
     # (1 + w) eps(c) - w eps(null), so s = 1 + w. 4.0 is what the reference evaluation ran for the UCF-101 content
@@ -191,6 +191,10 @@ def load_config(stage: str, config_file: Optional[str] = None, overrides: Option
     except OmegaConfBaseException as exc:
         where = f" (in {config_file})" if config_file else ""
         raise ConfigError(_one_line(exc) + where) from None
+    if cfg.train.mixed_precision in ("False", "false"):
+        # YAML 1.1 reads a bare `no` (file or key=value override) as the boolean false, which the str field
+        # stores as "False": it is the documented "no".
+        cfg.train.mixed_precision = "no"
     validate_config(cfg, stage)
     return cfg
 
@@ -232,7 +236,8 @@ def validate_config(cfg, stage: str) -> None:
         except ValueError as exc:
             raise ConfigError(f"config key 'model.name': {exc}") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
-        _require(cfg.diffusion.sampler in ("ddim", "ddpm"), f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not ddim|ddpm")
+        _require(cfg.diffusion.sampler in SAMPLERS,
+                 f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not {'|'.join(SAMPLERS)}")
         try:
             check_loss_type(cfg.diffusion.loss_type, cfg.model.learn_sigma)
         except ValueError as exc:

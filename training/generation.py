@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from datasets import build_dataset
 from diffusion import create_diffusion
 from diffusion.guidance import guided_model
 from models.dit import build_dit
@@ -20,16 +21,17 @@ from training.latents import LatentScaler, load_autoencoder
 
 
 class Sampler(NamedTuple):
-    """A respaced diffusion and the method ('ddim' or 'ddpm') its sampling loop runs."""
+    """A respaced diffusion and the method (one of diffusion.SAMPLERS) its sampling loop runs."""
     diffusion: object
     method: str
 
 
 def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, sampler: Optional[str] = None) -> Sampler:
-    """A respaced diffusion for sampling with the stage's schedule; DDIM respacing for ddim."""
+    """A respaced diffusion for sampling with the stage's schedule: DDIM's uniform stride for ddim, time points
+    evenly spaced in log-SNR for dpm++2m, evenly spaced timesteps for ddpm."""
     sampler = sampler or diffusion_cfg.sampler
     steps = steps or diffusion_cfg.sample_steps
-    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    respacing = {"ddim": f"ddim{steps}", "dpm++2m": f"logsnr{steps}"}.get(sampler, str(steps))
     return Sampler(create_diffusion(respacing, noise_schedule=diffusion_cfg.noise_schedule, learn_sigma=learn_sigma,
                                     diffusion_steps=diffusion_cfg.diffusion_steps, loss_type=diffusion_cfg.loss_type),
                    sampler)
@@ -41,6 +43,17 @@ class SamplingOptions:
     steps: Optional[int] = None
     sampler: Optional[str] = None
     cfg_scale: Optional[float] = None
+
+
+# sample.py's --preset: each stage's sampler and step count (guidance stays the checkpoint's). "fast", the default,
+# is DPM-Solver++(2M) at the smallest step counts whose quality stayed within the spread over seeds of "ddim" (the
+# reference evaluation's DDIM 50 content / 100 motion) in benchmarks/sampler_quality.py; docs/BENCHMARKS.md has the
+# table.
+SAMPLING_PRESETS = {
+    "fast": {"content": SamplingOptions(steps=15, sampler="dpm++2m"),
+             "motion": SamplingOptions(steps=15, sampler="dpm++2m")},
+    "ddim": {"content": SamplingOptions(steps=50, sampler="ddim"), "motion": SamplingOptions(steps=100, sampler="ddim")},
+}
 
 
 @dataclass
@@ -68,10 +81,49 @@ class CMDModels:
     motion: Optional[Denoiser]
     content: Optional[Denoiser] = None
     ae_cfg: object = None  # its run's config, where it was loaded from a checkpoint
+    bf16: bool = False  # run the models under bf16 autocast (CUDA only; the diffusion arithmetic stays fp32)
 
     @property
     def num_classes(self) -> int:
         return (self.motion or self.content).model.num_classes
+
+    def autocast(self, device):
+        """bf16 autocast for the model calls when `bf16` is set and `device` is CUDA; else a no-op context."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16 and torch.device(device).type == "cuda")
+
+
+PRECISIONS = ("auto", "bf16", "tf32", "fp32")
+
+
+def set_precision(models: CMDModels, precision: str, device) -> tuple[bool, bool]:
+    """Sets how the models run on a CUDA `device`: (bf16 autocast, TF32 matmuls), returned and applied.
+
+    'auto' follows the motion run's config (train.mixed_precision, train.tf32), as it trained; 'bf16' is bf16
+    autocast with TF32 for what stays fp32; 'tf32' fp32 with TF32 matmuls; 'fp32' strict fp32. On the CPU every
+    choice runs fp32 (bf16 autocast on CPU is slower than fp32 for these models) and nothing global is changed.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "auto":
+        train = models.motion.cfg.train
+        bf16, tf32 = train.mixed_precision == "bf16", bool(train.tf32)
+    else:
+        bf16, tf32 = precision == "bf16", precision in ("bf16", "tf32")
+    if torch.device(device).type != "cuda":
+        return False, False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    models.bf16 = bf16
+    return bf16, tf32
+
+
+def compile_models(models: CMDModels) -> None:
+    """torch.compile the denoisers and the decoder in place; batch sizes vary (the last batch, the guided doubled
+    batch), so shapes are compiled as dynamic once they change."""
+    for denoiser in (models.motion, models.content):
+        if denoiser is not None:
+            denoiser.model = torch.compile(denoiser.model)
+    models.ae.decode = torch.compile(models.ae.decode)
 
 
 def load_models(ae_ckpt, motion_ckpt, content_ckpt=None, device="cpu", allow_ae_mismatch: bool = False,
@@ -107,9 +159,10 @@ def generate_content_frames(models: CMDModels, labels: torch.Tensor, seed: Optio
     as for generate."""
     content = models.content
     indices = range(len(labels)) if indices is None else indices
-    return sample_latents(content.model, content.sampler.diffusion, content.sampler.method, "content",
-                          tuple(models.ae.content_shape), labels, content.cfg_scale, content.scaler, progress=progress,
-                          generator=video_generators(seed, indices, 0, labels.device))
+    with models.autocast(labels.device):
+        return sample_latents(content.model, content.sampler.diffusion, content.sampler.method, "content",
+                              tuple(models.ae.content_shape), labels, content.cfg_scale, content.scaler,
+                              progress=progress, generator=video_generators(seed, indices, 0, labels.device))
 
 
 @torch.no_grad()
@@ -125,13 +178,14 @@ def generate(models: CMDModels, labels: torch.Tensor, seed: Optional[int] = None
     content frames.
     """
     indices = range(len(labels)) if indices is None else indices
-    if content is None:
-        content = generate_content_frames(models, labels, seed, indices, progress)
-    motion = models.motion
-    z_m = sample_latents(motion.model, motion.sampler.diffusion, motion.sampler.method, "motion",
-                         tuple(models.ae.motion_shape), labels, motion.cfg_scale, motion.scaler, content=content,
-                         generator=video_generators(seed, indices, 1, labels.device), progress=progress)
-    return models.ae.decode(content, z_m).float(), content
+    with models.autocast(labels.device):
+        if content is None:
+            content = generate_content_frames(models, labels, seed, indices, progress)
+        motion = models.motion
+        z_m = sample_latents(motion.model, motion.sampler.diffusion, motion.sampler.method, "motion",
+                             tuple(models.ae.motion_shape), labels, motion.cfg_scale, motion.scaler, content=content,
+                             generator=video_generators(seed, indices, 1, labels.device), progress=progress)
+        return models.ae.decode(content, z_m).float(), content
 
 
 @torch.no_grad()
@@ -152,6 +206,30 @@ def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Te
                         device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=bounds)
     # Clipped x0 maps back into [-1, 1]; the clamp only absorbs the rounding of the affine map.
     return scaler.denormalize(stage, z).clamp(-1.0, 1.0)
+
+
+def real_content_frames(ae, data_cfg, seed: int, labels, device) -> torch.Tensor:
+    """(N, C, H, W) content frames of held-out real clips, encoded by `ae`: video i gets the next clip of its class.
+
+    The paper's motion-only evaluation (real content frames, generated motion): the held-out split of the motion
+    run's data (data.eval_split), taken in index order so that the frames do not depend on batch or rank.
+    """
+    dataset = build_dataset(data_cfg, split=data_cfg.eval_split, seed=seed)
+    wanted = {label: labels.count(label) for label in set(labels)}
+    by_class = {label: [] for label in wanted}
+    for index in range(len(dataset)):
+        label = dataset.label_of(index) if hasattr(dataset, "label_of") else int(dataset[index]["y"])
+        if label in by_class and len(by_class[label]) < wanted[label]:
+            by_class[label].append(index)
+        if all(len(by_class[k]) == wanted[k] for k in wanted):
+            break
+    short = [k for k in wanted if len(by_class[k]) < wanted[k]]
+    if short:
+        raise ValueError(f"--real-content: the {data_cfg.eval_split} split has only {len(by_class[short[0]])} clips of "
+                         f"class {short[0]}, {wanted[short[0]]} are needed")
+    taken = {label: iter(indices) for label, indices in by_class.items()}
+    clips = torch.stack([dataset[next(taken[label])]["x"] for label in labels]).to(device)
+    return torch.cat([ae.encode(chunk)[0] for chunk in clips.split(64)])
 
 
 def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False):
