@@ -105,7 +105,7 @@ def measure(args) -> dict:
         row["within_ddim_spread"] = within_spread(row, baseline)
         row["flops_ratio"] = baseline["flops"] / row["flops"]
         row["time_ratio"] = baseline["seconds_per_video"] / row["seconds_per_video"]
-    return {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()} "
+    return {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
             f"{os.cpu_count()} cores, {args.threads} torch threads", "torch": torch.__version__,
             "checkpoints": {"ae": args.ae_ckpt, "motion": args.motion_ckpt, "content": args.content_ckpt},
             "num_videos": args.num_videos, "seeds": args.seeds, "rows": rows}
