@@ -17,68 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from datasets.transforms import frames_to_clip
-from evals.recon import to_uint8_videos
-from training.cli import finite_float, positive_int
-from training.distributed import barrier, cleanup_distributed, setup_distributed
+from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
+from training.cli import finite_float, positive_int, run_reporting_user_errors
+from training.distributed import barrier, cleanup_distributed, setup_distributed
 from training.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
                                  real_content_frames, set_precision)
-from training.run import run_reporting_user_errors
 from training.media import save_video_set, write_mp4
 from training.outputs import GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished, write_frames
-
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def rgb8(image: Image.Image, path) -> np.ndarray:
-    """Any PIL image -> (H, W, 3) uint8 as a viewer shows it; one line for an image without a known white level.
-
-    PIL's convert("RGB") clips 16- and 32-bit values at 255 (a 16-bit photo turns white) and drops alpha (the
-    hidden colour of transparent pixels shows), so those modes are converted here.
-    """
-    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
-        values = np.asarray(image).astype(np.int64)
-        # Mode "I" is how 16-bit PNG/PGM files open in many Pillows: scale by the 16-bit range, as for I;16.
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(f"--content-frame {path}: a 32-bit integer image with values {values.min()}..{values.max()} "
-                             f"has no known white level; save it as an 8- or 16-bit image")
-        return np.repeat(np.round(values / 257.0).astype(np.uint8)[..., None], 3, axis=-1)  # 65535 / 255 = 257
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
-            raise ValueError(f"--content-frame {path}: a floating-point image with values {values.min():.4g}.."
-                             f"{values.max():.4g}; only values in [0, 1] have a known white level")
-        return np.repeat(np.round(values * 255.0).astype(np.uint8)[..., None], 3, axis=-1)
-    try:
-        if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
-            # Transparent parts shown on white, as viewers and web pages do; the model knows no transparency.
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            return np.array(Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"))
-        return np.array(image.convert("RGB"))
-    except ValueError:  # a mode PIL cannot convert
-        raise ValueError(f"--content-frame {path}: cannot convert a {image.mode} image to 8-bit RGB") from None
-
-
-def load_image(path, resolution, channels: int = 3) -> torch.Tensor:
-    """An image file -> (C, H, W) in [-1, 1], resized and center-cropped exactly like the training clips."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--content-frame {path}: no such image")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            # A phone photo stores its rotation in EXIF: show it upright, as viewers do.
-            image = ImageOps.exif_transpose(image)
-    except Exception as exc:  # PIL raises many types for a file that is not an image it can decode
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"--content-frame {path}: not an image that can be read ({reason})") from None
-    pixels = rgb8(image, path)
-    return frames_to_clip(pixels[None], resolution)[:channels, 0]  # a one-frame clip (C, 1, H, W) -> (C, H, W)
 
 
 def given_content_frames(args, models, labels: list, device):

@@ -8,15 +8,17 @@ import contextlib
 import numpy as np
 import torch
 
+from datasets.transforms import to_uint8_videos
 from evals.fvd import extract_features, frechet_distance, fvd_metric_name, load_detector
-from evals.recon import motion_health, motion_warning, ssim, to_uint8_videos
+from evals.recon import motion_health, motion_warning, ssim
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from training.config import ConfigError
 from training.data import _ignore_stop_signals, fixed_batch
 from training.distributed import all_gather_object, all_reduce_mean
 from training.media import save_video_set
-from training.run import TrainingRun, entry_point, make_ema, make_optimizer
+from training.cli import entry_point
+from training.run import TrainingRun, make_ema, make_optimizer
 
 
 class ReconstructionFVD:

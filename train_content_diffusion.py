@@ -5,11 +5,11 @@
 """
 import torch
 
-from evals.recon import to_uint8_videos
+from datasets.transforms import to_uint8_videos
 from training.diffusion_stage import train_diffusion_stage
 from training.generation import CMDModels, generate_content_frames
 from training.media import save_video_set
-from training.run import entry_point
+from training.cli import entry_point
 
 
 @torch.no_grad()

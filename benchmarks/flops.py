@@ -329,10 +329,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="also write the result dict to this file")
     args = parser.parse_args(argv)
     result = compute_flops(args.config_dir, tiny=args.tiny)
-    print(format_report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    report(format_report(result), result, args.json)
     return result
+
+
+def report(text: str, result: dict, json_path: Optional[str]) -> None:
+    """Prints a benchmark's report; writes its result dict to `json_path` as well when one is given."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import datetime
-import json
 import platform
 import time
 from pathlib import Path
@@ -34,8 +33,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from benchmarks.flops import per_video_flops
-from evals.recon import to_uint8_videos
+from benchmarks.flops import per_video_flops, report
+from datasets.transforms import to_uint8_videos
 from evals.synthetic_quality import evaluate_videos, load_or_train_classifier
 from training.generation import SAMPLING_PRESETS, SamplingOptions, generate, load_models, real_content_frames
 
@@ -168,9 +167,7 @@ def main(argv=None) -> dict:
         if not Path(path).is_file():
             raise SystemExit(f"{path}: no such checkpoint (bash scripts/demo.sh trains them, or pass --*-ckpt)")
     result = measure(args)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    report(format_table(result), result, args.json)
     return result
 
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import datasets
 from datasets.video_index import VIDEO_EXTENSIONS, is_video_name
+from datasets.transforms import to_uint8_videos
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
-from evals.recon import to_uint8_videos
 from training.cli import positive_int
 
 DETECTOR_ENV = "CMD_I3D_PATH"

@@ -1,7 +1,6 @@
-"""Reconstruction metrics (PSNR, SSIM) on (B, C, T, H, W) videos in [-1, 1], and conversion to uint8 for FVD."""
+"""Reconstruction metrics (PSNR, SSIM) and the motion-latent health checks on (B, C, T, H, W) videos in [-1, 1]."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,19 +68,6 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, sigma
     )
     per_frame = ssim_map.flatten(1).mean(dim=1).view(batch, frames)
     return per_frame.mean(dim=1).float()
-
-
-def to_uint8_videos(x: torch.Tensor) -> np.ndarray:
-    """(B, C, T, H, W) float in [-1, 1] -> uint8 numpy (B, T, H, W, 3); one channel is repeated to RGB."""
-    if x.ndim != 5:
-        raise ValueError(f"expected videos of shape (B, C, T, H, W), got {tuple(x.shape)}")
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1, -1)
-    if x.shape[1] != 3:
-        raise ValueError(f"expected 1 or 3 channels, got C={x.shape[1]}")
-    # Same mapping as StyleGAN-V's generator output (x * 127.5 + 128, truncated) = round-half-up of (x + 1) * 127.5.
-    pixels = torch.floor(x.detach().float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 # A motion latent whose spread across clips is below this (z_m lives in (-1, 1)) carries no information, and

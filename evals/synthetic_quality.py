@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name
+from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
-from evals.recon import to_uint8_videos
 from training.checkpoint import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -604,7 +604,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """The CLI; a user error ends as one line `error: ...` and exit code 1 (the project's one error reporter)."""
-    from training.run import run_reporting_user_errors
+    from training.cli import run_reporting_user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     run_reporting_user_errors(run, parse_args(argv))

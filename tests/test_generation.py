@@ -81,7 +81,7 @@ def test_without_a_seed_the_global_generator_draws_the_noise(models):
 
 
 def test_given_content_frames_are_animated_as_they_are_without_a_content_denoiser(models):
-    frame = torch.rand(*models.ae.content_shape) * 2 - 1  # an image in [-1, 1], as sample.load_image gives
+    frame = torch.rand(*models.ae.content_shape) * 2 - 1  # an image in [-1, 1], as datasets.transforms.load_image gives
     given = frame.expand(2, -1, -1, -1)
     image_only = CMDModels(models.ae, motion=models.motion)  # --content-frame loads no content denoiser
     videos, contents = generate(image_only, torch.tensor([2, 2]), seed=0, indices=[0, 1], content=given)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import sample
+from datasets.transforms import load_image
 from tests.test_reliability import perturbed_autoencoder
 from training.outputs import OutputError
 from tests.conftest import REPO, _env, run_python
@@ -169,7 +170,7 @@ def test_content_frame_modes_become_the_8_bit_rgb_they_show(tmp_path, mode):
     path = tmp_path / f"frame_{mode.replace(';', '')}.tiff"
     image.save(path)
     assert Image.open(path).mode == mode  # the mode the file opens as is the one under test
-    got = sample.load_image(path, (RESOLUTION, RESOLUTION))  # (3, H, W) in [-1, 1]
+    got = load_image(path, (RESOLUTION, RESOLUTION))  # (3, H, W) in [-1, 1]
     got = ((got.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(int)
     assert np.abs(got - want.astype(int)).max() <= 1
 
@@ -179,7 +180,7 @@ def test_content_frame_of_unknown_brightness_is_refused_in_one_line(tmp_path):
     path = tmp_path / "hdr.tiff"
     Image.fromarray(np.linspace(0, 1000, RESOLUTION * RESOLUTION, dtype=np.float32).reshape(RESOLUTION, RESOLUTION)).save(path)
     with pytest.raises(ValueError) as refused:
-        sample.load_image(path, (RESOLUTION, RESOLUTION))
+        load_image(path, (RESOLUTION, RESOLUTION))
     assert str(path) in str(refused.value) and "\n" not in str(refused.value)
 
 

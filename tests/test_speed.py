@@ -359,3 +359,21 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
     # A second build with the same autoencoder and data reuses the files: it never reads the dataset.
     again = build_latent_cache(run, ae, None, ae_path, clips_per_video=2, batch_size=2)
     np.testing.assert_array_equal(again.z_m[:], cache.z_m[:])
+
+
+# ---- sampler quality benchmark -------------------------------------------------------------------------------
+def test_sampler_quality_within_spread_rule_and_settings():
+    from benchmarks.sampler_quality import settings_to_measure, within_spread
+
+    def row(accuracy, accuracy_spread, frechet, frechet_spread):
+        stats = {"accuracy": {"mean": accuracy, "spread": accuracy_spread},
+                 "frechet": {"mean": frechet, "spread": frechet_spread}}
+        return {f"{kind}_{metric}": stats[metric] for kind in ("generated", "motion_only") for metric in stats}
+
+    ddim = row(0.40, 0.02, 400.0, 30.0)
+    assert within_spread(row(0.38, 0.0, 430.0, 0.0), ddim)  # at the edges: mean - spread, mean + spread
+    assert not within_spread(row(0.379, 0.0, 400.0, 0.0), ddim)
+    assert not within_spread(row(0.50, 0.0, 430.1, 0.0), ddim)
+    settings = settings_to_measure([10, 25])
+    assert list(settings) == ["ddim", "dpm++2m 10/10", "dpm++2m 25/25"]
+    assert settings["ddim"]["motion"].steps == 100 and settings["dpm++2m 25/25"]["content"].sampler == "dpm++2m"

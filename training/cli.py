@@ -1,8 +1,42 @@
-"""argparse value types shared by the command-line tools: a bad value is refused by the parser, naming its flag."""
+"""What the command-line tools share without the training runtime: the entry point of the training scripts,
+the one-line reporting of user errors, and argparse value types (a bad value is refused by the parser, naming
+its flag). sample.py, evals and the export tool import this, not training.run."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+
+from training.distributed import cleanup_distributed
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message is one line."""
+
+
+def run_reporting_user_errors(fn, *args) -> None:
+    """fn(*args); a user error ends as one line `error: ...` on stderr and exit code 1, not a traceback.
+
+    Set CMD_TRACEBACK=1 to see the full traceback instead.
+    """
+    try:
+        fn(*args)
+    except (ValueError, FileNotFoundError, RunError) as exc:  # our one-line errors (ConfigError, CheckpointError, ...)
+        if os.environ.get("CMD_TRACEBACK"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        cleanup_distributed()
+        raise SystemExit(1) from None
+
+
+def entry_point(main, stage: str, description: str, argv=None) -> None:
+    """The training scripts' `__main__`: parse the config (exit 2 on a bad one; it may re-launch the process under
+    torchrun when launcher flags are given), then run `main(cfg)`."""
+    from training.config import parse_config  # config imports the models' registry; the value types above do not
+
+    run_reporting_user_errors(main, parse_config(stage, description, argv))
 
 
 def positive_int(text: str) -> int:

@@ -105,6 +105,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from training.run import run_reporting_user_errors
+    from training.cli import run_reporting_user_errors
 
     run_reporting_user_errors(main)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from training import checkpoint as ckpt_io
+from training.cli import RunError
 from training.config import config_to_dict, to_yaml
 from training.data import make_loader
 from training.distributed import (
@@ -36,10 +37,6 @@ from training.distributed import (
 
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a received SIGTERM/SIGINT
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or go on; the message is one line."""
 
 
 def create_logger(run_dir: Optional[Path], is_main: bool, name: str = "cmd") -> logging.Logger:
@@ -506,29 +503,6 @@ def start_wandb(cfg, run_dir: Path):
     id_file.write_text(run_id)
     return wandb.init(project=project, entity=cfg.train.wandb_entity, name=Path(run_dir).name, id=run_id,
                       resume="allow", dir=str(run_dir), config=config_to_dict(cfg), sync_tensorboard=True)
-
-
-def run_reporting_user_errors(fn, *args) -> None:
-    """fn(*args); a user error ends as one line `error: ...` on stderr and exit code 1, not a traceback.
-
-    Set CMD_TRACEBACK=1 to see the full traceback instead.
-    """
-    try:
-        fn(*args)
-    except (ValueError, FileNotFoundError, RunError) as exc:  # our one-line errors (ConfigError, CheckpointError, ...)
-        if os.environ.get("CMD_TRACEBACK"):
-            raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
-        cleanup_distributed()
-        raise SystemExit(1) from None
-
-
-def entry_point(main, stage: str, description: str, argv=None) -> None:
-    """The training scripts' `__main__`: parse the config (exit 2 on a bad one), then run `main(cfg)`."""
-    from training.config import parse_config
-
-    run_reporting_user_errors(main, parse_config(stage, description, argv))
 
 
 def _samples_seen(ckpt: dict) -> int:

@@ -6,7 +6,8 @@ import time
 import torch
 import torch.nn as nn
 
-from training.run import TrainingRun, entry_point, make_ema, make_optimizer
+from training.cli import entry_point
+from training.run import TrainingRun, make_ema, make_optimizer
 
 
 class ToyData(torch.utils.data.Dataset):
