@@ -134,7 +134,7 @@ def autoencoder_step_fn(run: TrainingRun, model, clips: torch.Tensor) -> Callabl
 
 def diffusion_step_fn(run: TrainingRun, stage: str, model, ae) -> Callable[[dict], None]:
     """The step training/diffusion_stage.py runs (DiffusionTrainStep), with its logging."""
-    train_step = DiffusionTrainStep(run, stage, model, make_ema(model),
+    train_step = DiffusionTrainStep(run, stage, run.wrap(model), make_ema(model),
                                     make_optimizer(model.parameters(), run.cfg.optim, run.device), ae)
     return lambda batch: run.log(train_step(batch))
 

@@ -34,8 +34,9 @@ def create_diffusion(
     """Build a diffusion over `diffusion_steps` steps, respaced when timestep_respacing is given.
 
     timestep_respacing: None or "" = all steps; "logsnrN" = N steps evenly spaced in log-SNR (logsnr_timesteps, for
-    the dpm++2m sampler); otherwise see space_timesteps ("ddim50", "100", an int, or a list of section counts). The respaced process keeps the original alpha_bar at the
-    kept steps and calls the model with the original timestep indices.
+    the dpm++2m sampler); otherwise see space_timesteps ("ddim50", "100", an int, or a list of section counts).
+    The respaced process keeps the original alpha_bar at the kept steps and calls the model with the original
+    timestep indices.
     """
     betas = get_beta_schedule(noise_schedule, diffusion_steps)
     if timestep_respacing is None or timestep_respacing == "":

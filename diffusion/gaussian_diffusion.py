@@ -322,11 +322,12 @@ class GaussianDiffusion:
         """DPM-Solver++(2M) from x_T to x_0 over this process' (respaced) timesteps: N steps, N model calls.
 
         The probability-flow ODE in data prediction, x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D with
-        h = lambda_s - lambda_t (lambda = log alpha / sigma), where D is the model's x0 at t (first and last solver step) or
-        its linear extrapolation from the last two x0 predictions (Lu et al., "DPM-Solver++", 2022, algorithm 2). It
-        runs on any respacing; log-SNR-uniform time points ("logsnrN", see create_diffusion) suit it best. The last step
-        goes to clean data (sigma = 0) and returns the x0 prediction, as DDIM's last step does. Deterministic given the
-        initial noise; the learned variance is unused, and `clip_denoised` clips every x0 prediction.
+        h = lambda_s - lambda_t (lambda = log alpha / sigma), where D is the model's x0 at t (first and last solver
+        step) or its linear extrapolation from the last two x0 predictions (Lu et al., "DPM-Solver++", 2022,
+        algorithm 2). It runs on any respacing; log-SNR-uniform time points ("logsnrN", see create_diffusion) suit
+        it best. The last step goes to clean data (sigma = 0) and returns the x0 prediction, as DDIM's last step
+        does. Deterministic given the initial noise; the learned variance is unused, and `clip_denoised` clips
+        every x0 prediction.
         Coefficients are Python floats from the float64 schedule: the loop has no host sync of its own.
         """
         x = self._initial_noise(model, shape, noise, device, generator)

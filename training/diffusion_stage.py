@@ -34,15 +34,18 @@ def stage_inputs(stage: str, z_c: torch.Tensor, z_m: torch.Tensor, y: torch.Tens
 class DiffusionTrainStep:
     """One optimizer step of a diffusion stage on a batch of clips {'x', 'y'} or cached latents {'z_c', 'z_m', 'y'}.
 
-    The training loop below and benchmarks/throughput.py both call this, so what is measured is what trains;
-    `scaler` (the run's latent statistics) defaults to identity ones, which cost the same.
+    The training loop below and benchmarks/throughput.py both call this, so what is measured is what trains.
+    `train_model` is the model as the step runs it (`run.wrap(model)`: DDP when distributed, compiled when asked),
+    wrapped by the caller, as train_ae.py wraps its own; `scaler` (the run's latent statistics) defaults to identity
+    ones, which cost the same.
     """
 
-    def __init__(self, run: TrainingRun, stage: str, model, ema, optimizer, ae, scaler: Optional[LatentScaler] = None):
+    def __init__(self, run: TrainingRun, stage: str, train_model, ema, optimizer, ae,
+                 scaler: Optional[LatentScaler] = None):
         cfg = run.cfg
         self.run, self.stage, self.ema, self.optimizer, self.ae = run, stage, ema, optimizer, ae
         self.scaler = (scaler or LatentScaler.identity(ae)).to(run.device)
-        self.train_model = run.wrap(model)
+        self.train_model = train_model
         self.diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
                                           cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
 
@@ -112,7 +115,7 @@ def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
     if scaler is None:
         scaler = measure_latent_stats(run, ae, source)
     extra = {"latent_stats": scaler.state_dict()}
-    train_step = DiffusionTrainStep(run, stage, model, ema, opt, ae, scaler)
+    train_step = DiffusionTrainStep(run, stage, run.wrap(model), ema, opt, ae, scaler)
     batches = run.loader(source)
     while not run.should_stop():
         run.log(train_step(next(batches)))
