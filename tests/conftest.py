@@ -19,6 +19,11 @@ def _env(extra=None):
     return env
 
 
+# A test that trains one process for minutes (no torchrun beside it) may use both cores of a 2-core machine: 1.5x
+# faster for the tiny models, and the same numbers as one thread (measured: identical losses at step 300).
+LONE_PROCESS_ENV = {"OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1))}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,5 +63,6 @@ def trained_tiny_ae(tmp_path_factory):
     """
     results = tmp_path_factory.mktemp("trained_ae")
     proc = run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "--results-dir", results,
-                       "--exp-name", "ae", "--max-steps", 250, "train.eval_every=250", "train.ckpt_every=250"])
+                       "--exp-name", "ae", "--max-steps", 250, "train.eval_every=250", "train.ckpt_every=250"],
+                      env=LONE_PROCESS_ENV)
     return results / "ae" / "checkpoints" / "last.pt", proc.stdout

@@ -3,6 +3,7 @@ their class says, measured on the decoded videos; this is what a collapsed motio
 import numpy as np
 
 from datasets.synthetic import DIRECTIONS, SHAPES
+from tests.conftest import LONE_PROCESS_ENV
 
 MOTION_STEPS = 1500
 RIGHT, LEFT = 0, 3  # square-right and square-left in the 4-class tiny config: same shape, opposite motion
@@ -27,7 +28,7 @@ def test_motion_only_samples_move_in_their_class_direction(trained_tiny_ae, pyth
     ae, _ = trained_tiny_ae
     python_runner(["train_motion_diffusion.py", "--config", "configs/tiny/motion.yaml", "--results-dir", tmp_path,
                    "--exp-name", "motion", "--ae-ckpt", ae, "--max-steps", MOTION_STEPS,
-                   f"train.sample_every={MOTION_STEPS}", f"train.ckpt_every={MOTION_STEPS}"])
+                   f"train.sample_every={MOTION_STEPS}", f"train.ckpt_every={MOTION_STEPS}"], env=LONE_PROCESS_ENV)
     npz = tmp_path / "motion_only.npz"
     python_runner(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", tmp_path / "motion" / "checkpoints" / "last.pt",
                    "--real-content", "--classes", f"{RIGHT},{LEFT}", "--num-videos", 32, "--motion-steps", 25,
