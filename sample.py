@@ -8,7 +8,6 @@
 """
 import argparse
 import difflib
-import os
 import re
 import signal
 import sys
@@ -21,10 +20,11 @@ from tqdm import tqdm
 
 from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
+from training.checkpoint import atomic_write
 from training.cli import finite_float, positive_int, run_reporting_user_errors
 from training.distributed import barrier, cleanup_distributed, setup_distributed
 from training.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
-                                 real_content_frames, set_precision)
+                                 dataset_labels, real_content_frames, set_precision)
 from training.media import save_video_set, write_mp4
 from training.outputs import GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished, write_frames
 
@@ -39,15 +39,6 @@ def given_content_frames(args, models, labels: list, device):
         cfg = models.motion.cfg
         return real_content_frames(models.ae, cfg.data, int(cfg.train.global_seed), labels, device)
     return None
-
-
-def training_labels(dataset) -> np.ndarray:
-    """The label of every item of `dataset`, read without decoding a clip where the dataset allows it."""
-    if hasattr(dataset, "label_of"):
-        return np.array([dataset.label_of(index) for index in range(len(dataset))], dtype=np.int64)
-    if hasattr(dataset, "entries"):  # datasets.video_folder: one entry per video, its label known from the listing
-        return np.array([entry.label for entry in dataset.entries], dtype=np.int64)
-    return np.array([int(dataset[index]["y"]) for index in range(len(dataset))], dtype=np.int64)
 
 
 def labels_by_frequency(labels: np.ndarray, num_videos: int, seed: int) -> list:
@@ -84,7 +75,7 @@ def class_list(args, num_classes: int, data_cfg=None, seed: int = 0) -> list:
             raise ValueError(f"--classes {args.classes if isinstance(args.classes, str) else 'names'}: the motion run's "
                              f"dataset has {dataset.num_classes} classes but the models know {num_classes}")
     if args.classes == DATASET_CLASSES:
-        return labels_by_frequency(training_labels(dataset), args.num_videos, args.seed)
+        return labels_by_frequency(dataset_labels(dataset), args.num_videos, args.seed)
     if args.classes:
         where = f"the motion run's {data_cfg.dataset_name} dataset"
         classes = [c if isinstance(c, int) else resolve_class_name(c, list(dataset.class_names), where)
@@ -243,23 +234,15 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
         with removed_if_unfinished(*(out_dir / name for name in GRID_FILES)):
             grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
         if args.npz:
-            write_npz(npz_path(args.npz), videos=all_videos, labels=np.array(labels, dtype=np.int64),
-                      content_frames=all_contents, num_classes=np.int64(models.num_classes))
+            arrays = {"videos": all_videos, "labels": np.array(labels, dtype=np.int64), "content_frames": all_contents,
+                      "num_classes": np.int64(models.num_classes)}
+            # Written beside its place and renamed: an earlier file stays whole until the new one is complete.
+            atomic_write(npz_path(args.npz), lambda handle: np.savez(handle, **arrays))
             print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
         places = video_places(args)
         print((f"wrote {len(all_videos)} videos to {' and '.join(places)}; " if places else "")
               + f"grid: {grid['mp4']} and {grid['png']}")
     barrier()
-
-
-def write_npz(path: Path, **arrays) -> None:
-    """Written beside its place and renamed: an earlier file stays whole until the new one is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with removed_if_unfinished(partial):
-        with open(partial, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(partial, path)
 
 
 # ---- flags: a bad value is refused by the parser (exit 2, naming the flag) before anything loads ------------------

@@ -36,7 +36,8 @@ import torch
 from benchmarks.flops import per_video_flops, report
 from datasets.transforms import to_uint8_videos
 from evals.synthetic_quality import evaluate_videos, load_or_train_classifier
-from training.generation import SAMPLING_PRESETS, SamplingOptions, generate, load_models, real_content_frames
+from training.generation import (SAMPLING_PRESETS, CMDModels, SamplingOptions, generate, load_models,
+                                 real_content_frames)
 
 DEMO_RUNS = "demo_output/runs"
 
@@ -76,8 +77,8 @@ def measure(args) -> dict:
     configs = {"autoencoder": probe.ae_cfg, "content": probe.content.cfg, "motion": probe.motion.cfg}
     rows = {}
     for name, options in settings.items():
-        models = load_models(args.ae_ckpt, args.motion_ckpt, args.content_ckpt,
-                             motion_options=options["motion"], content_options=options["content"])
+        models = CMDModels(probe.ae, ae_cfg=probe.ae_cfg, motion=probe.motion.with_options(options["motion"]),
+                           content=probe.content.with_options(options["content"]))
         steps = {"content": models.content.sampler.diffusion.num_timesteps,
                  "motion": models.motion.sampler.diffusion.num_timesteps}
         flops = per_video_flops(configs, steps=steps)["cmd_total"]

@@ -42,10 +42,11 @@ def models():
 def rebuilt(models: CMDModels, sampler: str, steps: int = STEPS, device="cpu") -> CMDModels:
     """A copy of `models` on `device` whose two denoisers sample with `sampler` at `steps`."""
     models = copy.deepcopy(models)
-    options = SamplingOptions(steps, sampler)
-    denoisers = {stage: Denoiser.from_config(getattr(models, stage).model.to(device), getattr(models, stage).cfg,
-                                             getattr(models, stage).scaler.to(device), options)
-                 for stage in ("motion", "content")}
+    denoisers = {}
+    for stage in ("motion", "content"):
+        denoiser = getattr(models, stage).with_options(SamplingOptions(steps, sampler))
+        denoiser.model, denoiser.scaler = denoiser.model.to(device), denoiser.scaler.to(device)
+        denoisers[stage] = denoiser
     return CMDModels(models.ae.to(device), ae_cfg=models.ae_cfg, **denoisers)
 
 

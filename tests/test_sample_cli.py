@@ -419,7 +419,7 @@ def test_frames_dir_no_mp4_and_dataset_labels_end_to_end(ckpts, tmp_path):
         np.testing.assert_array_equal(got, video)
     motion_cfg = config_from_dict("motion", load_stage_checkpoint(ckpts["motion"], "motion")["config"])
     train_split = build_dataset(motion_cfg.data, motion_cfg.data.split, int(motion_cfg.train.global_seed))
-    want = sample.labels_by_frequency(sample.training_labels(train_split), 3, 5)
+    want = sample.labels_by_frequency(sample.dataset_labels(train_split), 3, 5)
     assert saved["labels"].tolist() == want
 
     # --overwrite replaces the earlier run's frame folders (000002 is not left behind); class names work end to end.

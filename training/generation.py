@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from datasets import build_dataset
@@ -71,6 +72,10 @@ class Denoiser:
         sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma, options.steps, options.sampler)
         cfg_scale = cfg.diffusion.cfg_scale if options.cfg_scale is None else options.cfg_scale
         return cls(model, cfg, scaler, sampler, float(cfg_scale))
+
+    def with_options(self, options: SamplingOptions) -> "Denoiser":
+        """The same model, config and statistics with other sampling settings (nothing is reloaded)."""
+        return Denoiser.from_config(self.model, self.cfg, self.scaler, options)
 
 
 @dataclass
@@ -208,6 +213,15 @@ def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Te
     return scaler.denormalize(stage, z).clamp(-1.0, 1.0)
 
 
+def dataset_labels(dataset) -> np.ndarray:
+    """The label of every item of `dataset`, read without decoding a clip where the dataset allows it."""
+    if hasattr(dataset, "label_of"):
+        return np.array([dataset.label_of(index) for index in range(len(dataset))], dtype=np.int64)
+    if hasattr(dataset, "entries"):  # datasets.video_folder: one entry per video, its label known from the listing
+        return np.array([entry.label for entry in dataset.entries], dtype=np.int64)
+    return np.array([int(dataset[index]["y"]) for index in range(len(dataset))], dtype=np.int64)
+
+
 def real_content_frames(ae, data_cfg, seed: int, labels, device) -> torch.Tensor:
     """(N, C, H, W) content frames of held-out real clips, encoded by `ae`: video i gets the next clip of its class.
 
@@ -215,14 +229,9 @@ def real_content_frames(ae, data_cfg, seed: int, labels, device) -> torch.Tensor
     run's data (data.eval_split), taken in index order so that the frames do not depend on batch or rank.
     """
     dataset = build_dataset(data_cfg, split=data_cfg.eval_split, seed=seed)
+    available = dataset_labels(dataset)
     wanted = {label: labels.count(label) for label in set(labels)}
-    by_class = {label: [] for label in wanted}
-    for index in range(len(dataset)):
-        label = dataset.label_of(index) if hasattr(dataset, "label_of") else int(dataset[index]["y"])
-        if label in by_class and len(by_class[label]) < wanted[label]:
-            by_class[label].append(index)
-        if all(len(by_class[k]) == wanted[k] for k in wanted):
-            break
+    by_class = {label: np.flatnonzero(available == label)[:count].tolist() for label, count in wanted.items()}
     short = [k for k in wanted if len(by_class[k]) < wanted[k]]
     if short:
         raise ValueError(f"--real-content: the {data_cfg.eval_split} split has only {len(by_class[short[0]])} clips of "
