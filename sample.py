@@ -33,8 +33,8 @@ def given_content_frames(args, models, labels: list, device):
     """(N, C, H, W) content frames of every video when the flags give them (--content-frame for all, --real-content),
     else None: the content denoiser samples them."""
     if args.content_frame:
-        frame = load_image(args.content_frame, models.ae_cfg.data.resolution, models.ae_cfg.model.channels)
-        return frame.to(device).expand(len(labels), -1, -1, -1)
+        image = load_image(args.content_frame, models.ae_cfg.data.resolution, models.ae.clip_shape[0])
+        return models.ae.encode_content(image.to(device)).expand(len(labels), -1, -1, -1)
     if args.real_content:
         cfg = models.motion.cfg
         return real_content_frames(models.ae, cfg.data, int(cfg.train.global_seed), labels, device)
@@ -206,7 +206,7 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
         decoded, z_c = generate(models, y, args.seed, batch, None if given_content is None else given_content[batch],
                                 progress=show_steps)
         clips = to_uint8_videos(decoded)
-        contents.append(to_uint8_videos(z_c.unsqueeze(2))[:, 0])
+        contents.append(to_uint8_videos(models.ae.decode_content(z_c).float().unsqueeze(2))[:, 0])
         for index, label, clip in zip(batch, y.tolist(), clips):
             mp4 = None if args.no_mp4 else out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4"
             frames = Path(args.frames_dir) / f"{index:06d}" if args.frames_dir else None

@@ -13,11 +13,13 @@ from evals.fvd import extract_features, frechet_distance, fvd_metric_name, load_
 from evals.recon import motion_health, motion_warning, ssim
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
+from models.vae import pixel_interface
 from training.config import ConfigError
 from training.data import _ignore_stop_signals, fixed_batch
 from training.distributed import all_gather_object, all_reduce_mean
-from training.media import save_video_set
 from training.cli import entry_point
+from training.latents import load_frames
+from training.media import save_video_set
 from training.run import TrainingRun, make_ema, make_optimizer
 
 
@@ -50,6 +52,8 @@ class ReconstructionFVD:
 
     @torch.no_grad()
     def __call__(self, model, device, autocast=contextlib.nullcontext) -> float:
+        """FVD of `model`'s reconstructions: model(pixel clips)[0] are pixel clips (a LatentModeAutoencoder in
+        latent mode)."""
         real, fake = [], []
         for x in self.batches():
             x = x.to(device)
@@ -66,16 +70,18 @@ class ReconstructionFVD:
 
 
 @torch.no_grad()
-def evaluate(run, model, loss_fn, eval_batch, recon_fvd=None):
+def evaluate(run, model, frames, loss_fn, eval_batch, recon_fvd=None):
     """PSNR/SSIM/LPIPS and motion-latent health on the fixed held-out clips, + reconstruction FVD over its own
     train.fvd_eval_videos clips when a detector is set.
 
-    The clips are sharded over ranks; the motion swap happens within each rank's shard.
+    The clips are sharded over ranks; the motion swap happens within each rank's shard. In latent mode the
+    measures compare VAE latent clips (what the autoencoder reconstructs; the dB are of latent units) and the
+    videos written are decoded to pixels.
     """
     rank, world = run.dist.rank, run.dist.world_size
-    x = run.to_device(eval_batch["x"][rank::world])
     model.eval()
     with run.autocast():
+        x = frames.encode(run.to_device(eval_batch["x"][rank::world])).float()
         x_hat, z_c, z_m = model(x)
         health = motion_health(model, x, encoded=(z_c, z_m), x_hat=x_hat)
     x_hat = x_hat.float()
@@ -90,13 +96,15 @@ def evaluate(run, model, loss_fn, eval_batch, recon_fvd=None):
     results = dict(zip(keys, values))
     if recon_fvd is not None:
         model.eval()
-        results["fvd_recon"] = recon_fvd(model, run.device, run.autocast)
+        results["fvd_recon"] = recon_fvd(pixel_interface(frames, model), run.device, run.autocast)
         model.train()
     if run.dist.is_main:
         out = run.run_dir / "eval"
-        pairs = torch.stack([x, x_hat], dim=1).flatten(0, 1)  # originals and reconstructions side by side
+        with torch.no_grad(), run.autocast():
+            pairs = frames.decode(torch.stack([x, x_hat], dim=1).flatten(0, 1)).float()  # originals, reconstructions
+            content = frames.decode(z_c.unsqueeze(2)).float()
         save_video_set(to_uint8_videos(pairs), out, "reconstruction", run.step, run.writer, nrow=2)
-        save_video_set(to_uint8_videos(z_c.unsqueeze(2)), out, "content_frames", run.step, run.writer)
+        save_video_set(to_uint8_videos(content), out, "content_frames", run.step, run.writer)
         for key, value in results.items():
             run.writer.add_scalar(f"eval/{key}", value, run.step)
         run.logger.info(f"eval step {run.step:07d} | " + " ".join(f"{k}={v:.4f}" for k, v in results.items()))
@@ -114,7 +122,11 @@ def main(cfg):
     eval_set = run.build_dataset(cfg.data.eval_split)
     run.record("data.num_classes", dataset.num_classes)
 
-    model = build_autoencoder(cfg.model, cfg.data).to(run.device)
+    frames = load_frames(cfg, run.device)  # identity in pixel mode; the frozen SD VAE in latent mode
+    if frames.latent_channels != cfg.model.channels:
+        raise ConfigError(f"config key 'model.channels' is {cfg.model.channels} but the VAE {cfg.vae} makes "
+                          f"{frames.latent_channels}-channel latents")
+    model = build_autoencoder(cfg.model, cfg.data, frames.downsample).to(run.device)
     loss_fn = build_ae_loss(cfg.loss, cfg.model.channels).to(run.device)
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
@@ -143,8 +155,8 @@ def main(cfg):
     batches = run.loader(dataset)
     results = None
     while not run.should_stop():
-        x = run.to_device(next(batches)["x"])
         with run.autocast():
+            x = frames.encode(run.to_device(next(batches)["x"])).float()
             x_hat, _, _ = train_model(x)
         loss, logs = loss_fn(x, x_hat.float(), run.step, last_layer=model.last_layer())
         loss.backward()
@@ -157,7 +169,7 @@ def main(cfg):
         logs["grad_norm"] = run.optimizer_step(train_model, opt, ema)
         run.log(logs)
         if run.due(cfg.train.eval_every):
-            results = evaluate(run, ema, loss_fn, eval_batch, recon_fvd)
+            results = evaluate(run, ema, frames, loss_fn, eval_batch, recon_fvd)
         run.maybe_save(modules, optimizers)
     if results is not None:
         warning = motion_warning(results)

@@ -19,7 +19,7 @@ def preview(ctx):
     count = len(latents["y"])
     y = torch.arange(count, device=run.device) % run.cfg.data.num_classes
     z_c = generate_content_frames(CMDModels(ctx.ae, motion=None, content=ctx.denoiser), y)
-    frames = torch.cat([latents["z_c"], z_c]).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
+    frames = ctx.ae.decode_content(torch.cat([latents["z_c"], z_c])).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
     paths = save_video_set(to_uint8_videos(frames), run.run_dir / "samples", "content_frames", run.step, run.writer,
                            nrow=count)
     run.logger.info(f"content samples (top real, bottom generated for classes {y.tolist()}): {paths['png']}")

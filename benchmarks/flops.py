@@ -3,6 +3,7 @@
     python -m benchmarks.flops                          # configs/ucf101 (paper settings)
     python -m benchmarks.flops --tiny                   # configs/tiny (seconds; what the tests run)
     python -m benchmarks.flops --config-dir DIR --json out.json
+    python -m benchmarks.flops --table9 [--json out.json]   # paper's efficiency table, 512x1024x16, 50 steps
 
 Counts come from torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; one
 multiply-add = 2 FLOPs; elementwise ops are not counted). The models are built on the meta device,
@@ -53,17 +54,37 @@ PAPER_TRAINING_TFLOPS = {"autoencoder": 0.77, "content": 0.34, "motion": 0.14}
 PAPER_VIDEO_TFLOPS = {"CMD": 46.8, "ModelScope": 939.0, "LVDM": 626.0}
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """Total FLOPs of everything `fn()` runs (forward and, if it calls it, backward)."""
+def flops_by_op(fn: Callable[[], object]) -> Dict[str, int]:
+    """FLOPs of everything `fn()` runs, per aten op ('aten.convolution', 'aten.addmm', 'aten.bmm', ...)."""
     with FlopCounterMode(display=False) as counter:
         fn()
-    return int(counter.get_total_flops())
+    return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
 
 
-def sdpa_is_counted() -> bool:
-    """True if attention on the meta device is counted as its two batched matmuls (QK^T and AV)."""
+def count_flops(fn: Callable[[], object]) -> int:
+    """Total FLOPs of everything `fn()` runs (forward and, if it calls it, backward)."""
+    return sum(flops_by_op(fn).values())
+
+
+def attention_flops(by_op: Dict[str, int]) -> int:
+    """The attention matmuls (QK^T and AV) in a flops_by_op result: batched matmuls, which on the meta device is
+    what scaled_dot_product_attention decomposes into (linear layers are mm/addmm, convolutions convolution)."""
+    return sum(n for op, n in by_op.items() if "bmm" in op or "attention" in op)
+
+
+def sdpa_is_counted(diffusers_attention: bool = False) -> bool:
+    """True if attention on the meta device is counted as its two batched matmuls (QK^T and AV).
+
+    diffusers_attention: check diffusers' Attention (its default processor calls scaled_dot_product_attention)
+    instead of ours.
+    """
     batch, tokens, dim, heads = 2, 16, 64, 4
-    attention = Attention(dim, heads).to(META)
+    if diffusers_attention:
+        from diffusers.models.attention_processor import Attention as DiffusersAttention
+        with torch.device(META):
+            attention = DiffusersAttention(dim, heads=heads, dim_head=dim // heads)
+    else:
+        attention = Attention(dim, heads).to(META)
     x = torch.empty(batch, tokens, dim, device=META)
     linear = 2 * batch * tokens * dim * (3 * dim) + 2 * batch * tokens * dim * dim  # qkv + output projection
     scores = 2 * 2 * batch * heads * tokens * tokens * (dim // heads)  # QK^T and AV
@@ -261,6 +282,142 @@ def preset_flops(configs: dict, models: dict) -> dict:
     return presets
 
 
+# ---- paper Table 9: 512x1024x16, 50 steps, latent mode -------------------------------------------------------
+# Published diffusers configs (each checkpoint's config.json); keys left out equal diffusers' class defaults there.
+SD21_UNET = dict(  # stabilityai/stable-diffusion-2-1 unet/
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, upcast_attention=True, sample_size=96,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+MODELSCOPE_UNET = dict(  # damo-vilab/text-to-video-ms-1.7b unet/
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024, attention_head_dim=64,
+    sample_size=32, down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+    up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3)
+SD_VAE = dict(  # the SD VAE (stable-diffusion-2-1 vae/; ModelScope decodes with the same architecture)
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=768,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+# The CMD autoencoder in latent mode: configs/ucf101's model settings on 4-channel VAE latents of 512x1024x16.
+TABLE9_AE_OVERRIDES = ["model.channels=4", "data.resolution=[64,128]", "data.n_frames=16"]
+
+
+def _table9_part(model: str, steps: int, guided: bool, run: Callable[[int], object]) -> dict:
+    """One row: run(batch) calls the model once on `batch` samples; guided = one call on the doubled batch per step.
+
+    paper_convention: what the paper's numbers match (see format_table9): multiply-adds (FLOPs / 2) of the
+    convolutions and linear layers only, one unguided call per step.
+    """
+    with torch.no_grad():
+        plain = flops_by_op(lambda: run(1))
+        counted = flops_by_op(lambda: run(2)) if guided else plain
+    per_step, unguided = sum(counted.values()), sum(plain.values())
+    return {"model": model, "steps": steps, "guided": guided, "per_step": per_step,
+            "attention_per_step": attention_flops(counted), "total": per_step * steps, "unguided_per_step": unguided,
+            "paper_convention": (unguided - attention_flops(plain)) // 2 * steps}
+
+
+def table9_flops(config_dir: str = DEFAULT_CONFIG_DIR, ae_overrides=TABLE9_AE_OVERRIDES, sd_unet: dict = SD21_UNET,
+                 video_unet: dict = MODELSCOPE_UNET, vae: dict = SD_VAE, steps: int = 50, guided: bool = True,
+                 text_tokens: int = 77) -> dict:
+    """FLOPs per video of the paper's efficiency table (512x1024x16 in latent mode, `steps` sampling steps).
+
+    CMD: the SD UNet generates the latent content frame (text context text_tokens x cross_attention_dim), our motion
+    DiT (<config_dir>/motion.yaml) the motion latent, our autoencoder (<config_dir>/autoencoder.yaml + ae_overrides,
+    which fix the latent clip) decodes them, the SD VAE decodes the 16 latent frames. ModelScope: a UNet3D on the
+    latent clip, the same VAE decode. guided: classifier-free guidance, each denoiser on the doubled batch.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel
+
+    configs = load_stage_configs(config_dir, {"autoencoder": list(ae_overrides)})
+    models = build_models(configs)
+    ae, motion = models["autoencoder"].eval(), models["motion"].eval()
+    with torch.device(META):
+        image_unet, video_unet_model = UNet2DConditionModel(**sd_unet), UNet3DConditionModel(**video_unet)
+        vae_model = AutoencoderKL(**vae)
+    channels, frames, height, width = ae.clip_shape
+
+    def z(batch, *shape):
+        return torch.zeros(batch, *shape, device=META)
+
+    def unet_run(unet, shape):
+        return lambda b: unet(z(b, *shape), _steps(b, META), z(b, text_tokens, unet.config.cross_attention_dim))
+
+    vae_row = _table9_part("SD VAE decoder (AutoencoderKL)", 1, False,
+                           lambda _: vae_model.decode(z(frames, channels, height, width)))
+    motion_cfg = configs["motion"].model
+    cmd = {
+        "content": _table9_part("SD 2.1 UNet2DCondition", steps, guided, unet_run(image_unet, ae.content_shape)),
+        "motion": _table9_part(f"{motion_cfg.name}, key patch {motion_cfg.key_patch_size}", steps, guided,
+                               lambda b: motion(z(b, *ae.motion_shape), _steps(b, META), _labels(b, META),
+                                                content=z(b, *ae.content_shape))),
+        "decode": _table9_part("CMD autoencoder decoder", 1, False,
+                               lambda _: ae.decode(z(1, *ae.content_shape), z(1, *ae.motion_shape))),
+        "vae_decode": vae_row,
+    }
+    modelscope = {"unet": _table9_part("ModelScope UNet3DCondition", steps, guided,
+                                       unet_run(video_unet_model, ae.clip_shape)), "vae_decode": vae_row}
+    cmd_total, modelscope_total = (sum(p["total"] for p in parts.values()) for parts in (cmd, modelscope))
+    # The paper's numbers leave the SD VAE decode out (format_table9 shows why); its own decoder is CMD's.
+    convention = {name: sum(p["paper_convention"] for key, p in parts.items() if key != "vae_decode")
+                  for name, parts in (("CMD", cmd), ("ModelScope", modelscope))}
+    scale = 2 ** (len(vae_model.config.block_out_channels) - 1)  # the VAE's upsampling per side
+    return {"config_dir": str(config_dir), "latent_clip_shape": list(ae.clip_shape),
+            "video_shape": [frames, height * scale, width * scale], "steps": steps, "guided": guided,
+            "text_tokens": text_tokens, "torch": torch.__version__,
+            "sdpa_counted": {"ours": sdpa_is_counted(), "diffusers": sdpa_is_counted(diffusers_attention=True)},
+            "cmd": cmd, "cmd_total": cmd_total, "modelscope": modelscope, "modelscope_total": modelscope_total,
+            "ratio": modelscope_total / cmd_total, "paper_convention": convention, "paper": PAPER_VIDEO_TFLOPS}
+
+
+def _gap_sentence(name: str, parts: dict, total: int, convention: int, unit: float) -> str:
+    """Why a total is off the paper's, from its parts: guidance, attention, the VAE decode, FLOPs vs MACs."""
+    paper = PAPER_VIDEO_TFLOPS[name] * 1e12
+    guidance = sum((p["per_step"] - p["unguided_per_step"]) * p["steps"] for p in parts.values())
+    attention = sum(p["attention_per_step"] * p["steps"] for p in parts.values())
+    vae = parts["vae_decode"]["total"]
+    return (f"{name}: {total / unit:.1f} is {total / paper:.1f}x the paper's {paper / 1e12:g} TFLOPs, of which "
+            f"guidance's second batch half is {guidance / unit:.1f}, attention matmuls {attention / unit:.1f} and the "
+            f"SD VAE decode {vae / unit:.1f}, all counted at 2 FLOPs per multiply-add; counted the way the paper's "
+            f"numbers match (one unguided call per step, multiply-adds of convolutions and linear layers only, no SD "
+            f"VAE decode; adding it would give {(convention + parts['vae_decode']['paper_convention']) / unit:.1f}) "
+            f"it is {convention / unit:.1f}, {convention / paper - 1:+.1%} from the paper.")
+
+
+def format_table9(result: dict) -> str:
+    unit_name, unit = ("TFLOPs", 1e12) if result["modelscope_total"] >= 1e12 else ("GFLOPs", 1e9)
+    macs = unit_name.replace("FLOPs", "MACs")
+    rows = [(f"{name} {key.replace('_', ' ')}", part) for name in ("CMD", "ModelScope")
+            for key, part in result[name.lower()].items()]
+    lines = [f"Paper Table 9 counted (FlopCounterMode on the meta device; latent clip "
+             f"{'x'.join(map(str, result['latent_clip_shape']))} (C x T x H x W) of a "
+             f"{'x'.join(map(str, result['video_shape']))} (T x H x W) video; "
+             f"{result['steps']} steps; text context {result['text_tokens']} tokens; attention counted: "
+             f"{result['sdpa_counted']})", "",
+             f"| part | model | steps | guided (2x batch) | {unit_name} per step | of which attention | "
+             f"{unit_name} per video | paper convention {macs} per video |", "|---|---|---|---|---|---|---|---|"]
+    for name, part in rows:
+        convention = f"{part['paper_convention'] / unit:.2f}"
+        lines.append(f"| {name} | {part['model']} | {part['steps']} | {part['guided']} | "
+                     f"{part['per_step'] / unit:.3f} | {part['attention_per_step'] / unit:.3f} | {part['total'] / unit:.2f} | "
+                     f"{convention + ' (left out)' if name.endswith('vae decode') else convention} |")
+    conv, paper = result["paper_convention"], PAPER_VIDEO_TFLOPS
+    lines += ["", "| | ours, " + unit_name + " | paper convention, " + macs + " | paper, TFLOPs |", "|---|---|---|---|",
+              f"| CMD total | {result['cmd_total'] / unit:.1f} | {conv['CMD'] / unit:.1f} | {paper['CMD']} |",
+              f"| ModelScope total | {result['modelscope_total'] / unit:.1f} | {conv['ModelScope'] / unit:.1f} | "
+              f"{paper['ModelScope']} |",
+              f"| ModelScope / CMD | {result['ratio']:.1f}x | {conv['ModelScope'] / conv['CMD']:.1f}x | "
+              f"{paper['ModelScope'] / paper['CMD']:.1f}x |", ""]
+    for name in ("CMD", "ModelScope"):
+        total = result[f"{name.lower()}_total"]
+        if abs(total / (paper[name] * 1e12) - 1) > 0.2:
+            lines.append(_gap_sentence(name, result[name.lower()], total, conv[name], unit))
+    vae = result["cmd"]["vae_decode"]["total"]
+    if abs(result["ratio"] / (paper["ModelScope"] / paper["CMD"]) - 1) > 0.2:
+        lines.append(f"Ratio: the SD VAE decode ({vae / unit:.1f}) is the same in both and "
+                     f"{vae / result['cmd_total']:.0%} of CMD's total; without it ModelScope / CMD is "
+                     f"{(result['modelscope_total'] - vae) / (result['cmd_total'] - vae):.1f}x.")
+    return "\n".join(lines)
+
+
 # ---- report ------------------------------------------------------------------------------------------------
 def _scaled(flops: float, unit: float) -> str:
     return f"{flops / unit:.3f}"
@@ -326,8 +483,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="FLOPs per generated video and per training step (meta device).")
     parser.add_argument("--config-dir", default=None, help=f"folder with the three stage YAMLs (default {DEFAULT_CONFIG_DIR})")
     parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG_DIR} (unless --config-dir is given)")
+    parser.add_argument("--table9", action="store_true", help="the paper's efficiency table (512x1024x16, 50 steps): "
+                        "CMD in latent mode (SD 2.1 UNet + our motion DiT and decoder) vs a ModelScope UNet3D")
     parser.add_argument("--json", default=None, help="also write the result dict to this file")
     args = parser.parse_args(argv)
+    if args.table9:
+        result = table9_flops(args.config_dir or DEFAULT_CONFIG_DIR)
+        report(format_table9(result), result, args.json)
+        return result
     result = compute_flops(args.config_dir, tiny=args.tiny)
     report(format_report(result), result, args.json)
     return result

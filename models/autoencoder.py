@@ -261,18 +261,34 @@ class CMDAutoencoder(nn.Module):
         tokens = self.output_proj(self.decoder_norm(self.decoder(tokens)))  # (B, T, N, C*p*p)
         return torch.tanh(self._unpatchify(tokens))
 
+    # In pixel mode a content frame is an image; models/vae.LatentModeAutoencoder maps latent ones to and from images.
+    def decode_content(self, z_c: torch.Tensor) -> torch.Tensor:
+        """Content frames (B, C, H, W) -> images (B, C, H, W) in [-1, 1]."""
+        return z_c
+
+    def encode_content(self, image: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> content frames, to stand in for generated ones."""
+        return image
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Clip (B, C, T, H, W) -> (reconstruction x_hat, content frame z_c, motion latent z_m)."""
         z_c, z_m = self.encode(x)
         return self.decode(z_c, z_m), z_c, z_m
 
 
-def build_autoencoder(model_cfg, data_cfg) -> CMDAutoencoder:
-    """CMDAutoencoder from an AutoencoderModelConfig and a DataConfig (dataclasses or DictConfigs)."""
+def build_autoencoder(model_cfg, data_cfg, downsample: int = 1) -> CMDAutoencoder:
+    """CMDAutoencoder from an AutoencoderModelConfig and a DataConfig (dataclasses or DictConfigs).
+
+    `downsample`: in latent mode the clips it sees are the VAE's, `downsample` times smaller per side than the
+    data's resolution (models/vae.py).
+    """
+    height, width = parse_resolution(data_cfg.resolution)
+    if height % downsample or width % downsample:
+        raise ValueError(f"data.resolution {[height, width]} is not divisible by the VAE's downsampling {downsample}")
     return CMDAutoencoder(
         channels=int(model_cfg.channels),
         n_frames=int(data_cfg.n_frames),
-        resolution=parse_resolution(data_cfg.resolution),
+        resolution=(height // downsample, width // downsample),
         patch_size=int(model_cfg.patch_size),
         hidden_size=int(model_cfg.hidden_size),
         depth=int(model_cfg.depth),

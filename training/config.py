@@ -13,10 +13,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import SAMPLERS, check_loss_type
+from models.content_unet import PRETRAINED_UNET
 from models.dit import validate_model_name
 from training.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
+MODES = ("pixel", "latent")
 # The seed README's command lines name no config: they get the paper-scale UCF-101 settings.
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "ucf101"
 
@@ -76,6 +78,10 @@ class DiTModelConfig:
     learn_sigma: bool = True
     key_patch_size: int = 4  # motion stage: patch size of the content-frame tokens
     grad_checkpointing: bool = False
+    # Content stage, model.name UNet2DCondition: the pretrained diffusers UNet folder (or SD pipeline folder / hub
+    # id) it starts from; the run records the UNet's config JSON in unet_config (models/content_unet.py).
+    pretrained: Optional[str] = None
+    unet_config: Optional[str] = None
 
 
 @dataclass
@@ -133,7 +139,8 @@ class TrainConfig:
 @dataclass
 class AutoencoderStageConfig:
     stage: str = "autoencoder"
-    mode: str = "pixel"
+    mode: str = "pixel"  # pixel | latent: frames first encoded by a Stable Diffusion VAE (models/vae.py)
+    vae: Optional[str] = None  # latent mode: an AutoencoderKL folder (or SD pipeline folder with vae/) or hub id
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
@@ -144,7 +151,8 @@ class AutoencoderStageConfig:
 @dataclass
 class DiffusionStageConfig:
     stage: str = "motion"
-    mode: str = "pixel"
+    mode: str = "pixel"  # must match the autoencoder's (its checkpoint records mode and vae)
+    vae: Optional[str] = None  # latent mode: overrides the VAE the autoencoder recorded (the same weights, moved)
     ae_ckpt: str = "auto"  # a train_ae.py checkpoint, or auto: the newest autoencoder run in train.results_dir
     ae_fingerprint: Optional[str] = None  # recorded by the run: its autoencoder's weights (checked on resume, sample.py)
     data: DataConfig = field(default_factory=DataConfig)
@@ -216,7 +224,7 @@ def validate_config(cfg, stage: str) -> None:
              f"config key 'data.resolution' must be [H, W] with positive sizes, got {list(data.resolution)}")
     _require(data.n_frames > 0, f"config key 'data.n_frames' must be positive, got {data.n_frames}")
     _require(data.split in ("train", "test", "all"), f"config key 'data.split': '{data.split}' is not train|test|all")
-    _require(cfg.mode == "pixel", f"config key 'mode': '{cfg.mode}' is not supported (only 'pixel'; latent mode needs the SD VAE)")
+    _require(cfg.mode in MODES, f"config key 'mode': '{cfg.mode}' is not {'|'.join(MODES)}")
     train = cfg.train
     _require(train.global_batch_size > 0, f"config key 'train.global_batch_size' must be positive, got {train.global_batch_size}")
     _require(train.mixed_precision in ("bf16", "no"),
@@ -230,11 +238,22 @@ def validate_config(cfg, stage: str) -> None:
                  f"pip install wandb")
     if stage == "autoencoder":
         _require(cfg.loss.perceptual_frames > 0, "config key 'loss.perceptual_frames' must be positive")
+        if cfg.mode == "latent":
+            _require(bool(cfg.vae), "config key 'vae' is required in latent mode: a Stable Diffusion VAE folder or hub id (--vae)")
+            _require(cfg.loss.perceptual_weight == 0, "config key 'loss.perceptual_weight' must be 0 in latent mode: "
+                     "LPIPS compares images, the latent-mode autoencoder reconstructs VAE latents (the paper uses MSE)")
     else:
-        try:
-            validate_model_name(stage, cfg.model.name)
-        except ValueError as exc:
-            raise ConfigError(f"config key 'model.name': {exc}") from None
+        if stage == "content" and cfg.model.name == PRETRAINED_UNET:
+            _require(bool(cfg.model.pretrained or cfg.model.unet_config),
+                     f"config key 'model.pretrained' is required with model.name {PRETRAINED_UNET}: a diffusers UNet "
+                     f"folder, a Stable Diffusion folder holding unet/, or a hub id")
+            _require(not cfg.model.learn_sigma, f"config key 'model.learn_sigma' must be false with model.name "
+                     f"{PRETRAINED_UNET}: the pretrained UNet predicts the noise alone")
+        else:
+            try:
+                validate_model_name(stage, cfg.model.name)
+            except ValueError as exc:
+                raise ConfigError(f"config key 'model.name': {exc} (content also: {PRETRAINED_UNET})") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
         _require(cfg.diffusion.sampler in SAMPLERS,
                  f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not {'|'.join(SAMPLERS)}")
@@ -252,6 +271,7 @@ FLAG_KEYS = {
     "results_dir": "train.results_dir",
     "exp_name": "train.exp_name",
     "mode": "mode",
+    "vae": "vae",
     "ckpt_every": "train.ckpt_every",
     "log_every": "train.log_every",
     "max_steps": "train.max_steps",
@@ -271,7 +291,8 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--global-batch-size", type=int, default=None)
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--exp-name", default=None, help="run folder name (default: <NNN>-<stage>)")
-    parser.add_argument("--mode", default=None, choices=["pixel", "latent"])
+    parser.add_argument("--mode", default=None, choices=MODES)
+    parser.add_argument("--vae", default=None, help="latent mode: Stable Diffusion VAE folder or hub id (config key vae)")
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument("--log-every", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (saves at the end)")

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from diffusion import create_diffusion
-from models.dit import build_dit
+from models.content_unet import PRETRAINED_UNET, build_denoiser, load_pretrained_unet, unet_config_json
 from training.checkpoint import weights_fingerprint
 from training.data import fixed_batch
 from training.generation import Denoiser, Sampler, make_sampler
@@ -86,13 +86,18 @@ def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
     """Trains the `stage` denoiser; `preview(PreviewContext)` writes samples every train.sample_every steps (rank 0)."""
     run = TrainingRun(cfg, stage=stage)
     run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
-    ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data)
+    ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data, cfg.mode, cfg.vae)
     run.record("ae_fingerprint", weights_fingerprint(ae.state_dict()))  # checked on resume and by sample.py
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
     run.record("data.num_classes", dataset.num_classes)
 
-    model = build_dit(stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape).to(run.device)
+    unet = None
+    if stage == "content" and cfg.model.name == PRETRAINED_UNET:  # fine-tuned from a pretrained image model
+        unet = load_pretrained_unet(cfg.model.pretrained)
+        run.record("model.unet_config", unet_config_json(unet))  # its checkpoints rebuild it without the folder
+    model = build_denoiser(stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape, unet)
+    model = model.to(run.device)
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
     modules, optimizers = {"model": model, "ema": ema}, {"opt": opt}

@@ -15,7 +15,7 @@ import torch
 from datasets import build_dataset
 from diffusion import create_diffusion
 from diffusion.guidance import guided_model
-from models.dit import build_dit
+from models.content_unet import build_denoiser
 from training.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
 from training.config import config_from_dict
 from training.latents import LatentScaler, load_autoencoder
@@ -258,7 +258,7 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
             raise CheckpointError(f"{path} was trained with the autoencoder {cfg.ae_ckpt} (weights {cfg.ae_fingerprint}), "
                                   f"but the given autoencoder's weights are {given}: pass the one it was trained with "
                                   f"(or --allow-ae-mismatch)")
-    model = build_dit(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape)
+    model = build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape)
     try:
         load_weights(model, model_weights(ckpt, prefer_ema=True), path, f"{stage} denoiser weights")
     except CheckpointError as exc:

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from models.autoencoder import build_autoencoder
+from models.vae import PixelFrames, load_frame_vae, pixel_interface
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -55,11 +56,21 @@ def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
     return step_file if found.name == "last.pt" and step_file.is_file() else found
 
 
-def load_autoencoder(path, device, data_cfg=None):
+def load_frames(cfg, device):
+    """What the CMD autoencoder of an autoencoder config sees of a clip: the frames (pixel mode) or their latents
+    under the frozen VAE the config names (latent mode)."""
+    if cfg.mode == "latent":
+        return load_frame_vae(cfg.vae, device)
+    return PixelFrames(cfg.model.channels)
+
+
+def load_autoencoder(path, device, data_cfg=None, mode: Optional[str] = None, vae: Optional[str] = None):
     """(frozen EMA autoencoder in eval mode, its config) from a train_ae.py checkpoint alone.
 
-    With `data_cfg`, a clip size that differs from the one the autoencoder was trained on is refused. `path` may be
-    a .pt checkpoint or weights exported by training/export.py.
+    With `data_cfg`, a clip size that differs from the one the autoencoder was trained on is refused, and with
+    `mode` a mode other than the one it was trained in. `path` may be a .pt checkpoint or weights exported by
+    training/export.py. A latent-mode autoencoder comes with the VAE it recorded (or `vae`, the same weights
+    elsewhere): a models.vae.LatentModeAutoencoder that encodes and decodes pixel clips.
     """
     ckpt = load_for_sampling(path, "autoencoder")  # mmap'ed, EMA weights only: no rank reads the optimizer state
     ae_cfg = config_from_dict("autoencoder", ckpt["config"])
@@ -69,10 +80,16 @@ def load_autoencoder(path, device, data_cfg=None):
         if want != have:
             raise CheckpointError(f"autoencoder {path} was trained on clips of {have[0]}x{have[1]}x{have[2]} "
                                   f"(frames x H x W) but the data config asks for {want[0]}x{want[1]}x{want[2]}")
-    model = build_autoencoder(ae_cfg.model, ae_cfg.data)
+    if mode is not None and mode != ae_cfg.mode:
+        raise CheckpointError(f"config key 'mode' is '{mode}' but the autoencoder {path} was trained in "
+                              f"{ae_cfg.mode} mode")
+    if vae:
+        ae_cfg.vae = vae
+    frames = load_frames(ae_cfg, device)
+    model = build_autoencoder(ae_cfg.model, ae_cfg.data, frames.downsample)
     load_weights(model, model_weights(ckpt, prefer_ema=True), path, "autoencoder weights")
     model.to(device).eval().requires_grad_(False)
-    return model, ae_cfg
+    return pixel_interface(frames, model), ae_cfg
 
 
 @torch.no_grad()
