@@ -117,12 +117,15 @@ def evaluate(run, model, frames, loss_fn, eval_batch, recon_fvd=None):
 def main(cfg):
     if cfg.train.fvd_detector and cfg.train.fvd_eval_videos < 2:  # before the run folder is claimed
         raise ConfigError(f"config key 'train.fvd_eval_videos' must be at least 2, got {cfg.train.fvd_eval_videos}")
+    # Identity in pixel mode; the frozen SD VAE in latent mode, loaded before a run folder is claimed (a bad path
+    # costs nothing).
+    frames = load_frames(cfg, "cpu")
     run = TrainingRun(cfg, stage="autoencoder")
+    frames.to(run.device)
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
     run.record("data.num_classes", dataset.num_classes)
 
-    frames = load_frames(cfg, run.device)  # identity in pixel mode; the frozen SD VAE in latent mode
     if frames.latent_channels != cfg.model.channels:
         raise ConfigError(f"config key 'model.channels' is {cfg.model.channels} but the VAE {cfg.vae} makes "
                           f"{frames.latent_channels}-channel latents")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from models.dit import LabelEmbedder, build_dit
+from models.vae import looks_like_hub_id
 
 PRETRAINED_UNET = "UNet2DCondition"  # model.name of a content model started from a diffusers UNet
 
@@ -70,10 +71,12 @@ def load_pretrained_unet(source: str) -> nn.Module:
     from diffusers import UNet2DConditionModel  # here, not at import: pixel-mode runs never pay diffusers' ~5 s
 
     path = Path(source).expanduser()
+    if not path.exists() and not looks_like_hub_id(source):
+        raise UNetLoadError(f"model.pretrained {source}: no such folder")
     try:
         if path.exists():
-            return UNet2DConditionModel.from_pretrained(_unet_folder(path))
-        return UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+            return UNet2DConditionModel.from_pretrained(_unet_folder(path), low_cpu_mem_usage=False)
+        return UNet2DConditionModel.from_pretrained(source, subfolder="unet", low_cpu_mem_usage=False)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         if isinstance(exc, UNetLoadError):
             raise

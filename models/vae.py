@@ -83,6 +83,11 @@ def _vae_folder(path: Path) -> Optional[Path]:
     return None
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """'owner/name' (a Hugging Face hub id) rather than a path: one slash, no leading '/', '.' or '~'."""
+    return source.count("/") == 1 and not source.startswith(("/", ".", "~")) and "\\" not in source
+
+
 def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
     """The frozen VAE from a local folder (an AutoencoderKL's, or a Stable Diffusion pipeline folder holding vae/)
     or a hub id (its vae/ subfolder when it is a pipeline, e.g. stabilityai/stable-diffusion-2-1-base)."""
@@ -91,6 +96,8 @@ def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
     if not source:
         raise VAELoadError("config key 'vae' is empty: latent mode needs a Stable Diffusion VAE folder or hub id (--vae)")
     path = Path(source).expanduser()
+    if not path.exists() and not looks_like_hub_id(source):
+        raise VAELoadError(f"vae {source}: no such folder")
     try:
         if path.exists():
             folder = _vae_folder(path)
@@ -100,12 +107,12 @@ def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
             config = json.loads((folder / "config.json").read_text())
             if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
                 raise VAELoadError(f"vae {folder}: config.json describes a {config['_class_name']}, not an AutoencoderKL")
-            vae = AutoencoderKL.from_pretrained(folder)
+            vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
         else:
             try:
-                vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+                vae = AutoencoderKL.from_pretrained(source, subfolder="vae", low_cpu_mem_usage=False)
             except (OSError, ValueError):
-                vae = AutoencoderKL.from_pretrained(source)
+                vae = AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
     except VAELoadError:
         raise
     except (OSError, ValueError, json.JSONDecodeError) as exc:
