@@ -59,6 +59,12 @@ class ContentUNet(nn.Module):
 
 
 def _unet_folder(path: Path) -> Path:
+    """The UNet folder at `path`: itself, or a pipeline folder's unet/ (refused when the pipeline's scheduler says
+    the UNet predicts v: our diffusion trains and samples noise predictions)."""
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction":
+        raise UNetLoadError(f"model.pretrained {path}: its scheduler says the UNet predicts v (v_prediction); use an "
+                            f"epsilon-prediction model such as stable-diffusion-2-1-base")
     for folder in (path, path / "unet"):
         if (folder / "config.json").is_file():
             return folder

@@ -57,6 +57,14 @@ def test_a_pipeline_folder_holding_vae_loads_and_a_wrong_path_is_one_line_naming
         load_frame_vae(str(tiny_sd / "unet"))
     with pytest.raises(UNetLoadError, match=str(tmp_path)):
         load_pretrained_unet(str(tmp_path))
+    # A v-prediction pipeline (SD 2.1 768-v) is refused by name: we train and sample noise predictions.
+    (tmp_path / "unet").symlink_to(tiny_sd / "unet", target_is_directory=True)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "v_prediction"}')
+    with pytest.raises(UNetLoadError, match="v_prediction"):
+        load_pretrained_unet(str(tmp_path))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "epsilon"}')
+    assert load_pretrained_unet(str(tmp_path)).config.cross_attention_dim == 32
 
 
 def test_wrong_vae_path_stops_train_ae_in_one_line_before_a_run_folder_exists(tmp_path):
