@@ -262,6 +262,8 @@ class CMDAutoencoder(nn.Module):
         return torch.tanh(self._unpatchify(tokens))
 
     # In pixel mode a content frame is an image; models/vae.LatentModeAutoencoder maps latent ones to and from images.
+    content_bound = 1.0  # |z_c| <= 1: a convex combination of frames in [-1, 1] (the samplers clip to it)
+
     def decode_content(self, z_c: torch.Tensor) -> torch.Tensor:
         """Content frames (B, C, H, W) -> images (B, C, H, W) in [-1, 1]."""
         return z_c

@@ -126,6 +126,8 @@ class LatentModeAutoencoder(nn.Module):
     (z_c, z_m), decode(z_c, z_m) -> pixel clips. content_shape / motion_shape are the CMD autoencoder's latents,
     the ones the diffusion models generate; clip_shape is the pixel clip's."""
 
+    content_bound = None  # a content frame of VAE latents has no fixed range: the samplers do not clip it
+
     def __init__(self, frames: FrameVAE, cmd: nn.Module):
         super().__init__()
         self.frames, self.cmd = frames, cmd

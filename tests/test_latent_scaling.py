@@ -206,6 +206,12 @@ def test_sample_latents_standardises_the_condition_and_denormalises_the_sample()
     z_c = sample_latents(model, sampling, "ddim", "content", SHAPES.content_shape, y, 1.0, scaler)
     assert "content" not in seen["model_kwargs"]
     torch.testing.assert_close(z_c, scaler.stats["content"][0].view(1, 3, 1, 1).expand(2, *SHAPES.content_shape))
+    # Latent mode: content frames of VAE latents have no bound; neither x0 nor the sample is clipped.
+    standard = torch.randn(2, *SHAPES.content_shape) * 3
+    z_c = sample_latents(model, sampling, "ddim", "content", SHAPES.content_shape, y, 1.0, scaler, bound=None)
+    assert seen["clip_denoised"] is False
+    torch.testing.assert_close(z_c, scaler.denormalize("content", standard))
+    assert z_c.abs().max() > 1
 
 
 # ---- checkpoints, resume, sample.py ------------------------------------------------------------------------------

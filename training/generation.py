@@ -167,7 +167,8 @@ def generate_content_frames(models: CMDModels, labels: torch.Tensor, seed: Optio
     with models.autocast(labels.device):
         return sample_latents(content.model, content.sampler.diffusion, content.sampler.method, "content",
                               tuple(models.ae.content_shape), labels, content.cfg_scale, content.scaler,
-                              progress=progress, generator=video_generators(seed, indices, 0, labels.device))
+                              progress=progress, generator=video_generators(seed, indices, 0, labels.device),
+                              bound=models.ae.content_bound)
 
 
 @torch.no_grad()
@@ -196,21 +197,23 @@ def generate(models: CMDModels, labels: torch.Tensor, seed: Optional[int] = None
 @torch.no_grad()
 def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Tensor, cfg_scale: float,
                    scaler: LatentScaler, content: Optional[torch.Tensor] = None, generator=None,
-                   progress: bool = False, eta: float = 0.0) -> torch.Tensor:
+                   progress: bool = False, eta: float = 0.0, bound: Optional[float] = 1.0) -> torch.Tensor:
     """Samples the `stage` latent (B, *shape) in the autoencoder's units with classifier-free guidance (scale 1 = none).
 
     The denoiser lives in the standardised space of `scaler` (the statistics of its own training run): the motion
     stage's condition `content` (B, C, H, W), given in the autoencoder's units, is standardised for it, and the
-    sample is denormalised on return. Predicted x0 is clipped at every step to the image of [-1, 1] per channel:
-    content frames (convex combinations of frames in [-1, 1]) and motion latents (tanh outputs) both live there.
+    sample is denormalised on return. Predicted x0 is clipped at every step to the image of [-bound, bound] per
+    channel: content frames of pixel mode (convex combinations of frames in [-1, 1]) and motion latents (tanh
+    outputs) live in [-1, 1]; latent mode's content frames (of VAE latents) have no bound (None: no clipping).
     """
     cond = {"content": scaler.normalize("content", content)} if stage == "motion" else {}
     model_fn = model if cfg_scale == 1.0 else guided_model(model, cfg_scale, null_label=model.num_classes)
-    bounds = scaler.bounds(stage, len(shape) + 1, y.device)
+    bounds = False if bound is None else scaler.bounds(stage, len(shape) + 1, y.device, bound)
     z = sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
                         device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=bounds)
-    # Clipped x0 maps back into [-1, 1]; the clamp only absorbs the rounding of the affine map.
-    return scaler.denormalize(stage, z).clamp(-1.0, 1.0)
+    z = scaler.denormalize(stage, z)
+    # Clipped x0 maps back into the bounds; the clamp only absorbs the rounding of the affine map.
+    return z if bound is None else z.clamp(-bound, bound)
 
 
 def dataset_labels(dataset) -> np.ndarray:

@@ -261,11 +261,11 @@ class LatentScaler:
         mean, std = self._broadcast(kind, z.ndim, z.device, z.dtype)
         return z * std + mean
 
-    def bounds(self, kind: str, ndim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The autoencoder's range [-1, 1] in standardised units, per channel: ((-1 - mean) / std, (1 - mean) / std),
-        shaped (1, channels, 1, ...) for a latent of `ndim` dims."""
+    def bounds(self, kind: str, ndim: int, device=None, bound: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The autoencoder's range [-bound, bound] in standardised units, per channel: ((-bound - mean) / std,
+        (bound - mean) / std), shaped (1, channels, 1, ...) for a latent of `ndim` dims."""
         mean, std = self._broadcast(kind, ndim, device)
-        return (-1.0 - mean) / std, (1.0 - mean) / std
+        return (-bound - mean) / std, (bound - mean) / std
 
     def describe(self) -> str:
         def values(t):
