@@ -18,7 +18,7 @@ from training.config import ConfigError
 from training.data import _ignore_stop_signals, fixed_batch
 from training.distributed import all_gather_object, all_reduce_mean
 from training.cli import entry_point
-from training.latents import load_frames
+from training.latents import LatentEncoder, build_latent_cache, load_frames
 from training.media import save_video_set
 from training.run import TrainingRun, make_ema, make_optimizer
 
@@ -155,11 +155,17 @@ def main(cfg):
     # The motion-swap measure decodes each clip with another clip's motion latent: two clips per rank at least.
     eval_batch = fixed_batch(eval_set, max(cfg.train.num_eval_videos, 2 * run.dist.world_size))
 
-    batches = run.loader(dataset)
+    source = dataset
+    if cfg.latent_cache:  # latent mode: the VAE runs once per cached clip instead of on every batch
+        clip_shape = (3, cfg.data.n_frames, *cfg.data.resolution)
+        source = build_latent_cache(run, LatentEncoder.frames(frames, clip_shape), dataset,
+                                    cfg.latent_cache_clips_per_video, run.batch_size)
+    batches = run.loader(source)
     results = None
     while not run.should_stop():
         with run.autocast():
-            x = frames.encode(run.to_device(next(batches)["x"])).float()
+            x = run.to_device(next(batches)["x"])
+            x = x if cfg.latent_cache else frames.encode(x).float()
             x_hat, _, _ = train_model(x)
         loss, logs = loss_fn(x, x_hat.float(), run.step, last_layer=model.last_layer())
         loss.backward()

@@ -27,7 +27,7 @@ from benchmarks.throughput import diffusion_step_fn
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from training.config import load_config
-from training.latents import build_latent_cache
+from training.latents import LatentEncoder, build_latent_cache
 from training.run import TrainingRun
 
 
@@ -64,7 +64,8 @@ def measure(args) -> dict:
 
         from_clips = steps_per_second(step, run.loader(dataset), args.steps, args.warmup)
         start = time.perf_counter()
-        cache = build_latent_cache(run, ae, dataset, ae_path, args.clips_per_video, run.batch_size)
+        cache = build_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), dataset, args.clips_per_video,
+                                   run.batch_size)
         build_seconds = time.perf_counter() - start
         from_cache = steps_per_second(step, run.loader(cache), args.steps, args.warmup)
         run.finish()

@@ -55,6 +55,7 @@ class FrameVAE(nn.Module):
         self.scale = float(config.scaling_factor)
         self.shift = float(getattr(config, "shift_factor", None) or 0.0)
         self.chunk = int(chunk)
+        self.identity = str(getattr(config, "_name_or_path", ""))  # what a latent cache of its latents is keyed by
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: no dropout or norm statistics ever change
@@ -118,7 +119,12 @@ def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VAELoadError(f"vae {source}: not a local AutoencoderKL folder and not loadable as a hub id ({first})") from None
-    return FrameVAE(vae, chunk).to(device)
+    frames = FrameVAE(vae, chunk).to(device)
+    if path.exists():  # the folder and its files' sizes and times: other weights, another cache
+        folder = _vae_folder(path)
+        frames.identity = "|".join([str(folder.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                                              for f in sorted(folder.iterdir()) if f.is_file()])
+    return frames
 
 
 class LatentModeAutoencoder(nn.Module):

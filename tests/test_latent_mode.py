@@ -13,7 +13,8 @@ from models.autoencoder import CMDAutoencoder
 from scripts.make_tiny_sd import TINY_UNET, TINY_VAE, make_tiny_sd
 from tests.conftest import run_python
 from training.checkpoint import load_checkpoint
-from training.config import ConfigError, load_config
+from datasets import build_dataset
+from training.config import ConfigError, config_from_dict, load_config
 
 F32 = torch.finfo(torch.float32).eps
 
@@ -86,6 +87,8 @@ def test_latent_mode_config_rules():
         load_config("content", "configs/tiny_latent/content.yaml", ["model.learn_sigma=true", "diffusion.loss_type=hybrid"])
     with pytest.raises(ConfigError, match="model.pretrained"):
         load_config("content", "configs/tiny_latent/content.yaml", ["model.pretrained=null"])
+    with pytest.raises(ConfigError, match="needs mode latent"):
+        load_config("autoencoder", "configs/tiny/autoencoder.yaml", ["latent_cache=true"])
     with pytest.raises(ConfigError, match="'mode'"):
         load_config("motion", "configs/tiny_latent/motion.yaml", ["mode=lattent"])
 
@@ -144,7 +147,16 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
         run_python(["train_ae.py", "--config", "configs/tiny_latent/autoencoder.yaml", "--exp-name", "ae", *common,
                     "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.eval_every=2"])
         ae = tmp_path / "r" / "ae" / "checkpoints" / "last.pt"
-        assert load_checkpoint(ae)["config"]["mode"] == "latent"
+        ae_cfg = config_from_dict("autoencoder", load_checkpoint(ae)["config"])
+        assert ae_cfg.mode == "latent" and ae_cfg.latent_cache
+        # The autoencoder trained from a cache of VAE latents: the VAE ran once per clip.
+        (cache,) = (tmp_path / "r" / "latent_cache").iterdir()
+        vae_latents = np.load(cache / "x.npy")
+        assert vae_latents.shape == (16, 4, 4, 8, 8) and not (cache / "z_c.npy").exists()
+        clip = build_dataset(ae_cfg.data, split="train", seed=0)[(3, 0)]["x"]
+        expected = load_frame_vae(str(tiny_sd / "vae")).encode(clip[None])[0]
+        torch.testing.assert_close(torch.from_numpy(vae_latents[3]), expected, rtol=0,
+                                   atol=1e3 * F32 * expected.abs().max().item())
         assert (tmp_path / "r" / "ae" / "eval" / "reconstruction_0000002.png").stat().st_size > 0  # decoded to pixels
         diffusion = ["--ae-ckpt", ae, *common[:2], *TINY, "diffusion.sample_steps=2", "train.sample_every=2"]
         run_python(["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", "--exp-name", "motion",

@@ -14,7 +14,7 @@ from models.ae_losses import AutoencoderLoss
 from models.autoencoder import CMDAutoencoder
 from models.dit import ContentDiT, MotionDiT
 from training.config import load_config
-from training.latents import build_latent_cache, encode
+from training.latents import LatentEncoder, build_latent_cache, encode
 from training.run import TrainingRun, make_optimizer
 
 TINY = "configs/tiny"
@@ -347,7 +347,7 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
         stop_requested=lambda: False,
     )
     dataset = EpochDependentClips()
-    cache = build_latent_cache(run, ae, dataset, ae_path, clips_per_video=2, batch_size=2)
+    cache = build_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), dataset, clips_per_video=2, batch_size=2)
     assert len(cache) == 6
     for slot in range(len(cache)):
         item = dataset[(slot % len(dataset), slot // len(dataset))]
@@ -357,8 +357,8 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
         torch.testing.assert_close(cached["z_m"], z_m[0], rtol=1e-5, atol=1e-6)
         assert cached["y"] == item["y"]
     # A second build with the same autoencoder and data reuses the files: it never reads the dataset.
-    again = build_latent_cache(run, ae, None, ae_path, clips_per_video=2, batch_size=2)
-    np.testing.assert_array_equal(again.z_m[:], cache.z_m[:])
+    again = build_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), None, clips_per_video=2, batch_size=2)
+    np.testing.assert_array_equal(again.arrays["z_m"][:], cache.arrays["z_m"][:])
 
 
 # ---- sampler quality benchmark -------------------------------------------------------------------------------

@@ -141,6 +141,8 @@ class AutoencoderStageConfig:
     stage: str = "autoencoder"
     mode: str = "pixel"  # pixel | latent: frames first encoded by a Stable Diffusion VAE (models/vae.py)
     vae: Optional[str] = None  # latent mode: an AutoencoderKL folder (or SD pipeline folder with vae/) or hub id
+    latent_cache: bool = False  # latent mode: VAE-encode the dataset once (clips_per_video clips each), train from it
+    latent_cache_clips_per_video: int = 4
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
@@ -238,6 +240,9 @@ def validate_config(cfg, stage: str) -> None:
                  f"pip install wandb")
     if stage == "autoencoder":
         _require(cfg.loss.perceptual_frames > 0, "config key 'loss.perceptual_frames' must be positive")
+        _require(not cfg.latent_cache or cfg.mode == "latent",
+                 "config key 'latent_cache' caches VAE latents: it needs mode latent (pixel clips have nothing to cache)")
+        _require(cfg.latent_cache_clips_per_video > 0, "config key 'latent_cache_clips_per_video' must be positive")
         if cfg.mode == "latent":
             _require(bool(cfg.vae), "config key 'vae' is required in latent mode: a Stable Diffusion VAE folder or hub id (--vae)")
             _require(cfg.loss.perceptual_weight == 0, "config key 'loss.perceptual_weight' must be 0 in latent mode: "

@@ -12,6 +12,7 @@ from training.checkpoint import weights_fingerprint
 from training.data import fixed_batch
 from training.generation import Denoiser, Sampler, make_sampler
 from training.latents import (
+    LatentEncoder,
     LatentScaler,
     build_latent_cache,
     encode,
@@ -113,8 +114,8 @@ def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
     eval_latents = {"z_c": z_c, "z_m": z_m, "y": run.to_device(eval_clips["y"])}
 
     if cfg.diffusion.latent_cache:
-        source = build_latent_cache(run, ae, dataset, cfg.ae_ckpt, cfg.diffusion.latent_cache_clips_per_video,
-                                    run.batch_size)
+        source = build_latent_cache(run, LatentEncoder.autoencoder(ae, cfg.ae_ckpt), dataset,
+                                    cfg.diffusion.latent_cache_clips_per_video, run.batch_size)
     else:
         source = dataset
     if scaler is None:

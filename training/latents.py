@@ -100,18 +100,55 @@ def encode(ae, x: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     return z_c.float(), z_m.float()
 
 
+class LatentEncoder:
+    """What a latent cache stores of a clip: the frozen autoencoder's (z_c, z_m) for the diffusion stages, or, for
+    the latent-mode autoencoder stage, the VAE's latent clip ("x") alone. `shapes` names the arrays, `key` the
+    encoder's identity in the cache key (its checkpoint file, or the VAE)."""
+
+    def __init__(self, shapes: dict, encode_fn, key: str):
+        self.shapes, self.encode_fn, self.key = shapes, encode_fn, key
+
+    @classmethod
+    def autoencoder(cls, ae, ae_path=None) -> "LatentEncoder":
+        """(z_c, z_m) of the frozen autoencoder `ae`, read from the checkpoint file `ae_path` (its key)."""
+        key = ""
+        if ae_path is not None:
+            path = Path(ae_path).resolve()
+            stat = path.stat()
+            key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        return cls({"z_c": tuple(ae.content_shape), "z_m": tuple(ae.motion_shape)},
+                   lambda x, autocast: dict(zip(("z_c", "z_m"), encode(ae, x, autocast))), key)
+
+    @classmethod
+    def frames(cls, frames, clip_shape) -> "LatentEncoder":
+        """The VAE's latent clips (B, c, T, h, w) of pixel clips (C, T, H, W) `clip_shape`."""
+        c, t, h, w = clip_shape
+        f = frames.downsample
+
+        def encode_clips(x, autocast):
+            with autocast:
+                return {"x": frames.encode(x).float()}
+
+        return cls({"x": (frames.latent_channels, t, h // f, w // f)}, encode_clips, f"vae|{frames.identity}")
+
+    def __call__(self, x: torch.Tensor, autocast) -> dict:
+        return self.encode_fn(x, autocast)
+
+
 class LatentCache(Dataset):
-    """Pre-encoded (z_c, z_m, y) triples in memory-mapped .npy files: the encoder runs once, not every step.
+    """Pre-encoded clips in memory-mapped .npy files, one per array of its LatentEncoder plus y: the encoder runs
+    once, not every step.
 
     `clips_per_video` random clips are drawn per video (clip k of video i is the dataset's item at
-    epoch k), so the diffusion models still see varied clip starts. Items come back as the same dict
-    the clip loader yields after encoding: {"z_c", "z_m", "y", "index"}.
+    epoch k), so the models still see varied clip starts. Items come back as the same dict the clip loader
+    yields after encoding: {"z_c", "z_m", "y", "index"} for the diffusion stages, {"x", "y", "index"} for the
+    latent-mode autoencoder.
     """
 
     def __init__(self, folder):
         self.folder = folder = Path(folder)
-        self.z_c = np.load(folder / "z_c.npy", mmap_mode="r")
-        self.z_m = np.load(folder / "z_m.npy", mmap_mode="r")
+        done = json.loads((folder / "done").read_text()) if (folder / "done").is_file() else {}
+        self.arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in done.get("arrays", ("z_c", "z_m"))}
         self.y = np.load(folder / "y.npy")
 
     def __len__(self) -> int:
@@ -119,7 +156,7 @@ class LatentCache(Dataset):
 
     def __getitem__(self, item):
         index = item[0] if isinstance(item, tuple) else item
-        return {"z_c": torch.from_numpy(np.array(self.z_c[index])), "z_m": torch.from_numpy(np.array(self.z_m[index])),
+        return {**{name: torch.from_numpy(np.array(array[index])) for name, array in self.arrays.items()},
                 "y": int(self.y[index]), "index": index}
 
     def moments(self, run, chunk: int = 256) -> "LatentMoments":
@@ -128,12 +165,13 @@ class LatentCache(Dataset):
         path = self.folder / MOMENTS_FILE
         if path.is_file():
             return LatentMoments.load(path)
-        moments = LatentMoments(self.z_c.shape[1], self.z_m.shape[1])
+        z_c, z_m = self.arrays["z_c"], self.arrays["z_m"]
+        moments = LatentMoments(z_c.shape[1], z_m.shape[1])
         rank, world = run.dist.rank, run.dist.world_size
         first, end = len(self) * rank // world, len(self) * (rank + 1) // world  # this rank's contiguous share
         for start in range(first, end, chunk):
             slots = slice(start, min(start + chunk, end))
-            moments.add(torch.from_numpy(np.array(self.z_c[slots])), torch.from_numpy(np.array(self.z_m[slots])))
+            moments.add(torch.from_numpy(np.array(z_c[slots])), torch.from_numpy(np.array(z_m[slots])))
         moments.all_reduce()
         if run.dist.is_main:
             moments.save(path)
@@ -286,8 +324,9 @@ def measure_latent_stats(run, ae, source) -> LatentScaler:
         count = min(STATS_CLIPS, len(source))
         moments = LatentMoments(ae.content_shape[0], ae.motion_shape[0])
         items = [(index, 0) for index in range(run.dist.rank, count, run.dist.world_size)]
-        for _, z_c, z_m in _encoded(run, ae, source, items, run.batch_size, "measuring latent statistics"):
-            moments.add(z_c, z_m)
+        encoder = LatentEncoder.autoencoder(ae)
+        for _, latents in _encoded(run, encoder, source, items, run.batch_size, "measuring latent statistics"):
+            moments.add(latents["z_c"], latents["z_m"])
         moments.all_reduce()
         where = f"the first {count} training clips"
     scaler, floored = LatentScaler.from_moments(moments)
@@ -298,10 +337,8 @@ def measure_latent_stats(run, ae, source) -> LatentScaler:
     return scaler
 
 
-def latent_cache_key(ae_path, data_cfg, clips_per_video: int) -> str:
-    ae_path = Path(ae_path).resolve()
-    stat = ae_path.stat()
-    fields = {"ae": str(ae_path), "size": stat.st_size, "mtime": stat.st_mtime_ns, "clips": clips_per_video,
+def latent_cache_key(encoder_key: str, data_cfg, clips_per_video: int) -> str:
+    fields = {"encoder": encoder_key, "clips": clips_per_video,
               "data": {k: (list(v) if k == "resolution" else v) for k, v in data_cfg.items()
                        if k not in ("num_workers", "eval_split")}}
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -382,14 +419,14 @@ def remove_abandoned_staging(cache_root, logger) -> None:
             logger.warning(f"latent cache: cannot remove the abandoned staging folder {path}: {exc}")
 
 
-def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_size: int,
+def build_latent_cache(run, encoder: LatentEncoder, dataset, clips_per_video: int, batch_size: int,
                        cache_root: Optional[str] = None) -> LatentCache:
     """Encodes `dataset` once (ranks split the work) into <results_dir>/latent_cache/<key>/, reused when it exists.
 
     A SIGTERM/SIGINT during the build stops it within a few batches: the half-built folder is removed, the run
     finishes (TrainingRun.finish) and the process exits with code 0, as after a stop signal in the training loop.
     """
-    key = latent_cache_key(ae_path, run.cfg.data, clips_per_video)
+    key = latent_cache_key(encoder.key, run.cfg.data, clips_per_video)
     folder = Path(cache_root or Path(run.cfg.train.results_dir) / "latent_cache") / key
     folder.parent.mkdir(parents=True, exist_ok=True)
     if run.dist.is_main:
@@ -402,7 +439,7 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
     # same cache at once (the demo trains both diffusion stages side by side) never write into each other's files.
     staging = Path(broadcast_object(str(_staging_path(folder, os.getpid(), _machine())) if run.dist.is_main else None))
     try:
-        _fill_staging(run, ae, dataset, staging, total, clips_per_video, batch_size, folder)
+        _fill_staging(run, encoder, dataset, staging, total, clips_per_video, batch_size, folder)
     except BaseException:  # an error, or a stop signal's SystemExit: the half-built folder goes with the run
         if run.dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -417,29 +454,31 @@ def build_latent_cache(run, ae, dataset, ae_path, clips_per_video: int, batch_si
     return LatentCache(folder)
 
 
-def _fill_staging(run, ae, dataset, staging: Path, total: int, clips_per_video: int, batch_size: int, folder: Path):
-    """Encodes this rank's share of the cache's `total` slots into `staging`; on rank 0 writes its moments and
-    `done` once every rank is through. A stop signal ends the run here (SystemExit(0)) after finish()."""
-    content_shape, motion_shape = tuple(ae.content_shape), tuple(ae.motion_shape)
+def _fill_staging(run, encoder: LatentEncoder, dataset, staging: Path, total: int, clips_per_video: int,
+                  batch_size: int, folder: Path):
+    """Encodes this rank's share of the cache's `total` slots into `staging`; on rank 0 writes the latent moments
+    (of a (z_c, z_m) cache) and `done` once every rank is through. A stop signal ends the run here (SystemExit(0))
+    after finish()."""
+    shapes = {**encoder.shapes, "y": ()}
     if run.dist.is_main:
         staging.mkdir(parents=True)
-        np.lib.format.open_memmap(staging / "z_c.npy", mode="w+", dtype=np.float32, shape=(total, *content_shape)).flush()
-        np.lib.format.open_memmap(staging / "z_m.npy", mode="w+", dtype=np.float32, shape=(total, *motion_shape)).flush()
-        np.lib.format.open_memmap(staging / "y.npy", mode="w+", dtype=np.int64, shape=(total,)).flush()
+        for name, shape in shapes.items():
+            np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=np.int64 if name == "y" else np.float32,
+                                      shape=(total, *shape)).flush()
     barrier()
-    z_c_file = np.load(staging / "z_c.npy", mmap_mode="r+")
-    z_m_file = np.load(staging / "z_m.npy", mmap_mode="r+")
-    y_file = np.load(staging / "y.npy", mmap_mode="r+")
+    files = {name: np.load(staging / f"{name}.npy", mmap_mode="r+") for name in shapes}
     mine = list(range(run.dist.rank, total, run.dist.world_size))  # slot s = clip (s % len, epoch s // len)
     items = [(slot % len(dataset), slot // len(dataset)) for slot in mine]
     run.logger.info(f"latent cache: encoding {total} clips ({clips_per_video} per video) into {folder}")
-    moments = LatentMoments(content_shape[0], motion_shape[0])  # the latent statistics, at no extra encoding
+    moments = None  # the latent statistics of a (z_c, z_m) cache, at no extra encoding
+    if "z_c" in shapes:
+        moments = LatentMoments(shapes["z_c"][0], shapes["z_m"][0])
     # Ranks agree on a stop only at batch counts every one of them reaches (their shares differ by at most one
     # clip), every few batches; a single process reads its own flag before every batch.
     every = CACHE_STOP_CHECK_EVERY if run.dist.distributed else 1
     reached_by_all = -(-(total // run.dist.world_size) // batch_size)
     position, stopped = 0, False
-    with contextlib.closing(_encoded(run, ae, dataset, items, batch_size, "encoding latent cache")) as encoded:
+    with contextlib.closing(_encoded(run, encoder, dataset, items, batch_size, "encoding latent cache")) as encoded:
         for done in itertools.count():
             if done % every == 0 and done <= reached_by_all and run.stop_requested():
                 stopped = True
@@ -447,32 +486,35 @@ def _fill_staging(run, ae, dataset, staging: Path, total: int, clips_per_video: 
             encoded_batch = next(encoded, None)
             if encoded_batch is None:
                 break
-            batch, z_c, z_m = encoded_batch
-            slots = mine[position : position + len(z_c)]
-            z_c_file[slots] = z_c.cpu().numpy()
-            z_m_file[slots] = z_m.cpu().numpy()
-            y_file[slots] = batch["y"].numpy()
-            moments.add(z_c, z_m)
-            position += len(z_c)
+            batch, latents = encoded_batch
+            slots = mine[position : position + len(batch["y"])]
+            for name, value in {**latents, "y": batch["y"]}.items():
+                files[name][slots] = value.cpu().numpy()
+            if moments is not None:
+                moments.add(latents["z_c"], latents["z_m"])
+            position += len(batch["y"])
     if stopped:
-        del z_c_file, z_m_file, y_file
+        del files
         if run.dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         share = " by rank 0" if run.dist.distributed else ""
         run.finish(interrupted=f"building the latent cache ({position} of {len(mine)} clips encoded{share})")
         raise SystemExit(0)  # the exit code of a stop in the training loop: the scheduler's requeue is not an error
-    for array in (z_c_file, z_m_file, y_file):
+    for array in files.values():
         array.flush()
-    del z_c_file, z_m_file, y_file
-    moments.all_reduce()
+    del files
+    if moments is not None:
+        moments.all_reduce()
     barrier()
     if run.dist.is_main:
-        moments.save(staging / MOMENTS_FILE)
-        (staging / "done").write_text(json.dumps({"clips": total}))
+        if moments is not None:
+            moments.save(staging / MOMENTS_FILE)
+        (staging / "done").write_text(json.dumps({"clips": total, "arrays": list(encoder.shapes)}))
 
 
-def _encoded(run, ae, dataset, items, batch_size: int, description: str):
-    """Yields (batch, z_c, z_m) for the (index, epoch) `items` of the clip dataset, encoded in batches in order."""
+def _encoded(run, encoder: LatentEncoder, dataset, items, batch_size: int, description: str):
+    """Yields (batch, {name: latent}) for the (index, epoch) `items` of the clip dataset, encoded in batches in
+    order."""
     loader = torch.utils.data.DataLoader(
         _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers,
         # A stop signal to the whole process group (Slurm, torchrun) would kill the workers mid-batch and fail
@@ -482,8 +524,7 @@ def _encoded(run, ae, dataset, items, batch_size: int, description: str):
         # encodes here draws the same training noise as one that reuses a cache or resumes.
         generator=torch.Generator().manual_seed(0))
     for batch in tqdm(loader, desc=description, disable=not run.dist.is_main, mininterval=2.0):
-        z_c, z_m = encode(ae, run.to_device(batch["x"]), run.autocast())
-        yield batch, z_c, z_m
+        yield batch, encoder(run.to_device(batch["x"]), run.autocast())
 
 
 class _ItemList(Dataset):
