@@ -175,7 +175,7 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
     # Content frames given by --content-frame or --real-content need no content denoiser.
     content_ckpt = None if args.content_frame or args.real_content else args.content_ckpt
     models = load_models(args.ae_ckpt, args.motion_ckpt, content_ckpt, device, args.allow_ae_mismatch,
-                         stage_options(args, "motion"), stage_options(args, "content"))
+                         stage_options(args, "motion"), stage_options(args, "content"), vae=args.vae)
     set_precision(models, args.precision, device)
     if args.compile:
         compile_models(models)
@@ -281,6 +281,8 @@ def parse_args(argv=None):
     parser.add_argument("--content-frame", default=None, help="an image to animate instead of sampling content")
     parser.add_argument("--real-content", action="store_true",
                         help="motion-only samples: content frames of held-out real clips of each video's class")
+    parser.add_argument("--vae", default=None,
+                        help="latent mode: the SD VAE folder or hub id, when it moved since the autoencoder recorded it")
     parser.add_argument("--allow-ae-mismatch", action="store_true",
                         help="sample even though the denoisers were trained with another autoencoder checkpoint")
     parser.add_argument("--classes", type=class_choice, default=None,

@@ -179,6 +179,18 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
         run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" / "last.pt",
                     "--content-ckpt", content, "--num-videos", 2, "--content-steps", 2, "--motion-steps", 2,
                     "--out-dir", out, "--npz", out / "s.npz", "--quiet"])
+        # The VAE moved: the autoencoder's recorded path fails in one line naming it, --vae finds it.
+        moved = tmp_path / "moved_vae"
+        (tiny_sd / "vae").rename(moved)
+        try:
+            lost = run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" /
+                               "last.pt", "--real-content", "--num-videos", 1, "--out-dir", tmp_path / "o2"], check=False)
+            assert lost.returncode != 0 and str(tiny_sd / "vae") in lost.stderr.strip().splitlines()[-1]
+            run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" /
+                        "last.pt", "--real-content", "--num-videos", 1, "--motion-steps", 2, "--vae", moved,
+                        "--out-dir", tmp_path / "o3", "--quiet"])
+        finally:
+            moved.rename(tiny_sd / "vae")
     finally:
         hidden.rename(tiny_sd / "unet")
     samples = np.load(out / "s.npz")

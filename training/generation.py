@@ -133,10 +133,11 @@ def compile_models(models: CMDModels) -> None:
 
 def load_models(ae_ckpt, motion_ckpt, content_ckpt=None, device="cpu", allow_ae_mismatch: bool = False,
                 motion_options: SamplingOptions = SamplingOptions(),
-                content_options: SamplingOptions = SamplingOptions()) -> CMDModels:
+                content_options: SamplingOptions = SamplingOptions(), vae: Optional[str] = None) -> CMDModels:
     """The frozen autoencoder and the EMA denoisers of the given checkpoints (no content denoiser without
-    `content_ckpt`), each denoiser with the latent statistics of its own run and its sampling settings."""
-    ae, ae_cfg = load_autoencoder(ae_ckpt, device)
+    `content_ckpt`), each denoiser with the latent statistics of its own run and its sampling settings. `vae`: a
+    latent-mode autoencoder's VAE, when it is no longer where the autoencoder recorded it."""
+    ae, ae_cfg = load_autoencoder(ae_ckpt, device, vae=vae)
     motion = Denoiser.from_config(*load_denoiser(motion_ckpt, "motion", ae, device, allow_ae_mismatch), motion_options)
     models = CMDModels(ae, motion, ae_cfg=ae_cfg)
     if content_ckpt is not None:
