@@ -162,7 +162,8 @@ def main(cfg):
                                     cfg.latent_cache_clips_per_video, run.batch_size)
     batches = run.loader(source)
     results = None
-    while not run.should_stop():
+    last = run.should_stop()  # True already for a run resumed at its last step
+    while not last:
         with run.autocast():
             x = run.to_device(next(batches)["x"])
             x = x if cfg.latent_cache else frames.encode(x).float()
@@ -173,13 +174,16 @@ def main(cfg):
             disc_opt.zero_grad(set_to_none=True)  # drop what the generator loss left on the discriminator
             disc_loss, disc_logs = loss_fn.discriminator_loss(x, x_hat.float(), run.step)
             disc_loss.backward()
-            run.optimizer_step(loss_fn.discriminator, disc_opt, count_step=False)
+            run.clip_and_step_if_finite(loss_fn.discriminator, disc_opt)
             logs.update(disc_logs)
-        logs["grad_norm"] = run.optimizer_step(train_model, opt, ema)
-        run.log(logs)
-        if run.due(cfg.train.eval_every):
+        logs["grad_norm"] = run.clip_and_step_if_finite(train_model, opt, ema)
+        run.count_step()
+        last = run.should_stop()  # the step's one stop check: max_steps, or a stop signal the ranks agree on
+        run.log(logs, last)
+        if run.due(cfg.train.eval_every, last):
             results = evaluate(run, ema, frames, loss_fn, eval_batch, recon_fvd)
-        run.maybe_save(modules, optimizers)
+        if run.due(cfg.train.ckpt_every, last):
+            run.save(modules, optimizers)
     if results is not None:
         warning = motion_warning(results)
         run.logger.info(

@@ -6,27 +6,50 @@
 import torch
 
 from datasets.transforms import to_uint8_videos
-from training.diffusion_stage import train_diffusion_stage
+from training.cli import entry_point
+from training.diffusion_stage import DiffusionStage, setup
 from training.generation import CMDModels, generate_content_frames
 from training.media import save_video_set
-from training.cli import entry_point
+
+
+def train_step(s: DiffusionStage, batch: dict) -> dict:
+    """One optimizer step on a batch of clips {'x', 'y'} or of the latent cache {'z_c', 'z_m', 'y'}; returns what
+    it logs. benchmarks/throughput.py times this function: what is measured is what trains."""
+    z_c, _, y = s.latents(batch)  # the cache's latents, or the frozen autoencoder encodes the clips now
+    x0 = s.scaler.normalize("content", z_c)  # the denoiser learns latents standardised by the run's latent stats
+    losses = s.losses(x0, {"y": y})  # the diffusion loss on z_c given y, at a random timestep per clip
+    losses["loss"].backward()
+    losses["grad_norm"] = s.run.clip_and_step_if_finite(s.train_model, s.opt, s.ema)
+    return losses
 
 
 @torch.no_grad()
-def preview(ctx):
+def preview(s: DiffusionStage) -> None:
     """Generated content frames, one per class round-robin, next to real held-out content frames."""
-    run, latents = ctx.run, ctx.eval_latents
+    run, latents = s.run, s.eval_latents
     count = len(latents["y"])
     y = torch.arange(count, device=run.device) % run.cfg.data.num_classes
-    z_c = generate_content_frames(CMDModels(ctx.ae, motion=None, content=ctx.denoiser), y)
-    frames = ctx.ae.decode_content(torch.cat([latents["z_c"], z_c])).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
+    z_c = generate_content_frames(CMDModels(s.ae, motion=None, content=s.denoiser()), y)
+    frames = s.ae.decode_content(torch.cat([latents["z_c"], z_c])).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
     paths = save_video_set(to_uint8_videos(frames), run.run_dir / "samples", "content_frames", run.step, run.writer,
                            nrow=count)
     run.logger.info(f"content samples (top real, bottom generated for classes {y.tolist()}): {paths['png']}")
 
 
 def main(cfg):
-    train_diffusion_stage(cfg, "content", preview)
+    s = setup(cfg, "content")  # run, frozen AE, data (or its latent cache), model/EMA/optimizer, resume, latent stats
+    run, batches = s.run, s.run.loader(s.source)
+    last = run.should_stop()  # True already for a run resumed at its last step
+    while not last:
+        logs = train_step(s, next(batches))
+        run.count_step()
+        last = run.should_stop()  # the step's one stop check: max_steps, or a stop signal the ranks agree on
+        run.log(logs, last)
+        if run.due(cfg.train.sample_every, last) and run.dist.is_main:
+            preview(s)  # the other ranks wait for it at their next collective (log or save)
+        if run.due(cfg.train.ckpt_every, last):
+            s.save()
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -6,18 +6,30 @@
 import torch
 
 from datasets.transforms import to_uint8_videos
-from training.diffusion_stage import train_diffusion_stage
+from training.cli import entry_point
+from training.diffusion_stage import DiffusionStage, setup
 from training.generation import CMDModels, generate
 from training.media import save_video_set
-from training.cli import entry_point
+
+
+def train_step(s: DiffusionStage, batch: dict) -> dict:
+    """One optimizer step on a batch of clips {'x', 'y'} or of the latent cache {'z_c', 'z_m', 'y'}; returns what
+    it logs. benchmarks/throughput.py times this function: what is measured is what trains."""
+    z_c, z_m, y = s.latents(batch)  # the cache's latents, or the frozen autoencoder encodes the clips now
+    x0 = s.scaler.normalize("motion", z_m)  # the denoiser learns latents standardised by the run's latent stats
+    cond = {"y": y, "content": s.scaler.normalize("content", z_c)}
+    losses = s.losses(x0, cond)  # the diffusion loss on z_m given (y, z_c), at a random timestep per clip
+    losses["loss"].backward()
+    losses["grad_norm"] = s.run.clip_and_step_if_finite(s.train_model, s.opt, s.ema)
+    return losses
 
 
 @torch.no_grad()
-def preview(ctx):
+def preview(s: DiffusionStage) -> None:
     """The paper's motion-only check: generated motion on REAL content frames, next to the real clip's decoding."""
-    run, latents = ctx.run, ctx.eval_latents
-    fake, _ = generate(CMDModels(ctx.ae, motion=ctx.denoiser), latents["y"], content=latents["z_c"])
-    real = ctx.ae.decode(latents["z_c"], latents["z_m"])
+    run, latents = s.run, s.eval_latents
+    fake, _ = generate(CMDModels(s.ae, motion=s.denoiser()), latents["y"], content=latents["z_c"])
+    real = s.ae.decode(latents["z_c"], latents["z_m"])
     pairs = torch.stack([real, fake], dim=1).flatten(0, 1)  # rows: (real motion, generated motion) per content frame
     paths = save_video_set(to_uint8_videos(pairs), run.run_dir / "samples", "motion_on_real_content", run.step,
                            run.writer, nrow=2)
@@ -25,7 +37,19 @@ def preview(ctx):
 
 
 def main(cfg):
-    train_diffusion_stage(cfg, "motion", preview)
+    s = setup(cfg, "motion")  # run, frozen AE, data (or its latent cache), model/EMA/optimizer, resume, latent stats
+    run, batches = s.run, s.run.loader(s.source)
+    last = run.should_stop()  # True already for a run resumed at its last step
+    while not last:
+        logs = train_step(s, next(batches))
+        run.count_step()
+        last = run.should_stop()  # the step's one stop check: max_steps, or a stop signal the ranks agree on
+        run.log(logs, last)
+        if run.due(cfg.train.sample_every, last) and run.dist.is_main:
+            preview(s)  # the other ranks wait for it at their next collective (log or save)
+        if run.due(cfg.train.ckpt_every, last):
+            s.save()
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_latent_cache                      # configs/tiny, motion stage, CPU
     python -m benchmarks.bench_latent_cache --stage content --steps 50
 
-Both loops are the loop body of training/diffusion_stage.py fed by the run's own DataLoader
+Both loops are the loop body of the stage's training script fed by the run's own DataLoader
 (`TrainingRun.loader`), so data loading, the frozen encoder and the DiT step are all inside the
 timing; only the source differs: the clip dataset, or the LatentCache that `build_latent_cache`
 writes. The one-time cost of building the cache is reported too, with the number of steps after

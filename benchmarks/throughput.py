@@ -49,7 +49,9 @@ from benchmarks.flops import (
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
-from training.diffusion_stage import DiffusionTrainStep
+from train_content_diffusion import train_step as content_train_step
+from train_motion_diffusion import train_step as motion_train_step
+from training.diffusion_stage import DiffusionStage
 from training.generation import (PRECISIONS, SAMPLING_PRESETS, CMDModels, Denoiser, SamplingOptions, compile_models,
                                  generate, set_precision)
 from training.latents import LatentScaler, encode
@@ -111,7 +113,7 @@ def seconds_per_call(fn: Callable[[], object], calls: int, warmup: int, device: 
     return (time.perf_counter() - start) / calls
 
 
-# ---- the training steps (the bodies of train_ae.py and training/diffusion_stage.py) -------------------------
+# ---- the training steps (the loop bodies of the training scripts) ------------------------------------------
 def autoencoder_step_fn(run: TrainingRun, model, clips: torch.Tensor) -> Callable[[], None]:
     """One train_ae.py step on a fixed batch: forward under autocast, L1 (+ LPIPS) loss, backward, update."""
     cfg = run.cfg
@@ -126,17 +128,27 @@ def autoencoder_step_fn(run: TrainingRun, model, clips: torch.Tensor) -> Callabl
             x_hat, _, _ = train_model(clips)
         loss, logs = loss_fn(clips, x_hat.float(), run.step, last_layer=model.last_layer())
         loss.backward()
-        logs["grad_norm"] = run.optimizer_step(train_model, opt, ema)
-        run.log(logs)
+        logs["grad_norm"] = run.clip_and_step_if_finite(train_model, opt, ema)
+        run.count_step()
+        run.log(logs, run.should_stop())
 
     return step
 
 
 def diffusion_step_fn(run: TrainingRun, stage: str, model, ae) -> Callable[[dict], None]:
-    """The step training/diffusion_stage.py runs (DiffusionTrainStep), with its logging."""
-    train_step = DiffusionTrainStep(run, stage, run.wrap(model), make_ema(model),
-                                    make_optimizer(model.parameters(), run.cfg.optim, run.device), ae)
-    return lambda batch: run.log(train_step(batch))
+    """The loop body of train_{stage}_diffusion.py: its train_step, then the step's count, stop check and logging.
+    Identity latent statistics cost what measured ones cost."""
+    s = DiffusionStage(run, ae, model, run.wrap(model), make_ema(model),
+                       make_optimizer(model.parameters(), run.cfg.optim, run.device),
+                       LatentScaler.identity(ae).to(run.device))
+    train_step = {"motion": motion_train_step, "content": content_train_step}[stage]
+
+    def step(batch):
+        logs = train_step(s, batch)
+        run.count_step()
+        run.log(logs, run.should_stop())
+
+    return step
 
 
 def stage_overrides(args, results_dir: str) -> dict:

@@ -1,8 +1,9 @@
-"""The training loop both diffusion stages share; each script supplies only its stage name and its previews."""
+"""What the two diffusion stages' scripts share: `setup` builds a stage's run, frozen autoencoder, data, denoiser,
+EMA, optimizer and latent statistics into a DiffusionStage; each script writes its own training loop with it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -23,68 +24,61 @@ from training.latents import (
 from training.run import TrainingRun, make_ema, make_optimizer
 
 
-def stage_inputs(stage: str, z_c: torch.Tensor, z_m: torch.Tensor, y: torch.Tensor, scaler: LatentScaler):
-    """(x0, model_kwargs) in the denoisers' standardised space: the motion stage diffuses z_m given (y, z_c),
-    the content stage diffuses z_c given y. z_c (B, C, H, W) and z_m (B, D, T, H'+W') come in the AE's units."""
-    z_c = scaler.normalize("content", z_c)
-    if stage == "motion":
-        return scaler.normalize("motion", z_m), {"y": y, "content": z_c}
-    return z_c, {"y": y}
-
-
-class DiffusionTrainStep:
-    """One optimizer step of a diffusion stage on a batch of clips {'x', 'y'} or cached latents {'z_c', 'z_m', 'y'}.
-
-    The training loop below and benchmarks/throughput.py both call this, so what is measured is what trains.
-    `train_model` is the model as the step runs it (`run.wrap(model)`: DDP when distributed, compiled when asked),
-    wrapped by the caller, as train_ae.py wraps its own; `scaler` (the run's latent statistics) defaults to identity
-    ones, which cost the same.
+@dataclass
+class DiffusionStage:
+    """What a diffusion stage's training step works with. `setup` builds it for the scripts; benchmarks/throughput.py
+    builds one without data (no `source`, `eval_latents` or previews' `sampler`) and with identity latent statistics,
+    which cost the same.
     """
+    run: TrainingRun
+    ae: torch.nn.Module  # the frozen autoencoder
+    model: torch.nn.Module  # the denoiser, as checkpoints hold it
+    train_model: torch.nn.Module  # run.wrap(model): DDP when distributed, compiled when asked
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: LatentScaler  # the run's latent statistics, on the run's device
+    source: object = None  # the training clips {'x', 'y'}, or their latent cache {'z_c', 'z_m', 'y'}
+    eval_latents: Optional[dict] = None  # z_c, z_m (the autoencoder's units), y of the fixed held-out clips
+    sampler: Optional[Sampler] = None  # the previews' sampler (diffusion.sampler, diffusion.sample_steps)
+    diffusion: object = field(init=False)  # the training diffusion: every timestep of the stage's schedule
 
-    def __init__(self, run: TrainingRun, stage: str, train_model, ema, optimizer, ae,
-                 scaler: Optional[LatentScaler] = None):
-        cfg = run.cfg
-        self.run, self.stage, self.ema, self.optimizer, self.ae = run, stage, ema, optimizer, ae
-        self.scaler = (scaler or LatentScaler.identity(ae)).to(run.device)
-        self.train_model = train_model
+    def __post_init__(self):
+        cfg = self.run.cfg
         self.diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
                                           cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
 
-    def __call__(self, batch: dict) -> dict:
+    def latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_c (B, C, H, W), z_m (B, D, T, H'+W'), y (B,)) on the device, the latents in the autoencoder's units: a
+        batch of the latent cache as it is, a batch of clips encoded by the frozen autoencoder."""
         run = self.run
         if "z_c" in batch:
             z_c, z_m = run.to_device(batch["z_c"]), run.to_device(batch["z_m"])
         else:
             z_c, z_m = encode(self.ae, run.to_device(batch["x"]), run.autocast())
-        x0, model_kwargs = stage_inputs(self.stage, z_c, z_m, run.to_device(batch["y"]), self.scaler)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=run.device)
-        with run.autocast():
-            losses = self.diffusion.training_losses(self.train_model, x0, t, model_kwargs)
-        loss = losses["loss"].mean()
-        loss.backward()
-        grad_norm = run.optimizer_step(self.train_model, self.optimizer, self.ema)
-        return {"loss": loss, "grad_norm": grad_norm, **{k: v.mean() for k, v in losses.items() if k != "loss"}}
+        return z_c, z_m, run.to_device(batch["y"])
 
+    def losses(self, x0: torch.Tensor, cond: dict) -> dict:
+        """The diffusion loss of the denoiser on x0 given `cond` (its keyword arguments), each clip at a timestep
+        drawn uniformly, under the run's autocast: {'loss', and its terms}, each averaged over the batch."""
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.run.device)
+        with self.run.autocast():
+            losses = self.diffusion.training_losses(self.train_model, x0, t, cond)
+        return {key: value.mean() for key, value in losses.items()}
 
-@dataclass
-class PreviewContext:
-    run: TrainingRun
-    ema: torch.nn.Module
-    ae: torch.nn.Module
-    sampling: object
-    sampler: str
-    eval_latents: dict  # z_c, z_m (the autoencoder's units), y of the fixed held-out clips
-    scaler: LatentScaler  # the run's latent statistics
-
-    @property
     def denoiser(self) -> Denoiser:
-        """The EMA model as training.generation samples it, with the run's sampler and guidance scale."""
-        return Denoiser(self.ema, self.run.cfg, self.scaler, Sampler(self.sampling, self.sampler),
-                        float(self.run.cfg.diffusion.cfg_scale))
+        """The EMA model as training.generation samples it, with the previews' sampler and the guidance scale."""
+        return Denoiser(self.ema, self.run.cfg, self.scaler, self.sampler, float(self.run.cfg.diffusion.cfg_scale))
+
+    def save(self) -> None:
+        """A checkpoint of the model, its EMA, the optimizer and the latent statistics (TrainingRun.save)."""
+        self.run.save({"model": self.model, "ema": self.ema}, {"opt": self.opt},
+                      {"latent_stats": self.scaler.state_dict()})
 
 
-def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
-    """Trains the `stage` denoiser; `preview(PreviewContext)` writes samples every train.sample_every steps (rank 0)."""
+def setup(cfg, stage: str) -> DiffusionStage:
+    """The `stage` ('motion' or 'content') run: its folder, the frozen autoencoder, the training clips (or their
+    latent cache, diffusion.latent_cache) and the held-out clips' latents, the denoiser with its EMA and optimizer
+    (restored when resuming), and the latent statistics (restored, or measured on the training data)."""
     run = TrainingRun(cfg, stage=stage)
     run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
     ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data, cfg.mode, cfg.vae)
@@ -101,35 +95,24 @@ def train_diffusion_stage(cfg, stage: str, preview: Callable) -> None:
     model = model.to(run.device)
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
-    modules, optimizers = {"model": model, "ema": ema}, {"opt": opt}
-    resumed = run.restore(modules, optimizers)
+    resumed = run.restore({"model": model, "ema": ema}, {"opt": opt})
     scaler = restored_latent_stats(run, resumed, ae) if resumed is not None else None
     del resumed  # the checkpoint's weights are not kept for the whole run
     run.logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                     f"autoencoder {cfg.ae_ckpt}")
-    sampling, sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma)
+    sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma)
 
     eval_clips = fixed_batch(eval_set, cfg.train.num_eval_videos)
     z_c, z_m = encode(ae, run.to_device(eval_clips["x"]), run.autocast())
     eval_latents = {"z_c": z_c, "z_m": z_m, "y": run.to_device(eval_clips["y"])}
-
+    source = dataset
     if cfg.diffusion.latent_cache:
         source = build_latent_cache(run, LatentEncoder.autoencoder(ae, cfg.ae_ckpt), dataset,
                                     cfg.diffusion.latent_cache_clips_per_video, run.batch_size)
-    else:
-        source = dataset
     if scaler is None:
         scaler = measure_latent_stats(run, ae, source)
-    extra = {"latent_stats": scaler.state_dict()}
-    train_step = DiffusionTrainStep(run, stage, run.wrap(model), ema, opt, ae, scaler)
-    batches = run.loader(source)
-    while not run.should_stop():
-        run.log(train_step(next(batches)))
-        if run.due(cfg.train.sample_every):
-            if run.dist.is_main:  # the other ranks wait for it at the next collective (log or save)
-                preview(PreviewContext(run, ema, ae, sampling, sampler, eval_latents, train_step.scaler))
-        run.maybe_save(modules, optimizers, extra)
-    run.finish()
+    return DiffusionStage(run, ae, model, run.wrap(model), ema, opt, scaler.to(run.device), source, eval_latents,
+                          sampler)
 
 
 def restored_latent_stats(run: TrainingRun, ckpt: dict, ae) -> LatentScaler:

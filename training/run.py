@@ -137,8 +137,21 @@ def claim_run_dir(results: Path, stage: str, exp_name: Optional[str] = None) -> 
 class TrainingRun:
     """One training run of one stage: everything but the model, the loss and the loop body.
 
-    Use: build it first, build the model, `restore(...)`, `wrap(model)`, `loader(dataset)`, then per step
-    `optimizer_step(...)`, `log(...)`, `maybe_save(...)` until `should_stop()`; `finish()` at the end.
+    Use: build it first, build the model, `restore(...)`, `wrap(model)`, `loader(dataset)`, then the loop, whose
+    stop check is made once per step and passed on:
+
+        last = run.should_stop()  # True already for a run resumed at its last step
+        while not last:
+            ...forward, loss, loss.backward()...
+            grad_norm = run.clip_and_step_if_finite(model, optimizer, ema)
+            run.count_step()
+            last = run.should_stop()
+            run.log(values, last)
+            if run.due(cfg.train.ckpt_every, last):
+                run.save(modules, optimizers)
+        run.finish()
+
+    Every rank makes the same calls in the same order: `should_stop`, `log` and `save` are where they agree.
     """
 
     def __init__(self, cfg, stage: str):
@@ -187,7 +200,6 @@ class TrainingRun:
         self.nonfinite_in_a_row = 0
         self.last_saved_step: Optional[int] = None  # the step of this run's latest checkpoint, for finish()'s message
         self._stop_signal: Optional[str] = None
-        self._stop_decision: Optional[tuple[int, bool]] = None
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_count = 0
         self._speed_mark: Optional[tuple[float, int]] = None  # (time, step) of the last log line or the first step
@@ -336,14 +348,15 @@ class TrainingRun:
         return contextlib.nullcontext()
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Optional[nn.Module] = None,
-                       grad_clip: Optional[float] = None, count_step: bool = True) -> torch.Tensor:
-        """Clips, checks for NaN/inf, steps, updates EMA, counts the step. Returns the grad norm.
+    def clip_and_step_if_finite(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                ema: Optional[nn.Module] = None, grad_clip: Optional[float] = None) -> torch.Tensor:
+        """Clips the gradients to optim.grad_clip (or `grad_clip`; 0: no clipping), steps the optimizer and moves
+        `ema` towards the model, unless the gradient norm is non-finite (a NaN/inf loss): then the update is
+        skipped and counted, and train.max_nonfinite_steps skipped in a row stop the run. Zeroes the gradients;
+        returns the grad norm. It does not count the training step: `count_step()` does, once per step.
 
-        `count_step=False` is for a second optimizer in the same step (the AE's discriminator).
-
-        A non-finite gradient (from a NaN/inf loss) is not applied. The finiteness check is the one
-        host sync per step; DDP has already averaged the gradients, so every rank takes the same decision.
+        The finiteness check is the one host sync per step; DDP has already averaged the gradients, so every rank
+        takes the same decision.
         """
         clip = self.cfg.optim.grad_clip if grad_clip is None else grad_clip
         params = [p for p in model.parameters() if p.grad is not None]
@@ -361,20 +374,23 @@ class TrainingRun:
                 raise RunError(f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1}; "
                                f"stopping (the last good checkpoint is kept in {self.ckpt_dir})")
         optimizer.zero_grad(set_to_none=True)
-        if count_step:
-            self.step += 1
-            self.samples_seen += self.batch_size * self.dist.world_size
         return grad_norm
 
-    def log(self, values: dict) -> None:
-        """Accumulates detached scalars on device (no sync); every log_every steps averages over steps and ranks."""
+    def count_step(self) -> None:
+        """One training step done: the step count and the data stream's position (clips drawn by all ranks) move on."""
+        self.step += 1
+        self.samples_seen += self.batch_size * self.dist.world_size
+
+    def log(self, values: dict, last: bool) -> None:
+        """Accumulates detached scalars on device (no sync); every log_every steps, and at the `last` step, averages
+        them over steps and ranks (an all-reduce) and writes a log line."""
         if self._speed_mark is None:  # the clock starts at the first step, not at setup (datasets, latent cache)
             self._speed_mark = (time.perf_counter(), self.step)
         for key, value in values.items():
             value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
             self._log_sums[key] = self._log_sums.get(key, 0.0) + value.to(self.device)
         self._log_count += 1
-        if self.step % self.cfg.train.log_every != 0 and not self.should_stop():
+        if not last and self.step % self.cfg.train.log_every != 0:
             return
         keys = sorted(self._log_sums)
         means = all_reduce_mean(torch.stack([self._log_sums[k] for k in keys]) / self._log_count).tolist()
@@ -399,18 +415,21 @@ class TrainingRun:
         return f"{rate:.3g} steps/s {rate * self.cfg.train.global_batch_size:.3g} clips/s ETA {eta}"
 
     def should_stop(self) -> bool:
-        """True at max_steps or after SIGTERM/SIGINT on any rank; decided once per step so ranks agree."""
-        if self._stop_decision is not None and self._stop_decision[0] == self.step:
-            return self._stop_decision[1]
-        stop = self.step >= self.cfg.train.max_steps
-        if not stop and not self.dist.distributed:
-            stop = self._stop_signal is not None
-        elif not stop and self.step % STOP_CHECK_EVERY == 0:
-            # Ranks agree through an all-reduce, a host sync: only every few steps, not in every step.
-            flag = torch.tensor(1.0 if self._stop_signal else 0.0, device=self.device)
-            stop = bool(all_reduce_max(flag).item())
-        self._stop_decision = (self.step, stop)
-        return stop
+        """Whether the step just counted is the last (before the loop: whether there is no step to train): at
+        max_steps, or after SIGTERM/SIGINT on any rank.
+
+        Call it once per step on every rank, as in the class docstring's loop: distributed, every
+        STOP_CHECK_EVERY-th step it is an all-reduce (a host sync), through which the ranks agree on a signal one of
+        them received.
+        """
+        if self.step >= self.cfg.train.max_steps:
+            return True
+        if not self.dist.distributed:
+            return self._stop_signal is not None
+        if self.step % STOP_CHECK_EVERY != 0:
+            return False
+        flag = torch.tensor(1.0 if self._stop_signal else 0.0, device=self.device)
+        return bool(all_reduce_max(flag).item())
 
     def stop_requested(self) -> bool:
         """True after SIGTERM/SIGINT on any rank, for long work outside the step loop (the latent cache build).
@@ -422,9 +441,9 @@ class TrainingRun:
         flag = torch.tensor(1.0 if self._stop_signal else 0.0, device=self.device)
         return bool(all_reduce_max(flag).item())
 
-    def due(self, interval: int) -> bool:
-        """Every `interval` steps, and at the last step (max_steps or a stop signal)."""
-        return (interval > 0 and self.step % interval == 0) or self.should_stop()
+    def due(self, interval: int, last: bool) -> bool:
+        """Every `interval` steps (never for 0), and at the `last` step (should_stop's answer for this step)."""
+        return last or (interval > 0 and self.step % interval == 0)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> Optional[Path]:
@@ -463,10 +482,6 @@ class TrainingRun:
         self.last_saved_step = self.step
         barrier()
         return path
-
-    def maybe_save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
-        if self.due(self.cfg.train.ckpt_every):
-            self.save(modules, optimizers, extra)
 
     def finish(self, interrupted: Optional[str] = None) -> None:
         """Logs how the run ended and closes it. `interrupted` names the work a stop signal cut short before the

@@ -36,17 +36,21 @@ def main(cfg):
     ddp_model = run.wrap(model)
     batches = run.loader(ToyData())
     losses = []
-    while not run.should_stop():
+    last = run.should_stop()
+    while not last:
         batch = next(batches)
         loss = nn.functional.mse_loss(ddp_model(run.to_device(batch["x"])), run.to_device(batch["y"]))
         if run.step + 1 in {int(s) for s in os.environ.get("TOY_NAN_STEPS", "").split(",") if s}:
             loss = loss * float("nan")  # the non-finite tests: this update must be skipped
         time.sleep(float(os.environ.get("TOY_STEP_SECONDS", "0")))
         loss.backward()
-        run.optimizer_step(ddp_model, opt, ema)
+        run.clip_and_step_if_finite(ddp_model, opt, ema)
+        run.count_step()
         losses.append(loss.item())
-        run.log({"loss": loss})
-        run.maybe_save({"model": model, "ema": ema}, {"opt": opt})
+        last = run.should_stop()
+        run.log({"loss": loss}, last)
+        if run.due(cfg.train.ckpt_every, last):
+            run.save({"model": model, "ema": ema}, {"opt": opt})
     if run.dist.is_main:
         flat = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
         (run.run_dir / f"result-{run.step}.json").write_text(json.dumps({"losses": losses, "params": flat}))
