@@ -94,15 +94,16 @@ def evaluate(run, model, frames, loss_fn, eval_batch, recon_fvd=None):
     keys = sorted(metrics)
     values = all_reduce_mean(torch.stack([metrics[k].float() for k in keys])).tolist()
     results = dict(zip(keys, values))
+    on_pixels = pixel_interface(frames, model)  # the model on pixel clips (behind the VAE in latent mode)
     if recon_fvd is not None:
         model.eval()
-        results["fvd_recon"] = recon_fvd(pixel_interface(frames, model), run.device, run.autocast)
+        results["fvd_recon"] = recon_fvd(on_pixels, run.device, run.autocast)
         model.train()
     if run.dist.is_main:
         out = run.run_dir / "eval"
-        with torch.no_grad(), run.autocast():
+        with run.autocast():
             pairs = frames.decode(torch.stack([x, x_hat], dim=1).flatten(0, 1)).float()  # originals, reconstructions
-            content = frames.decode(z_c.unsqueeze(2)).float()
+            content = on_pixels.decode_content(z_c).float().unsqueeze(2)
         save_video_set(to_uint8_videos(pairs), out, "reconstruction", run.step, run.writer, nrow=2)
         save_video_set(to_uint8_videos(content), out, "content_frames", run.step, run.writer)
         for key, value in results.items():
@@ -126,9 +127,6 @@ def main(cfg):
     eval_set = run.build_dataset(cfg.data.eval_split)
     run.record("data.num_classes", dataset.num_classes)
 
-    if frames.latent_channels != cfg.model.channels:
-        raise ConfigError(f"config key 'model.channels' is {cfg.model.channels} but the VAE {cfg.vae} makes "
-                          f"{frames.latent_channels}-channel latents")
     model = build_autoencoder(cfg.model, cfg.data, frames.downsample).to(run.device)
     loss_fn = build_ae_loss(cfg.loss, cfg.model.channels).to(run.device)
     ema = make_ema(model)
@@ -157,8 +155,7 @@ def main(cfg):
 
     source = dataset
     if cfg.latent_cache:  # latent mode: the VAE runs once per cached clip instead of on every batch
-        clip_shape = (3, cfg.data.n_frames, *cfg.data.resolution)
-        source = build_latent_cache(run, LatentEncoder.frames(frames, clip_shape), dataset,
+        source = build_latent_cache(run, LatentEncoder.frames(frames, cfg.data), dataset,
                                     cfg.latent_cache_clips_per_video, run.batch_size)
     batches = run.loader(source)
     results = None

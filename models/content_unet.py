@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from models.dit import LabelEmbedder, build_dit
-from models.vae import looks_like_hub_id
+from models.vae import from_pretrained
 
 PRETRAINED_UNET = "UNet2DCondition"  # model.name of a content model started from a diffusers UNet
 
@@ -58,36 +58,17 @@ class ContentUNet(nn.Module):
         return self.unet(x, t, encoder_hidden_states=context).sample
 
 
-def _unet_folder(path: Path) -> Path:
-    """The UNet folder at `path`: itself, or a pipeline folder's unet/ (refused when the pipeline's scheduler says
-    the UNet predicts v: our diffusion trains and samples noise predictions)."""
-    scheduler = path / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction":
-        raise UNetLoadError(f"model.pretrained {path}: its scheduler says the UNet predicts v (v_prediction); use an "
-                            f"epsilon-prediction model such as stable-diffusion-2-1-base")
-    for folder in (path, path / "unet"):
-        if (folder / "config.json").is_file():
-            return folder
-    raise UNetLoadError(f"model.pretrained {path}: no config.json in it or in its unet/ subfolder; expected a diffusers "
-                        f"UNet2DConditionModel folder (e.g. stable-diffusion-2-1-base/unet)")
-
-
 def load_pretrained_unet(source: str) -> nn.Module:
-    """A UNet2DConditionModel with its weights, from a local folder or a hub id (its unet/ subfolder)."""
+    """A UNet2DConditionModel with its weights, from a local folder (the UNet's, or a pipeline folder holding unet/)
+    or a hub id (its unet/ subfolder). A pipeline whose scheduler says the UNet predicts v is refused: our diffusion
+    trains and samples noise predictions."""
     from diffusers import UNet2DConditionModel  # here, not at import: pixel-mode runs never pay diffusers' ~5 s
 
-    path = Path(source).expanduser()
-    if not path.exists() and not looks_like_hub_id(source):
-        raise UNetLoadError(f"model.pretrained {source}: no such folder")
-    try:
-        if path.exists():
-            return UNet2DConditionModel.from_pretrained(_unet_folder(path), low_cpu_mem_usage=False)
-        return UNet2DConditionModel.from_pretrained(source, subfolder="unet", low_cpu_mem_usage=False)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        if isinstance(exc, UNetLoadError):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UNetLoadError(f"model.pretrained {source}: does not load as a UNet2DConditionModel ({first})") from None
+    scheduler = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction":
+        raise UNetLoadError(f"model.pretrained {source}: its scheduler says the UNet predicts v (v_prediction); use an "
+                            f"epsilon-prediction model such as stable-diffusion-2-1-base")
+    return from_pretrained(UNet2DConditionModel, source, "unet", "model.pretrained", UNetLoadError)
 
 
 def unet_from_config(config_json: str) -> nn.Module:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -31,10 +30,6 @@ class PixelFrames(nn.Module):
     """Pixel mode: clips are what the CMD autoencoder sees."""
 
     downsample = 1
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.latent_channels = int(channels)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -76,17 +71,38 @@ class FrameVAE(nn.Module):
         return self._per_frame(lambda f: self.vae.decode(f / self.scale + self.shift).sample, z)
 
 
-def _vae_folder(path: Path) -> Optional[Path]:
-    """The AutoencoderKL folder at `path`: itself (config.json) or a pipeline folder's vae/ subfolder."""
-    for folder in (path, path / "vae"):
-        if (folder / "config.json").is_file():
-            return folder
-    return None
-
-
 def looks_like_hub_id(source: str) -> bool:
     """'owner/name' (a Hugging Face hub id) rather than a path: one slash, no leading '/', '.' or '~'."""
     return source.count("/") == 1 and not source.startswith(("/", ".", "~")) and "\\" not in source
+
+
+def from_pretrained(model_class, source: str, subfolder: str, what: str, error: type):
+    """`model_class.from_pretrained` of a local folder (the model's own, or a pipeline folder holding `subfolder`/)
+    or of a hub id (its `subfolder`, else its root); any failure is one `error` line naming `what` and `source`.
+    Shared by the VAE and the pretrained content UNet."""
+    name = model_class.__name__
+    path = Path(source).expanduser()
+    if not path.exists() and not looks_like_hub_id(source):
+        raise error(f"{what} {source}: no such folder")
+    try:
+        if not path.exists():
+            try:
+                return model_class.from_pretrained(source, subfolder=subfolder, low_cpu_mem_usage=False)
+            except (OSError, ValueError):
+                return model_class.from_pretrained(source, low_cpu_mem_usage=False)
+        folder = next((f for f in (path, path / subfolder) if (f / "config.json").is_file()), None)
+        if folder is None:
+            raise error(f"{what} {source}: no config.json in it or in its {subfolder}/ subfolder; expected a diffusers "
+                        f"{name} folder (e.g. stable-diffusion-2-1-base/{subfolder})")
+        found = json.loads((folder / "config.json").read_text()).get("_class_name", name)
+        if found != name:
+            raise error(f"{what} {folder}: its config.json describes {found}, not {name}")
+        return model_class.from_pretrained(folder, low_cpu_mem_usage=False)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        if isinstance(exc, error):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{what} {source}: does not load as a {name} ({first})") from None
 
 
 def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
@@ -96,32 +112,9 @@ def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
 
     if not source:
         raise VAELoadError("config key 'vae' is empty: latent mode needs a Stable Diffusion VAE folder or hub id (--vae)")
-    path = Path(source).expanduser()
-    if not path.exists() and not looks_like_hub_id(source):
-        raise VAELoadError(f"vae {source}: no such folder")
-    try:
-        if path.exists():
-            folder = _vae_folder(path)
-            if folder is None:
-                raise VAELoadError(f"vae {source}: no config.json in it or in its vae/ subfolder; expected a diffusers "
-                                   f"AutoencoderKL folder (e.g. stable-diffusion-2-1-base/vae)")
-            config = json.loads((folder / "config.json").read_text())
-            if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-                raise VAELoadError(f"vae {folder}: config.json describes a {config['_class_name']}, not an AutoencoderKL")
-            vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
-        else:
-            try:
-                vae = AutoencoderKL.from_pretrained(source, subfolder="vae", low_cpu_mem_usage=False)
-            except (OSError, ValueError):
-                vae = AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
-    except VAELoadError:
-        raise
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VAELoadError(f"vae {source}: not a local AutoencoderKL folder and not loadable as a hub id ({first})") from None
-    frames = FrameVAE(vae, chunk).to(device)
-    if path.exists():  # the folder and its files' sizes and times: other weights, another cache
-        folder = _vae_folder(path)
+    frames = FrameVAE(from_pretrained(AutoencoderKL, source, "vae", "vae", VAELoadError), chunk).to(device)
+    folder = Path(frames.identity)
+    if folder.is_dir():  # a local folder: its files' sizes and times too (other weights, another latent cache)
         frames.identity = "|".join([str(folder.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
                                                               for f in sorted(folder.iterdir()) if f.is_file()])
     return frames

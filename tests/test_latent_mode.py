@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from diffusion.schedules import get_beta_schedule
-from models.content_unet import ContentUNet, UNetLoadError, build_denoiser, load_pretrained_unet
+from models.content_unet import ContentUNet, UNetLoadError, load_pretrained_unet
 from models.vae import FrameVAE, LatentModeAutoencoder, VAELoadError, load_frame_vae
 from models.autoencoder import CMDAutoencoder
 from scripts.make_tiny_sd import TINY_UNET, TINY_VAE, make_tiny_sd
@@ -15,6 +15,7 @@ from tests.conftest import run_python
 from training.checkpoint import load_checkpoint
 from datasets import build_dataset
 from training.config import ConfigError, config_from_dict, load_config
+from training.latents import load_frames
 
 F32 = torch.finfo(torch.float32).eps
 
@@ -54,8 +55,12 @@ def test_a_pipeline_folder_holding_vae_loads_and_a_wrong_path_is_one_line_naming
     with pytest.raises(VAELoadError) as err:
         load_frame_vae(str(tmp_path))
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(VAELoadError, match="not an AutoencoderKL"):
+    with pytest.raises(VAELoadError, match="describes UNet2DConditionModel, not AutoencoderKL"):
         load_frame_vae(str(tiny_sd / "unet"))
+    three_channels = load_config("autoencoder", "configs/tiny_latent/autoencoder.yaml",
+                                 [f"vae={tiny_sd / 'vae'}", "model.channels=3"])
+    with pytest.raises(ConfigError, match="'model.channels' is 3 but the VAE .* makes 4-channel latents"):
+        load_frames(three_channels, "cpu")
     with pytest.raises(UNetLoadError, match=str(tmp_path)):
         load_pretrained_unet(str(tmp_path))
     # A v-prediction pipeline (SD 2.1 768-v) is refused by name: we train and sample noise predictions.

@@ -29,7 +29,7 @@ from training.checkpoint import (
     model_weights,
     resolve_resume,
 )
-from training.config import config_from_dict
+from training.config import ConfigError, config_from_dict
 from training.data import _ignore_stop_signals
 from training.distributed import all_reduce_sum, barrier, broadcast_object
 
@@ -59,9 +59,13 @@ def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
 def load_frames(cfg, device):
     """What the CMD autoencoder of an autoencoder config sees of a clip: the frames (pixel mode) or their latents
     under the frozen VAE the config names (latent mode)."""
-    if cfg.mode == "latent":
-        return load_frame_vae(cfg.vae, device)
-    return PixelFrames(cfg.model.channels)
+    if cfg.mode != "latent":
+        return PixelFrames()
+    frames = load_frame_vae(cfg.vae, device)
+    if frames.latent_channels != cfg.model.channels:
+        raise ConfigError(f"config key 'model.channels' is {cfg.model.channels} but the VAE {cfg.vae} makes "
+                          f"{frames.latent_channels}-channel latents")
+    return frames
 
 
 def load_autoencoder(path, device, data_cfg=None, mode: Optional[str] = None, vae: Optional[str] = None):
@@ -120,10 +124,10 @@ class LatentEncoder:
                    lambda x, autocast: dict(zip(("z_c", "z_m"), encode(ae, x, autocast))), key)
 
     @classmethod
-    def frames(cls, frames, clip_shape) -> "LatentEncoder":
-        """The VAE's latent clips (B, c, T, h, w) of pixel clips (C, T, H, W) `clip_shape`."""
-        c, t, h, w = clip_shape
+    def frames(cls, frames, data_cfg) -> "LatentEncoder":
+        """The VAE's latent clips (B, c, T, H/f, W/f) of the data config's pixel clips (B, 3, T, H, W)."""
         f = frames.downsample
+        t, (h, w) = int(data_cfg.n_frames), data_cfg.resolution
 
         def encode_clips(x, autocast):
             with autocast:
