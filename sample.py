@@ -5,12 +5,14 @@
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --content-frame photo.png --classes 3   # image-to-video
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --real-content --npz motion_only.npz  # motion-only
     torchrun --nproc_per_node=8 sample.py ... --num-videos 10000 --classes dataset --no-mp4 --frames-dir out/frames
+    python sample.py ... --prompt "a red disc moving left" --num-videos 4     # text-to-video (caption-conditioned)
 """
 import argparse
 import difflib
 import re
 import signal
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -25,8 +27,9 @@ from training.cli import finite_float, positive_int, run_reporting_user_errors
 from training.distributed import barrier, cleanup_distributed, setup_distributed
 from training.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
                                  dataset_labels, real_content_frames, set_precision)
-from training.media import save_video_set, write_mp4
-from training.outputs import GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished, write_frames
+from training.media import captioned_rows, save_video_set, write_mp4, write_png
+from training.outputs import (CAPTIONS_GRID, GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished,
+                              write_frames)
 
 
 def given_content_frames(args, models, labels: list, device):
@@ -98,6 +101,38 @@ def classes_dataset(data_cfg, seed: int):
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"--classes: class names and frequencies come from the motion run's training data, which "
                          f"cannot be read here ({message})") from None
+
+
+def prompt_list(args) -> list:
+    """The prompts of --prompt (in order) and --prompts FILE (one per line; blank lines and '#' lines skipped)."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--prompts {path}: cannot be read ({type(exc).__name__})") from None
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not prompts:
+            raise ValueError(f"--prompts {path}: holds no prompt")
+    return prompts
+
+
+def prompt_slug(prompt: str, limit: int = 60) -> str:
+    """A prompt as a file-name part: lower-case words joined by '-' ('A red disc!' -> 'a-red-disc')."""
+    return "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:limit].strip("-") or "prompt"
+
+
+def prompt_noise_ids(prompts: list, num_videos: int) -> list:
+    """Video i shows prompts[i % P]; its noise is keyed by (prompt, k), k = how many videos of that prompt come
+    before it, so a prompt's k-th video is the same in any prompt list, batch or rank."""
+    seen = Counter()
+    ids = []
+    for i in range(num_videos):
+        prompt = prompts[i % len(prompts)]
+        ids.append(zlib.crc32(prompt.encode()) * 4096 + seen[prompt])
+        seen[prompt] += 1
+    return ids
 
 
 # ---- stop signals -----------------------------------------------------------------------------------------------
@@ -175,12 +210,26 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
     # Content frames given by --content-frame or --real-content need no content denoiser.
     content_ckpt = None if args.content_frame or args.real_content else args.content_ckpt
     models = load_models(args.ae_ckpt, args.motion_ckpt, content_ckpt, device, args.allow_ae_mismatch,
-                         stage_options(args, "motion"), stage_options(args, "content"), vae=args.vae)
+                         stage_options(args, "motion"), stage_options(args, "content"), vae=args.vae,
+                         text_encoder=args.text_encoder)
     set_precision(models, args.precision, device)
     if args.compile:
         compile_models(models)
     motion_cfg = models.motion.cfg
-    labels = class_list(args, models.num_classes, motion_cfg.data, int(motion_cfg.train.global_seed))
+    prompts = prompt_list(args)
+    if models.text is not None and not prompts:
+        raise ValueError(f"{args.motion_ckpt} is conditioned on captions: pass --prompt or --prompts")
+    if prompts and models.text is None:
+        raise ValueError(f"--prompt/--prompts: {args.motion_ckpt} is class-conditional; pass --classes instead")
+    if prompts and (args.classes or args.real_content):
+        raise ValueError(f"{'--classes' if args.classes else '--real-content (real clips of each video class)'} "
+                         f"needs classes; the prompts give the videos' captions instead")
+    if prompts:
+        captions = [prompts[i % len(prompts)] for i in range(args.num_videos)]
+        labels, noise_ids = [-1] * args.num_videos, prompt_noise_ids(prompts, args.num_videos)
+    else:
+        labels = class_list(args, models.num_classes, motion_cfg.data, int(motion_cfg.train.global_seed))
+        captions, noise_ids = None, list(range(args.num_videos))
     given_content = given_content_frames(args, models, labels, device)
 
     out_dir = Path(args.out_dir)
@@ -202,13 +251,18 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
     videos, contents, indices = [], [], []
     show_steps = info.is_main and not args.quiet
     for batch in tqdm(batches, desc=f"sampling (rank {info.rank})", disable=not show_steps):
-        y = torch.tensor([labels[i] for i in batch], device=device)
-        decoded, z_c = generate(models, y, args.seed, batch, None if given_content is None else given_content[batch],
-                                progress=show_steps)
+        if captions is None:
+            y = torch.tensor([labels[i] for i in batch], device=device)
+            names = [f"{i:06d}_class{labels[i]:03d}.mp4" for i in batch]
+        else:
+            y = models.encode_prompts([captions[i] for i in batch])
+            names = [f"{i:06d}_{prompt_slug(captions[i])}.mp4" for i in batch]
+        decoded, z_c = generate(models, y, args.seed, [noise_ids[i] for i in batch],
+                                None if given_content is None else given_content[batch], progress=show_steps)
         clips = to_uint8_videos(decoded)
         contents.append(to_uint8_videos(models.ae.decode_content(z_c).float().unsqueeze(2))[:, 0])
-        for index, label, clip in zip(batch, y.tolist(), clips):
-            mp4 = None if args.no_mp4 else out_dir / "videos" / f"{index:06d}_class{label:03d}.mp4"
+        for index, name, clip in zip(batch, names, clips):
+            mp4 = None if args.no_mp4 else out_dir / "videos" / name
             frames = Path(args.frames_dir) / f"{index:06d}" if args.frames_dir else None
             outputs = [path for path in (mp4, frames) if path is not None]
             with removed_if_unfinished(*outputs):  # a video counts once all its outputs are whole
@@ -233,15 +287,21 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
         all_contents = np.concatenate([s["content_frames"] for s in shards if len(s["indices"])])[ranked]
         with removed_if_unfinished(*(out_dir / name for name in GRID_FILES)):
             grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
+            if captions is not None:  # the grid's videos in rows, each with its prompt
+                write_png(captioned_rows(all_videos[: args.grid_videos], captions[: args.grid_videos]),
+                          out_dir / CAPTIONS_GRID)
         if args.npz:
             arrays = {"videos": all_videos, "labels": np.array(labels, dtype=np.int64), "content_frames": all_contents,
                       "num_classes": np.int64(models.num_classes)}
+            if captions is not None:
+                arrays["captions"] = np.array(captions, dtype=str)  # a unicode array: read back without pickle
             # Written beside its place and renamed: an earlier file stays whole until the new one is complete.
             atomic_write(npz_path(args.npz), lambda handle: np.savez(handle, **arrays))
             print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
         places = video_places(args)
         print((f"wrote {len(all_videos)} videos to {' and '.join(places)}; " if places else "")
-              + f"grid: {grid['mp4']} and {grid['png']}")
+              + f"grid: {grid['mp4']} and {grid['png']}"
+              + ("" if captions is None else f"; with the prompts: {out_dir / CAPTIONS_GRID}"))
     barrier()
 
 
@@ -291,6 +351,14 @@ def parse_args(argv=None):
                         "(e.g. ApplyEyeMakeup,Biking). 'dataset': labels drawn by the class frequencies of the motion "
                         "run's training split, as the reference and StyleGAN-V evaluate (deterministic given --seed). "
                         "Default: every class round-robin")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text-to-video (caption-conditioned checkpoints): a prompt; repeat the flag for several. "
+                        "Videos go round-robin over the prompts; a prompt's k-th video depends on --seed, the prompt and "
+                        "k alone")
+    parser.add_argument("--prompts", default=None, help="a text file of prompts, one per line (with or after --prompt)")
+    parser.add_argument("--text-encoder", default=None,
+                        help="text-to-video: the CLIP text encoder folder or hub id, when it moved since the runs "
+                        "recorded it")
     parser.add_argument("--num-videos", type=positive_int, default=16)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)

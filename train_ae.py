@@ -15,7 +15,7 @@ from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from models.vae import pixel_interface
 from training.config import ConfigError
-from training.data import _ignore_stop_signals, fixed_batch
+from training.data import WorkerLoader, fixed_batch
 from training.distributed import all_gather_object, all_reduce_mean
 from training.cli import entry_point
 from training.latents import LatentEncoder, build_latent_cache, load_frames
@@ -45,8 +45,8 @@ class ReconstructionFVD:
 
     def batches(self):
         keys = [(index, 0) for index in self.mine]  # (index, epoch 0): the clip fixed_batch would take
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, keys), batch_size=self.batch_size,
-                                             num_workers=self.num_workers, worker_init_fn=_ignore_stop_signals)
+        loader = WorkerLoader(torch.utils.data.Subset(self.dataset, keys), batch_size=self.batch_size,
+                              num_workers=self.num_workers)
         for batch in loader:
             yield batch["x"]
 

@@ -25,15 +25,17 @@ def train_step(s: DiffusionStage, batch: dict) -> dict:
 
 @torch.no_grad()
 def preview(s: DiffusionStage) -> None:
-    """Generated content frames, one per class round-robin, next to real held-out content frames."""
+    """Generated content frames, one per class round-robin (or for the held-out clips' captions), next to real
+    held-out content frames."""
     run, latents = s.run, s.eval_latents
-    count = len(latents["y"])
-    y = torch.arange(count, device=run.device) % run.cfg.data.num_classes
+    count = len(latents["z_c"])
+    y = latents["y"] if s.text is not None else torch.arange(count, device=run.device) % run.cfg.data.num_classes
     z_c = generate_content_frames(CMDModels(s.ae, motion=None, content=s.denoiser()), y)
     frames = s.ae.decode_content(torch.cat([latents["z_c"], z_c])).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
     paths = save_video_set(to_uint8_videos(frames), run.run_dir / "samples", "content_frames", run.step, run.writer,
                            nrow=count)
-    run.logger.info(f"content samples (top real, bottom generated for classes {y.tolist()}): {paths['png']}")
+    what = "their captions" if s.text is not None else f"classes {y.tolist()}"
+    run.logger.info(f"content samples (top real, bottom generated for {what}): {paths['png']}")
 
 
 def main(cfg):

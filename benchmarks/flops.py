@@ -152,7 +152,7 @@ def _denoiser_call_flops(model, shape, guided: bool, cond: Optional[dict] = None
     """
     device = next(model.parameters()).device
     x = torch.zeros(1, *shape, device=device)
-    fn = guided_model(model, 2.0, null_label=model.num_classes) if guided else model
+    fn = guided_model(model, 2.0, null=model.num_classes) if guided else model
     with torch.no_grad():
         return count_flops(lambda: fn(x, _steps(1, device), _labels(1, device), **(cond or {})))
 

@@ -14,6 +14,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datasets", description=__doc__)
     parser.add_argument("--dataset-name", default="UCF101", help=f"one of {', '.join(DATASET_NAMES)} (any case)")
     parser.add_argument("--data-path", default=None)
+    parser.add_argument("--captions", default=None, help="dataset captions: a CSV or JSONL of path, caption")
     parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--split", default="all", choices=("train", "test", "all"))
     parser.add_argument("--resolution", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     config = SimpleNamespace(
         dataset_name=args.dataset_name,
         data_path=args.data_path,
+        captions=args.captions,
         resolution=args.resolution,
         n_frames=args.n_frames,
         frame_stride=args.frame_stride,

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from datasets.captions import CaptionedVideoDataset
 from datasets.errors import DatasetError
 from datasets.synthetic import SyntheticMovingShapes
 from datasets.video_folder import VideoFolderDataset
 
-DATASET_NAMES = ("synthetic", "UCF101", "folder")
+DATASET_NAMES = ("synthetic", "UCF101", "folder", "captions")
 
 
 def _field(config, name: str, default=None):
@@ -52,4 +53,20 @@ def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
                 f"data.num_classes={requested_classes} but {dataset.root} has {dataset.num_classes} classes"
             )
         return dataset
+    if key == "captions":
+        captions = _field(data_cfg, "captions")
+        if not captions:
+            raise DatasetError("data.captions is required for dataset 'captions' (a CSV or JSONL of path, caption)")
+        if requested_classes is not None and int(requested_classes) != 1:
+            raise DatasetError(f"data.num_classes={requested_classes} but captioned videos have 1 class (dataset 'captions')")
+        return CaptionedVideoDataset(
+            data_path=_field(data_cfg, "data_path"),
+            captions=captions,
+            split=split,
+            resolution=resolution,
+            n_frames=n_frames,
+            frame_stride=int(_field(data_cfg, "frame_stride", 1)),
+            seed=seed,
+            index_cache_dir=_field(data_cfg, "index_cache_dir"),
+        )
     raise DatasetError(f"unknown data.dataset_name {name!r}; choices: {', '.join(DATASET_NAMES)}")

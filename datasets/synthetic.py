@@ -1,8 +1,11 @@
-"""Built-in "moving shapes" dataset: class = shape of the main object x its direction of motion, drawn with numpy."""
+"""Built-in "moving shapes" dataset: class = shape of the main object x its direction of motion, drawn with numpy.
+Each clip also has a caption ("a red disc moving left") for text-to-video runs."""
 from __future__ import annotations
 
+import colorsys
 import math
-from typing import Sequence, Tuple, Union
+import re
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,10 +22,38 @@ DIRECTION_VECTORS = {"right": (0.0, 1.0), "left": (0.0, -1.0), "down": (1.0, 0.0
 MAX_CLASSES = len(SHAPES) * len(DIRECTIONS)
 # Each split draws from its own seed stream, so held-out clips never repeat training clips.
 SPLIT_STREAMS = {"train": 0, "all": 0, "test": 1}
+# Hue names, one per sixth of the hue circle, centred on the HSV primaries and secondaries (hue 0 = red).
+COLOR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
+# Last key of the rng that decides whether a caption names the colour: a stream apart from the pixels' one.
+CAPTION_STREAM = 1
 
 
 def class_name(label: int) -> str:
     return f"{SHAPES[label % len(SHAPES)]}-{DIRECTIONS[label // len(SHAPES)]}"
+
+
+def caption_for_label(label: int) -> str:
+    """Colour-free caption of a class, e.g. "a disc moving left" (prompts for sampling)."""
+    if not 0 <= int(label) < MAX_CLASSES:
+        raise ValueError(f"label must be in 0..{MAX_CLASSES - 1}, got {label}")
+    return f"a {SHAPES[label % len(SHAPES)]} moving {DIRECTIONS[label // len(SHAPES)]}"
+
+
+def label_from_caption(caption: str) -> Optional[int]:
+    """Class label from the one shape word and the one direction word of a caption (whole words, any case);
+    None when either is missing or more than one is named."""
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    shapes = [index for index, shape in enumerate(SHAPES) if shape in words]
+    directions = [index for index, direction in enumerate(DIRECTIONS) if direction in words]
+    if len(shapes) != 1 or len(directions) != 1:
+        return None
+    return directions[0] * len(SHAPES) + shapes[0]
+
+
+def color_name(rgb: Sequence[float]) -> str:
+    """Name of the hue bin of an RGB colour in [0, 1] (one of COLOR_NAMES)."""
+    hue = colorsys.rgb_to_hsv(*(float(value) for value in rgb))[0]  # [0, 1)
+    return COLOR_NAMES[int(math.floor(hue * 6 + 0.5)) % 6]
 
 
 def _bounce(start: np.ndarray, velocity: np.ndarray, low: float, high: float, times: np.ndarray) -> np.ndarray:
@@ -80,6 +111,17 @@ def render_moving_shapes(
     label: int, rng: np.random.Generator, n_frames: int, height: int, width: int, max_distractors: int = 2
 ) -> np.ndarray:
     """One clip as float32 (3, T, H, W) in [0, 1]; the main (largest, topmost) object encodes the label."""
+    return render_moving_shapes_with_color(label, rng, n_frames, height, width, max_distractors)[0]
+
+
+def render_moving_shapes_with_color(
+    label: int, rng: np.random.Generator, n_frames: int, height: int, width: int, max_distractors: int = 2
+) -> Tuple[np.ndarray, np.ndarray]:
+    """render_moving_shapes plus the main object's RGB colour (3,) in [0, 1]; the same draws from `rng`.
+
+    How many values are drawn does not depend on height, width or n_frames, so the colour of a clip is the same
+    at every resolution and length (SyntheticMovingShapes.caption_of renders a tiny clip to find it).
+    """
     kind = SHAPES[label % len(SHAPES)]
     direction_y, direction_x = DIRECTION_VECTORS[DIRECTIONS[label // len(SHAPES)]]
     times = np.arange(n_frames, dtype=np.float32)
@@ -115,15 +157,18 @@ def render_moving_shapes(
     path_y = _bounce(start[0], velocity[0], low[0], high[0], times)
     path_x = _bounce(start[1], velocity[1], low[1], high[1], times)
     coverage = shape_coverage(kind, path_y, path_x, radius, height, width)
-    video += coverage[None] * (_bright_color(rng)[:, None, None, None] - video)
-    return np.clip(video, 0.0, 1.0)
+    main_color = _bright_color(rng)
+    video += coverage[None] * (main_color[:, None, None, None] - video)
+    return np.clip(video, 0.0, 1.0), main_color
 
 
 class SyntheticMovingShapes(Dataset):
     """`size` clips; clip i has label i % num_classes and depends only on (seed, split, i).
 
-    Item: dict(x=float (3, T, H, W) in [-1, 1], y=int label, index=int). The epoch is accepted (an (index, epoch)
-    key) for interface parity with video datasets but does not change the clip: a fixed set.
+    Item: dict(x=float (3, T, H, W) in [-1, 1], y=int label, index=int, caption=str). The epoch is accepted (an
+    (index, epoch) key) for interface parity with video datasets but does not change the clip: a fixed set.
+    Caption: "a {shape} moving {direction}", half of them (by a separate rng stream, so pixels do not depend on it)
+    with the main object's colour named: "a {color} {shape} moving {direction}".
     """
 
     def __init__(
@@ -158,17 +203,35 @@ class SyntheticMovingShapes(Dataset):
     def label_of(self, index: int) -> int:
         return index % self.num_classes
 
-    def __getitem__(self, key) -> dict:
-        index, _ = split_index_and_epoch(key)
+    def _check_index(self, index: int) -> None:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} synthetic clips")
-        label = self.label_of(index)
+
+    def _render(self, index: int, n_frames: int, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], index])
+        return render_moving_shapes_with_color(self.label_of(index), rng, n_frames, height, width, self.max_distractors)
+
+    def _caption(self, index: int, main_color: np.ndarray) -> str:
+        caption = caption_for_label(self.label_of(index))
+        caption_rng = np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], index, CAPTION_STREAM])
+        if caption_rng.random() < 0.5:
+            caption = f"a {color_name(main_color)} {caption[2:]}"
+        return caption
+
+    def caption_of(self, index: int) -> str:
+        """The caption of clip `index`, from a 4x4 one-frame render (the colour does not depend on the size)."""
+        self._check_index(index)
+        return self._caption(index, self._render(index, 1, 4, 4)[1])
+
+    def __getitem__(self, key) -> dict:
+        index, _ = split_index_and_epoch(key)
+        self._check_index(index)
         height, width = self.resolution
-        clip = render_moving_shapes(label, rng, self.n_frames, height, width, self.max_distractors)  # (3, T, H, W)
+        clip, main_color = self._render(index, self.n_frames, height, width)  # (3, T, H, W)
         clip *= 2.0
         clip -= 1.0
-        return {"x": torch.from_numpy(clip), "y": label, "index": index}
+        caption = self._caption(index, main_color)
+        return {"x": torch.from_numpy(clip), "y": self.label_of(index), "index": index, "caption": caption}
 
     def summary(self) -> str:
         return "\n".join(
@@ -176,6 +239,7 @@ class SyntheticMovingShapes(Dataset):
                 f"dataset: synthetic moving shapes  split: {self.split} (seed stream {SPLIT_STREAMS[self.split]})",
                 f"clips: {self.size}, {self.n_frames} frames, resolution {self.resolution[0]}x{self.resolution[1]}",
                 f"classes: {self.num_classes} ({', '.join(self.class_names)})",
+                "captions: 'a [colour] {shape} moving {direction}', colour named in half of them",
                 "skipped: 0",
             ]
         )

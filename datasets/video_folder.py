@@ -75,33 +75,22 @@ class VideoFolderDataset(Dataset):
         self.skipped: List[Tuple[str, str]] = []  # (path, reason) for every file left out or replaced
         self._failed_indices: Dict[int, str] = {}
 
-        self.listing = list_video_folder(self.root, fold)
-        self.class_names = list(self.listing.class_names)
-        self.num_classes = len(self.class_names)
-        self.split_source = self._describe_split_source()
-        candidates = self.listing.videos_of_split(split)
-        results, self.index_stats = probe_videos(self.root, [path for path, _ in candidates], index_cache_dir)
+        candidates = self._list_candidates()
+        paths = [candidate[0] for candidate in candidates]
+        results, self.index_stats = probe_videos(self.root, paths, index_cache_dir)
         self._probe_results = results
 
         self.entries: List[VideoEntry] = []
-        for relative_path, label in candidates:
+        for candidate in candidates:
+            relative_path = candidate[0]
             result = results[relative_path]
             if result.error is not None:
                 self._skip(relative_path, f"unreadable: {result.error}")
             elif result.num_frames < self.clip_span:
                 self._skip(relative_path, f"too short: {result.num_frames} frames, a clip needs {self.clip_span}")
             else:
-                self.entries.append(VideoEntry(self.root / relative_path, label, result.num_frames))
-        for listed, list_file in self.listing.missing_listed:
-            if list_file.startswith(split):
-                self._skip(listed, f"listed in {list_file} but not found")
-        if self.listing.ignored_folders:
-            logger.warning("%s: folders without a classInd.txt entry ignored: %s", self.root, self.listing.ignored_folders)
-        if self.listing.empty_classes:
-            # Their labels stay reserved (num_classes counts them) so the other classes keep their ids.
-            logger.warning(
-                "%s: classes with no videos (label kept, nothing to train on): %s", self.root, self.listing.empty_classes
-            )
+                self.entries.append(self._make_entry(candidate, result.num_frames))
+        self._after_indexing()
         if not self.entries:
             first = f"; first skip: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
             raise DatasetError(
@@ -112,6 +101,36 @@ class VideoFolderDataset(Dataset):
             self.name, split, self.split_source, len(self.entries), self.num_classes, len(self.skipped),
             self.index_stats["probed"], self.index_stats["reused"], self.index_stats["cache_file"],
         )
+
+    # Hooks a subclass with another listing (datasets.captions) overrides; probing, skipping and loading are shared.
+
+    def _list_candidates(self) -> List[Tuple]:
+        """(path relative to root, label, ...) of every video of this split; sets class_names and num_classes."""
+        self.listing = list_video_folder(self.root, self.fold)
+        self.class_names = list(self.listing.class_names)
+        self.num_classes = len(self.class_names)
+        self.split_source = self._describe_split_source()
+        return self.listing.videos_of_split(self.split)
+
+    def _make_entry(self, candidate: Tuple, num_frames: int) -> VideoEntry:
+        relative_path, label = candidate
+        return VideoEntry(self.root / relative_path, label, num_frames)
+
+    def _after_indexing(self) -> None:
+        """Skips and warnings that need no probe: listed files not on disk, ignored folders, empty classes."""
+        for listed, list_file in self.listing.missing_listed:
+            if list_file.startswith(self.split):
+                self._skip(listed, f"listed in {list_file} but not found")
+        if self.listing.ignored_folders:
+            logger.warning("%s: folders without a classInd.txt entry ignored: %s", self.root, self.listing.ignored_folders)
+        if self.listing.empty_classes:
+            # Their labels stay reserved (num_classes counts them) so the other classes keep their ids.
+            logger.warning(
+                "%s: classes with no videos (label kept, nothing to train on): %s", self.root, self.listing.empty_classes
+            )
+
+    def _item(self, index: int, clip: torch.Tensor) -> dict:
+        return {"x": clip, "y": self.entries[index].label, "index": index}
 
     def _describe_split_source(self) -> str:
         listing = self.listing
@@ -162,7 +181,7 @@ class VideoFolderDataset(Dataset):
                 self._failed_indices[current] = str(error)
                 self._skip(str(self.entries[current].path), f"failed after indexing, replaced by another video: {error}")
                 continue
-            return {"x": clip, "y": self.entries[current].label, "index": current}
+            return self._item(current, clip)
         raise DatasetError(f"{MAX_REPLACEMENT_TRIES} videos in a row failed to decode from index {index} in {self.root}")
 
     def summary(self) -> str:

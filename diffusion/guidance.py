@@ -1,6 +1,6 @@
 """Classifier-free guidance: one batched model call, eps = eps(null) + s (eps(y) - eps(null))."""
 
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
@@ -24,11 +24,12 @@ def cfg_combine(out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float, 
     return torch.cat([guided_eps, out_cond[:, eps_channels:].to(dtype)], dim=1)
 
 
-def guided_model(model: Callable, scale: float, null_label: int) -> Callable:
+def guided_model(model: Callable, scale: float, null: Union[int, torch.Tensor]) -> Callable:
     """Wrap `model(x, t, y=..., **cond)` into a classifier-free-guided callable fn(x, t, y, **cond).
 
-    The model runs once on the doubled batch [x; x] with labels [y; null_label]; every tensor in
-    cond is duplicated along dim 0 (both halves see the same conditioning except the label).
+    The model runs once on the doubled batch [x; x] with conditions [y; null]: `null` is the null label (an int)
+    or the null condition shaped like y (the empty prompt's text tokens); every tensor in cond is duplicated along
+    dim 0 (both halves see the same conditioning except y).
     """
 
     def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **cond) -> torch.Tensor:
@@ -36,8 +37,8 @@ def guided_model(model: Callable, scale: float, null_label: int) -> Callable:
         doubled_cond = {
             name: torch.cat([value, value], dim=0) if torch.is_tensor(value) else value for name, value in cond.items()
         }
-        labels = torch.cat([y, torch.full_like(y, null_label)], dim=0)
-        output = model(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), y=labels, **doubled_cond)
+        nulls = null.to(y).expand_as(y) if torch.is_tensor(null) else torch.full_like(y, null)
+        output = model(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), y=torch.cat([y, nulls], dim=0), **doubled_cond)
         return cfg_combine(output[:batch], output[batch:], scale, eps_channels=x.shape[1])
 
     return guided

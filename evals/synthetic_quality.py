@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name
+from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name, label_from_caption
 from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
 from training.checkpoint import atomic_torch_save
@@ -485,8 +485,16 @@ def _read_npz(path: str, num_classes: Optional[int]) -> Tuple[np.ndarray, np.nda
         try:
             videos, labels = archive["videos"], archive["labels"]
             stored_classes = archive["num_classes"] if "num_classes" in archive.files else None
+            captions = archive["captions"] if "captions" in archive.files else None
         except Exception as exc:
             raise ValueError(f"{path}: cannot read its arrays ({type(exc).__name__})") from None
+    if captions is not None:  # text-to-video samples: each video's class is the one its prompt names
+        labels = np.array([label_from_caption(str(caption)) for caption in captions.reshape(-1)], dtype=object)
+        unknown = [str(c) for c, label in zip(captions.reshape(-1), labels) if label is None]
+        if unknown:
+            raise ValueError(f"{path}: the caption {unknown[0]!r} names no shape and direction of the built-in "
+                             f"dataset, so it has no class to be judged by")
+        labels = labels.astype(np.int64)
     if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3 or videos.shape[0] == 0:
         raise ValueError(
             f"{path}: 'videos' must be uint8 (N, T, H, W, 3) with N >= 1, got {videos.dtype} {videos.shape}"

@@ -5,7 +5,8 @@ Classes enter where Stable Diffusion's text enters: through the UNet's cross-att
 per class (plus the null class of guidance), each a learned vector of the UNet's cross_attention_dim. That table,
 (K + 1) x d (103k values for UCF-101 with SD 2.1), is the only new parameter; the UNet itself is fine-tuned as it
 is, so a content frame is a latent image in the space it was pretrained on. With captions (text-to-video) the
-context is the text encoder's tokens instead, and nothing is new.
+context is the text encoder's tokens instead, as the UNet was pretrained, and nothing is new (the empty prompt's
+tokens, guidance's null condition, are a buffer: models.dit.TextEmbedder).
 
 The pretrained weights come from `model.pretrained` (a UNet2DConditionModel folder, or a pipeline folder holding
 unet/) when a run starts; the run records the UNet's config (`model.unet_config`), so its checkpoints rebuild the
@@ -20,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.dit import LabelEmbedder, build_dit
+from models.dit import LabelEmbedder, TextEmbedder, build_dit
 from models.vae import from_pretrained
 
 PRETRAINED_UNET = "UNet2DCondition"  # model.name of a content model started from a diffusers UNet
@@ -36,7 +37,7 @@ class ContentUNet(nn.Module):
     learn_sigma = False  # the UNet predicts the noise alone; the diffusion uses fixed variances and the MSE loss
 
     def __init__(self, unet: nn.Module, num_classes: int, class_dropout_prob: float, input_size: Sequence[int],
-                 in_channels: int, grad_checkpointing: bool = False):
+                 in_channels: int, grad_checkpointing: bool = False, text_shape: Sequence[int] | None = None):
         super().__init__()
         config = unet.config
         if config.in_channels != in_channels or config.out_channels != in_channels:
@@ -48,13 +49,21 @@ class ContentUNet(nn.Module):
         self.unet = unet
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
-        self.y_embedder = LabelEmbedder(num_classes, int(config.cross_attention_dim), class_dropout_prob)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=1.0)  # the scale of layer-normed text tokens
+        self.text_shape = None if text_shape is None else tuple(int(v) for v in text_shape)
+        if self.text_shape is None:
+            self.y_embedder = LabelEmbedder(num_classes, int(config.cross_attention_dim), class_dropout_prob)
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=1.0)  # the scale of layer-normed text tokens
+        elif self.text_shape[1] != int(config.cross_attention_dim):
+            raise ValueError(f"the text encoder's tokens are {self.text_shape[1]} wide but the UNet cross-attends to "
+                             f"{config.cross_attention_dim}: use the text encoder its pipeline was trained with")
+        else:
+            self.y_embedder = TextEmbedder(self.text_shape, class_dropout_prob)
         if grad_checkpointing:
             unet.enable_gradient_checkpointing()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        context = self.y_embedder(y).unsqueeze(1).to(x.dtype)  # (B, 1, d): one class token
+        context = self.y_embedder(y)
+        context = (context if self.text_shape else context.unsqueeze(1)).to(x.dtype)  # (B, L, d) text, (B, 1, d) class
         return self.unet(x, t, encoder_hidden_states=context).sample
 
 
@@ -84,11 +93,13 @@ def unet_config_json(unet: nn.Module) -> str:
 
 
 def build_denoiser(stage: str, model_cfg, num_classes: int, ae_content_shape: Sequence[int],
-                   ae_motion_shape: Sequence[int], unet: nn.Module | None = None) -> nn.Module:
+                   ae_motion_shape: Sequence[int], unet: nn.Module | None = None,
+                   text_shape: Sequence[int] | None = None) -> nn.Module:
     """The `stage` denoiser a config names: a DiT (models.dit.build_dit) or, for model.name UNet2DCondition, the
-    ContentUNet around `unet` (default: the architecture recorded in model.unet_config)."""
+    ContentUNet around `unet` (default: the architecture recorded in model.unet_config). `text_shape` (L, D), a
+    text encoder's tokens, conditions it on captions instead of classes."""
     if stage != "content" or model_cfg.name != PRETRAINED_UNET:
-        return build_dit(stage, model_cfg, num_classes, ae_content_shape, ae_motion_shape)
+        return build_dit(stage, model_cfg, num_classes, ae_content_shape, ae_motion_shape, text_shape)
     if unet is None:
         if not model_cfg.get("unet_config"):
             raise UNetLoadError("config key 'model.unet_config' is empty: the run that trained this content model did "
@@ -96,4 +107,4 @@ def build_denoiser(stage: str, model_cfg, num_classes: int, ae_content_shape: Se
         unet = unet_from_config(model_cfg.unet_config)
     channels, height, width = (int(v) for v in ae_content_shape)
     return ContentUNet(unet, num_classes, float(model_cfg.class_dropout_prob), (height, width), channels,
-                       bool(model_cfg.grad_checkpointing))
+                       bool(model_cfg.grad_checkpointing), text_shape)

@@ -104,8 +104,65 @@ class LabelEmbedder(nn.Module):
             return labels
         return torch.where(drop, torch.full_like(labels, self.null_label), labels)
 
+    def null_like(self, labels: torch.Tensor) -> torch.Tensor:
+        """The null condition for every row of `labels` (B,): what guidance's unconditional half gets."""
+        return torch.full_like(labels, self.null_label)
+
     def forward(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.embedding_table(self.token_drop(labels, force_drop_ids))
+
+
+class TextEmbedder(nn.Module):
+    """Text tokens (B, L, D) of a frozen text encoder (models.text_encoder) -> the denoiser's text condition, with
+    the empty prompt's tokens as the null condition: captions are replaced by it at random in training (rate
+    `dropout_prob`) and guidance's unconditional half gets it.
+
+    `null_tokens` (L, D) is a buffer saved with the model: the run that trains it fills it from its encoder, so a
+    checkpoint guides with the empty prompt of the encoder it learned. Without `hidden_size` the tokens come out
+    as they are (a UNet's cross-attention context); with it they are pooled into one (B, hidden_size) vector for
+    adaLN, by `heads` attention weightings over the tokens (scores linear in each token) and an MLP. Pooling over
+    the tokens rather than taking CLIP's end-of-text state lets the model learn which tokens matter.
+    """
+
+    def __init__(self, text_shape: Sequence[int], dropout_prob: float, hidden_size: Optional[int] = None,
+                 heads: int = 4):
+        super().__init__()
+        if not 0.0 <= dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob (the caption dropout) must be in [0, 1), got {dropout_prob}")
+        length, dim = (int(v) for v in text_shape)
+        self.text_shape = (length, dim)
+        self.dropout_prob = dropout_prob
+        self.register_buffer("null_tokens", torch.zeros(length, dim))
+        self.pool = None
+        if hidden_size is not None:
+            self.pool = nn.ModuleDict({
+                "scores": nn.Linear(dim, heads),
+                "mlp": nn.Sequential(nn.Linear(heads * dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)),
+            })
+
+    def null_like(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.null_tokens.to(tokens.dtype).expand_as(tokens)
+
+    def token_drop(self, tokens: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Replace captions by the empty prompt: where force_drop_ids == 1, else at random in training."""
+        if tuple(tokens.shape[1:]) != self.text_shape:
+            raise ValueError(f"text tokens must have shape (B, {self.text_shape[0]}, {self.text_shape[1]}), "
+                             f"got {tuple(tokens.shape)}")
+        if force_drop_ids is not None:
+            drop = force_drop_ids.to(tokens.device) == 1
+        elif self.training and self.dropout_prob > 0:
+            drop = torch.rand(tokens.shape[0], device=tokens.device) < self.dropout_prob
+        else:
+            return tokens
+        return torch.where(drop[:, None, None], self.null_like(tokens), tokens)
+
+    def forward(self, tokens: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        tokens = self.token_drop(tokens, force_drop_ids)
+        if self.pool is None:
+            return tokens
+        weights = self.pool["scores"](tokens).softmax(dim=1)  # (B, L, heads): each head's weighting of the tokens
+        pooled = torch.einsum("blh,bld->bhd", weights, tokens).flatten(1)  # (B, heads * D)
+        return self.pool["mlp"](pooled)
 
 
 class PatchEmbed(nn.Module):
@@ -172,7 +229,10 @@ def init_dit_weights(model: nn.Module) -> None:
             # Treat the conv as the linear map over a flattened patch that it is.
             nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
             nn.init.zeros_(module.proj.bias)
-    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    if isinstance(model.y_embedder, LabelEmbedder):
+        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    elif model.y_embedder.pool is not None:
+        nn.init.zeros_(model.y_embedder.pool["scores"].weight)  # pooling starts as the mean over the tokens
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
     # adaLN-Zero: every block starts as the identity and the output starts at zero.
@@ -204,6 +264,7 @@ class _DiTBackbone(nn.Module):
         class_dropout_prob: float,
         learn_sigma: bool,
         grad_checkpointing: bool,
+        text_shape: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         # hidden_size % 4 (2-D sin-cos positions) and % num_heads are checked where they matter, in models.layers.
@@ -223,7 +284,10 @@ class _DiTBackbone(nn.Module):
         # Fixed (not learned) positions, rebuilt from the config: kept out of the state dict.
         self.register_buffer("pos_embed", _fixed_position_table(hidden_size, self.grid_size), persistent=False)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Classes, or captions (text_shape (L, D) of the text encoder's tokens) pooled into the same adaLN vector.
+        self.text_shape = None if text_shape is None else tuple(int(v) for v in text_shape)
+        self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if text_shape is None
+                           else TextEmbedder(text_shape, class_dropout_prob, hidden_size))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
@@ -237,7 +301,7 @@ class _DiTBackbone(nn.Module):
             raise ValueError(f"{name} must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}")
 
     def _conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B,) steps and (B,) labels -> (B, hidden) vector that drives every adaLN layer."""
+        """(B,) steps and (B,) labels or (B, L, D) text tokens -> (B, hidden) vector that drives every adaLN layer."""
         return self.t_embedder(t) + self.y_embedder(y)
 
     def _run_blocks(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -263,7 +327,7 @@ class _DiTBackbone(nn.Module):
 
 
 class ContentDiT(_DiTBackbone):
-    """p(z_c | y): class-conditional DiT over the content frame z_c (B, C, H, W)."""
+    """p(z_c | y): DiT over the content frame z_c (B, C, H, W), conditioned on a class or a caption's tokens."""
 
     def __init__(
         self,
@@ -278,15 +342,16 @@ class ContentDiT(_DiTBackbone):
         class_dropout_prob: float = 0.1,
         learn_sigma: bool = True,
         grad_checkpointing: bool = False,
+        text_shape: Optional[Sequence[int]] = None,
     ):
         super().__init__(
             input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio,
-            num_classes, class_dropout_prob, learn_sigma, grad_checkpointing,
+            num_classes, class_dropout_prob, learn_sigma, grad_checkpointing, text_shape,
         )
         self._initialize_weights()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) noisy content frame, t (B,), y (B,) -> (B, 2C or C, H, W)."""
+        """x (B, C, H, W) noisy content frame, t (B,), y (B,) labels or (B, L, D) text -> (B, 2C or C, H, W)."""
         self._check_input(x, "content frame x", self.in_channels, self.input_size)
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, hidden)
         c = self._conditioning(t, y)
@@ -318,10 +383,11 @@ class MotionDiT(_DiTBackbone):
         content_size: Sequence[int] = (64, 64),
         key_patch_size: int = 4,
         grad_checkpointing: bool = False,
+        text_shape: Optional[Sequence[int]] = None,
     ):
         super().__init__(
             input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio,
-            num_classes, class_dropout_prob, learn_sigma, grad_checkpointing,
+            num_classes, class_dropout_prob, learn_sigma, grad_checkpointing, text_shape,
         )
         self.content_channels = content_channels
         self.content_grid_size = _token_grid(content_size, key_patch_size, "content frame")
@@ -336,7 +402,8 @@ class MotionDiT(_DiTBackbone):
         nn.init.normal_(self.token_type_embed, std=0.02)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-        """x (B, D, T, H'+W') noisy z_m, t (B,), y (B,), content (B, C, H, W) z_c -> (B, 2D or D, T, H'+W')."""
+        """x (B, D, T, H'+W') noisy z_m, t (B,), y (B,) labels or (B, L, D) text, content (B, C, H, W) z_c ->
+        (B, 2D or D, T, H'+W')."""
         self._check_input(x, "motion latent x", self.in_channels, self.input_size)
         self._check_input(content, "content frame", self.content_channels, self.content_size)
         motion_tokens = self.x_embedder(x) + self.pos_embed + self.token_type_embed[0]  # (B, Nm, hidden)
@@ -405,10 +472,12 @@ def build_dit(
     num_classes: int,
     ae_content_shape: Sequence[int],
     ae_motion_shape: Sequence[int],
+    text_shape: Optional[Sequence[int]] = None,
 ) -> _DiTBackbone:
     """Denoiser for `stage` from a DiTModelConfig and the autoencoder's latent shapes.
 
-    ae_content_shape is (C, H, W) of z_c; ae_motion_shape is (D, T, H'+W') of z_m.
+    ae_content_shape is (C, H, W) of z_c; ae_motion_shape is (D, T, H'+W') of z_m; text_shape (L, D) of a text
+    encoder's tokens makes it caption-conditioned instead of class-conditioned.
     """
     validate_model_name(stage, model_cfg.name)
     content_channels, content_height, content_width = (int(v) for v in ae_content_shape)
@@ -417,6 +486,7 @@ def build_dit(
         class_dropout_prob=float(model_cfg.class_dropout_prob),
         learn_sigma=bool(model_cfg.learn_sigma),
         grad_checkpointing=bool(model_cfg.grad_checkpointing),
+        text_shape=text_shape,
     )
     if stage == "content":
         return ContentDiT_models[model_cfg.name](

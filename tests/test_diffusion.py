@@ -389,7 +389,7 @@ def test_guided_model_samples_through_respaced_diffusion():
     channels = 2
     model = LabelledToyModel(channels)
     diffusion = create_diffusion("ddim5")
-    fn = guided_model(lambda x, t, y, extra: 0.01 * model(x, t, y, extra), 2.0, null_label=10)
+    fn = guided_model(lambda x, t, y, extra: 0.01 * model(x, t, y, extra), 2.0, null=10)
     out = diffusion.sample(fn, (3, channels, 2, 2), model_kwargs={"y": torch.tensor([0, 1, 2]), "extra": torch.zeros(3)})
     assert out.shape == (3, channels, 2, 2) and torch.isfinite(out).all()
     assert len(model.calls) == 5 and all(call[0] == 6 for call in model.calls)

@@ -284,9 +284,9 @@ def test_guided_model_limits(stage):
     with torch.no_grad():
         conditional = model(x, data["t"], data["y"], **cond)
         unconditional = model(x, data["t"], null, **cond)
-        scale_one = guided_model(model, 1.0, null_label=model.num_classes)(x, data["t"], data["y"], **cond)
-        scale_zero = guided_model(model, 0.0, null_label=model.num_classes)(x, data["t"], data["y"], **cond)
-        scale_four = guided_model(model, 4.0, null_label=model.num_classes)(x, data["t"], data["y"], **cond)
+        scale_one = guided_model(model, 1.0, null=model.num_classes)(x, data["t"], data["y"], **cond)
+        scale_zero = guided_model(model, 0.0, null=model.num_classes)(x, data["t"], data["y"], **cond)
+        scale_four = guided_model(model, 4.0, null=model.num_classes)(x, data["t"], data["y"], **cond)
     assert scale_one.shape == conditional.shape
     assert differs(conditional[:, :channels], unconditional[:, :channels])
     torch.testing.assert_close(scale_one, conditional, atol=1e-5, rtol=1e-5)

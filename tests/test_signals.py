@@ -181,3 +181,44 @@ def test_finish_names_a_checkpoint_only_when_one_was_saved(tmp_path):
     assert "saved" not in early
     assert list((tmp_path / "early" / "checkpoints").iterdir()) == []
     assert "received SIGTERM: checkpoint at step 3 saved, exiting cleanly" in saved, saved
+
+
+
+CRASH_WITH_WORKERS = """
+import torch
+from training import data
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, key):  # the (index, epoch) keys of the training sampler
+        return torch.tensor(float(key[0]))
+
+batches = iter(data.make_loader(Items(), 4, 0, 1, 0, 0, 1, False))
+next(batches)
+raise RuntimeError("crashed with a live loader")
+"""
+
+
+def test_a_crash_with_live_loader_workers_exits(tmp_path):
+    """The workers ignore SIGTERM (the main process handles stop signals), and multiprocessing's exit hook SIGTERMs
+    and joins them: an exception that escapes a training script while its traceback holds the loader must still
+    end the process (training.data._shut_down_workers), not hang it in that join."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_WITH_WORKERS)
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        for child in Path("/proc").glob("[0-9]*"):  # its worker, orphaned: it ignores SIGTERM
+            try:
+                if str(script) in (child / "cmdline").read_text():
+                    os.kill(int(child.name), signal.SIGKILL)
+            except OSError:
+                continue
+        process.communicate()
+        pytest.fail("a crash with live loader workers hung the process")
+    assert process.returncode == 1 and "crashed with a live loader" in stderr

@@ -29,8 +29,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset_name: str = "synthetic"  # synthetic | UCF101 | folder
+    dataset_name: str = "synthetic"  # synthetic | UCF101 | folder | captions (text-to-video, e.g. WebVid)
     data_path: Optional[str] = None
+    captions: Optional[str] = None  # dataset "captions": a CSV or JSONL of path, caption (or WebVid's videoid, page_dir, name)
     resolution: List[int] = field(default_factory=lambda: [64, 64])  # (H, W)
     n_frames: int = 16
     frame_stride: int = 1
@@ -151,6 +152,21 @@ class AutoencoderStageConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text-to-video: the diffusion stages conditioned on captions (the dataset's) instead of classes."""
+    # A CLIP text encoder: a Stable Diffusion pipeline folder (text_encoder/ + tokenizer/; the one whose UNet the
+    # content model starts from), a folder holding both, or a hub id. None: class-conditional.
+    encoder: Optional[str] = None
+    # Encode every training caption once when the run starts (and keep them with the latent cache); false encodes
+    # each batch's captions as it comes (for caption sets too large to hold: WebVid's 10M at 77 x 1024 floats each).
+    cache: bool = True
+    # Recorded by the run: the encoder's tokens per caption and their width, and its weights' fingerprint.
+    tokens: Optional[int] = None
+    dim: Optional[int] = None
+    fingerprint: Optional[str] = None
+
+
+@dataclass
 class DiffusionStageConfig:
     stage: str = "motion"
     mode: str = "pixel"  # must match the autoencoder's (its checkpoint records mode and vae)
@@ -160,6 +176,7 @@ class DiffusionStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: DiTModelConfig = field(default_factory=DiTModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -284,6 +301,7 @@ FLAG_KEYS = {
     "global_seed": "train.global_seed",
     "model": "model.name",
     "ae_ckpt": "ae_ckpt",
+    "text_encoder": "text.encoder",
 }
 
 
@@ -310,6 +328,8 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
     if stage != "autoencoder":
         parser.add_argument("--ae-ckpt", default=None, help="autoencoder checkpoint (from train_ae.py)")
         parser.add_argument("--model", default=None, help="DiT registry name, e.g. MotionDiT-L/2")
+        parser.add_argument("--text-encoder", default=None,
+                            help="condition on captions: a CLIP text encoder folder or hub id (config key text.encoder)")
         parser.add_argument("--motion-model-config", default=None,
                             help="motion stage: the MotionDiT name; content stage: read as the DiT size (seed README)")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. optim.lr=2e-4 train.max_steps=100")

@@ -1,7 +1,9 @@
 """Resumable infinite sampling over a dataset, split across ranks, and the DataLoader around it."""
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from typing import Iterator
 
 import torch
@@ -56,12 +58,46 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# Every loader iterator alive, so that their worker processes can be shut down at exit (_shut_down_workers).
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _shut_down_workers() -> None:
+    """Shuts down the workers of every loader still alive at interpreter exit.
+
+    multiprocessing's own exit hook SIGTERMs daemonic children and joins them; our workers ignore SIGTERM
+    (_ignore_stop_signals), so a run that died of an exception while a traceback still referenced its loader would
+    wait in that join forever instead of exiting. Registered after that hook (torch imported multiprocessing
+    first), this one runs before it.
+    """
+    for iterator in list(_LIVE_ITERATORS):
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # single-process iterators have no workers
+        if shutdown is not None:
+            shutdown()
+
+
+atexit.register(_shut_down_workers)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose workers ignore stop signals (the main process handles them) and are shut down at exit
+    whatever still references them; the loaders of training and of the latent cache."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=_ignore_stop_signals, **kwargs)
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        _LIVE_ITERATORS.add(iterator)
+        return iterator
+
+
 def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,
                 num_workers: int, pin_memory: bool) -> DataLoader:
     """Batches of this rank's stream from item `start` on (global clips drawn so far / world size: the streams are
     dealt round-robin from one permutation, so this holds exactly when the batch size changed on resume)."""
     sampler = InfiniteSampler(len(dataset), rank, world_size, seed, shuffle=True, start=start)
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -69,7 +105,6 @@ def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=True,
-        worker_init_fn=_ignore_stop_signals,
         # A private generator: creating the iterator must not consume the global RNG that resume restores.
         generator=torch.Generator().manual_seed(seed),
     )

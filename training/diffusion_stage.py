@@ -3,19 +3,22 @@ EMA, optimizer and latent statistics into a DiffusionStage; each script writes i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from diffusion import create_diffusion
 from models.content_unet import PRETRAINED_UNET, build_denoiser, load_pretrained_unet, unet_config_json
-from training.checkpoint import weights_fingerprint
+from models.text_encoder import CaptionTable, load_text_encoder
+from training.checkpoint import CheckpointError, weights_fingerprint
 from training.data import fixed_batch
 from training.generation import Denoiser, Sampler, make_sampler
 from training.latents import (
     LatentEncoder,
     LatentScaler,
     build_latent_cache,
+    caption_table,
+    dataset_captions,
     encode,
     load_autoencoder,
     measure_latent_stats,
@@ -40,6 +43,7 @@ class DiffusionStage:
     source: object = None  # the training clips {'x', 'y'}, or their latent cache {'z_c', 'z_m', 'y'}
     eval_latents: Optional[dict] = None  # z_c, z_m (the autoencoder's units), y of the fixed held-out clips
     sampler: Optional[Sampler] = None  # the previews' sampler (diffusion.sampler, diffusion.sample_steps)
+    text: Optional[Callable] = None  # captions -> (B, L, D) text tokens on the device, when conditioned on text
     diffusion: object = field(init=False)  # the training diffusion: every timestep of the stage's schedule
 
     def __post_init__(self):
@@ -48,14 +52,19 @@ class DiffusionStage:
                                           cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
 
     def latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z_c (B, C, H, W), z_m (B, D, T, H'+W'), y (B,)) on the device, the latents in the autoencoder's units: a
-        batch of the latent cache as it is, a batch of clips encoded by the frozen autoencoder."""
+        """(z_c (B, C, H, W), z_m (B, D, T, H'+W'), y) on the device, the latents in the autoencoder's units: a
+        batch of the latent cache as it is, a batch of clips encoded by the frozen autoencoder. y is the condition:
+        the labels (B,), or the captions' text tokens (B, L, D)."""
         run = self.run
         if "z_c" in batch:
             z_c, z_m = run.to_device(batch["z_c"]), run.to_device(batch["z_m"])
         else:
             z_c, z_m = encode(self.ae, run.to_device(batch["x"]), run.autocast())
-        return z_c, z_m, run.to_device(batch["y"])
+        return z_c, z_m, self.condition(batch)
+
+    def condition(self, batch: dict) -> torch.Tensor:
+        """What the denoiser is conditioned on, on the device: the batch's labels, or its captions' text tokens."""
+        return self.run.to_device(batch["y"]) if self.text is None else self.text(batch["caption"])
 
     def losses(self, x0: torch.Tensor, cond: dict) -> dict:
         """The diffusion loss of the denoiser on x0 given `cond` (its keyword arguments), each clip at a timestep
@@ -91,8 +100,12 @@ def setup(cfg, stage: str) -> DiffusionStage:
     if stage == "content" and cfg.model.name == PRETRAINED_UNET:  # fine-tuned from a pretrained image model
         unet = load_pretrained_unet(cfg.model.pretrained)
         run.record("model.unet_config", unet_config_json(unet))  # its checkpoints rebuild it without the folder
-    model = build_denoiser(stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape, unet)
+    text, captions = (setup_text(run, dataset) if cfg.text.encoder else (None, None))
+    model = build_denoiser(stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape, unet,
+                           None if text is None else text.encoder.shape)
     model = model.to(run.device)
+    if text is not None:  # guidance's null condition: the empty prompt (a resumed run restores its own below)
+        model.y_embedder.null_tokens.copy_(text.encoder([""])[0])
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
     resumed = run.restore({"model": model, "ema": ema}, {"opt": opt})
@@ -104,15 +117,36 @@ def setup(cfg, stage: str) -> DiffusionStage:
 
     eval_clips = fixed_batch(eval_set, cfg.train.num_eval_videos)
     z_c, z_m = encode(ae, run.to_device(eval_clips["x"]), run.autocast())
-    eval_latents = {"z_c": z_c, "z_m": z_m, "y": run.to_device(eval_clips["y"])}
+    text_of = None if text is None else (text if cfg.text.cache else text.encoder)
+    eval_latents = {"z_c": z_c, "z_m": z_m,
+                    "y": run.to_device(eval_clips["y"]) if text is None else text_of(eval_clips["caption"])}
     source = dataset
     if cfg.diffusion.latent_cache:
         source = build_latent_cache(run, LatentEncoder.autoencoder(ae, cfg.ae_ckpt), dataset,
-                                    cfg.diffusion.latent_cache_clips_per_video, run.batch_size)
+                                    cfg.diffusion.latent_cache_clips_per_video, run.batch_size, captions=captions)
     if scaler is None:
         scaler = measure_latent_stats(run, ae, source)
     return DiffusionStage(run, ae, model, run.wrap(model), ema, opt, scaler.to(run.device), source, eval_latents,
-                          sampler)
+                          sampler, text_of)
+
+
+def setup_text(run: TrainingRun, dataset) -> tuple[CaptionTable, list]:
+    """A caption-conditioned run's text encoder, loaded and recorded (its token shape and weights' fingerprint,
+    checked on resume and by sample.py), and the training captions (one per video): (their CaptionTable, encoded
+    once unless text.cache is false, when only the eval and empty captions go in it; the captions)."""
+    cfg = run.cfg
+    encoder = load_text_encoder(cfg.text.encoder, run.device)
+    fingerprint = weights_fingerprint(encoder.model.state_dict())
+    if cfg.text.fingerprint and cfg.text.fingerprint != fingerprint:  # a resumed run: its recorded encoder
+        raise CheckpointError(f"text.encoder {cfg.text.encoder}: its weights ({fingerprint}) are not those the run "
+                              f"{run.run_dir} trained with ({cfg.text.fingerprint})")
+    for key, value in (("tokens", encoder.length), ("dim", encoder.dim), ("fingerprint", fingerprint)):
+        run.record(f"text.{key}", value)
+    captions = dataset_captions(dataset, f"dataset '{cfg.data.dataset_name}'")
+    table = caption_table(run, encoder, captions) if cfg.text.cache else CaptionTable(encoder, run.device)
+    run.logger.info(f"text encoder {cfg.text.encoder}: {encoder.length} tokens of {encoder.dim}, {len(table)} "
+                    f"distinct captions encoded of {len(captions)} videos")
+    return table, captions
 
 
 def restored_latent_stats(run: TrainingRun, ckpt: dict, ae) -> LatentScaler:

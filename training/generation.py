@@ -1,5 +1,5 @@
-"""Class -> content frame -> motion latent -> video: the one path sample.py, the training previews and the
-sampling benchmark generate with.
+"""Class (or caption) -> content frame -> motion latent -> video: the one path sample.py, the training previews and
+the sampling benchmark generate with.
 
     models = load_models(ae_ckpt, motion_ckpt, content_ckpt, device)
     videos, content_frames = generate(models, labels, seed=0, indices=range(len(labels)))
@@ -16,6 +16,7 @@ from datasets import build_dataset
 from diffusion import create_diffusion
 from diffusion.guidance import guided_model
 from models.content_unet import build_denoiser
+from models.text_encoder import TextEncoder, TextEncoderLoadError, load_text_encoder
 from training.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
 from training.config import config_from_dict
 from training.latents import LatentScaler, load_autoencoder
@@ -87,10 +88,17 @@ class CMDModels:
     content: Optional[Denoiser] = None
     ae_cfg: object = None  # its run's config, where it was loaded from a checkpoint
     bf16: bool = False  # run the models under bf16 autocast (CUDA only; the diffusion arithmetic stays fp32)
+    text: Optional[TextEncoder] = None  # the text encoder of caption-conditioned denoisers (None: classes)
 
     @property
     def num_classes(self) -> int:
         return (self.motion or self.content).model.num_classes
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, L, D) text tokens of `prompts`, the condition of caption-conditioned denoisers."""
+        if self.text is None:
+            raise ValueError("these models are class-conditional: they take classes, not prompts")
+        return self.text(list(prompts))
 
     def autocast(self, device):
         """bf16 autocast for the model calls when `bf16` is set and `device` is CUDA; else a no-op context."""
@@ -133,10 +141,12 @@ def compile_models(models: CMDModels) -> None:
 
 def load_models(ae_ckpt, motion_ckpt, content_ckpt=None, device="cpu", allow_ae_mismatch: bool = False,
                 motion_options: SamplingOptions = SamplingOptions(),
-                content_options: SamplingOptions = SamplingOptions(), vae: Optional[str] = None) -> CMDModels:
+                content_options: SamplingOptions = SamplingOptions(), vae: Optional[str] = None,
+                text_encoder: Optional[str] = None) -> CMDModels:
     """The frozen autoencoder and the EMA denoisers of the given checkpoints (no content denoiser without
-    `content_ckpt`), each denoiser with the latent statistics of its own run and its sampling settings. `vae`: a
-    latent-mode autoencoder's VAE, when it is no longer where the autoencoder recorded it."""
+    `content_ckpt`), each denoiser with the latent statistics of its own run and its sampling settings, and the
+    text encoder of caption-conditioned ones. `vae` and `text_encoder`: a latent-mode autoencoder's VAE, the
+    denoisers' text encoder, when they are no longer where the runs recorded them."""
     ae, ae_cfg = load_autoencoder(ae_ckpt, device, vae=vae)
     motion = Denoiser.from_config(*load_denoiser(motion_ckpt, "motion", ae, device, allow_ae_mismatch), motion_options)
     models = CMDModels(ae, motion, ae_cfg=ae_cfg)
@@ -146,8 +156,33 @@ def load_models(ae_ckpt, motion_ckpt, content_ckpt=None, device="cpu", allow_ae_
         if content.model.num_classes != motion.model.num_classes:
             raise CheckpointError(f"{content_ckpt} knows {content.model.num_classes} classes but "
                                   f"{motion_ckpt} knows {motion.model.num_classes}")
+        if content.cfg.text.fingerprint != motion.cfg.text.fingerprint:
+            conditions = {d.cfg.text.fingerprint is None for d in (content, motion)}
+            raise CheckpointError(f"{content_ckpt} and {motion_ckpt} were trained with different text encoders ("
+                                  f"{content.cfg.text.encoder}, {motion.cfg.text.encoder})" if conditions == {False} else
+                                  f"{content_ckpt} and {motion_ckpt}: one is conditioned on captions, the other on "
+                                  f"classes")
         models.content = content
+    if motion.cfg.text.encoder:
+        models.text = load_recorded_text_encoder(motion.cfg, motion_ckpt, device, text_encoder)
     return models
+
+
+def load_recorded_text_encoder(cfg, ckpt_path, device, moved_to: Optional[str] = None) -> TextEncoder:
+    """The text encoder a caption-conditioned run recorded (or `moved_to`, the same weights elsewhere), checked
+    against the fingerprint of the weights it trained with."""
+    source = moved_to or cfg.text.encoder
+    try:
+        encoder = load_text_encoder(source, device)
+    except TextEncoderLoadError as exc:
+        hint = "" if moved_to else " (if it moved, pass --text-encoder)"
+        raise TextEncoderLoadError(f"{ckpt_path} was trained with this text encoder, which does not load: {exc}{hint}"
+                                   ) from None
+    found = weights_fingerprint(encoder.model.state_dict())
+    if found != cfg.text.fingerprint or encoder.shape != (cfg.text.tokens, cfg.text.dim):
+        raise CheckpointError(f"text encoder {source}: its weights ({found}) are not those {ckpt_path} was trained "
+                              f"with ({cfg.text.fingerprint}, {cfg.text.encoder})")
+    return encoder
 
 
 def video_generators(seed: Optional[int], indices: Sequence[int], stream: int, device) -> Optional[list]:
@@ -176,8 +211,9 @@ def generate_content_frames(models: CMDModels, labels: torch.Tensor, seed: Optio
 def generate(models: CMDModels, labels: torch.Tensor, seed: Optional[int] = None,
              indices: Optional[Sequence[int]] = None, content: Optional[torch.Tensor] = None,
              progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Videos of the classes `labels` (B,): (videos (B, C, T, H, W) in [-1, 1], their content frames (B, C, H, W)
-    in the autoencoder's units), both float32 on the labels' device.
+    """Videos of the classes `labels` (B,), or of captions given as their text tokens (B, L, D)
+    (models.encode_prompts): (videos (B, C, T, H, W) in [-1, 1], their content frames (B, C, H, W) in the
+    autoencoder's units), both float32 on the labels' device.
 
     With `seed`, the noise of the video at `indices[i]` (default: 0..B-1) comes from generators seeded by the seed
     and that index alone, so a video is the same whatever batch or rank makes it; without, from torch's global RNG.
@@ -208,7 +244,7 @@ def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Te
     outputs) live in [-1, 1]; latent mode's content frames (of VAE latents) have no bound (None: no clipping).
     """
     cond = {"content": scaler.normalize("content", content)} if stage == "motion" else {}
-    model_fn = model if cfg_scale == 1.0 else guided_model(model, cfg_scale, null_label=model.num_classes)
+    model_fn = model if cfg_scale == 1.0 else guided_model(model, cfg_scale, model.y_embedder.null_like(y))
     bounds = False if bound is None else scaler.bounds(stage, len(shape) + 1, y.device, bound)
     z = sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
                         device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=bounds)
@@ -262,7 +298,9 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
             raise CheckpointError(f"{path} was trained with the autoencoder {cfg.ae_ckpt} (weights {cfg.ae_fingerprint}), "
                                   f"but the given autoencoder's weights are {given}: pass the one it was trained with "
                                   f"(or --allow-ae-mismatch)")
-    model = build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape)
+    text_shape = (int(cfg.text.tokens), int(cfg.text.dim)) if cfg.text.encoder else None
+    model = build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape,
+                           text_shape=text_shape)
     try:
         load_weights(model, model_weights(ckpt, prefer_ema=True), path, f"{stage} denoiser weights")
     except CheckpointError as exc:

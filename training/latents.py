@@ -23,6 +23,7 @@ from models.autoencoder import build_autoencoder
 from models.vae import PixelFrames, load_frame_vae, pixel_interface
 from training.checkpoint import (
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     load_for_sampling,
     load_weights,
@@ -30,7 +31,7 @@ from training.checkpoint import (
     resolve_resume,
 )
 from training.config import ConfigError, config_from_dict
-from training.data import _ignore_stop_signals
+from training.data import WorkerLoader
 from training.distributed import all_reduce_sum, barrier, broadcast_object
 
 STATS_CLIPS = 512  # training clips the latent statistics are measured over when there is no latent cache
@@ -146,11 +147,12 @@ class LatentCache(Dataset):
     `clips_per_video` random clips are drawn per video (clip k of video i is the dataset's item at
     epoch k), so the models still see varied clip starts. Items come back as the same dict the clip loader
     yields after encoding: {"z_c", "z_m", "y", "index"} for the diffusion stages, {"x", "y", "index"} for the
-    latent-mode autoencoder.
+    latent-mode autoencoder; with `captions` (one per video of the dataset) also the clip's "caption".
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, captions: Optional[list] = None):
         self.folder = folder = Path(folder)
+        self.captions = captions  # per video of the dataset it caches (slot s holds a clip of video s % len)
         done = json.loads((folder / "done").read_text()) if (folder / "done").is_file() else {}
         self.arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in done.get("arrays", ("z_c", "z_m"))}
         self.y = np.load(folder / "y.npy")
@@ -160,8 +162,11 @@ class LatentCache(Dataset):
 
     def __getitem__(self, item):
         index = item[0] if isinstance(item, tuple) else item
-        return {**{name: torch.from_numpy(np.array(array[index])) for name, array in self.arrays.items()},
+        item = {**{name: torch.from_numpy(np.array(array[index])) for name, array in self.arrays.items()},
                 "y": int(self.y[index]), "index": index}
+        if self.captions is not None:
+            item["caption"] = self.captions[index % len(self.captions)]
+        return item
 
     def moments(self, run, chunk: int = 256) -> "LatentMoments":
         """The per-channel sums of every cached latent: those saved when the cache was built, else (a cache built
@@ -424,8 +429,9 @@ def remove_abandoned_staging(cache_root, logger) -> None:
 
 
 def build_latent_cache(run, encoder: LatentEncoder, dataset, clips_per_video: int, batch_size: int,
-                       cache_root: Optional[str] = None) -> LatentCache:
-    """Encodes `dataset` once (ranks split the work) into <results_dir>/latent_cache/<key>/, reused when it exists.
+                       cache_root: Optional[str] = None, captions: Optional[list] = None) -> LatentCache:
+    """Encodes `dataset` once (ranks split the work) into <results_dir>/latent_cache/<key>/, reused when it exists;
+    its items carry the `captions` of their videos when given.
 
     A SIGTERM/SIGINT during the build stops it within a few batches: the half-built folder is removed, the run
     finishes (TrainingRun.finish) and the process exits with code 0, as after a stop signal in the training loop.
@@ -437,7 +443,7 @@ def build_latent_cache(run, encoder: LatentEncoder, dataset, clips_per_video: in
         remove_abandoned_staging(folder.parent, run.logger)
     if (folder / "done").is_file():
         run.logger.info(f"latent cache: reusing {folder}")
-        return LatentCache(folder)
+        return LatentCache(folder, captions)
     total = len(dataset) * clips_per_video
     # Written into a private folder and renamed into place when complete, so that two runs building the
     # same cache at once (the demo trains both diffusion stages side by side) never write into each other's files.
@@ -455,7 +461,7 @@ def build_latent_cache(run, encoder: LatentEncoder, dataset, clips_per_video: in
         except OSError:  # another run finished the same cache first: use theirs, drop ours
             shutil.rmtree(staging, ignore_errors=True)
     barrier()
-    return LatentCache(folder)
+    return LatentCache(folder, captions)
 
 
 def _fill_staging(run, encoder: LatentEncoder, dataset, staging: Path, total: int, clips_per_video: int,
@@ -519,11 +525,10 @@ def _fill_staging(run, encoder: LatentEncoder, dataset, staging: Path, total: in
 def _encoded(run, encoder: LatentEncoder, dataset, items, batch_size: int, description: str):
     """Yields (batch, {name: latent}) for the (index, epoch) `items` of the clip dataset, encoded in batches in
     order."""
-    loader = torch.utils.data.DataLoader(
-        _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers,
+    loader = WorkerLoader(
         # A stop signal to the whole process group (Slurm, torchrun) would kill the workers mid-batch and fail
         # the main process with a worker traceback; the main process handles it and shuts them down.
-        worker_init_fn=_ignore_stop_signals,
+        _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers,
         # A private generator: creating the iterator must not consume the global RNG, so that a run that
         # encodes here draws the same training noise as one that reuses a cache or resumes.
         generator=torch.Generator().manual_seed(0))
@@ -542,3 +547,35 @@ class _ItemList(Dataset):
 
     def __getitem__(self, i):
         return self.dataset[self.items[i]]
+
+
+def dataset_captions(dataset, what: str) -> list:
+    """The caption of every video of `dataset` (its caption_of), read without decoding a clip."""
+    if not hasattr(dataset, "caption_of"):
+        raise ConfigError(f"config key 'text.encoder' is set but {what} has no captions: use dataset 'captions' "
+                          f"(a video folder and data.captions) or 'synthetic'")
+    return [dataset.caption_of(index) for index in range(len(dataset))]
+
+
+def caption_table(run, encoder, captions: list, cache_root: Optional[str] = None):
+    """A CaptionTable holding every distinct caption of `captions`, encoded once: by rank 0, saved under
+    <results_dir>/latent_cache/text-<key>.pt (the key: the encoder's fingerprint and the captions) and loaded by
+    the other ranks and by later runs of the same data. Without diffusion.latent_cache nothing is saved."""
+    from models.text_encoder import CaptionTable
+
+    table = CaptionTable(encoder, run.device)
+    if not run.cfg.diffusion.latent_cache:
+        table.add(captions)
+        return table
+    unique = sorted(set(captions))
+    key = hashlib.sha1(json.dumps([run.cfg.text.fingerprint, unique]).encode()).hexdigest()[:16]
+    path = Path(cache_root or Path(run.cfg.train.results_dir) / "latent_cache") / f"text-{key}.pt"
+    if not path.is_file() and run.dist.is_main:
+        run.logger.info(f"text cache: encoding {len(unique)} distinct captions into {path}")
+        table.add(unique)
+        atomic_write(path, lambda handle: torch.save(table.state_dict(), handle))
+    barrier()
+    if not len(table):
+        run.logger.info(f"text cache: reusing {path} ({len(unique)} captions)")
+        table.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return table

@@ -54,6 +54,29 @@ def video_grid(videos: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.
     return grid
 
 
+def captioned_rows(videos: np.ndarray, captions: list, min_height: int = 64, text_width: int = 320,
+                   pad: int = 2) -> np.ndarray:
+    """uint8 videos (N, T, H, W, 3) and their captions -> one uint8 image: a row per video, its T frames side by
+    side (scaled up by a whole factor to at least `min_height` pixels), its caption written beside them. A grid
+    of videos too small to hold a caption (32 x 32 in the tiny configs) stays readable this way."""
+    from PIL import ImageDraw, ImageFont
+
+    n, t, h, w, _ = videos.shape
+    if len(captions) != n:
+        raise ValueError(f"{n} videos but {len(captions)} captions")
+    scale = max(1, -(-min_height // h))
+    frames_width = t * (w * scale + pad)
+    image = Image.new("RGB", (pad + frames_width + text_width, pad + n * (h * scale + pad)), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for row, (video, caption) in enumerate(zip(videos, captions)):
+        top = pad + row * (h * scale + pad)
+        for k, frame in enumerate(video):
+            image.paste(Image.fromarray(frame).resize((w * scale, h * scale), Image.NEAREST),
+                        (pad + k * (w * scale + pad), top))
+        draw.text((pad + frames_width + 4, top + 2), caption, fill="black", font=font)
+    return np.asarray(image)
+
+
 def write_png(image: np.ndarray, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,10 @@ class OutputError(ValueError):
     """An output location that cannot be used; the message is one line."""
 
 
-VIDEO_NAME = re.compile(r"^\d{6}_class\d{3}\.mp4$")  # the names sample.py gives its videos
-GRID_FILES = ("grid.mp4", "grid.png")
+# The names sample.py gives its videos: index and class, or index and the prompt's words (sample.prompt_slug).
+VIDEO_NAME = re.compile(r"^\d{6}_(class\d{3}|[a-z0-9-]+)\.mp4$")
+CAPTIONS_GRID = "grid_captions.png"  # text-to-video: the grid's videos in rows, each with its prompt
+GRID_FILES = ("grid.mp4", "grid.png", CAPTIONS_GRID)
 # --frames-dir: DIR/000000/000.png ..., one folder per video, the layout StyleGAN-V's metric scripts read;
 # a folder being written is hidden (.000000.partial-PID) and renamed when complete.
 FRAME_FOLDER = re.compile(r"^(\d{6}|\.\d{6}\.partial-\d+)$")
