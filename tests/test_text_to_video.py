@@ -1,5 +1,7 @@
 """Text-to-video (the paper's WebVid setting): captions through a frozen CLIP text encoder condition both diffusion
 models; sample.py takes prompts. A tiny random CLIP (scripts/make_tiny_sd.py), nothing downloaded."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from sample import prompt_noise_ids, prompt_slug
 from scripts.make_tiny_sd import TINY_TEXT, TINY_UNET, make_tiny_clip
 from tests.conftest import run_python
 from training.checkpoint import load_checkpoint
+from training.latents import caption_table
 from training.media import captioned_rows
 
 F32 = torch.finfo(torch.float32).eps
@@ -79,6 +82,26 @@ def test_caption_table_encodes_each_distinct_caption_once(encoder):
     restored = CaptionTable(encoder, "cpu")
     restored.load_state_dict(table.state_dict())
     torch.testing.assert_close(restored(["a disc moving up"]), direct[:1], rtol=0, atol=0)
+
+
+def test_caption_table_is_kept_with_the_latent_cache_and_keyed_by_the_encoder(encoder, tmp_path):
+    logs = []
+    run = SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(is_main=True),
+                          logger=SimpleNamespace(info=logs.append),
+                          cfg=SimpleNamespace(diffusion=SimpleNamespace(latent_cache=True),
+                                              text=SimpleNamespace(fingerprint="abc"),
+                                              train=SimpleNamespace(results_dir=str(tmp_path))))
+    captions = ["a disc moving up", "a square moving up", "a disc moving up"]
+    first = caption_table(run, encoder, captions)
+    (saved,) = (tmp_path / "latent_cache").glob("text-*.pt")
+    assert len(first) == 2 and "encoding 2 distinct captions" in logs[-1]
+    again = caption_table(run, encoder, list(reversed(captions)))  # the same set of captions: the same file
+    assert len(again) == 2 and "reusing" in logs[-1]
+    torch.testing.assert_close(again(captions), first(captions), rtol=0, atol=0)
+    run.cfg.text.fingerprint = "def"  # another encoder's weights: encoded again, into another file
+    caption_table(run, encoder, captions)
+    assert "encoding" in logs[-1] and len(list((tmp_path / "latent_cache").glob("text-*.pt"))) == 2
+    assert saved.is_file()
 
 
 def test_text_embedder_drops_captions_to_the_empty_prompt_and_pools_for_adaln():
@@ -179,9 +202,10 @@ def test_text_chain_trains_and_samples_prompts(tiny_clip, tmp_path):
     motion = run_python(["train_motion_diffusion.py", "--config", "configs/tiny_text/motion.yaml", "--exp-name",
                          "motion", *common]).stdout
     assert "text cache: encoding" in motion
+    # text.cache false: each batch's captions are encoded as they come (WebVid's scale), nothing is cached.
     content = run_python(["train_content_diffusion.py", "--config", "configs/tiny_text/content.yaml", "--exp-name",
-                          "content", *common]).stdout
-    assert "text cache: reusing" in content  # the same encoder and captions: encoded once for both stages
+                          "content", *common, "text.cache=false"]).stdout
+    assert "text cache" not in content and "0 distinct captions encoded of 16 videos" in content
     ckpt = load_checkpoint(results / "motion" / "checkpoints" / "last.pt")
     recorded = ckpt["config"]["text"]
     assert (recorded["tokens"], recorded["dim"]) == (L, D) and recorded["fingerprint"]
@@ -213,6 +237,11 @@ def test_text_chain_trains_and_samples_prompts(tiny_clip, tmp_path):
     missing = run_python(["sample.py", *models, "--num-videos", 1, "--out-dir", tmp_path / "o2"], check=False)
     assert missing.returncode == 1 and "--prompt" in missing.stderr.strip().splitlines()[-1]
     other_clip = make_tiny_clip(tmp_path / "other_clip", seed=1)
+    resumed = run_python(["train_motion_diffusion.py", "--config", "configs/tiny_text/motion.yaml", "--exp-name",
+                          "motion", *common[:4], "--text-encoder", other_clip, *SHRINK, *DIFFUSION, "--resume", "auto",
+                          "train.max_steps=3"], check=False)
+    last = resumed.stderr.strip().splitlines()[-1]
+    assert resumed.returncode == 1 and "not those" in last and str(other_clip) in last  # another encoder's tokens
     wrong = run_python(["sample.py", *models, "--prompt", "a disc moving up", "--text-encoder", other_clip,
                         "--out-dir", tmp_path / "o3"], check=False)
     last = wrong.stderr.strip().splitlines()[-1]

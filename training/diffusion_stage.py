@@ -10,7 +10,7 @@ import torch
 from diffusion import create_diffusion
 from models.content_unet import PRETRAINED_UNET, build_denoiser, load_pretrained_unet, unet_config_json
 from models.text_encoder import CaptionTable, load_text_encoder
-from training.checkpoint import CheckpointError, weights_fingerprint
+from training.checkpoint import CheckpointError, load_checkpoint, weights_fingerprint
 from training.data import fixed_batch
 from training.generation import Denoiser, Sampler, make_sampler
 from training.latents import (
@@ -132,14 +132,17 @@ def setup(cfg, stage: str) -> DiffusionStage:
 
 def setup_text(run: TrainingRun, dataset) -> tuple[CaptionTable, list]:
     """A caption-conditioned run's text encoder, loaded and recorded (its token shape and weights' fingerprint,
-    checked on resume and by sample.py), and the training captions (one per video): (their CaptionTable, encoded
-    once unless text.cache is false, when only the eval and empty captions go in it; the captions)."""
+    checked on resume and by sample.py), and the training captions (one per video): (their CaptionTable, each
+    distinct caption encoded once, or empty with text.cache false; the captions)."""
     cfg = run.cfg
     encoder = load_text_encoder(cfg.text.encoder, run.device)
     fingerprint = weights_fingerprint(encoder.model.state_dict())
-    if cfg.text.fingerprint and cfg.text.fingerprint != fingerprint:  # a resumed run: its recorded encoder
-        raise CheckpointError(f"text.encoder {cfg.text.encoder}: its weights ({fingerprint}) are not those the run "
-                              f"{run.run_dir} trained with ({cfg.text.fingerprint})")
+    recorded = cfg.text.fingerprint
+    if run.resume_path is not None:  # the encoder the resumed run learned with, whatever the command says
+        recorded = (load_checkpoint(run.resume_path, mmap=True)["config"].get("text") or {}).get("fingerprint")
+    if recorded and recorded != fingerprint:
+        raise CheckpointError(f"text.encoder {cfg.text.encoder}: its weights ({fingerprint}) are not those "
+                              f"{run.resume_path or 'this run'} was trained with ({recorded})")
     for key, value in (("tokens", encoder.length), ("dim", encoder.dim), ("fingerprint", fingerprint)):
         run.record(f"text.{key}", value)
     captions = dataset_captions(dataset, f"dataset '{cfg.data.dataset_name}'")
