@@ -120,8 +120,9 @@ class TextEmbedder(nn.Module):
     `null_tokens` (L, D) is a buffer saved with the model: the run that trains it fills it from its encoder, so a
     checkpoint guides with the empty prompt of the encoder it learned. Without `hidden_size` the tokens come out
     as they are (a UNet's cross-attention context); with it they are pooled into one (B, hidden_size) vector for
-    adaLN, by `heads` attention weightings over the tokens (scores linear in each token) and an MLP. Pooling over
-    the tokens rather than taking CLIP's end-of-text state lets the model learn which tokens matter.
+    adaLN: the tokens minus the empty prompt's, `heads` attention weightings over them (scores linear in each
+    token) and an MLP. Pooling over the tokens rather than taking CLIP's end-of-text state lets the model learn
+    which tokens matter.
     """
 
     def __init__(self, text_shape: Sequence[int], dropout_prob: float, hidden_size: Optional[int] = None,
@@ -160,6 +161,10 @@ class TextEmbedder(nn.Module):
         tokens = self.token_drop(tokens, force_drop_ids)
         if self.pool is None:
             return tokens
+        # What the caption changes against the empty prompt, position by position: the states every prompt shares
+        # (a random or a real CLIP's are mostly alike, cosine ~0.99 between captions) cancel, and the null
+        # condition pools to exactly zero.
+        tokens = tokens - self.null_tokens.to(tokens.dtype)
         weights = self.pool["scores"](tokens).softmax(dim=1)  # (B, L, heads): each head's weighting of the tokens
         pooled = torch.einsum("blh,bld->bhd", weights, tokens).flatten(1)  # (B, heads * D)
         return self.pool["mlp"](pooled)

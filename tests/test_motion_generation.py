@@ -53,3 +53,54 @@ def test_real_content_and_content_frame_are_exclusive(trained_tiny_ae, python_ru
                           "x.png", "--out-dir", tmp_path], check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "choose one" in proc.stderr
+
+
+
+TEXT_MOTION_STEPS = 500
+
+
+def test_text_conditioned_motion_model_reads_the_direction_from_the_prompt(trained_tiny_ae, python_runner, tmp_path):
+    """The motion DiT trained on the built-in captions (tiny random CLIP) must take the direction from the text: on
+    held-out clips of a square moving right or left, its noise prediction must be better with the clip's own
+    caption than with the opposite direction's, at the same timestep and noise. The content frame is the same in
+    both, so only the text can make the difference; a model blind to it predicts the same for both captions."""
+    import torch
+
+    from datasets import build_dataset
+    from diffusion import create_diffusion
+    from scripts.make_tiny_sd import make_tiny_clip
+    from training.generation import load_models
+
+    ae, _ = trained_tiny_ae
+    clip = make_tiny_clip(tmp_path / "clip")
+    python_runner(["train_motion_diffusion.py", "--config", "configs/tiny_text/motion.yaml", "--results-dir", tmp_path,
+                   "--exp-name", "motion", "--ae-ckpt", ae, "--text-encoder", clip, "--max-steps", TEXT_MOTION_STEPS,
+                   f"train.sample_every={TEXT_MOTION_STEPS}", f"train.ckpt_every={TEXT_MOTION_STEPS}"],
+                  env=LONE_PROCESS_ENV)
+    models = load_models(ae, tmp_path / "motion" / "checkpoints" / "last.pt")
+    cfg, model, scaler = models.motion.cfg, models.motion.model, models.motion.scaler
+    held_out = build_dataset(cfg.data, split="test", seed=0)
+    indices = [i for i in range(len(held_out)) if held_out.label_of(i) in (RIGHT, LEFT)][:64]
+    with torch.no_grad():
+        z_c, z_m = models.ae.encode(torch.stack([held_out[i]["x"] for i in indices]))
+    directions = ["right" if held_out.label_of(i) == RIGHT else "left" for i in indices]
+    own = models.encode_prompts([f"a square moving {d}" for d in directions])
+    opposite = models.encode_prompts([f"a square moving {'left' if d == 'right' else 'right'}" for d in directions])
+    x0, content = scaler.normalize("motion", z_m), scaler.normalize("content", z_c)
+    diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
+                                 cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
+    generator, gaps = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for _ in range(8):  # timestep and noise draws per clip, shared by the two captions
+            t = torch.randint(0, diffusion.num_timesteps, (len(indices),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            x_t = diffusion.q_sample(x0, t, noise=noise)
+            errors = [(model(x_t, t, y, content)[:, : x0.shape[1]] - noise).square().mean((1, 2, 3))
+                      for y in (own, opposite)]
+            gaps.append(errors[1] - errors[0])
+    gap = torch.stack(gaps).mean(0).double().numpy()  # per clip: how much worse the wrong direction predicts
+    assert np.abs(gap).max() > 0, "the motion model predicts the same for both directions: it ignores the text"
+    # Paired t over 64 clips; a text-blind model gives gap 0 everywhere. Measured ~10 at this budget (500 steps);
+    # t >= 3 by chance has probability < 0.2% (one-sided, 63 degrees of freedom).
+    paired_t = gap.mean() / (gap.std(ddof=1) / np.sqrt(len(gap)))
+    assert paired_t >= 3.0, (paired_t, gap.round(4))

@@ -121,6 +121,9 @@ def test_text_embedder_drops_captions_to_the_empty_prompt_and_pools_for_adaln():
     assert torch.equal(embedder.token_drop(tokens), tokens)  # no dropout at sampling
     out = embedder(tokens)
     assert out.shape == (6, 24)
+    # Pooled against the empty prompt: the null condition reaches the MLP as zeros, whatever the pooling weights.
+    mlp = embedder.pool["mlp"]
+    torch.testing.assert_close(embedder(embedder.null_like(tokens[:1])), mlp(torch.zeros(1, 4 * D)), rtol=0, atol=0)
     assert "null_tokens" in embedder.state_dict()  # checkpoints carry the empty prompt they were trained with
     with pytest.raises(ValueError, match=r"\(B, 16, 32\)"):
         embedder(torch.randn(2, L, D + 1))
