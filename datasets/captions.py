@@ -225,14 +225,7 @@ class CaptionedVideoDataset(VideoFolderDataset):
         lines += [
             f"clips: {self.n_frames} frames, stride {self.frame_stride}, resolution {self.resolution[0]}x{self.resolution[1]}",
             f"this split ({self.split}): {len(self.entries)} usable videos",
-            f"skipped: {len(self.skipped)}",
+            *self._skipped_lines(),
         ]
-        reasons = Counter(reason.split(":")[0] for _, reason in self.skipped)
-        for reason, count in reasons.most_common():
-            lines.append(f"  {count:6d} {reason}")
-        for path, reason in self.skipped[:10]:
-            lines.append(f"    {path}: {reason}")
-        if len(self.skipped) > 10:
-            lines.append(f"    ... {len(self.skipped) - 10} more")
         lines.append(f"index cache: {self.index_stats['cache_file']}")
         return "\n".join(lines)

@@ -184,6 +184,16 @@ class VideoFolderDataset(Dataset):
             return self._item(current, clip)
         raise DatasetError(f"{MAX_REPLACEMENT_TRIES} videos in a row failed to decode from index {index} in {self.root}")
 
+    def _skipped_lines(self) -> List[str]:
+        """The summary's account of the skipped files: their count by reason, then the first ten."""
+        lines = [f"skipped: {len(self.skipped)}"]
+        reasons = Counter(reason.split(":")[0] for _, reason in self.skipped)
+        lines += [f"  {count:6d} {reason}" for reason, count in reasons.most_common()]
+        lines += [f"    {path}: {reason}" for path, reason in self.skipped[:10]]
+        if len(self.skipped) > 10:
+            lines.append(f"    ... {len(self.skipped) - 10} more")
+        return lines
+
     def summary(self) -> str:
         listing = self.listing
         lines = [
@@ -208,14 +218,7 @@ class VideoFolderDataset(Dataset):
             marker = "  <- this dataset" if split == self.split else ""
             lines.append(f"  {split:5s}: {len(videos):6d} videos ({source}), {state}{marker}")
         lines.append(f"this split: {len(self.entries)} videos")
-        lines.append(f"skipped: {len(self.skipped)}")
-        reasons = Counter(reason.split(":")[0] for _, reason in self.skipped)
-        for reason, count in reasons.most_common():
-            lines.append(f"  {count:6d} {reason}")
-        for path, reason in self.skipped[:10]:
-            lines.append(f"    {path}: {reason}")
-        if len(self.skipped) > 10:
-            lines.append(f"    ... {len(self.skipped) - 10} more")
+        lines += self._skipped_lines()
         if listing.empty_classes:
             lines.append(f"classes with no videos: {', '.join(listing.empty_classes)}")
         if listing.skipped_links:

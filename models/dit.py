@@ -73,6 +73,18 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def _drop_to_null(embedder: nn.Module, y: torch.Tensor, force_drop_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """y (B, ...) with rows replaced by embedder.null_like(y): where force_drop_ids == 1, else each with probability
+    embedder.dropout_prob in training (classifier-free guidance's condition dropout)."""
+    if force_drop_ids is not None:
+        drop = force_drop_ids.to(y.device) == 1
+    elif embedder.training and embedder.dropout_prob > 0:
+        drop = torch.rand(y.shape[0], device=y.device) < embedder.dropout_prob
+    else:
+        return y
+    return torch.where(drop.view(-1, *(1,) * (y.dim() - 1)), embedder.null_like(y), y)
+
+
 class LabelEmbedder(nn.Module):
     """Class label (B,) -> (B, hidden), with index `num_classes` as the null ("unconditional") label.
 
@@ -96,13 +108,7 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Replace labels by the null label: where force_drop_ids == 1, else at random in training."""
-        if force_drop_ids is not None:
-            drop = force_drop_ids.to(labels.device) == 1
-        elif self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            return labels
-        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        return _drop_to_null(self, labels, force_drop_ids)
 
     def null_like(self, labels: torch.Tensor) -> torch.Tensor:
         """The null condition for every row of `labels` (B,): what guidance's unconditional half gets."""
@@ -149,13 +155,7 @@ class TextEmbedder(nn.Module):
         if tuple(tokens.shape[1:]) != self.text_shape:
             raise ValueError(f"text tokens must have shape (B, {self.text_shape[0]}, {self.text_shape[1]}), "
                              f"got {tuple(tokens.shape)}")
-        if force_drop_ids is not None:
-            drop = force_drop_ids.to(tokens.device) == 1
-        elif self.training and self.dropout_prob > 0:
-            drop = torch.rand(tokens.shape[0], device=tokens.device) < self.dropout_prob
-        else:
-            return tokens
-        return torch.where(drop[:, None, None], self.null_like(tokens), tokens)
+        return _drop_to_null(self, tokens, force_drop_ids)
 
     def forward(self, tokens: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         tokens = self.token_drop(tokens, force_drop_ids)
