@@ -130,7 +130,7 @@ def prompt_noise_ids(prompts: list, num_videos: int) -> list:
     ids = []
     for i in range(num_videos):
         prompt = prompts[i % len(prompts)]
-        ids.append(zlib.crc32(prompt.encode()) * 4096 + seen[prompt])
+        ids.append((zlib.crc32(prompt.encode()) << 20) + seen[prompt])  # distinct for 2 ** 20 videos per prompt
         seen[prompt] += 1
     return ids
 
