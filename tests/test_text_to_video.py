@@ -249,3 +249,31 @@ def test_text_chain_trains_and_samples_prompts(tiny_clip, tmp_path):
                         "--out-dir", tmp_path / "o3"], check=False)
     last = wrong.stderr.strip().splitlines()[-1]
     assert wrong.returncode == 1 and "not those" in last and str(other_clip) in last
+
+
+def test_latent_mode_text_chain_fine_tunes_the_unet_on_the_caption_tokens(tmp_path):
+    """The paper's text-to-video setting, tiny: SD-shaped VAE, UNet and CLIP; the content UNet cross-attends to
+    the caption's tokens with no new parameter and its checkpoint rebuilds it without the pretrained folder."""
+    from scripts.make_tiny_sd import make_tiny_sd
+
+    sd = make_tiny_sd(tmp_path / "sd")
+    results = tmp_path / "r"
+    run_python(["train_ae.py", "--config", "configs/tiny_latent/autoencoder.yaml", "--vae", sd / "vae", *SHRINK,
+                "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.eval_every=100", "--results-dir",
+                results, "--exp-name", "ae"])
+    ae = results / "ae" / "checkpoints" / "last.pt"
+    common = ["--ae-ckpt", ae, "--results-dir", results, "--text-encoder", sd, *SHRINK, *DIFFUSION]
+    run_python(["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", "--exp-name", "motion",
+                *common])
+    run_python(["train_content_diffusion.py", "--config", "configs/tiny_latent/content.yaml", "--exp-name", "content",
+                "model.pretrained=" + str(sd / "unet"), *common])
+    content = load_checkpoint(results / "content" / "checkpoints" / "last.pt")
+    unet_keys = {k for k in content["ema"] if k.startswith("unet.")}
+    assert set(content["ema"]) - unet_keys == {"y_embedder.null_tokens"}  # no class table: only the empty prompt
+    (sd / "unet").rename(tmp_path / "moved_unet")  # sampling needs only the checkpoints and the text encoder
+    out = tmp_path / "out"
+    run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", results / "motion" / "checkpoints" / "last.pt",
+                "--content-ckpt", results / "content" / "checkpoints" / "last.pt", "--prompt", "a red square moving right",
+                "--num-videos", 2, "--content-steps", 2, "--motion-steps", 2, "--out-dir", out, "--quiet"])
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["000000_a-red-square-moving-right.mp4",
+                                                                 "000001_a-red-square-moving-right.mp4"]
