@@ -166,6 +166,7 @@ def main(args):
         raise ValueError("--content-ckpt is required unless --content-frame gives the content frame")
     if args.no_mp4 and not (args.npz or args.frames_dir):
         raise ValueError("--no-mp4 would keep only the grid of a sampling run: pass --npz or --frames-dir to keep the videos")
+    prompt_list(args)  # an unreadable or empty --prompts file stops here, before any model loads
     # Before setup_distributed: its rendezvous waits for every rank, so all ranks check before any can write.
     earlier = check_outputs(args)
     info = setup_distributed()

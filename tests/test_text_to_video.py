@@ -237,6 +237,10 @@ def test_text_chain_trains_and_samples_prompts(tiny_clip, tmp_path):
     with np.load(other / "s.npz") as npz:
         np.testing.assert_array_equal(npz["videos"][0], videos[1])  # the prompt's first video, as before
 
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing but a comment\n")
+    refused = run_python(["sample.py", *models, "--prompts", empty, "--out-dir", tmp_path / "o1"], check=False)
+    assert refused.returncode == 1 and f"--prompts {empty}: holds no prompt" in refused.stderr
     missing = run_python(["sample.py", *models, "--num-videos", 1, "--out-dir", tmp_path / "o2"], check=False)
     assert missing.returncode == 1 and "--prompt" in missing.stderr.strip().splitlines()[-1]
     other_clip = make_tiny_clip(tmp_path / "other_clip", seed=1)
