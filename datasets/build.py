@@ -54,14 +54,11 @@ def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
             )
         return dataset
     if key == "captions":
-        captions = _field(data_cfg, "captions")
-        if not captions:
-            raise DatasetError("data.captions is required for dataset 'captions' (a CSV or JSONL of path, caption)")
         if requested_classes is not None and int(requested_classes) != 1:
             raise DatasetError(f"data.num_classes={requested_classes} but captioned videos have 1 class (dataset 'captions')")
         return CaptionedVideoDataset(
             data_path=_field(data_cfg, "data_path"),
-            captions=captions,
+            captions=_field(data_cfg, "captions"),
             split=split,
             resolution=resolution,
             n_frames=n_frames,

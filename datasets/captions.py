@@ -194,8 +194,7 @@ class CaptionedVideoDataset(VideoFolderDataset):
             self._skip(where, reason)
         self.class_names = ["video"]
         self.num_classes = 1
-        self.has_split_column = any(row.split is not None for row in rows)
-        self.split_source = SPLIT_COLUMN_RULE if self.has_split_column else HASH_SPLIT_RULE
+        self.split_source = SPLIT_COLUMN_RULE if any(row.split is not None for row in rows) else HASH_SPLIT_RULE
         self.rows_read = len(rows) + len(skipped)
         self.rows_per_split = Counter(row_split(row) for row in rows)
         return [(row.path, 0, row.caption) for row in select_split(rows, self.split)]

@@ -290,7 +290,6 @@ class _DiTBackbone(nn.Module):
         self.register_buffer("pos_embed", _fixed_position_table(hidden_size, self.grid_size), persistent=False)
         self.t_embedder = TimestepEmbedder(hidden_size)
         # Classes, or captions (text_shape (L, D) of the text encoder's tokens) pooled into the same adaLN vector.
-        self.text_shape = None if text_shape is None else tuple(int(v) for v in text_shape)
         self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if text_shape is None
                            else TextEmbedder(text_shape, class_dropout_prob, hidden_size))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))

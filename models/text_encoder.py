@@ -14,14 +14,12 @@ transformers is imported when an encoder is loaded, not with this module: class-
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from models.vae import from_pretrained, looks_like_hub_id
-
+from models.vae import from_pretrained
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")  # a folder holding a tokenizer has one
 
@@ -76,24 +74,8 @@ def load_text_encoder(source: str, device="cpu") -> TextEncoder:
         raise TextEncoderLoadError("config key 'text.encoder' is empty: text conditioning needs a CLIP text encoder "
                                    "folder or hub id")
     model = from_pretrained(CLIPTextModel, source, "text_encoder", "text.encoder", TextEncoderLoadError)
-    path = Path(source).expanduser()
-    try:
-        if path.exists():
-            folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-            if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-                raise OSError(f"none of {', '.join(TOKENIZER_FILES)} found")
-            tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-        elif looks_like_hub_id(source):
-            try:
-                tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-            except (OSError, ValueError):
-                tokenizer = CLIPTokenizer.from_pretrained(source)
-        else:
-            raise OSError("no such folder")
-    except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TextEncoderLoadError(f"text.encoder {source}: no CLIP tokenizer in it or in its tokenizer/ subfolder "
-                                   f"({first})") from None
+    tokenizer = from_pretrained(CLIPTokenizer, source, "tokenizer", "text.encoder", TextEncoderLoadError,
+                                files=TOKENIZER_FILES)
     return TextEncoder(tokenizer, model).to(device)
 
 

@@ -76,29 +76,36 @@ def looks_like_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith(("/", ".", "~")) and "\\" not in source
 
 
-def from_pretrained(model_class, source: str, subfolder: str, what: str, error: type):
+MODEL_FILES = ("config.json",)  # what marks a model's folder for from_pretrained
+
+
+def from_pretrained(model_class, source: str, subfolder: str, what: str, error: type, files=MODEL_FILES, **kwargs):
     """`model_class.from_pretrained` of a local folder (the model's own, or a pipeline folder holding `subfolder`/)
     or of a hub id (its `subfolder`, else its root); any failure is one `error` line naming `what` and `source`.
-    Shared by the VAE and the pretrained content UNet."""
+    A local folder is the first of the two holding one of `files` (a tokenizer's differ from a model's config.json);
+    a diffusers config.json must name `model_class`. Shared by the VAE, the pretrained content UNet and the text
+    encoder with its tokenizer; models load with low_cpu_mem_usage=False, `kwargs` go to from_pretrained."""
     name = model_class.__name__
+    kwargs = {"low_cpu_mem_usage": False, **kwargs} if files == MODEL_FILES else kwargs
     path = Path(source).expanduser()
     if not path.exists() and not looks_like_hub_id(source):
         raise error(f"{what} {source}: no such folder")
     try:
         if not path.exists():
             try:
-                return model_class.from_pretrained(source, subfolder=subfolder, low_cpu_mem_usage=False)
+                return model_class.from_pretrained(source, subfolder=subfolder, **kwargs)
             except (OSError, ValueError):
-                return model_class.from_pretrained(source, low_cpu_mem_usage=False)
-        folder = next((f for f in (path, path / subfolder) if (f / "config.json").is_file()), None)
+                return model_class.from_pretrained(source, **kwargs)
+        folder = next((f for f in (path, path / subfolder) if any((f / file).is_file() for file in files)), None)
         if folder is None:
-            raise error(f"{what} {source}: no config.json in it or in its {subfolder}/ subfolder; expected a diffusers "
+            raise error(f"{what} {source}: no {' or '.join(files)} in it or in its {subfolder}/ subfolder; expected a "
                         f"{name} folder (e.g. stable-diffusion-2-1-base/{subfolder})")
-        found = json.loads((folder / "config.json").read_text()).get("_class_name", name)
-        if found != name:
-            raise error(f"{what} {folder}: its config.json describes {found}, not {name}")
-        return model_class.from_pretrained(folder, low_cpu_mem_usage=False)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        if files == MODEL_FILES:
+            found = json.loads((folder / "config.json").read_text()).get("_class_name", name)
+            if found != name:
+                raise error(f"{what} {folder}: its config.json describes {found}, not {name}")
+        return model_class.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
         if isinstance(exc, error):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

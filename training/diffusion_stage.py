@@ -9,7 +9,7 @@ import torch
 
 from diffusion import create_diffusion
 from models.content_unet import PRETRAINED_UNET, build_denoiser, load_pretrained_unet, unet_config_json
-from models.text_encoder import CaptionTable, load_text_encoder
+from models.text_encoder import TextEncoder, load_text_encoder
 from training.checkpoint import CheckpointError, load_checkpoint, weights_fingerprint
 from training.data import fixed_batch
 from training.generation import Denoiser, Sampler, make_sampler
@@ -100,12 +100,12 @@ def setup(cfg, stage: str) -> DiffusionStage:
     if stage == "content" and cfg.model.name == PRETRAINED_UNET:  # fine-tuned from a pretrained image model
         unet = load_pretrained_unet(cfg.model.pretrained)
         run.record("model.unet_config", unet_config_json(unet))  # its checkpoints rebuild it without the folder
-    text, captions = (setup_text(run, dataset) if cfg.text.encoder else (None, None))
+    encoder, text, captions = setup_text(run, dataset) if cfg.text.encoder else (None, None, None)
     model = build_denoiser(stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape, unet,
-                           None if text is None else text.encoder.shape)
+                           None if encoder is None else encoder.shape)
     model = model.to(run.device)
-    if text is not None:  # guidance's null condition: the empty prompt (a resumed run restores its own below)
-        model.y_embedder.null_tokens.copy_(text.encoder([""])[0])
+    if encoder is not None:  # guidance's null condition: the empty prompt (a resumed run restores its own below)
+        model.y_embedder.null_tokens.copy_(encoder([""])[0])
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
     resumed = run.restore({"model": model, "ema": ema}, {"opt": opt})
@@ -117,9 +117,8 @@ def setup(cfg, stage: str) -> DiffusionStage:
 
     eval_clips = fixed_batch(eval_set, cfg.train.num_eval_videos)
     z_c, z_m = encode(ae, run.to_device(eval_clips["x"]), run.autocast())
-    text_of = None if text is None else (text if cfg.text.cache else text.encoder)
     eval_latents = {"z_c": z_c, "z_m": z_m,
-                    "y": run.to_device(eval_clips["y"]) if text is None else text_of(eval_clips["caption"])}
+                    "y": run.to_device(eval_clips["y"]) if text is None else text(eval_clips["caption"])}
     source = dataset
     if cfg.diffusion.latent_cache:
         source = build_latent_cache(run, LatentEncoder.autoencoder(ae, cfg.ae_ckpt), dataset,
@@ -127,13 +126,14 @@ def setup(cfg, stage: str) -> DiffusionStage:
     if scaler is None:
         scaler = measure_latent_stats(run, ae, source)
     return DiffusionStage(run, ae, model, run.wrap(model), ema, opt, scaler.to(run.device), source, eval_latents,
-                          sampler, text_of)
+                          sampler, text)
 
 
-def setup_text(run: TrainingRun, dataset) -> tuple[CaptionTable, list]:
+def setup_text(run: TrainingRun, dataset) -> tuple[TextEncoder, Callable, list]:
     """A caption-conditioned run's text encoder, loaded and recorded (its token shape and weights' fingerprint,
-    checked on resume and by sample.py), and the training captions (one per video): (their CaptionTable, each
-    distinct caption encoded once, or empty with text.cache false; the captions)."""
+    checked on resume and by sample.py); what turns captions into its tokens (the CaptionTable of the training
+    captions, each encoded once, or with text.cache false the encoder itself); the training captions, one per
+    video."""
     cfg = run.cfg
     encoder = load_text_encoder(cfg.text.encoder, run.device)
     fingerprint = weights_fingerprint(encoder.model.state_dict())
@@ -146,10 +146,11 @@ def setup_text(run: TrainingRun, dataset) -> tuple[CaptionTable, list]:
     for key, value in (("tokens", encoder.length), ("dim", encoder.dim), ("fingerprint", fingerprint)):
         run.record(f"text.{key}", value)
     captions = dataset_captions(dataset, f"dataset '{cfg.data.dataset_name}'")
-    table = caption_table(run, encoder, captions) if cfg.text.cache else CaptionTable(encoder, run.device)
-    run.logger.info(f"text encoder {cfg.text.encoder}: {encoder.length} tokens of {encoder.dim}, {len(table)} "
-                    f"distinct captions encoded of {len(captions)} videos")
-    return table, captions
+    text = caption_table(run, encoder, captions) if cfg.text.cache else encoder
+    encoded = f"{len(text)} distinct captions encoded" if cfg.text.cache else "captions encoded as batches come"
+    run.logger.info(f"text encoder {cfg.text.encoder}: {encoder.length} tokens of {encoder.dim}; {encoded} "
+                    f"({len(captions)} videos)")
+    return encoder, text, captions
 
 
 def restored_latent_stats(run: TrainingRun, ckpt: dict, ae) -> LatentScaler:

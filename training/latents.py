@@ -526,8 +526,6 @@ def _encoded(run, encoder: LatentEncoder, dataset, items, batch_size: int, descr
     """Yields (batch, {name: latent}) for the (index, epoch) `items` of the clip dataset, encoded in batches in
     order."""
     loader = WorkerLoader(
-        # A stop signal to the whole process group (Slurm, torchrun) would kill the workers mid-batch and fail
-        # the main process with a worker traceback; the main process handles it and shuts them down.
         _ItemList(dataset, items), batch_size=batch_size, num_workers=run.cfg.data.num_workers,
         # A private generator: creating the iterator must not consume the global RNG, so that a run that
         # encodes here draws the same training noise as one that reuses a cache or resumes.
@@ -557,7 +555,7 @@ def dataset_captions(dataset, what: str) -> list:
     return [dataset.caption_of(index) for index in range(len(dataset))]
 
 
-def caption_table(run, encoder, captions: list, cache_root: Optional[str] = None):
+def caption_table(run, encoder, captions: list):
     """A CaptionTable holding every distinct caption of `captions`, encoded once: by rank 0, saved under
     <results_dir>/latent_cache/text-<key>.pt (the key: the encoder's fingerprint and the captions) and loaded by
     the other ranks and by later runs of the same data. Without diffusion.latent_cache nothing is saved."""
@@ -569,7 +567,7 @@ def caption_table(run, encoder, captions: list, cache_root: Optional[str] = None
         return table
     unique = sorted(set(captions))
     key = hashlib.sha1(json.dumps([run.cfg.text.fingerprint, unique]).encode()).hexdigest()[:16]
-    path = Path(cache_root or Path(run.cfg.train.results_dir) / "latent_cache") / f"text-{key}.pt"
+    path = Path(run.cfg.train.results_dir) / "latent_cache" / f"text-{key}.pt"
     if not path.is_file() and run.dist.is_main:
         run.logger.info(f"text cache: encoding {len(unique)} distinct captions into {path}")
         table.add(unique)
