@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
-from training.checkpoint import atomic_write
-from training.cli import finite_float, positive_int, run_reporting_user_errors
-from training.distributed import barrier, cleanup_distributed, setup_distributed
-from training.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
+from core.checkpoint import atomic_write
+from core.cli import finite_float, positive_int, run_reporting_user_errors
+from core.distributed import barrier, cleanup_distributed, setup_distributed
+from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
                                  dataset_labels, real_content_frames, set_precision)
-from training.media import captioned_rows, save_video_set, write_mp4, write_png
-from training.outputs import (CAPTIONS_GRID, GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished,
+from sampling.media import captioned_rows, save_video_set, write_mp4, write_png
+from sampling.outputs import (CAPTIONS_GRID, GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished,
                               write_frames)
 
 

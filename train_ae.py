@@ -14,12 +14,12 @@ from evals.recon import motion_health, motion_warning, ssim
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from models.vae import pixel_interface
-from training.config import ConfigError
-from training.data import WorkerLoader, fixed_batch
-from training.distributed import all_gather_object, all_reduce_mean
-from training.cli import entry_point
-from training.latents import LatentEncoder, build_latent_cache, load_frames
-from training.media import save_video_set
+from core.config import ConfigError
+from core.data import WorkerLoader, fixed_batch
+from core.distributed import all_gather_object, all_reduce_mean
+from core.cli import entry_point
+from core.latents import LatentEncoder, build_latent_cache, load_frames
+from sampling.media import save_video_set
 from training.run import TrainingRun, make_ema, make_optimizer
 
 

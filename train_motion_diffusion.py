@@ -6,10 +6,10 @@
 import torch
 
 from datasets.transforms import to_uint8_videos
-from training.cli import entry_point
+from core.cli import entry_point
 from training.diffusion_stage import DiffusionStage, setup
-from training.generation import CMDModels, generate
-from training.media import save_video_set
+from sampling.generation import CMDModels, generate
+from sampling.media import save_video_set
 
 
 def train_step(s: DiffusionStage, batch: dict) -> dict:

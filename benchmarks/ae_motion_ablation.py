@@ -27,7 +27,7 @@ from datasets.synthetic import SyntheticMovingShapes
 from evals.recon import motion_health
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
-from training.config import load_config
+from core.config import load_config
 
 # name -> (config overrides, lr warm-up steps, what it tests)
 VARIANTS = {

@@ -16,7 +16,7 @@ import time
 import torch
 
 from models.autoencoder import build_autoencoder
-from training.config import load_config
+from core.config import load_config
 
 
 def _rss_gib() -> float:

@@ -26,8 +26,8 @@ import torch
 from benchmarks.throughput import diffusion_step_fn
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
-from training.config import load_config
-from training.latents import LatentEncoder, build_latent_cache
+from core.config import load_config
+from core.latents import LatentEncoder, build_latent_cache
 from training.run import TrainingRun
 
 

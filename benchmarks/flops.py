@@ -39,8 +39,8 @@ from models.ae_losses import AutoencoderLoss
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from models.layers import Attention
-from training.config import load_config
-from training.generation import SAMPLING_PRESETS
+from core.config import load_config
+from sampling.generation import SAMPLING_PRESETS
 
 META = torch.device("meta")
 DEFAULT_CONFIG_DIR = "configs/ucf101"
@@ -147,7 +147,7 @@ def _steps(batch: int, device) -> torch.Tensor:
 def _denoiser_call_flops(model, shape, guided: bool, cond: Optional[dict] = None) -> int:
     """FLOPs of one sampling step for one video: the model once, or on the doubled batch when guided.
 
-    Mirrors training.generation.sample_latents, where guidance (cfg_scale != 1) goes through guided_model;
+    Mirrors sampling.generation.sample_latents, where guidance (cfg_scale != 1) goes through guided_model;
     the scale's value does not change the FLOPs.
     """
     device = next(model.parameters()).device
@@ -270,7 +270,7 @@ def compute_flops(config_dir: Optional[str] = None, tiny: bool = False) -> dict:
 
 
 def preset_flops(configs: dict, models: dict) -> dict:
-    """CMD FLOPs per video for each of sample.py's presets (training.generation.SAMPLING_PRESETS), with the ratio
+    """CMD FLOPs per video for each of sample.py's presets (sampling.generation.SAMPLING_PRESETS), with the ratio
     to the 'ddim' preset (DDIM 50 content / 100 motion); guidance as in the configs."""
     presets = {}
     for name, options in SAMPLING_PRESETS.items():

@@ -36,7 +36,7 @@ import torch
 from benchmarks.flops import per_video_flops, report
 from datasets.transforms import to_uint8_videos
 from evals.synthetic_quality import evaluate_videos, load_or_train_classifier
-from training.generation import (SAMPLING_PRESETS, CMDModels, SamplingOptions, generate, load_models,
+from sampling.generation import (SAMPLING_PRESETS, CMDModels, SamplingOptions, generate, load_models,
                                  real_content_frames)
 
 DEMO_RUNS = "demo_output/runs"

@@ -52,9 +52,9 @@ from models.dit import build_dit
 from train_content_diffusion import train_step as content_train_step
 from train_motion_diffusion import train_step as motion_train_step
 from training.diffusion_stage import DiffusionStage
-from training.generation import (PRECISIONS, SAMPLING_PRESETS, CMDModels, Denoiser, SamplingOptions, compile_models,
+from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, CMDModels, Denoiser, SamplingOptions, compile_models,
                                  generate, set_precision)
-from training.latents import LatentScaler, encode
+from core.latents import LatentScaler, encode
 from training.run import TrainingRun, make_ema, make_optimizer
 
 STAGES = ("autoencoder", "content", "motion", "sampling")

@@ -19,7 +19,7 @@ def _field(config, name: str, default=None):
 
 
 def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
-    """Dataset for `split` ("train" | "test" | "all") from the fields of training.config.DataConfig."""
+    """Dataset for `split` ("train" | "test" | "all") from the fields of core.config.DataConfig."""
     name = str(_field(data_cfg, "dataset_name", "synthetic"))
     resolution = _field(data_cfg, "resolution", [64, 64])
     resolution = resolution if isinstance(resolution, int) else list(resolution)  # ListConfig -> list

@@ -24,7 +24,7 @@ import datasets
 from datasets.video_index import VIDEO_EXTENSIONS, is_video_name
 from datasets.transforms import to_uint8_videos
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
-from training.cli import positive_int
+from core.cli import positive_int
 
 DETECTOR_ENV = "CMD_I3D_PATH"
 DETECTOR_SOURCES = (

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name, label_from_caption
 from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
-from training.checkpoint import atomic_torch_save
+from core.checkpoint import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -612,7 +612,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """The CLI; a user error ends as one line `error: ...` and exit code 1 (the project's one error reporter)."""
-    from training.cli import run_reporting_user_errors
+    from core.cli import run_reporting_user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     run_reporting_user_errors(run, parse_args(argv))

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from models.ae_losses import AutoencoderLoss, build_ae_loss, build_lpips, lpips_backbone_weights_path
 from models.autoencoder import CMDAutoencoder, build_autoencoder
-from training.config import AutoencoderLossConfig, AutoencoderModelConfig, DataConfig
+from core.config import AutoencoderLossConfig, AutoencoderModelConfig, DataConfig
 
 TINY = dict(hidden_size=32, depth=1, num_heads=2, motion_dim=4)
 

@@ -399,7 +399,7 @@ def test_build_from_omegaconf_and_cli(webvid_tree, capsys):
     from omegaconf import OmegaConf
 
     from datasets.__main__ import main
-    from training.config import DataConfig
+    from core.config import DataConfig
 
     config = OmegaConf.structured(
         DataConfig(dataset_name="captions", data_path=str(webvid_tree.root), captions=str(webvid_tree.captions), n_frames=8)

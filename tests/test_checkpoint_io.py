@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, _env, run_python
-from training import checkpoint as ckpt_io
+from core import checkpoint as ckpt_io
 
 # CPU-sized runs, as in test_reliability.py: 16x16 clips of 4 frames, batch 4, a one-block autoencoder.
 SHRINK = ["train.global_batch_size=4", "data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0",
@@ -145,8 +145,8 @@ def resident_mib() -> float:
 
 
 def test_loading_for_sampling_maps_the_file_and_reads_no_optimizer_state(trained, tmp_path, monkeypatch):
-    from training.generation import load_denoiser
-    from training.latents import load_autoencoder
+    from sampling.generation import load_denoiser
+    from core.latents import load_autoencoder
 
     ae_ckpt = with_huge_optimizer_state(trained.ae_ckpt, tmp_path / "ae.pt")
     motion_ckpt = with_huge_optimizer_state(trained.motion_ckpt, tmp_path / "motion.pt")

@@ -516,7 +516,7 @@ def test_public_api_exports():
 def test_build_from_omegaconf_data_config(ucf_root):
     from omegaconf import OmegaConf
 
-    from training.config import DataConfig
+    from core.config import DataConfig
 
     synthetic = OmegaConf.structured(DataConfig(synthetic_size=8, resolution=[16, 24], n_frames=3, num_classes=4))
     dataset = build_dataset(synthetic, split=synthetic.eval_split, seed=0)

@@ -15,7 +15,7 @@ from models.dit import (
     validate_model_name,
 )
 from models.layers import sincos_2d
-from training.config import DiTModelConfig
+from core.config import DiTModelConfig
 
 NUM_CLASSES = 5
 CONTENT_SHAPE = (3, 16, 24)  # (C, H, W): non-square on purpose

@@ -16,7 +16,7 @@ from datasets.transforms import to_uint8_videos
 from evals import fvd
 from evals.i3d import MIN_FRAMES, InceptionI3d, preprocess_for_i3d
 from evals.recon import psnr, ssim
-from training.media import write_mp4
+from sampling.media import write_mp4
 
 FRAMES = MIN_FRAMES  # the shortest clip I3D accepts keeps the 224-px forward passes cheap on CPU
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, _env, run_python, run_torchrun
-from training import checkpoint as ckpt_io
-from training.config import ConfigError, build_arg_parser, config_from_args, config_from_dict, config_to_dict, load_config
+from core import checkpoint as ckpt_io
+from core.config import ConfigError, build_arg_parser, config_from_args, config_from_dict, config_to_dict, load_config
 
 TOY = ["-m", "tests.helpers.toy_train"]
 

@@ -1,4 +1,4 @@
-"""training.generation.generate, the one path from labels to videos, on tiny randomly initialised models."""
+"""sampling.generation.generate, the one path from labels to videos, on tiny randomly initialised models."""
 import copy
 import warnings
 
@@ -8,9 +8,9 @@ import torch
 from benchmarks.flops import TINY_CONFIG_DIR, load_stage_configs
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
-from training.generation import (CMDModels, Denoiser, SamplingOptions, compile_models, generate,
+from sampling.generation import (CMDModels, Denoiser, SamplingOptions, compile_models, generate,
                                  generate_content_frames, real_content_frames, set_precision)
-from training.latents import LatentScaler
+from core.latents import LatentScaler
 
 STEPS = 3  # few sampling steps keep each call fast; the path is the same at any count
 

@@ -12,10 +12,10 @@ from models.vae import FrameVAE, LatentModeAutoencoder, VAELoadError, load_frame
 from models.autoencoder import CMDAutoencoder
 from scripts.make_tiny_sd import TINY_UNET, TINY_VAE, make_tiny_sd
 from tests.conftest import run_python
-from training.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint
 from datasets import build_dataset
-from training.config import ConfigError, config_from_dict, load_config
-from training.latents import load_frames
+from core.config import ConfigError, config_from_dict, load_config
+from core.latents import load_frames
 
 F32 = torch.finfo(torch.float32).eps
 

@@ -11,10 +11,10 @@ import torch
 
 from diffusion import create_diffusion
 from tests.test_pipeline import TINY_AE, TINY_DIFFUSION, sample, train
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import config_from_dict
-from training.generation import sample_latents
-from training.latents import (
+from core.checkpoint import CheckpointError, load_checkpoint
+from core.config import config_from_dict
+from sampling.generation import sample_latents
+from core.latents import (
     MOMENTS_FILE,
     STATS_CLIPS,
     STD_FLOOR,

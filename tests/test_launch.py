@@ -5,8 +5,8 @@ import pytest
 import torch.distributed.run as torchrun
 
 from tests.conftest import free_port, run_python
-from training import distributed
-from training.config import build_arg_parser, parse_config
+from core import distributed
+from core.config import build_arg_parser, parse_config
 
 # torchrun's flags beyond --nnodes that the scripts accept: (underscore spelling, hyphen spelling, a value).
 NEW_FLAGS = [

@@ -69,7 +69,7 @@ def test_text_conditioned_motion_model_reads_the_direction_from_the_prompt(train
     from datasets import build_dataset
     from diffusion import create_diffusion
     from scripts.make_tiny_sd import make_tiny_clip
-    from training.generation import load_models
+    from sampling.generation import load_models
 
     ae, _ = trained_tiny_ae
     clip = make_tiny_clip(tmp_path / "clip")

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_python, run_torchrun
-from training.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint
 
 TINY_DATA = ["data.resolution=[16,16]", "data.n_frames=10", "data.num_workers=0", "data.synthetic_size=64",
              "train.global_batch_size=4", "train.num_eval_videos=2"]

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, _env, free_port, run_python
-from training import checkpoint as ckpt_io
-from training.media import write_mp4
+from core import checkpoint as ckpt_io
+from sampling.media import write_mp4
 
 # Every script runs CPU-sized: 16x16 clips of 4 frames, batch 4, a one-block autoencoder, losses logged every step.
 SHRINK = ["train.global_batch_size=4", "data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0",

@@ -16,10 +16,10 @@ from PIL import Image
 import sample
 from datasets.transforms import load_image
 from tests.test_reliability import perturbed_autoencoder
-from training.outputs import OutputError
+from sampling.outputs import OutputError
 from tests.conftest import REPO, _env, run_python
 from tests.test_pipeline import TINY_AE, TINY_DIFFUSION, train
-from training.media import write_mp4
+from sampling.media import write_mp4
 
 N_FRAMES, RESOLUTION = 10, 16  # the clips of tests.test_pipeline.TINY_DATA
 
@@ -92,7 +92,7 @@ def test_good_flag_values_parse():
 
 
 def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():
-    from training.generation import SAMPLING_PRESETS, SamplingOptions
+    from sampling.generation import SAMPLING_PRESETS, SamplingOptions
 
     default = sample.parse_args(BASE)
     for stage in ("content", "motion"):
@@ -324,7 +324,7 @@ def test_another_autoencoder_is_refused_unless_allowed(ckpts, other_ae, tmp_path
 
 # ---- 7. FVD as papers report it: guidance convention, labels, frame folders ----------------------------------------
 def test_ucf101_guidance_is_the_reference_evaluations_and_every_flag_states_the_convention(capsys):
-    from training.config import load_config
+    from core.config import load_config
 
     # DiT's convention, eps(null) + s (eps(c) - eps(null)): the reference evaluation ran the content model at 4.0 (the
     # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided (PAPER.md "Guidance").
@@ -401,8 +401,8 @@ def test_frames_dir_output_is_checked_before_models_load(tmp_path):
 
 def test_frames_dir_no_mp4_and_dataset_labels_end_to_end(ckpts, tmp_path):
     from datasets import build_dataset
-    from training.checkpoint import load_stage_checkpoint
-    from training.config import config_from_dict
+    from core.checkpoint import load_stage_checkpoint
+    from core.config import config_from_dict
 
     out, frames, npz = tmp_path / "out", tmp_path / "frames", tmp_path / "s.npz"
     proc = run_sample(ckpts, out, "--num-videos", 3, "--classes", "dataset", "--frames-dir", frames, "--no-mp4",

@@ -126,7 +126,7 @@ def test_abandoned_staging_folders_are_told_from_live_builds(tmp_path):
     """Removed: this machine's folders whose owner process is dead, and folders of another machine (or of no
     recorded owner) untouched for two days. Kept: one a live process here owns (this test), and a recent one of
     another machine, whose owner cannot be checked from here."""
-    from training import latents
+    from core import latents
 
     logger = logging.getLogger("test_signals")
     here = latents._machine()
@@ -157,7 +157,7 @@ def test_abandoned_staging_folders_are_told_from_live_builds(tmp_path):
 def test_finish_names_a_checkpoint_only_when_one_was_saved(tmp_path):
     """A stop signal before the first step leaves no checkpoint, and the log must not claim one; after a save at
     the stopping step it names that step."""
-    from training.config import load_config
+    from core.config import load_config
     from training.run import TrainingRun
 
     saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -186,7 +186,7 @@ def test_finish_names_a_checkpoint_only_when_one_was_saved(tmp_path):
 
 CRASH_WITH_WORKERS = """
 import torch
-from training import data
+from core import data
 
 class Items(torch.utils.data.Dataset):
     def __len__(self):
@@ -204,7 +204,7 @@ raise RuntimeError("crashed with a live loader")
 def test_a_crash_with_live_loader_workers_exits(tmp_path):
     """The workers ignore SIGTERM (the main process handles stop signals), and multiprocessing's exit hook SIGTERMs
     and joins them: an exception that escapes a training script while its traceback holds the loader must still
-    end the process (training.data._shut_down_workers), not hang it in that join."""
+    end the process (core.data._shut_down_workers), not hang it in that join."""
     script = tmp_path / "crash.py"
     script.write_text(CRASH_WITH_WORKERS)
     process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,

@@ -13,8 +13,8 @@ from diffusion import create_diffusion
 from models.ae_losses import AutoencoderLoss
 from models.autoencoder import CMDAutoencoder
 from models.dit import ContentDiT, MotionDiT
-from training.config import load_config
-from training.latents import LatentEncoder, build_latent_cache, encode
+from core.config import load_config
+from core.latents import LatentEncoder, build_latent_cache, encode
 from training.run import TrainingRun, make_optimizer
 
 TINY = "configs/tiny"

@@ -15,9 +15,9 @@ from models.text_encoder import CaptionTable, TextEncoderLoadError, load_text_en
 from sample import prompt_noise_ids, prompt_slug
 from scripts.make_tiny_sd import TINY_TEXT, TINY_UNET, make_tiny_clip
 from tests.conftest import run_python
-from training.checkpoint import load_checkpoint
-from training.latents import caption_table
-from training.media import captioned_rows
+from core.checkpoint import load_checkpoint
+from core.latents import caption_table
+from sampling.media import captioned_rows
 
 F32 = torch.finfo(torch.float32).eps
 L, D = TINY_TEXT["max_position_embeddings"], TINY_TEXT["hidden_size"]

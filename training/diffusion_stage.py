@@ -10,10 +10,10 @@ import torch
 from diffusion import create_diffusion
 from models.content_unet import PRETRAINED_UNET, build_denoiser, load_pretrained_unet, unet_config_json
 from models.text_encoder import TextEncoder, load_text_encoder
-from training.checkpoint import CheckpointError, load_checkpoint, weights_fingerprint
-from training.data import fixed_batch
-from training.generation import Denoiser, Sampler, make_sampler
-from training.latents import (
+from core.checkpoint import CheckpointError, load_checkpoint, weights_fingerprint
+from core.data import fixed_batch
+from sampling.generation import Denoiser, Sampler, make_sampler
+from core.latents import (
     LatentEncoder,
     LatentScaler,
     build_latent_cache,
@@ -75,7 +75,7 @@ class DiffusionStage:
         return {key: value.mean() for key, value in losses.items()}
 
     def denoiser(self) -> Denoiser:
-        """The EMA model as training.generation samples it, with the previews' sampler and the guidance scale."""
+        """The EMA model as sampling.generation samples it, with the previews' sampler and the guidance scale."""
         return Denoiser(self.ema, self.run.cfg, self.scaler, self.sampler, float(self.run.cfg.diffusion.cfg_scale))
 
     def save(self) -> None:

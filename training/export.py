@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import (
+from core.checkpoint import (
     EXPORT_FORMAT,
     LATENT_STATS_PREFIX,
     META_AE_FINGERPRINT,
@@ -105,6 +105,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from training.cli import run_reporting_user_errors
+    from core.cli import run_reporting_user_errors
 
     run_reporting_user_errors(main)

@@ -20,11 +20,11 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from training import checkpoint as ckpt_io
-from training.cli import RunError
-from training.config import config_to_dict, to_yaml
-from training.data import make_loader
-from training.distributed import (
+from core import checkpoint as ckpt_io
+from core.cli import RunError
+from core.config import config_to_dict, to_yaml
+from core.data import make_loader
+from core.distributed import (
     DistInfo,
     all_gather_object,
     all_reduce_max,

@@ -6,7 +6,7 @@ import time
 import torch
 import torch.nn as nn
 
-from training.cli import entry_point
+from core.cli import entry_point
 from training.run import TrainingRun, make_ema, make_optimizer
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from models.autoencoder import build_autoencoder
 from models.vae import PixelFrames, load_frame_vae, pixel_interface
-from training.checkpoint import (
+from core.checkpoint import (
     CheckpointError,
     atomic_write,
     load_checkpoint,
@@ -30,9 +30,9 @@ from training.checkpoint import (
     model_weights,
     resolve_resume,
 )
-from training.config import ConfigError, config_from_dict
-from training.data import WorkerLoader
-from training.distributed import all_reduce_sum, barrier, broadcast_object
+from core.config import ConfigError, config_from_dict
+from core.data import WorkerLoader
+from core.distributed import all_reduce_sum, barrier, broadcast_object
 
 STATS_CLIPS = 512  # training clips the latent statistics are measured over when there is no latent cache
 # Floor of a measured std, in the autoencoder's units (both latents live in [-1, 1], typical stds are 0.1-0.5).

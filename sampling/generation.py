@@ -17,9 +17,9 @@ from diffusion import create_diffusion
 from diffusion.guidance import guided_model
 from models.content_unet import build_denoiser
 from models.text_encoder import TextEncoder, TextEncoderLoadError, load_text_encoder
-from training.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
-from training.config import config_from_dict
-from training.latents import LatentScaler, load_autoencoder
+from core.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
+from core.config import config_from_dict
+from core.latents import LatentScaler, load_autoencoder
 
 
 class Sampler(NamedTuple):

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from training.distributed import cleanup_distributed
+from core.distributed import cleanup_distributed
 
 
 class RunError(RuntimeError):
@@ -34,7 +34,7 @@ def run_reporting_user_errors(fn, *args) -> None:
 def entry_point(main, stage: str, description: str, argv=None) -> None:
     """The training scripts' `__main__`: parse the config (exit 2 on a bad one; it may re-launch the process under
     torchrun when launcher flags are given), then run `main(cfg)`."""
-    from training.config import parse_config  # config imports the models' registry; the value types above do not
+    from core.config import parse_config  # config imports the models' registry; the value types above do not
 
     run_reporting_user_errors(main, parse_config(stage, description, argv))
 

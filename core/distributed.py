@@ -113,7 +113,7 @@ def all_gather_object(obj) -> list:
 
 
 # torchrun's launcher flags that the entry scripts accept as well, because the seed README passes them to the script
-# itself: (attribute, the spellings torchrun knows, type). training.config.build_arg_parser adds them to the parser;
+# itself: (attribute, the spellings torchrun knows, type). core.config.build_arg_parser adds them to the parser;
 # the relaunch forwards each one given under its first (underscore) spelling, which older torchruns read as well.
 LAUNCHER_FLAGS = (
     ("nnodes", ("--nnodes",), int),

@@ -15,7 +15,7 @@ from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET
 from models.dit import validate_model_name
-from training.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
+from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
 MODES = ("pixel", "latent")
@@ -321,7 +321,7 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (saves at the end)")
     parser.add_argument("--global-seed", type=int, default=None)
     parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
-    # The seed README passes torchrun's own flags to the script; we accept them and relaunch (training.distributed).
+    # The seed README passes torchrun's own flags to the script; we accept them and relaunch (core.distributed).
     # Hidden from --help: they are torchrun's, documented in README ("Several nodes (Slurm)").
     for name, spellings, kind in LAUNCHER_FLAGS:
         parser.add_argument(*spellings, dest=name, type=kind, default=None, help=argparse.SUPPRESS)
