@@ -7,11 +7,9 @@ import warnings
 from typing import Dict, Optional, Tuple
 from urllib.parse import urlparse
 
-import lpips
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.nn.utils.parametrizations import spectral_norm
 
 __all__ = [
@@ -24,11 +22,13 @@ __all__ = [
 
 # LPIPS trunk name -> (torchvision weights enum, torchvision constructor name). The lpips package
 # builds its trunk as `torchvision.models.<constructor>(pretrained=True)`, i.e. the IMAGENET1K_V1
-# weights, which is also what `weights='DEFAULT'` resolves to for these three models.
+# weights, which is also what `weights='DEFAULT'` resolves to for these three models. Names, not the
+# objects: lpips and torchvision are imported only where LPIPS is used, since importing them adds
+# about 2.5 s to the start of every script that imports this module.
 _LPIPS_BACKBONES = {
-    "vgg": (torchvision.models.VGG16_Weights.IMAGENET1K_V1, "vgg16"),
-    "alex": (torchvision.models.AlexNet_Weights.IMAGENET1K_V1, "alexnet"),
-    "squeeze": (torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1, "squeezenet1_1"),
+    "vgg": ("VGG16_Weights", "vgg16"),
+    "alex": ("AlexNet_Weights", "alexnet"),
+    "squeeze": ("SqueezeNet1_1_Weights", "squeezenet1_1"),
 }
 
 
@@ -39,13 +39,17 @@ def _check_net(net: str) -> None:
 
 def lpips_backbone_weights_path(net: str = "vgg") -> str:
     """Where torchvision caches the ImageNet weights of an LPIPS trunk: <torch hub dir>/checkpoints/<file>."""
+    import torchvision
+
     _check_net(net)
-    url = _LPIPS_BACKBONES[net][0].url
+    url = getattr(torchvision.models, _LPIPS_BACKBONES[net][0]).IMAGENET1K_V1.url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
 
 
-def _new_lpips(net: str) -> lpips.LPIPS:
+def _new_lpips(net: str) -> nn.Module:
     """LPIPS with its calibrated linear heads (shipped in the package) and a randomly initialised trunk."""
+    import lpips
+
     # pnet_rand=True keeps torchvision from downloading the trunk; the lpips package still passes the
     # deprecated `pretrained=` argument to torchvision, whose warnings would only be noise here.
     with warnings.catch_warnings():
@@ -53,7 +57,7 @@ def _new_lpips(net: str) -> lpips.LPIPS:
         return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
 
 
-def _load_backbone(model: lpips.LPIPS, weights_path: str) -> None:
+def _load_backbone(model: nn.Module, weights_path: str) -> None:
     """Copy torchvision `features.<i>.*` tensors into lpips' trunk, which keeps layer i as `slice<k>.<i>.*`."""
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
@@ -73,7 +77,7 @@ def _load_backbone(model: lpips.LPIPS, weights_path: str) -> None:
     trunk.load_state_dict(mapped, strict=True)
 
 
-def build_lpips(net: str = "vgg", weights_path: Optional[str] = None, random_backbone: bool = False) -> lpips.LPIPS:
+def build_lpips(net: str = "vgg", weights_path: Optional[str] = None, random_backbone: bool = False) -> nn.Module:
     """Frozen LPIPS in eval mode, its trunk loaded from a local torchvision weights file (never downloaded).
 
     random_backbone=True keeps a randomly initialised trunk of the same layout (tests only: the

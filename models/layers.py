@@ -4,9 +4,27 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp
 
 __all__ = ["Attention", "Mlp", "sincos_1d", "sincos_2d", "modulate"]
+
+
+class Mlp(nn.Module):
+    """The transformer feed-forward block: (..., in) -> Linear -> activation -> Linear -> (..., out).
+
+    Parameter names and creation order are those of timm's Mlp, which the models used before: checkpoints load
+    unchanged and a seed builds the same weights. timm is not imported for it because it pulls in all of
+    torchvision, about 2.5 s at the start of every script.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int = None, out_features: int = None, act_layer=nn.GELU):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Attention(nn.Module):

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,9 +21,18 @@ def _env(extra=None):
     return env
 
 
-# A test that trains one process for minutes (no torchrun beside it) may use both cores of a 2-core machine: 1.5x
-# faster for the tiny models, and the same numbers as one thread (measured: identical losses at step 300).
-LONE_PROCESS_ENV = {"OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1))}
+# scripts/test.sh runs the suite on pytest-xdist workers, one per core; each worker and what it starts then gets one
+# thread: two OpenMP pools spinning on the same cores slow each other down many times over.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+# A test that trains one process for minutes (no torchrun beside it) may use the cores no other worker needs: on a
+# 2-core machine run serially, 1.5x faster for the tiny models, and the same numbers as one thread (measured:
+# identical losses at step 300).
+LONE_PROCESS_ENV = {"OMP_NUM_THREADS": str(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))}
+
+
+def pytest_configure(config):
+    if WORKERS > 1:  # the in-process tests of each worker: its share of the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
 
 
 def free_port() -> int:
@@ -61,8 +72,16 @@ def trained_tiny_ae(tmp_path_factory):
 
     Shared by the tests that need an autoencoder whose motion latent carries motion.
     """
-    results = tmp_path_factory.mktemp("trained_ae")
-    proc = run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "--results-dir", results,
-                       "--exp-name", "ae", "--max-steps", 250, "train.eval_every=250", "train.ckpt_every=250"],
-                      env=LONE_PROCESS_ENV)
-    return results / "ae" / "checkpoints" / "last.pt", proc.stdout
+    # Under pytest-xdist every worker has its own session: the first to get here trains, the others wait for the lock
+    # and reuse its run (the folder all workers of one pytest run share).
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent
+    results, stdout = shared / "trained_ae", shared / "trained_ae.stdout"
+    with FileLock(str(shared / "trained_ae.lock")):
+        if not stdout.exists():
+            proc = run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "--results-dir", results,
+                               "--exp-name", "ae", "--max-steps", 250, "train.eval_every=250",
+                               "train.ckpt_every=250"], env=LONE_PROCESS_ENV)
+            stdout.write_text(proc.stdout)
+    return results / "ae" / "checkpoints" / "last.pt", stdout.read_text()

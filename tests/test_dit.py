@@ -385,3 +385,22 @@ def test_model_name_must_match_the_stage():
         validate_model_name("motion", "ContentDiT-S/2")
     with pytest.raises(ValueError, match="'video'"):
         validate_model_name("video", "ContentDiT-S/2")
+
+
+def test_feed_forward_block_keeps_the_checkpoint_layout_of_timms_mlp():
+    """Checkpoints written when the blocks used timm's Mlp must still load: the same parameter names, shapes and
+    creation order (so a seed builds the same weights), and the same function fc2(act(fc1(x)))."""
+    from functools import partial
+
+    from models.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(in_features=8, hidden_features=32, act_layer=partial(torch.nn.GELU, approximate="tanh"))
+    shapes = {name: tuple(p.shape) for name, p in mlp.state_dict().items()}
+    assert shapes == {"fc1.weight": (32, 8), "fc1.bias": (32,), "fc2.weight": (8, 32), "fc2.bias": (8,)}
+    torch.manual_seed(0)
+    first = torch.nn.Linear(8, 32)
+    assert torch.equal(mlp.fc1.weight, first.weight)  # fc1 is created first, from the same random stream
+    x = torch.randn(2, 5, 8)
+    expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+    assert torch.equal(mlp(x), expected)
