@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +30,15 @@ LONE_PROCESS_ENV = {"OMP_NUM_THREADS": str(max(1, min(2, (os.cpu_count() or 1) /
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test file that trains for minutes; scheduled first")
     if WORKERS > 1:  # the in-process tests of each worker: its share of the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files marked slow run first (a stable sort keeps the order within each group): the workers of
+    scripts/test.sh, which take files in this order, then end together instead of one waiting for the longest."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def free_port() -> int:
@@ -65,23 +71,3 @@ def python_runner():
 def torchrun_runner():
     return run_torchrun
 
-
-@pytest.fixture(scope="session")
-def trained_tiny_ae(tmp_path_factory):
-    """The demo's autoencoder config trained for 250 steps (about a minute and a half): (checkpoint path, train_ae.py stdout).
-
-    Shared by the tests that need an autoencoder whose motion latent carries motion.
-    """
-    # Under pytest-xdist every worker has its own session: the first to get here trains, the others wait for the lock
-    # and reuse its run (the folder all workers of one pytest run share).
-    shared = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        shared = shared.parent
-    results, stdout = shared / "trained_ae", shared / "trained_ae.stdout"
-    with FileLock(str(shared / "trained_ae.lock")):
-        if not stdout.exists():
-            proc = run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "--results-dir", results,
-                               "--exp-name", "ae", "--max-steps", 250, "train.eval_every=250",
-                               "train.ckpt_every=250"], env=LONE_PROCESS_ENV)
-            stdout.write_text(proc.stdout)
-    return results / "ae" / "checkpoints" / "last.pt", stdout.read_text()

@@ -1,7 +1,6 @@
 """Tests of the CMD autoencoder (shapes, content frame, motion latent, overfitting) and its losses."""
 
 import math
-import re
 
 import pytest
 import torch
@@ -367,19 +366,3 @@ def test_motion_health_flags_a_constant_motion_latent():
     assert "spread 0.0000" in warning and "100% of z_m entries are saturated" in warning and "gap 0.00 dB" in warning
     assert motion_warning({**collapsed, "zm_spread": 0.3, "zm_saturated": 0.0, "swap_gap": 4.0}) is None
 
-
-def test_tiny_autoencoder_learns_a_motion_latent_the_decoder_uses(trained_tiny_ae):
-    """The demo's autoencoder config, trained for 250 steps, must already route motion through z_m.
-
-    Before the motion latent was centred over time, z_m collapsed to one constant within ~50 steps and the
-    motion-swap gap stayed at 0.00 dB for thousands of steps. A decoder that uses z_m loses > 1 dB when it gets
-    another clip's z_m (~26% more squared error); the centred latent measures 3.5 dB after 200 steps.
-    """
-    _, stdout = trained_tiny_ae
-    summary = [line for line in stdout.splitlines() if "summary (EMA" in line]
-    assert summary, stdout[-2000:]
-    gap = float(re.search(r"motion-swap gap (-?[\d.]+) dB", summary[0]).group(1))
-    spread = float(re.search(r"z_m spread ([\d.]+)", summary[0]).group(1))
-    assert gap > 1.0, summary[0]
-    assert spread > 0.05, summary[0]
-    assert "WARNING" not in stdout, summary[0]

@@ -13,6 +13,8 @@ from tests.conftest import REPO, _env, run_python, run_torchrun
 from core import checkpoint as ckpt_io
 from core.config import ConfigError, build_arg_parser, config_from_args, config_from_dict, config_to_dict, load_config
 
+pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
+
 TOY = ["-m", "tests.helpers.toy_train"]
 
 

@@ -17,6 +17,8 @@ from datasets import build_dataset
 from core.config import ConfigError, config_from_dict, load_config
 from core.latents import load_frames
 
+pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
+
 F32 = torch.finfo(torch.float32).eps
 
 

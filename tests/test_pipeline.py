@@ -9,6 +9,8 @@ from PIL import Image
 from tests.conftest import run_python, run_torchrun
 from core.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
+
 TINY_DATA = ["data.resolution=[16,16]", "data.n_frames=10", "data.num_workers=0", "data.synthetic_size=64",
              "train.global_batch_size=4", "train.num_eval_videos=2"]
 TINY_AE = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4"]

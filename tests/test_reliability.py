@@ -21,6 +21,8 @@ from tests.conftest import REPO, _env, free_port, run_python
 from core import checkpoint as ckpt_io
 from sampling.media import write_mp4
 
+pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
+
 # Every script runs CPU-sized: 16x16 clips of 4 frames, batch 4, a one-block autoencoder, losses logged every step.
 SHRINK = ["train.global_batch_size=4", "data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0",
           "train.log_every=1", "train.num_eval_videos=2"]

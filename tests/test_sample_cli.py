@@ -21,6 +21,8 @@ from tests.conftest import REPO, _env, run_python
 from tests.test_pipeline import TINY_AE, TINY_DIFFUSION, train
 from sampling.media import write_mp4
 
+pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
+
 N_FRAMES, RESOLUTION = 10, 16  # the clips of tests.test_pipeline.TINY_DATA
 
 
@@ -430,3 +432,11 @@ def test_frames_dir_no_mp4_and_dataset_labels_end_to_end(ckpts, tmp_path):
     assert sorted(p.name for p in frames.iterdir()) == ["000000", "000001"]
     assert [p.name for p in mp4s(out / "videos")] == ["000000_class001.mp4", "000001_class000.mp4"]
     assert np.load(npz)["labels"].tolist() == [1, 0]
+
+
+def test_real_content_and_content_frame_are_exclusive(python_runner, tmp_path):
+    ae = tmp_path / "never_read.pt"  # the flags are refused before any checkpoint is opened
+    proc = python_runner(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", ae, "--real-content", "--content-frame",
+                          "x.png", "--out-dir", tmp_path], check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "choose one" in proc.stderr

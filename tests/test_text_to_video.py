@@ -19,6 +19,8 @@ from core.checkpoint import load_checkpoint
 from core.latents import caption_table
 from sampling.media import captioned_rows
 
+pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
+
 F32 = torch.finfo(torch.float32).eps
 L, D = TINY_TEXT["max_position_embeddings"], TINY_TEXT["hidden_size"]
 

@@ -1,13 +1,57 @@
-"""Does the motion DiT generate motion? Motion-only samples (real content frames, generated z_m) must move the way
-their class says, measured on the decoded videos; this is what a collapsed motion latent made impossible."""
-import numpy as np
+"""Does each stage learn what it exists for? On the built-in dataset and against a baseline that shows failure: the
+autoencoder's motion latent must carry the motion (motion-swap gap), and motion samples decoded with real content
+frames must move the way their class, or their prompt, says. These are the failures a pipeline that only runs
+hides: a collapsed motion latent, a label the motion model ignores.
 
+The tests share one autoencoder trained for 250 steps (the demo's config), so they live in one file: pytest-xdist
+(scripts/test.sh) keeps a file on one worker, which trains it once.
+"""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from datasets import build_dataset
 from datasets.synthetic import DIRECTIONS, SHAPES
-from tests.conftest import LONE_PROCESS_ENV
+from datasets.transforms import to_uint8_videos
+from diffusion import create_diffusion
+from sampling.generation import SamplingOptions, generate, load_models, real_content_frames
+from scripts.make_tiny_sd import make_tiny_clip
+from tests.conftest import LONE_PROCESS_ENV, run_python
+
+pytestmark = pytest.mark.slow  # trains for minutes: scheduled first (conftest.py)
 
 MOTION_STEPS = 1500
 RIGHT, LEFT = 0, 3  # square-right and square-left in the 4-class tiny config: same shape, opposite motion
 assert DIRECTIONS[RIGHT // len(SHAPES)] == "right" and DIRECTIONS[LEFT // len(SHAPES)] == "left"
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_ae(tmp_path_factory):
+    """The demo's autoencoder config trained for 250 steps (about a minute): (checkpoint path, train_ae.py stdout)."""
+    results = tmp_path_factory.mktemp("trained_ae")
+    proc = run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "--results-dir", results,
+                       "--exp-name", "ae", "--max-steps", 250, "train.eval_every=250", "train.ckpt_every=250"],
+                      env=LONE_PROCESS_ENV)
+    return results / "ae" / "checkpoints" / "last.pt", proc.stdout
+
+
+def test_tiny_autoencoder_learns_a_motion_latent_the_decoder_uses(trained_tiny_ae):
+    """The demo's autoencoder config, trained for 250 steps, must already route motion through z_m.
+
+    Before the motion latent was centred over time, z_m collapsed to one constant within ~50 steps and the
+    motion-swap gap stayed at 0.00 dB for thousands of steps. A decoder that uses z_m loses > 1 dB when it gets
+    another clip's z_m (~26% more squared error); the centred latent measures 3.5 dB after 200 steps.
+    """
+    _, stdout = trained_tiny_ae
+    summary = [line for line in stdout.splitlines() if "summary (EMA" in line]
+    assert summary, stdout[-2000:]
+    gap = float(re.search(r"motion-swap gap (-?[\d.]+) dB", summary[0]).group(1))
+    spread = float(re.search(r"z_m spread ([\d.]+)", summary[0]).group(1))
+    assert gap > 1.0, summary[0]
+    assert spread > 0.05, summary[0]
+    assert "WARNING" not in stdout, summary[0]
 
 
 def horizontal_velocity(videos: np.ndarray) -> np.ndarray:
@@ -29,11 +73,6 @@ def test_motion_samples_move_the_way_their_label_says(trained_tiny_ae, python_ru
     sampled twice with the same noise, once labelled square-right and once square-left. The two classes share
     their shape and differ only in direction, so only the label can make the two videos drift apart, and it must
     make them drift its way."""
-    import torch
-
-    from datasets.transforms import to_uint8_videos
-    from sampling.generation import SamplingOptions, generate, load_models, real_content_frames
-
     ae, _ = trained_tiny_ae
     python_runner(["train_motion_diffusion.py", "--config", "configs/tiny/motion.yaml", "--results-dir", tmp_path,
                    "--exp-name", "motion", "--ae-ckpt", ae, "--max-steps", MOTION_STEPS,
@@ -55,15 +94,6 @@ def test_motion_samples_move_the_way_their_label_says(trained_tiny_ae, python_ru
     assert paired_t >= 3.0, (paired_t, drift.round(3))
 
 
-def test_real_content_and_content_frame_are_exclusive(trained_tiny_ae, python_runner, tmp_path):
-    ae, _ = trained_tiny_ae
-    proc = python_runner(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", ae, "--real-content", "--content-frame",
-                          "x.png", "--out-dir", tmp_path], check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "choose one" in proc.stderr
-
-
-
 TEXT_MOTION_STEPS = 500
 
 
@@ -72,13 +102,6 @@ def test_text_conditioned_motion_model_reads_the_direction_from_the_prompt(train
     held-out clips of a square moving right or left, its noise prediction must be better with the clip's own
     caption than with the opposite direction's, at the same timestep and noise. The content frame is the same in
     both, so only the text can make the difference; a model blind to it predicts the same for both captions."""
-    import torch
-
-    from datasets import build_dataset
-    from diffusion import create_diffusion
-    from scripts.make_tiny_sd import make_tiny_clip
-    from sampling.generation import load_models
-
     ae, _ = trained_tiny_ae
     clip = make_tiny_clip(tmp_path / "clip")
     python_runner(["train_motion_diffusion.py", "--config", "configs/tiny_text/motion.yaml", "--results-dir", tmp_path,
