@@ -60,19 +60,11 @@ class VideoDiTBlock(nn.Module):
 class VideoDiT(nn.Module):
     """Class-conditional denoiser of whole clips: x (B, C, T, H, W), t (B,), y (B,) -> (B, 2C or C, T, H, W)."""
 
-    def __init__(
-        self,
-        input_size: Sequence[int] = (16, 64, 64),
-        in_channels: int = 3,
-        patch_size: int = 2,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 101,
-        class_dropout_prob: float = 0.1,
-        learn_sigma: bool = True,
-    ):
+    def __init__(self, input_size: Sequence[int], in_channels: int, patch_size: int, hidden_size: int, depth: int,
+                 num_heads: int, num_classes: int, learn_sigma: bool, mlp_ratio: float = 4.0,
+                 class_dropout_prob: float = 0.1):
+        """Sizes as the content DiT's (build_video_dit_baseline reads them from its registry name); input_size is
+        (T, H, W)."""
         super().__init__()
         frames, height, width = (int(v) for v in input_size)
         if height % patch_size or width % patch_size:

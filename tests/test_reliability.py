@@ -438,17 +438,18 @@ def bad_input_case(name: str, trained, tmp: Path):
     if name == "ae-ckpt is a motion checkpoint":
         return ([*content_args(trained.motion_ckpt), "--results-dir", results, "--max-steps", 1],
                 [trained.motion_ckpt, "'motion' checkpoint"], 1, trained.motion_dir)
+    def sample(ae, motion, content):
+        return ["sample.py", "--ae-ckpt", ae, "--motion-ckpt", motion, "--content-ckpt", content, "--num-videos", 1,
+                "--out-dir", tmp / "samples", "--quiet"]
+
     if name == "sample motion-ckpt is a content checkpoint":
-        return (["sample.py", "--ae-ckpt", trained.ae_ckpt, "--motion-ckpt", trained.content_ckpt, "--content-ckpt",
-                 trained.content_ckpt, "--num-videos", 1, "--out-dir", tmp / "samples", "--quiet"],
+        return (sample(trained.ae_ckpt, trained.content_ckpt, trained.content_ckpt),
                 [trained.content_ckpt, "'content' checkpoint"], 1, trained.content_dir)
     if name == "sample ae-ckpt is a motion checkpoint":
-        return (["sample.py", "--ae-ckpt", trained.motion_ckpt, "--motion-ckpt", trained.motion_ckpt, "--content-ckpt",
-                 trained.content_ckpt, "--num-videos", 1, "--out-dir", tmp / "samples", "--quiet"],
+        return (sample(trained.motion_ckpt, trained.motion_ckpt, trained.content_ckpt),
                 [trained.motion_ckpt, "'motion' checkpoint"], 1, trained.motion_dir)
     if name == "sample content-ckpt is a motion checkpoint":
-        return (["sample.py", "--ae-ckpt", trained.ae_ckpt, "--motion-ckpt", trained.motion_ckpt, "--content-ckpt",
-                 trained.motion_ckpt, "--num-videos", 1, "--out-dir", tmp / "samples", "--quiet"],
+        return (sample(trained.ae_ckpt, trained.motion_ckpt, trained.motion_ckpt),
                 [trained.motion_ckpt, "'motion' checkpoint"], 1, trained.motion_dir)
     if name == "ae-ckpt auto finds no autoencoder":
         return ([*motion_args("auto"), "--results-dir", results, "--max-steps", 1], ["ae_ckpt=auto", results], 1, None)
