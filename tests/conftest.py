@@ -23,16 +23,17 @@ def _env(extra=None):
 # scripts/test.sh runs the suite on pytest-xdist workers, one per core; each worker and what it starts then gets one
 # thread: two OpenMP pools spinning on the same cores slow each other down many times over.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 # A test that trains one process for minutes (no torchrun beside it) may use the cores no other worker needs: on a
 # 2-core machine run serially, 1.5x faster for the tiny models, and the same numbers as one thread (measured:
 # identical losses at step 300).
-LONE_PROCESS_ENV = {"OMP_NUM_THREADS": str(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))}
+LONE_PROCESS_ENV = {"OMP_NUM_THREADS": str(max(1, min(2, CORES // WORKERS)))}
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test file that trains for minutes; scheduled first")
     if WORKERS > 1:  # the in-process tests of each worker: its share of the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+        torch.set_num_threads(max(1, CORES // WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):
