@@ -1,5 +1,7 @@
 """Transformer building blocks shared by the autoencoder and the DiTs."""
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -16,7 +18,8 @@ class Mlp(nn.Module):
     torchvision, about 2.5 s at the start of every script.
     """
 
-    def __init__(self, in_features: int, hidden_features: int = None, out_features: int = None, act_layer=nn.GELU):
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
+                 act_layer=nn.GELU):
         super().__init__()
         hidden_features = hidden_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features)

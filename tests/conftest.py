@@ -20,8 +20,9 @@ def _env(extra=None):
     return env
 
 
-# scripts/test.sh runs the suite on pytest-xdist workers, one per core; each worker and what it starts then gets one
-# thread: two OpenMP pools spinning on the same cores slow each other down many times over.
+# scripts/test.sh runs the suite on pytest-xdist workers, one per core; each worker and what it starts then keeps to
+# its share of the cores (one thread on 2 cores): OpenMP pools spinning on the same cores slow each other down many
+# times over.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 # A test that trains one process for minutes (no torchrun beside it) may use the cores no other worker needs: on a
@@ -71,4 +72,3 @@ def python_runner():
 @pytest.fixture
 def torchrun_runner():
     return run_torchrun
-
