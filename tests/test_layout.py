@@ -1,5 +1,8 @@
-"""The source tree itself: every file parses, no always-true assert, and packages import only the layers below them."""
+"""The source tree itself: every file parses, no always-true assert, packages import only the layers below them, and
+the entry points start without importing what only some runs need."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,15 @@ def test_packages_import_only_lower_layers(package):
 def test_every_package_is_in_a_layer():
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     assert packages - ENTRY_POINTS == set(LAYERS)
+
+
+def test_entry_points_do_not_import_what_only_some_runs_need():
+    """Every script start pays for its imports (the suite starts scripts a few hundred times). LPIPS (torchvision,
+    torch._dynamo), the SD VAE and UNet (diffusers), the text encoder (transformers) and the Fréchet distance's
+    matrix square root (scipy) are imported where they are used, not by importing the entry points."""
+    heavy = ("torchvision", "lpips", "timm", "diffusers", "transformers", "scipy", "torch._dynamo")
+    code = ("import sys, train_ae, train_motion_diffusion, train_content_diffusion, sample, evals.fvd, "
+            f"evals.synthetic_quality; print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
