@@ -83,10 +83,11 @@ def from_pretrained(model_class, source: str, subfolder: str, what: str, error: 
     """`model_class.from_pretrained` of a local folder (the model's own, or a pipeline folder holding `subfolder`/)
     or of a hub id (its `subfolder`, else its root); any failure is one `error` line naming `what` and `source`.
     A local folder is the first of the two holding one of `files` (a tokenizer's differ from a model's config.json);
-    a diffusers config.json must name `model_class`. Shared by the VAE, the pretrained content UNet and the text
-    encoder with its tokenizer; models load with low_cpu_mem_usage=False, `kwargs` go to from_pretrained."""
+    a diffusers config.json there must name `model_class`. Shared by the VAE, the pretrained content UNet and the
+    text encoder with its tokenizer; `kwargs` go to model_class.from_pretrained."""
     name = model_class.__name__
-    kwargs = {"low_cpu_mem_usage": False, **kwargs} if files == MODEL_FILES else kwargs
+    if issubclass(model_class, torch.nn.Module):  # weights as plain CPU tensors, not initialised on the meta device
+        kwargs = {"low_cpu_mem_usage": False, **kwargs}
     path = Path(source).expanduser()
     if not path.exists() and not looks_like_hub_id(source):
         raise error(f"{what} {source}: no such folder")
@@ -100,10 +101,10 @@ def from_pretrained(model_class, source: str, subfolder: str, what: str, error: 
         if folder is None:
             raise error(f"{what} {source}: no {' or '.join(files)} in it or in its {subfolder}/ subfolder; expected a "
                         f"{name} folder (e.g. stable-diffusion-2-1-base/{subfolder})")
-        if files == MODEL_FILES:
-            found = json.loads((folder / "config.json").read_text()).get("_class_name", name)
-            if found != name:
-                raise error(f"{what} {folder}: its config.json describes {found}, not {name}")
+        config = folder / "config.json"
+        found = json.loads(config.read_text()).get("_class_name", name) if config.is_file() else name
+        if found != name:
+            raise error(f"{what} {folder}: its config.json describes {found}, not {name}")
         return model_class.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
         if isinstance(exc, error):

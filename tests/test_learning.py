@@ -86,6 +86,7 @@ def test_motion_samples_move_the_way_their_label_says(trained_tiny_ae, python_ru
         videos, _ = generate(models, torch.full((len(clips),), label), seed=0, content=content)
         velocity[label] = horizontal_velocity(to_uint8_videos(videos))
     drift = velocity[RIGHT] - velocity[LEFT]  # per content frame and noise: how much further right "right" goes
+    assert np.abs(drift).max() > 0, "both labels give the same videos: the motion model ignores the label"
     # Paired t over 32 pairs. A motion latent that is ignored, constant or blind to the label gives identical
     # videos for both labels (drift exactly 0); a label that acts at random makes t >= 3 a chance of < 0.3%
     # (one-sided, 31 degrees of freedom). Measured: t = 5.8 at 1,500 steps (29 of 32 pairs drift the label's
