@@ -19,6 +19,7 @@ from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
 MODES = ("pixel", "latent")
+LR_DECAYS = ("none", "linear", "cosine")
 # The seed README's command lines name no config: they get the paper-scale UCF-101 settings.
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "ucf101"
 
@@ -106,7 +107,14 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
-    fused: bool = False  # fused AdamW (CUDA)
+    fused: bool = False  # fused AdamW (CUDA and CPU)
+    # Learning-rate schedule, a function of the step alone (resumes continue it): linear warm-up over warmup_steps,
+    # then constant, or decayed ("linear" | "cosine") over the last decay_steps steps before train.max_steps
+    # (0: all steps after the warm-up) down to min_lr_ratio * lr. Applies to every optimiser of the run.
+    warmup_steps: int = 0
+    decay: str = "none"  # none | linear | cosine
+    decay_steps: int = 0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -250,6 +258,11 @@ def validate_config(cfg, stage: str) -> None:
              f"config key 'train.mixed_precision': '{train.mixed_precision}' is not bf16|no")
     for key in ("max_steps", "log_every", "ckpt_every"):
         _require(train[key] > 0, f"config key 'train.{key}' must be positive, got {train[key]}")
+    optim = cfg.optim
+    _require(optim.decay in LR_DECAYS, f"config key 'optim.decay': '{optim.decay}' is not {'|'.join(LR_DECAYS)}")
+    for key in ("warmup_steps", "decay_steps"):
+        _require(optim[key] >= 0, f"config key 'optim.{key}' must be non-negative, got {optim[key]}")
+    _require(0.0 <= optim.min_lr_ratio <= 1.0, f"config key 'optim.min_lr_ratio' must be in [0, 1], got {optim.min_lr_ratio}")
     _require(0.0 <= train.ema_decay < 1.0, f"config key 'train.ema_decay' must be in [0, 1), got {train.ema_decay}")
     if train.wandb_project:
         _require(importlib.util.find_spec("wandb") is not None,

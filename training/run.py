@@ -79,6 +79,30 @@ def make_ema(model: nn.Module) -> nn.Module:
     return ema
 
 
+def lr_factor(optim_cfg, step: int, max_steps: int) -> float:
+    """The multiplier of optim.lr for the update that step `step` (0-based) makes: a linear warm-up from
+    1/warmup_steps to 1 over the first warmup_steps updates, then 1, or, with optim.decay, a linear or cosine
+    decay over the last decay_steps updates (0: all after the warm-up) that reaches min_lr_ratio at the last one.
+
+    A decay to the end of a short run lets the final weights settle instead of carrying the noise of a constant
+    rate (the cosine schedule of Loshchilov & Hutter, SGDR, 2017; the linear one of "warmup-stable-decay" runs).
+    """
+    factor = 1.0
+    warmup = int(optim_cfg.warmup_steps)
+    if step < warmup:
+        factor = (step + 1) / warmup
+    if optim_cfg.decay == "none":
+        return factor
+    decay_steps = int(optim_cfg.decay_steps) or max(max_steps - warmup, 1)
+    start = max_steps - decay_steps
+    if step < start:
+        return factor
+    progress = min((step - start + 1) / decay_steps, 1.0)  # the last update (step max_steps - 1) has progress 1
+    shape = progress if optim_cfg.decay == "linear" else (1.0 - math.cos(math.pi * progress)) / 2.0
+    floor = float(optim_cfg.min_lr_ratio)
+    return factor * (1.0 - (1.0 - floor) * shape)
+
+
 def make_optimizer(params, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
     fused = bool(optim_cfg.fused) and device.type in ("cuda", "cpu")  # fused kernels exist for both
     return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
@@ -301,7 +325,7 @@ class TrainingRun:
         if name != "opt":
             return
         optim = self.cfg.optim
-        wanted = {"lr": float(optim.lr), "betas": tuple(float(b) for b in optim.betas),
+        wanted = {"lr": float(optim.lr), "base_lr": float(optim.lr), "betas": tuple(float(b) for b in optim.betas),
                   "weight_decay": float(optim.weight_decay)}
         for group in optimizer.param_groups:
             group.update(wanted)
@@ -362,6 +386,9 @@ class TrainingRun:
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
         if torch.isfinite(grad_norm):
+            factor = lr_factor(self.cfg.optim, self.step, self.cfg.train.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
             optimizer.step()
             if ema is not None:
                 update_ema(ema, _unwrap(model), self.cfg.train.ema_decay)
