@@ -109,11 +109,11 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     fused: bool = False  # fused AdamW (CUDA and CPU)
     # Learning-rate schedule, a function of the step alone (resumes continue it): linear warm-up over warmup_steps,
-    # then constant, or decayed ("linear" | "cosine") over the last decay_steps steps before train.max_steps
-    # (0: all steps after the warm-up) down to min_lr_ratio * lr. Applies to every optimiser of the run.
+    # then constant, or decayed ("linear" | "cosine") over the last decay_fraction of train.max_steps (never into
+    # the warm-up; 1: all steps after it) down to min_lr_ratio * lr. Applies to every optimiser of the run.
     warmup_steps: int = 0
     decay: str = "none"  # none | linear | cosine
-    decay_steps: int = 0
+    decay_fraction: float = 1.0
     min_lr_ratio: float = 0.0
 
 
@@ -260,9 +260,9 @@ def validate_config(cfg, stage: str) -> None:
         _require(train[key] > 0, f"config key 'train.{key}' must be positive, got {train[key]}")
     optim = cfg.optim
     _require(optim.decay in LR_DECAYS, f"config key 'optim.decay': '{optim.decay}' is not {'|'.join(LR_DECAYS)}")
-    for key in ("warmup_steps", "decay_steps"):
-        _require(optim[key] >= 0, f"config key 'optim.{key}' must be non-negative, got {optim[key]}")
-    _require(0.0 <= optim.min_lr_ratio <= 1.0, f"config key 'optim.min_lr_ratio' must be in [0, 1], got {optim.min_lr_ratio}")
+    _require(optim.warmup_steps >= 0, f"config key 'optim.warmup_steps' must be non-negative, got {optim.warmup_steps}")
+    for key in ("decay_fraction", "min_lr_ratio"):
+        _require(0.0 <= optim[key] <= 1.0, f"config key 'optim.{key}' must be in [0, 1], got {optim[key]}")
     _require(0.0 <= train.ema_decay < 1.0, f"config key 'train.ema_decay' must be in [0, 1), got {train.ema_decay}")
     if train.wandb_project:
         _require(importlib.util.find_spec("wandb") is not None,

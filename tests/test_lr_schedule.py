@@ -1,4 +1,4 @@
-"""optim.warmup_steps / decay / decay_steps / min_lr_ratio: the learning rate each update uses."""
+"""optim.warmup_steps / decay / decay_fraction / min_lr_ratio: the learning rate each update uses."""
 import math
 import signal
 from types import SimpleNamespace
@@ -12,8 +12,8 @@ from training.run import TrainingRun, lr_factor
 TINY = "configs/tiny"
 
 
-def schedule(warmup=0, decay="none", decay_steps=0, floor=0.0):
-    return SimpleNamespace(warmup_steps=warmup, decay=decay, decay_steps=decay_steps, min_lr_ratio=floor)
+def schedule(warmup=0, decay="none", fraction=1.0, floor=0.0):
+    return SimpleNamespace(warmup_steps=warmup, decay=decay, decay_fraction=fraction, min_lr_ratio=floor)
 
 
 def factors(cfg, max_steps):
@@ -45,20 +45,26 @@ def test_cosine_midpoint_and_linear_slope():
     assert lr_factor(schedule(decay="cosine"), 1, 10) == pytest.approx((1 + math.cos(0.2 * math.pi)) / 2, abs=1e-12)
 
 
-def test_decay_steps_keeps_the_rate_constant_until_the_last_steps():
-    values = factors(schedule(warmup=2, decay="linear", decay_steps=4), 10)
+def test_decay_fraction_keeps_the_rate_constant_until_the_last_steps():
+    values = factors(schedule(warmup=2, decay="linear", fraction=0.4), 10)
     assert values[:6] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert values[6:] == pytest.approx([0.75, 0.5, 0.25, 0.0], abs=1e-12)
+    # the same fraction of a longer run: the decay scales with --max-steps
+    longer = factors(schedule(warmup=2, decay="linear", fraction=0.4), 20)
+    assert longer[:12] == [0.5] + [1.0] * 11 and longer[-1] == 0.0 and longer[12] < 1.0
 
 
 def test_warmup_and_decay_over_the_rest():
     values = factors(schedule(warmup=2, decay="linear"), 6)  # decays over the 4 updates after the warm-up
     assert values == pytest.approx([0.5, 1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-12)
+    # a fraction that would reach into the warm-up starts the decay after it
+    assert factors(schedule(warmup=2, decay="linear", fraction=0.9), 6) == pytest.approx(values, abs=1e-12)
 
 
 @pytest.mark.parametrize("override, key", [("optim.decay=step", "optim.decay"),
                                            ("optim.warmup_steps=-1", "optim.warmup_steps"),
-                                           ("optim.min_lr_ratio=2", "optim.min_lr_ratio")])
+                                           ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
+                                           ("optim.decay_fraction=1.5", "optim.decay_fraction")])
 def test_bad_schedule_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config("autoencoder", f"{TINY}/autoencoder.yaml", [override])

@@ -82,7 +82,8 @@ def make_ema(model: nn.Module) -> nn.Module:
 def lr_factor(optim_cfg, step: int, max_steps: int) -> float:
     """The multiplier of optim.lr for the update that step `step` (0-based) makes: a linear warm-up from
     1/warmup_steps to 1 over the first warmup_steps updates, then 1, or, with optim.decay, a linear or cosine
-    decay over the last decay_steps updates (0: all after the warm-up) that reaches min_lr_ratio at the last one.
+    decay over the last decay_fraction of the max_steps updates (at most all after the warm-up) that reaches
+    min_lr_ratio at the last one. As a fraction, the decay keeps its shape when --max-steps changes.
 
     A decay to the end of a short run lets the final weights settle instead of carrying the noise of a constant
     rate (the cosine schedule of Loshchilov & Hutter, SGDR, 2017; the linear one of "warmup-stable-decay" runs).
@@ -93,7 +94,7 @@ def lr_factor(optim_cfg, step: int, max_steps: int) -> float:
         factor = (step + 1) / warmup
     if optim_cfg.decay == "none":
         return factor
-    decay_steps = int(optim_cfg.decay_steps) or max(max_steps - warmup, 1)
+    decay_steps = max(min(round(float(optim_cfg.decay_fraction) * max_steps), max_steps - warmup), 1)
     start = max_steps - decay_steps
     if step < start:
         return factor
