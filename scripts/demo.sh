@@ -2,7 +2,7 @@
 # The demo: trains all three CMD stages on the built-in synthetic dataset with the tiny configs (CPU is
 # enough), then samples videos of every class and measures them: autoencoder health (motion-swap gap, PSNR
 # against the static baseline) and the built-in classifier metric (evals/synthetic_quality.py) on generated and
-# motion-only videos. 11 to 12½ minutes on 2 CPU cores. Output: $OUT (demo_output/).
+# motion-only videos. About 9 minutes on 2 CPU cores. Output: $OUT (demo_output/).
 #
 #   bash scripts/demo.sh --text   # text-to-video: both diffusion models conditioned on the dataset's captions
 #                                 # ("a red disc moving left") through a tiny random CLIP text encoder; videos are
@@ -16,9 +16,9 @@ if [ "${1:-}" = "--text" ]; then TEXT=1; elif [ -n "${1:-}" ]; then echo "usage:
 CONFIGS=configs/tiny
 if [ "$TEXT" = 1 ]; then CONFIGS=configs/tiny_text; OUT=${OUT:-demo_text_output}; fi
 OUT=${OUT:-demo_output}
-AE_STEPS=${AE_STEPS:-800}
-MOTION_STEPS=${MOTION_STEPS:-3000}
-CONTENT_STEPS=${CONTENT_STEPS:-1500}
+AE_STEPS=${AE_STEPS:-650}
+MOTION_STEPS=${MOTION_STEPS:-2000}
+CONTENT_STEPS=${CONTENT_STEPS:-1400}
 # One thread per process: these tiny models gain little from a second thread, and two processes that each
 # spin two OpenMP threads on two cores slow each other down many times over.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -27,7 +27,7 @@ if [ -e "$OUT" ]; then
   rm -rf "$OUT"
 fi
 mkdir -p "$OUT"
-stage() { echo; echo "=== $1"; }
+stage() { echo; printf "=== %s  [%d:%02d]\n" "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 NUM_VIDEOS=${NUM_VIDEOS:-64}
 stage "1/4 autoencoder (${AE_CKPT:-$AE_STEPS steps}; the quality classifier trains beside it)"
@@ -47,19 +47,27 @@ if [ "$TEXT" = 1 ]; then
   TEXT_FLAGS=(--text-encoder "$OUT/tiny_sd")
 fi
 
-# The two diffusion stages only need the autoencoder: they train side by side, one core each.
+# The two diffusion stages only need the autoencoder: they train side by side, one core each. The class demo's
+# motion-only samples (real content frames, generated motion) need no content model: they follow the motion
+# model on its core while the content model finishes.
+MODELS=(--ae-ckpt "$AE" --motion-ckpt "$OUT/runs/motion/checkpoints/last.pt")
 stage "2/4 motion and content diffusion ($MOTION_STEPS / $CONTENT_STEPS steps, in parallel; motion log: $OUT/motion.log)"
-"$PYTHON" train_motion_diffusion.py --config "$CONFIGS/motion.yaml" --results-dir "$OUT/runs" --exp-name motion \
-  --ae-ckpt "$AE" --max-steps "$MOTION_STEPS" "${TEXT_FLAGS[@]}" > "$OUT/motion.log" 2>&1 &
+(
+  "$PYTHON" train_motion_diffusion.py --config "$CONFIGS/motion.yaml" --results-dir "$OUT/runs" --exp-name motion \
+    --ae-ckpt "$AE" --max-steps "$MOTION_STEPS" "${TEXT_FLAGS[@]}"
+  if [ "$TEXT" = 0 ]; then
+    "$PYTHON" sample.py "${MODELS[@]}" --real-content \
+      --num-videos "$NUM_VIDEOS" --out-dir "$OUT/motion_only" --npz "$OUT/motion_only/samples.npz" --quiet
+  fi
+) > "$OUT/motion.log" 2>&1 &
 motion_pid=$!
 "$PYTHON" train_content_diffusion.py --config "$CONFIGS/content.yaml" --results-dir "$OUT/runs" --exp-name content \
   --ae-ckpt "$AE" --max-steps "$CONTENT_STEPS" "${TEXT_FLAGS[@]}"
 if ! wait "$motion_pid"; then
-  echo "motion training failed; its log:"; tail -n 20 "$OUT/motion.log"; exit 1
+  echo "motion training or its motion-only sampling failed; the log's end:"; tail -n 20 "$OUT/motion.log"; exit 1
 fi
 grep -E "step [0-9]+ \|" "$OUT/motion.log" | tail -n 1 | sed 's/^/motion: /'
 
-MODELS=(--ae-ckpt "$AE" --motion-ckpt "$OUT/runs/motion/checkpoints/last.pt")
 if [ "$TEXT" = 1 ]; then
   stage "3/4 sampling $NUM_VIDEOS videos for the prompts in $OUT/prompts.txt"
   # One prompt per class, with no colour: "a square moving right", ...
@@ -69,14 +77,11 @@ if [ "$TEXT" = 1 ]; then
     --num-videos "$NUM_VIDEOS" --out-dir "$OUT/samples" --npz "$OUT/samples/samples.npz" --quiet
   NPZS=(--npz "$OUT/samples/samples.npz")
 else
-  stage "3/4 sampling $NUM_VIDEOS videos, and $NUM_VIDEOS motion-only videos (real content frames, generated motion)"
-  # The two sample sets are independent: one core each.
-  "$PYTHON" sample.py "${MODELS[@]}" --real-content \
-    --num-videos "$NUM_VIDEOS" --out-dir "$OUT/motion_only" --npz "$OUT/motion_only/samples.npz" --quiet &
-  motion_only_pid=$!
-  "$PYTHON" sample.py "${MODELS[@]}" --content-ckpt "$OUT/runs/content/checkpoints/last.pt" \
+  stage "3/4 sampling $NUM_VIDEOS videos ($NUM_VIDEOS motion-only videos were sampled after the motion model)"
+  grep "^wrote" "$OUT/motion.log" || true
+  # Both cores are free again: two threads.
+  OMP_NUM_THREADS=2 "$PYTHON" sample.py "${MODELS[@]}" --content-ckpt "$OUT/runs/content/checkpoints/last.pt" \
     --num-videos "$NUM_VIDEOS" --out-dir "$OUT/samples" --npz "$OUT/samples/samples.npz" --quiet
-  wait "$motion_only_pid"
   NPZS=(--npz "$OUT/samples/samples.npz" --npz "$OUT/motion_only/samples.npz")
 fi
 
@@ -85,10 +90,10 @@ if ! wait "$classifier_pid"; then
   echo "training the quality classifier failed; its log:"; tail -n 20 "$OUT/classifier.log"; exit 1
 fi
 grep -h "summary (EMA" "$(dirname "$(dirname "$AE")")/log.txt" | sed 's/^\[[^]]*\] /autoencoder /' || true
-"$PYTHON" -m evals.synthetic_quality "${NPZS[@]}" --json "$OUT/quality.json" 2> "$OUT/quality.log" | sed "s|$OUT/||"
+OMP_NUM_THREADS=2 "$PYTHON" -m evals.synthetic_quality "${NPZS[@]}" --json "$OUT/quality.json" 2> "$OUT/quality.log" | sed "s|$OUT/||"
 
 echo
-echo "Done. Open these:"
+printf "Done in %d:%02d. Open these:\n" $((SECONDS / 60)) $((SECONDS % 60))
 echo "  generated videos:      $OUT/samples/videos/*.mp4"
 echo "  grid of all samples:   $OUT/samples/grid.mp4  (first frame: $OUT/samples/grid.png)"
 if [ "$TEXT" = 1 ]; then echo "  videos with prompts:   $OUT/samples/grid_captions.png"; fi
