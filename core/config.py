@@ -13,8 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import SAMPLERS, check_loss_type
-from models.content_unet import PRETRAINED_UNET
-from models.dit import validate_model_name
+from models.content_unet import PRETRAINED_UNET, validate_denoiser_name
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
@@ -58,6 +57,7 @@ class AutoencoderModelConfig:
     grad_checkpointing: bool = False
     motion_centering: bool = True  # z_m from features minus their temporal mean; false collapses z_m (ablation)
     content_logits: str = "pixel"  # pixel (the paper) | token: content weights per token, bilinearly upsampled
+    output_head: str = "linear"
 
 
 @dataclass
@@ -286,9 +286,9 @@ def validate_config(cfg, stage: str) -> None:
                      f"{PRETRAINED_UNET}: the pretrained UNet predicts the noise alone")
         else:
             try:
-                validate_model_name(stage, cfg.model.name)
+                validate_denoiser_name(stage, cfg.model.name)
             except ValueError as exc:
-                raise ConfigError(f"config key 'model.name': {exc} (content also: {PRETRAINED_UNET})") from None
+                raise ConfigError(f"config key 'model.name': {exc}") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
         _require(cfg.diffusion.sampler in SAMPLERS,
                  f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not {'|'.join(SAMPLERS)}")

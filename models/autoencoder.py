@@ -44,6 +44,10 @@ from models.layers import Attention, Mlp, sincos_1d, sincos_2d
 
 __all__ = ["CMDAutoencoder", "SpaceTimeBlock", "build_autoencoder"]
 
+CONTENT_LOGITS = ("pixel", "token", "frame", "keyframe")
+OUTPUT_HEADS = ("linear", "conv")
+OUTPUT_FEATURES = 16
+
 
 class SpaceTimeBlock(nn.Module):
     """Pre-LayerNorm block on (B, T, N, hidden) tokens: temporal attention, spatial attention, MLP."""
@@ -107,6 +111,7 @@ class CMDAutoencoder(nn.Module):
         grad_checkpointing: bool = False,
         motion_centering: bool = True,
         content_logits: str = "pixel",
+        output_head: str = "linear",
     ):
         super().__init__()
         height, width = parse_resolution(resolution)
@@ -120,9 +125,12 @@ class CMDAutoencoder(nn.Module):
         self.hidden_size = hidden_size
         self.motion_dim = motion_dim
         self.motion_centering = motion_centering  # False only to reproduce the collapse (the ablation)
-        if content_logits not in ("pixel", "token"):
-            raise ValueError(f"content_logits must be 'pixel' or 'token', got {content_logits!r}")
+        if content_logits not in CONTENT_LOGITS:
+            raise ValueError(f"content_logits must be one of {CONTENT_LOGITS}, got {content_logits!r}")
+        if output_head not in OUTPUT_HEADS:
+            raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {output_head!r}")
         self.content_logits = content_logits
+        self.output_head = output_head
         patch_dim = channels * patch_size * patch_size
 
         # Fixed positional embeddings (see the module docstring); non-persistent because they are
@@ -136,7 +144,8 @@ class CMDAutoencoder(nn.Module):
         self.encoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
         self.encoder_norm = nn.LayerNorm(hidden_size)
         # Per-channel logits over time: one per pixel (the paper), or one per token, upsampled bilinearly to pixels.
-        self.content_head = nn.Linear(hidden_size, patch_dim if content_logits == "pixel" else channels)
+        self.content_head = nn.Linear(hidden_size, {"pixel": patch_dim, "token": channels, "frame": 1,
+                                                    "keyframe": 1}[content_logits])
         self.motion_head_x = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_x
         self.motion_head_y = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_y
 
@@ -146,7 +155,11 @@ class CMDAutoencoder(nn.Module):
         self.motion_embed_y = nn.Linear(motion_dim, hidden_size)
         self.decoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
         self.decoder_norm = nn.LayerNorm(hidden_size)
-        self.output_proj = nn.Linear(hidden_size, patch_dim)
+        if output_head == "linear":
+            self.output_proj = nn.Linear(hidden_size, patch_dim)
+        else:
+            self.output_proj = nn.Linear(hidden_size, OUTPUT_FEATURES * patch_size * patch_size)
+            self.output_conv = nn.Conv2d(OUTPUT_FEATURES, channels, kernel_size=3, padding=1)
 
         self._init_weights()
 
@@ -168,7 +181,11 @@ class CMDAutoencoder(nn.Module):
         # A xavier output projection after LayerNorm gives pre-tanh values of std ~1, so much of the
         # output starts in tanh's flat tails; starting from x_hat = 0 (as DiT zero-inits its final
         # layer) avoids that and, on the overfitting test, reaches a given PSNR several times faster.
-        nn.init.zeros_(self.output_proj.weight)
+        if self.output_head == "linear":
+            nn.init.zeros_(self.output_proj.weight)
+        else:  # the convolution starts at zero instead; zeroing both would leave neither a gradient
+            nn.init.zeros_(self.output_conv.weight)
+            nn.init.zeros_(self.output_conv.bias)
 
     @property
     def content_shape(self) -> Tuple[int, int, int]:
@@ -190,12 +207,13 @@ class CMDAutoencoder(nn.Module):
         return self.output_proj.weight
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, H'*W', C*p*p) per-patch values -> (B, C, T, H, W)."""
+        """(B, T, H'*W', C*p*p) per-patch values -> (B, C, T, H, W) (C from the last axis)."""
         b, t = tokens.shape[:2]
         p = self.patch_size
-        tokens = tokens.reshape(b, t, self.grid_h, self.grid_w, self.channels, p, p)
+        channels = tokens.shape[-1] // (p * p)
+        tokens = tokens.reshape(b, t, self.grid_h, self.grid_w, channels, p, p)
         tokens = tokens.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, T, H', p, W', p)
-        return tokens.reshape(b, self.channels, t, self.height, self.width)
+        return tokens.reshape(b, channels, t, self.height, self.width)
 
     @staticmethod
     def _check_shape(name: str, tensor: torch.Tensor, expected: Tuple[int, ...]) -> None:
@@ -223,6 +241,13 @@ class CMDAutoencoder(nn.Module):
         head = self.content_head(features)
         if self.content_logits == "pixel":
             return self._unpatchify(head.reshape(b, t, -1, head.shape[-1]))
+        if self.content_logits == "keyframe":
+            logits = torch.full((b, 1, t, 1, 1), -1e4, dtype=head.dtype, device=head.device)
+            logits[:, :, t // 2] = 0.0
+            return (logits + 0 * head.mean()).expand(b, self.channels, t, self.height, self.width)
+        if self.content_logits == "frame":
+            pooled = self.content_head(features.mean(dim=(2, 3)))  # (B, T, 1)
+            return pooled.reshape(b, 1, t, 1, 1).expand(b, self.channels, t, self.height, self.width)
         grid = head.permute(0, 1, 4, 2, 3).reshape(b * t, self.channels, self.grid_h, self.grid_w)
         pixels = F.interpolate(grid, size=(self.height, self.width), mode="bilinear", align_corners=False)
         return pixels.reshape(b, t, self.channels, self.height, self.width).transpose(1, 2)
@@ -259,7 +284,13 @@ class CMDAutoencoder(nn.Module):
         tokens = v_c[:, None] + v_x[:, :, None, :, :] + v_y[:, :, :, None, :]  # (B, T, H', W', hidden)
         tokens = tokens.reshape(b, self.n_frames, -1, self.hidden_size) + self.pos_embed
         tokens = self.output_proj(self.decoder_norm(self.decoder(tokens)))  # (B, T, N, C*p*p)
-        return torch.tanh(self._unpatchify(tokens))
+        out = self._unpatchify(tokens)
+        if self.output_head != "linear":
+            c = out.shape[1]
+            frames = out.transpose(1, 2).reshape(b * self.n_frames, c, self.height, self.width)
+            frames = self.output_conv(F.gelu(frames))
+            out = frames.reshape(b, self.n_frames, self.channels, self.height, self.width).transpose(1, 2)
+        return torch.tanh(out)
 
     # In pixel mode a content frame is an image; models/vae.LatentModeAutoencoder maps latent ones to and from images.
     content_bound = 1.0  # |z_c| <= 1: a convex combination of frames in [-1, 1] (the samplers clip to it)
@@ -300,4 +331,5 @@ def build_autoencoder(model_cfg, data_cfg, downsample: int = 1) -> CMDAutoencode
         grad_checkpointing=bool(model_cfg.grad_checkpointing),
         motion_centering=bool(model_cfg.motion_centering),
         content_logits=str(model_cfg.content_logits),
+        output_head=str(model_cfg.get("output_head", "linear")),
     )
