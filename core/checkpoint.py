@@ -402,6 +402,8 @@ def _flat(tree, prefix: str = "") -> dict:
 
 
 def _comparable(key: str, value):
+    if key == "model.output_squash" and value is None:
+        return True  # an autoencoder checkpoint from before the key squashed its output (core.config.config_from_dict)
     if value is None:
         return None
     if key == "data.data_path":
