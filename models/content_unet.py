@@ -104,9 +104,11 @@ def pretrained_prediction_type(source: str, configured: str | None = None) -> st
     file = scheduler_config_file(source)
     if file is None:
         if configured is None:
-            raise UNetLoadError(f"model.pretrained {source}: no scheduler config found (scheduler/scheduler_config."
-                                f"json beside its unet/) to tell whether the UNet predicts eps or v; set "
-                                f"diffusion.prediction_type=eps or diffusion.prediction_type=v")
+            where = "in the local Hugging Face cache" if looks_like_hub_id(source) and not Path(source).exists() \
+                else "beside its unet/"
+            raise UNetLoadError(f"model.pretrained {source}: no scheduler/scheduler_config.json {where} tells whether "
+                                f"the UNet predicts eps or v; set diffusion.prediction_type=eps or "
+                                f"diffusion.prediction_type=v")
         return configured
     try:
         found = json.loads(file.read_text()).get("prediction_type") or "epsilon"
