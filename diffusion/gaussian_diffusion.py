@@ -177,19 +177,23 @@ class GaussianDiffusion:
             "sqrt_recipm1_alphas_cumprod", t, xt
         )
 
+    def _scales(self, t: torch.Tensor, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)), the signal and noise scales of x_t, shaped to broadcast against `like`."""
+        return self._extract("sqrt_alphas_cumprod", t, like), self._extract("sqrt_one_minus_alphas_cumprod", t, like)
+
     def predict_x0_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
-        signal, noise = self._extract("sqrt_alphas_cumprod", t, xt), self._extract("sqrt_one_minus_alphas_cumprod", t, xt)
+        signal, noise = self._scales(t, xt)
         return signal * xt - noise * v
 
     def predict_eps_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
-        signal, noise = self._extract("sqrt_alphas_cumprod", t, xt), self._extract("sqrt_one_minus_alphas_cumprod", t, xt)
+        signal, noise = self._scales(t, xt)
         return noise * xt + signal * v
 
     def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """v = sqrt(abar) eps - sqrt(1 - abar) x0, what a v-prediction model learns."""
-        signal, sigma = self._extract("sqrt_alphas_cumprod", t, x0), self._extract("sqrt_one_minus_alphas_cumprod", t, x0)
+        signal, sigma = self._scales(t, x0)
         return signal * noise - sigma * x0
 
     def mse_weights(self, t: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:

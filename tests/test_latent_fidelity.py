@@ -1,6 +1,7 @@
 """Latent mode as Stable Diffusion's models expect it: the autoencoder reconstructs unsquashed VAE latents, a
 pretrained SD UNet trains on raw scaled latents with diffusers' own objective, and a v-prediction UNet trains on v
 (or is refused by name) whatever form its path takes. Tiny random SD-shaped models (scripts/make_tiny_sd.py)."""
+import math
 import shutil
 import signal
 
@@ -111,6 +112,18 @@ def test_pixel_mode_and_old_checkpoints_keep_the_tanh():
     assert torch.equal(squashed, torch.tanh(raw)) and raw.abs().max() > 1.5
 
 
+def test_latent_reconstruction_metrics_see_errors_beyond_one():
+    """train_ae.py's evaluation compares latent clips unclamped: an error that lies entirely beyond +-1 counts."""
+    from evals.recon import psnr, ssim
+
+    x = torch.full((2, 4, 3, 8, 8), 1.5)
+    x_hat = x + 0.5  # wrong everywhere, but both beyond 1: clamped to [-1, 1] they would agree
+    assert torch.isinf(psnr(x, x_hat)).all()
+    # Peak 2 in the data's units: 10 log10(1 / (0.5 / 2)^2).
+    torch.testing.assert_close(psnr(x, x_hat, clamp=False), torch.full((2,), 10 * math.log10(16.0)))
+    assert (ssim(x, x_hat, clamp=False) < ssim(x, x_hat)).all()
+
+
 def test_a_latent_autoencoder_checkpoint_records_its_unsquashed_output(latent_ae):
     recorded = load_checkpoint(latent_ae)["config"]["model"]
     assert recorded["output_squash"] is False
@@ -204,3 +217,18 @@ def test_a_unet_of_unknown_prediction_type_is_refused_before_a_run_folder_exists
     assert not (tmp_path / "r").exists()
     s = content_stage(f"model.pretrained={alone}", "diffusion.prediction_type=v")
     assert s.diffusion.prediction_type == "v" and s.run.cfg.diffusion.prediction_type == "v"
+
+
+def test_a_resumed_run_keeps_the_prediction_type_it_trained_with(content_stage):
+    from core.checkpoint import CheckpointError
+
+    dit = ["model.name=ContentDiT-T/4", "model.learn_sigma=true", "diffusion.loss_type=hybrid",
+           "diffusion.noise_schedule=linear", "train.exp_name=dit"]
+    s = content_stage(*dit, "diffusion.prediction_type=v", "diffusion.snr_gamma=5")
+    assert s.diffusion.prediction_type == "v" and s.diffusion.snr_gamma == 5.0
+    s.save()
+    ckpt = s.run.ckpt_dir / "last.pt"
+    resumed = content_stage(*dit, f"train.resume={ckpt}")  # the command leaves the key unset: the run's v
+    assert resumed.diffusion.prediction_type == "v" and resumed.run.cfg.diffusion.standardize_latents is True
+    with pytest.raises(CheckpointError, match="prediction_type is eps but .* was trained with v"):
+        content_stage(*dit, f"train.resume={ckpt}", "diffusion.prediction_type=eps")
