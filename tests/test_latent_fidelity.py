@@ -232,3 +232,13 @@ def test_a_resumed_run_keeps_the_prediction_type_it_trained_with(content_stage):
     assert resumed.diffusion.prediction_type == "v" and resumed.run.cfg.diffusion.standardize_latents is True
     with pytest.raises(CheckpointError, match="prediction_type is eps but .* was trained with v"):
         content_stage(*dit, f"train.resume={ckpt}", "diffusion.prediction_type=eps")
+
+
+def test_a_pretrained_unet_run_resumes_with_its_recorded_settings(tiny_sd_v, content_stage):
+    """The run records the UNet's architecture, prediction type and standardisation; a command that leaves them
+    unset continues it (they are not differences)."""
+    s = content_stage(f"model.pretrained={tiny_sd_v}", "train.exp_name=unet")
+    s.save()
+    resumed = content_stage(f"model.pretrained={tiny_sd_v}", f"train.resume={s.run.ckpt_dir / 'last.pt'}")
+    assert resumed.diffusion.prediction_type == "v" and resumed.run.cfg.diffusion.standardize_latents is False
+    assert torch.equal(resumed.scaler.normalize("content", torch.ones(1, 4, 8, 8)), torch.ones(1, 4, 8, 8))
