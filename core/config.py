@@ -295,7 +295,7 @@ def validate_config(cfg, stage: str) -> None:
                      f"config key 'model.pretrained' is required with model.name {PRETRAINED_UNET}: a diffusers UNet "
                      f"folder, a Stable Diffusion folder holding unet/, or a hub id")
             _require(not cfg.model.learn_sigma, f"config key 'model.learn_sigma' must be false with model.name "
-                     f"{PRETRAINED_UNET}: the pretrained UNet predicts the noise alone")
+                     f"{PRETRAINED_UNET}: the pretrained UNet predicts eps or v alone, no variance")
         else:
             try:
                 validate_model_name(stage, cfg.model.name)
