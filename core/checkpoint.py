@@ -389,6 +389,7 @@ def _try_load(path: Path, stage: str) -> Optional[dict]:
 RUN_DEFINING_KEYS = ("mode", "model", "data.dataset_name", "data.data_path", "data.resolution", "data.n_frames",
                      "data.frame_stride", "data.split", "data.fold", "data.num_classes", "data.synthetic_size",
                      "diffusion.diffusion_steps", "diffusion.noise_schedule", "diffusion.loss_type")
+RECORDED_KEYS = ("data.num_classes", "model.unet_config")  # filled in by the run, not by the command
 FREE_KEYS = ("model.grad_checkpointing",)  # recomputation in the backward pass: the same model and numbers
 
 
@@ -402,6 +403,8 @@ def _flat(tree, prefix: str = "") -> dict:
 
 
 def _comparable(key: str, value):
+    if key == "model.output_squash" and value is None:
+        return True  # an autoencoder checkpoint from before the key squashed its output (core.config.config_from_dict)
     if value is None:
         return None
     if key == "data.data_path":
@@ -423,8 +426,8 @@ def resume_differences(ckpt: dict, cfg) -> list[str]:
         if not any(key == k or key.startswith(k + ".") for k in RUN_DEFINING_KEYS) or key in FREE_KEYS:
             continue
         before, after = _comparable(key, old.get(key)), _comparable(key, new.get(key))
-        if key == "data.num_classes" and (before is None or after is None):
-            continue  # recorded by the run from its dataset; a command that does not set it asks for the same data
+        if key in RECORDED_KEYS and (before is None or after is None):
+            continue  # recorded by the run (its dataset, its pretrained UNet); a command without it asks for the same
         if before != after:
             differences.append(f"{key}: {old.get(key)} -> {new.get(key)}")
     if "ae_ckpt" in new:

@@ -35,7 +35,8 @@ from core.data import WorkerLoader
 from core.distributed import all_reduce_sum, barrier, broadcast_object
 
 STATS_CLIPS = 512  # training clips the latent statistics are measured over when there is no latent cache
-# Floor of a measured std, in the autoencoder's units (both latents live in [-1, 1], typical stds are 0.1-0.5).
+# Floor of a measured std, in the autoencoder's units (pixel mode's latents live in [-1, 1], typical stds 0.1-0.5;
+# latent mode's content frames are scaled VAE latents, std about 1).
 # A channel spreading less than 1e-3 carries nothing the decoder can show (in the content frame it is an eighth
 # of one 8-bit pixel level, 2/255); dividing by its true, possibly zero std would blow float rounding up into
 # unit-variance targets for the denoiser, while with the floor its sampled values stay within ~1e-3 of the mean.
@@ -215,7 +216,7 @@ class LatentMoments:
         if not count.gt(0).all():
             raise ValueError("latent statistics: no latents were measured")
         mean = total / count
-        # In float64 the cancellation in E[z^2] - E[z]^2 is harmless for latents bounded by 1.
+        # In float64 the cancellation in E[z^2] - E[z]^2 is harmless for latents of about unit scale.
         return mean, (squares / count - mean.square()).clamp(min=0.0).sqrt()
 
     def save(self, path) -> None:

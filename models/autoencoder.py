@@ -112,6 +112,7 @@ class CMDAutoencoder(nn.Module):
         motion_centering: bool = True,
         content_logits: str = "pixel",
         output_head: str = "linear",
+        output_squash: bool = True,
     ):
         super().__init__()
         height, width = parse_resolution(resolution)
@@ -131,6 +132,9 @@ class CMDAutoencoder(nn.Module):
             raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {output_head!r}")
         self.content_logits = content_logits
         self.output_head = output_head
+        # tanh on the output for pixel clips in [-1, 1]; latent mode's scaled VAE latents (about unit variance,
+        # a third of them beyond +-1) are reconstructed unsquashed.
+        self.output_squash = bool(output_squash)
         patch_dim = channels * patch_size * patch_size
 
         # Fixed positional embeddings (see the module docstring); non-persistent because they are
@@ -270,7 +274,8 @@ class CMDAutoencoder(nn.Module):
         return z_c, z_m
 
     def decode(self, z_c: torch.Tensor, z_m: torch.Tensor) -> torch.Tensor:
-        """Content frame (B, C, H, W) + motion latent (B, D, T, W'+H') -> clip (B, C, T, H, W) in [-1, 1]."""
+        """Content frame (B, C, H, W) + motion latent (B, D, T, W'+H') -> clip (B, C, T, H, W), in [-1, 1] with
+        output_squash."""
         self._check_shape("content frame", z_c, self.content_shape)
         self._check_shape("motion latent", z_m, self.motion_shape)
         if z_c.shape[0] != z_m.shape[0]:
@@ -290,7 +295,7 @@ class CMDAutoencoder(nn.Module):
             frames = out.transpose(1, 2).reshape(b * self.n_frames, c, self.height, self.width)
             frames = self.output_conv(F.gelu(frames))
             out = frames.reshape(b, self.n_frames, self.channels, self.height, self.width).transpose(1, 2)
-        return torch.tanh(out)
+        return torch.tanh(out) if self.output_squash else out
 
     # In pixel mode a content frame is an image; models/vae.LatentModeAutoencoder maps latent ones to and from images.
     content_bound = 1.0  # |z_c| <= 1: a convex combination of frames in [-1, 1] (the samplers clip to it)
@@ -313,7 +318,7 @@ def build_autoencoder(model_cfg, data_cfg, downsample: int = 1) -> CMDAutoencode
     """CMDAutoencoder from an AutoencoderModelConfig and a DataConfig (dataclasses or DictConfigs).
 
     `downsample`: in latent mode the clips it sees are the VAE's, `downsample` times smaller per side than the
-    data's resolution (models/vae.py).
+    data's resolution (models/vae.py). model.output_squash is resolved by core.config (None: squashed).
     """
     height, width = parse_resolution(data_cfg.resolution)
     if height % downsample or width % downsample:
@@ -331,5 +336,6 @@ def build_autoencoder(model_cfg, data_cfg, downsample: int = 1) -> CMDAutoencode
         grad_checkpointing=bool(model_cfg.grad_checkpointing),
         motion_centering=bool(model_cfg.motion_centering),
         content_logits=str(model_cfg.content_logits),
-        output_head=str(model_cfg.get("output_head", "linear")),
+        output_head=str(model_cfg.output_head),
+        output_squash=True if model_cfg.output_squash is None else bool(model_cfg.output_squash),
     )

@@ -29,14 +29,16 @@ class Sampler(NamedTuple):
 
 
 def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, sampler: Optional[str] = None) -> Sampler:
-    """A respaced diffusion for sampling with the stage's schedule: DDIM's uniform stride for ddim, time points
-    evenly spaced in log-SNR for dpm++2m, evenly spaced timesteps for ddpm."""
+    """A respaced diffusion for sampling with the stage's schedule and prediction type: DDIM's uniform stride for
+    ddim, time points evenly spaced in log-SNR for dpm++2m, evenly spaced timesteps for ddpm."""
     sampler = sampler or diffusion_cfg.sampler
     steps = steps or diffusion_cfg.sample_steps
     respacing = {"ddim": f"ddim{steps}", "dpm++2m": f"logsnr{steps}"}.get(sampler, str(steps))
+    # A run from before diffusion.prediction_type trained eps.
+    prediction_type = diffusion_cfg.get("prediction_type") or "eps"
     return Sampler(create_diffusion(respacing, noise_schedule=diffusion_cfg.noise_schedule, learn_sigma=learn_sigma,
-                                    diffusion_steps=diffusion_cfg.diffusion_steps, loss_type=diffusion_cfg.loss_type),
-                   sampler)
+                                    diffusion_steps=diffusion_cfg.diffusion_steps, loss_type=diffusion_cfg.loss_type,
+                                    prediction_type=prediction_type), sampler)
 
 
 @dataclass(frozen=True)
