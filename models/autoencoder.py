@@ -44,7 +44,7 @@ from models.layers import Attention, Mlp, sincos_1d, sincos_2d
 
 __all__ = ["CMDAutoencoder", "SpaceTimeBlock", "build_autoencoder"]
 
-CONTENT_LOGITS = ("pixel", "token", "frame", "keyframe")
+CONTENT_LOGITS = ("pixel", "token", "frame")
 OUTPUT_HEADS = ("linear", "conv")
 OUTPUT_FEATURES = 16
 
@@ -148,8 +148,7 @@ class CMDAutoencoder(nn.Module):
         self.encoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
         self.encoder_norm = nn.LayerNorm(hidden_size)
         # Per-channel logits over time: one per pixel (the paper), or one per token, upsampled bilinearly to pixels.
-        self.content_head = nn.Linear(hidden_size, {"pixel": patch_dim, "token": channels, "frame": 1,
-                                                    "keyframe": 1}[content_logits])
+        self.content_head = nn.Linear(hidden_size, {"pixel": patch_dim, "token": channels, "frame": 1}[content_logits])
         self.motion_head_x = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_x
         self.motion_head_y = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_y
 
@@ -240,18 +239,15 @@ class CMDAutoencoder(nn.Module):
 
         'token' logits vary smoothly inside a patch: the weights cannot form a per-pixel dither pattern, a code
         that a small autoencoder learns to hide frame information in (and that a content DiT then has to generate).
+        'frame' gives one logit per frame: the content frame is a blend of whole frames, as smooth as they are.
         """
         b, t = features.shape[:2]
-        head = self.content_head(features)
-        if self.content_logits == "pixel":
-            return self._unpatchify(head.reshape(b, t, -1, head.shape[-1]))
-        if self.content_logits == "keyframe":
-            logits = torch.full((b, 1, t, 1, 1), -1e4, dtype=head.dtype, device=head.device)
-            logits[:, :, t // 2] = 0.0
-            return (logits + 0 * head.mean()).expand(b, self.channels, t, self.height, self.width)
         if self.content_logits == "frame":
             pooled = self.content_head(features.mean(dim=(2, 3)))  # (B, T, 1)
             return pooled.reshape(b, 1, t, 1, 1).expand(b, self.channels, t, self.height, self.width)
+        head = self.content_head(features)
+        if self.content_logits == "pixel":
+            return self._unpatchify(head.reshape(b, t, -1, head.shape[-1]))
         grid = head.permute(0, 1, 4, 2, 3).reshape(b * t, self.channels, self.grid_h, self.grid_w)
         pixels = F.interpolate(grid, size=(self.height, self.width), mode="bilinear", align_corners=False)
         return pixels.reshape(b, t, self.channels, self.height, self.width).transpose(1, 2)
