@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from core.files import atomic_write, fsync_dir, temp_path  # noqa: F401 (atomic_write is part of this API)
+
 STEP_FILE = re.compile(r"^(\d{7})\.pt$")
 UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
 UNSAFE_CLASS = re.compile(r"got <class '([^']+)'>")
@@ -29,34 +31,6 @@ META_FORMAT, META_STAGE, META_STEP, META_CONFIG = "cmd.format", "cmd.stage", "cm
 META_WEIGHTS, META_WEIGHTS_FINGERPRINT, META_AE_FINGERPRINT = "cmd.weights", "cmd.weights_fingerprint", "cmd.ae_fingerprint"
 LATENT_STATS_PREFIX = "latent_stats."
 SAFETENSORS_SUFFIX = ".safetensors"
-
-
-def fsync_dir(folder: Path) -> None:
-    """Makes a rename in `folder` durable: without it a power cut may bring back the old directory entry."""
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write(path, write) -> None:
-    """Calls `write(handle)` on a temp file beside `path`, so that a crash or a full disk never leaves a half-written
-    file at `path`: the temp file is fsync'ed, then renamed over `path` (rename is atomic on POSIX filesystems);
-    on failure the temp file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj, path) -> None:
@@ -78,7 +52,7 @@ def atomic_link(src, dst) -> None:
     as atomic, at the cost of the second write the link saves.
     """
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)  # left by a killed process of the same pid: os.link does not overwrite
     try:
         try:

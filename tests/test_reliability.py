@@ -648,7 +648,7 @@ def _claim(results, barrier, queue):
     from training.run import claim_run_dir
 
     barrier.wait()
-    queue.put(claim_run_dir(Path(results), "motion").name)
+    queue.put(claim_run_dir(Path(results), "motion").path.name)
 
 
 def test_run_folders_claimed_at_the_same_instant_are_distinct(tmp_path):
