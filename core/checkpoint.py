@@ -322,7 +322,11 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
             differences = resume_differences(ckpt, cfg) if cfg is not None and ckpt else []
             if ckpt and not differences:
                 return found
-            if ckpt and exp_name:  # the named run folder cannot be continued and must not be reused either
+            # An incompatible run (other data, model, autoencoder or text encoder) is never adopted, since it would
+            # fail after loading, on every restart of a requeued job. Without --exp-name (scripts/slurm) a new run
+            # starts, which later restarts continue; a named folder cannot hold a second run, so that is refused in
+            # one line before anything is written: only the job's owner can tell which command is the right one.
+            if ckpt and exp_name:
                 raise CheckpointError(f"resume auto: {run_dir} holds a run whose settings differ from this command's: "
                                       f"{'; '.join(differences)} (nothing was changed)")
             if ckpt and notes is not None:
@@ -405,7 +409,43 @@ def resume_differences(ckpt: dict, cfg) -> list[str]:
         difference = _autoencoder_difference(ckpt, new["ae_ckpt"])
         if difference:
             differences.append(difference)
+    if "text.encoder" in new:
+        difference = _text_encoder_difference(ckpt, new["text.encoder"])
+        if difference:
+            differences.append(difference)
     return differences
+
+
+_TEXT_FINGERPRINTS: dict = {}  # text encoder source -> its weights' fingerprint, once per process
+
+
+def text_encoder_fingerprint(source: str) -> str:
+    if source not in _TEXT_FINGERPRINTS:
+        from models.text_encoder import load_text_encoder  # only text runs import transformers
+
+        _TEXT_FINGERPRINTS[source] = weights_fingerprint(load_text_encoder(source).model.state_dict())
+    return _TEXT_FINGERPRINTS[source]
+
+
+def _text_encoder_difference(ckpt: dict, encoder: Optional[str]) -> Optional[str]:
+    """A caption-conditioned run learned on its text encoder's tokens, a class-conditional one on class labels:
+    resuming with another encoder, none, or one added would load its weights into another model. The encoder is
+    compared by the fingerprint of its weights (a moved folder is the same encoder)."""
+    text = ckpt["config"].get("text") or {}
+    before = text.get("encoder") if isinstance(text, dict) else None
+    if not before and not encoder:
+        return None
+    if not before or not encoder:
+        kind = "class-conditional" if not before else "caption-conditioned"
+        return f"text.encoder: {before} -> {encoder} (the run is {kind})"
+    recorded = text.get("fingerprint")
+    if not recorded:
+        return None
+    given = text_encoder_fingerprint(encoder)
+    if given != recorded:
+        return (f"text.encoder: {encoder}: its weights ({given}) are not those the run was trained with "
+                f"({before}, weights {recorded})")
+    return None
 
 
 def _autoencoder_difference(ckpt: dict, ae_ckpt: str) -> Optional[str]:

@@ -116,13 +116,13 @@ def check_creatable(path: Path, flag: str, folder: bool) -> None:
 
 # ---- claims: one process per output location -----------------------------------------------------------------------
 CLAIM_FILE = ".cmd-claim"  # in a claimed folder; beside a claimed file: .NAME.cmd-claim
-# lockf errors that mean "this file system has no locks" rather than "someone holds it".
+# flock errors that mean "this file system has no locks" rather than "someone holds it".
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
-_HELD: dict = {}  # lock file -> Claim of this process
+_HELD: dict = {}  # lock file (absolute) -> Claim of this process
 
 
 def claim_file_of(path, folder: bool) -> Path:
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     return path / CLAIM_FILE if folder else path.with_name(f".{path.name}.cmd-claim")
 
 
@@ -155,10 +155,11 @@ class Claim:
     """This process's hold on an output location, until `release()` or the process ends, a kill -9 included.
 
     The lock file holds who claimed it (pid, host, time, command) for the message a second claimant gets. Whether
-    the holder lives is the file system's answer, not a guess from the pid: a POSIX record lock (lockf) is released by
-    the kernel, or the NFS server, when its process ends however it ends, also on another node of a cluster (a
-    requeued Slurm job). It belongs to the process: forked workers (DataLoader) neither inherit nor keep it.
-    On a file system without locks the claim is the lock file alone (O_EXCL), stale when its pid is dead on this host.
+    the holder lives is the file system's answer, not a guess from the pid: the lock (flock) is released by the
+    kernel, or the NFS server, when its process ends however it ends, also for a claimant on another node of a
+    cluster (a requeued Slurm job). Forked children (DataLoader workers) close their copy at once, so that one
+    outliving a killed trainer for a moment does not keep its claim. On a file system without locks the claim is
+    the lock file alone (O_EXCL), stale when its pid is dead on this host.
     """
 
     def __init__(self, path: Path, lock: Path, fd: Optional[int]):
@@ -216,10 +217,10 @@ def claim(path, what: str, hint: str, folder: bool = True) -> Claim:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise OutputError(f"{what} {path} is in use by {describe_holder(_read_holder(lock))}; {hint}") from None
             if exc.errno in _NO_LOCKS:
                 result = _claim_without_locks(path, lock, what, hint)
@@ -251,10 +252,10 @@ def check_unclaimed(path, what: str, hint: str, folder: bool = True) -> None:
     except OSError:
         return
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.lockf(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise OutputError(f"{what} {path} is in use by {describe_holder(_read_holder(lock))}; {hint}") from None
     finally:
         os.close(fd)
@@ -271,3 +272,17 @@ def release(path, folder: bool = True) -> None:
 def _release_all() -> None:
     for held in list(_HELD.values()):
         held.release()
+
+
+def _forget_in_child() -> None:
+    """A forked child closes its copies of the lock files: the claims stay its parent's alone."""
+    for held in _HELD.values():
+        if held.fd is not None:
+            try:
+                os.close(held.fd)
+            except OSError:
+                pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
