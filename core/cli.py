@@ -24,6 +24,12 @@ def on_failure(callback) -> None:
     _ON_FAILURE.append(callback)
 
 
+def cancel_on_failure(callback) -> None:
+    """Withdraws an on_failure callback (the start it would undo has succeeded)."""
+    if callback in _ON_FAILURE:
+        _ON_FAILURE.remove(callback)
+
+
 def _lost_another_rank(exc: BaseException) -> bool:
     """A collective that failed because another rank of the job ended (its own error is the one to read)."""
     import torch.distributed as dist

@@ -299,8 +299,8 @@ def test_cache_dir_that_cannot_be_written_is_refused_before_any_feature(capsys, 
     blocker.write_text("x")
     calls = []
     monkeypatch.setattr(fvd, "extract_features", lambda *args, **kwargs: calls.append(1))
-    code, out, err = run_cli(capsys, ["--real", real, "--fake", fake, "--detector", i3d_checkpoint[0], "--device", "cpu",
-                                      "--cache-dir", blocker / "cache"])
+    code, out, err = run_cli(capsys, ["--real", real, "--fake", fake, "--detector", i3d_checkpoint[0],
+                                      "--device", "cpu", "--cache-dir", blocker / "cache"])
     assert code == 2 and calls == [] and out == ""
     assert err.strip() == f"error: --cache-dir {blocker / 'cache'}: {blocker} is a file, not a folder"
 

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core import checkpoint as ckpt_io
-from core.cli import RunError, on_failure
+from datasets.build import check_data_path
+from core.cli import RunError, cancel_on_failure, on_failure
 from core.config import config_to_dict, to_yaml
 from core.files import claim, release, write_output
 from core.data import make_loader
@@ -219,6 +220,8 @@ class TrainingRun:
             recorded = self._on_main(lambda: ckpt_io.load_checkpoint(self.resume_path, mmap=True)["config"].get("ae_ckpt"))
             if recorded not in (None, "auto"):
                 OmegaConf.update(cfg, "ae_ckpt", recorded, merge=False)
+        # On every rank before a run folder is claimed: a wrong data path costs nothing and hangs no rank.
+        _raise_first(all_gather_object(_attempt(lambda: check_data_path(cfg.data))[1]))
         self._created_run_dir = False  # set by _make_run_dir on rank 0
         self._restored = self.resume_path is None  # a resumed run's config.yaml is rewritten once restore() took it
         self._steps_this_start = 0
@@ -577,6 +580,7 @@ class TrainingRun:
         if self.wandb is not None:
             self.wandb.finish()
         if self.dist.is_main:
+            cancel_on_failure(self._remove_unused_run_dir)
             release(self.run_dir)
         cleanup_distributed()
 
@@ -605,7 +609,7 @@ def start_wandb(cfg, run_dir: Path):
 
     id_file = Path(run_dir) / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
-    id_file.write_text(run_id)
+    write_output(id_file, lambda handle: handle.write(run_id.encode()), "the run's W&B id")
     return wandb.init(project=project, entity=cfg.train.wandb_entity, name=Path(run_dir).name, id=run_id,
                       resume="allow", dir=str(run_dir), config=config_to_dict(cfg), sync_tensorboard=True)
 
