@@ -150,6 +150,7 @@ class AutoencoderStageConfig:
     stage: str = "autoencoder"
     mode: str = "pixel"  # pixel | latent: frames first encoded by a Stable Diffusion VAE (models/vae.py)
     vae: Optional[str] = None  # latent mode: an AutoencoderKL folder (or SD pipeline folder with vae/) or hub id
+    vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights (checked on resume and by its users)
     latent_cache: bool = False  # latent mode: VAE-encode the dataset once (clips_per_video clips each), train from it
     latent_cache_clips_per_video: int = 4
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,6 +180,7 @@ class DiffusionStageConfig:
     stage: str = "motion"
     mode: str = "pixel"  # must match the autoencoder's (its checkpoint records mode and vae)
     vae: Optional[str] = None  # latent mode: overrides the VAE the autoencoder recorded (the same weights, moved)
+    vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights, those its autoencoder recorded
     ae_ckpt: str = "auto"  # a train_ae.py checkpoint, or auto: the newest autoencoder run in train.results_dir
     ae_fingerprint: Optional[str] = None  # recorded by the run: its autoencoder's weights (checked on resume, sample.py)
     data: DataConfig = field(default_factory=DataConfig)

@@ -329,6 +329,11 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
             raise CheckpointError(f"{path} was trained with the autoencoder {cfg.ae_ckpt} (weights {cfg.ae_fingerprint}), "
                                   f"but the given autoencoder's weights are {given}: pass the one it was trained with "
                                   f"(or --allow-ae-mismatch)")
+    frames = getattr(ae, "frames", None)  # latent mode: the VAE, its fingerprint computed when it loaded
+    vae = getattr(frames, "fingerprint", None)
+    if cfg.vae_fingerprint and vae and vae != cfg.vae_fingerprint:
+        raise CheckpointError(f"{path} was trained on the latents of the VAE with weights {cfg.vae_fingerprint}, but "
+                              f"the given VAE has weights {vae}: pass the VAE it was trained with (--vae)")
     text_shape = (int(cfg.text.tokens), int(cfg.text.dim)) if cfg.text.encoder else None
     model = build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape,
                            text_shape=text_shape)

@@ -313,6 +313,11 @@ class TrainingRun:
         else:
             self.logger.warning(f"resume: world size changed ({len(rng)} -> {self.dist.world_size}); RNG reseeded")
             self._seed_everything(self.seed + self.step)
+        vae = OmegaConf.select(self.cfg, "vae_fingerprint")
+        if vae and not ckpt["config"].get("vae_fingerprint"):
+            self.logger.warning(f"resume: {self.resume_path} records no VAE fingerprint (written before VAEs were "
+                                f"recorded); it continues with the VAE {self.cfg.vae or 'of its autoencoder'} "
+                                f"(weights {vae}), unchecked")
         self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
         return ckpt
 
