@@ -95,7 +95,7 @@ class DiffusionConfig:
     sample_steps: int = 50
     # Guidance scale s in DiT's convention, eps = eps(null) + s (eps(c) - eps(null)); 1 = unguided. The paper writes
     # (1 + w) eps(c) - w eps(null), so s = 1 + w. 4.0 is what the reference evaluation ran for the UCF-101 content
-    # model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; PAPER.md "Guidance").
+    # model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; docs/METHOD.md).
     cfg_scale: float = 4.0
     latent_cache: bool = False
     latent_cache_clips_per_video: int = 4
@@ -300,7 +300,7 @@ def validate_config(cfg, stage: str) -> None:
             raise ConfigError(f"config key 'diffusion.loss_type': {exc}") from None
 
 
-# The seed README's flags, mapped onto config keys (DESIGN.md convention 6).
+# The seed README's flags, mapped onto config keys.
 FLAG_KEYS = {
     "dataset_name": "data.dataset_name",
     "data_path": "data.data_path",

@@ -1,6 +1,6 @@
 """Latent mode: clips go through a pretrained image VAE (Stable Diffusion's AutoencoderKL) frame by frame.
 
-PAPER.md, "The paper's main setting": frames are encoded one by one by SD's VAE (4 channels, 8x smaller per
+The paper's main setting (docs/METHOD.md): frames are encoded one by one by SD's VAE (4 channels, 8x smaller per
 side, scaled by its scaling factor) and the CMD autoencoder works on the latent clip, so its content frame is a
 latent image. Here:
 
