@@ -481,7 +481,10 @@ def build_latent_cache(run, encoder: LatentEncoder, dataset, clips_per_video: in
     if (folder / "done").is_file():
         if encoder.vae:
             recorded = json.loads((folder / "done").read_text()).get("vae")
-            if recorded != encoder.vae:  # the key holds the fingerprint: only a cache copied or edited by hand
+            if recorded is None:
+                run.logger.warning(f"latent cache {folder} records no VAE fingerprint (built before VAEs were "
+                                   f"recorded); its latents are used unchecked")
+            elif recorded != encoder.vae:  # the key holds the fingerprint: only a cache copied or edited by hand
                 raise CheckpointError(f"latent cache {folder} holds latents of the VAE with weights {recorded}, not of "
                                       f"the VAE in use ({encoder.vae}); delete it to have it built again")
         run.logger.info(f"latent cache: reusing {folder}")

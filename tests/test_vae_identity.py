@@ -123,3 +123,30 @@ def test_checkpoints_without_a_fingerprint_load_with_a_warning(vaes, chain, tmp_
     assert ae_cfg.vae_fingerprint == vaes["b"][1]  # what it runs with from now on
     cfg = config_from_dict("autoencoder", {**ckpt["config"], "vae_fingerprint": vaes["b"][1]})
     assert resume_differences(ckpt, cfg) == []  # nothing recorded to compare: resume warns (TrainingRun.restore)
+
+
+def test_a_latent_cache_of_another_vae_is_refused_and_one_without_a_record_is_used_with_a_warning(vaes, chain, tmp_path,
+                                                                                                     caplog):
+    """The cache key holds the fingerprint, so another VAE looks in another folder; a cache copied by hand under the
+    other VAE's key is caught by the fingerprint its `done` file records."""
+    import logging
+    from types import SimpleNamespace
+
+    from core.latents import LatentCache, LatentEncoder, build_latent_cache, latent_cache_key
+
+    cfg = config_from_dict("autoencoder", load_checkpoint(chain["ae"])["config"])
+    (built,) = [done.parent for done in (chain["results"] / "latent_cache").glob("*/done")
+                if "x" in json.loads(done.read_text())["arrays"]]
+    run = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(is_main=True), logger=logging.getLogger("test_vae_identity"))
+    encoder_b = LatentEncoder.frames(load_frame_vae(str(vaes["b"][0])), cfg.data)
+    clips = int(cfg.latent_cache_clips_per_video)
+    copied = shutil.copytree(built, tmp_path / "cache" / latent_cache_key(encoder_b.key, cfg.data, clips))
+    with pytest.raises(CheckpointError) as other:
+        build_latent_cache(run, encoder_b, None, clips, 4, cache_root=tmp_path / "cache")
+    assert str(copied) in str(other.value) and vaes["a"][1] in str(other.value) and vaes["b"][1] in str(other.value)
+    done = json.loads((copied / "done").read_text())
+    del done["vae"]
+    (copied / "done").write_text(json.dumps(done))
+    with caplog.at_level("WARNING"):
+        assert isinstance(build_latent_cache(run, encoder_b, None, clips, 4, cache_root=tmp_path / "cache"), LatentCache)
+    assert any("records no VAE fingerprint" in record.getMessage() for record in caplog.records)
