@@ -125,8 +125,8 @@ def test_checkpoints_without_a_fingerprint_load_with_a_warning(vaes, chain, tmp_
     assert resume_differences(ckpt, cfg) == []  # nothing recorded to compare: resume warns (TrainingRun.restore)
 
 
-def test_a_latent_cache_of_another_vae_is_refused_and_one_without_a_record_is_used_with_a_warning(vaes, chain, tmp_path,
-                                                                                                     caplog):
+def test_latent_cache_of_another_vae_is_refused_and_one_without_a_record_is_used_with_a_warning(vaes, chain, tmp_path,
+                                                                                                   caplog):
     """The cache key holds the fingerprint, so another VAE looks in another folder; a cache copied by hand under the
     other VAE's key is caught by the fingerprint its `done` file records."""
     import logging
@@ -148,5 +148,6 @@ def test_a_latent_cache_of_another_vae_is_refused_and_one_without_a_record_is_us
     del done["vae"]
     (copied / "done").write_text(json.dumps(done))
     with caplog.at_level("WARNING"):
-        assert isinstance(build_latent_cache(run, encoder_b, None, clips, 4, cache_root=tmp_path / "cache"), LatentCache)
+        reused = build_latent_cache(run, encoder_b, None, clips, 4, cache_root=tmp_path / "cache")
+    assert isinstance(reused, LatentCache)
     assert any("records no VAE fingerprint" in record.getMessage() for record in caplog.records)
