@@ -201,6 +201,7 @@ class SampleSettings:
 
 
 def resolve_settings(args) -> SampleSettings:
+    """The one place where --preset and the flags that override it become the settings a run samples with."""
     preset = SAMPLING_PRESETS[args.preset]
 
     def stage(name: str) -> SamplingOptions:
