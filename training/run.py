@@ -316,8 +316,8 @@ class TrainingRun:
         vae = OmegaConf.select(self.cfg, "vae_fingerprint")
         if vae and not ckpt["config"].get("vae_fingerprint"):
             self.logger.warning(f"resume: {self.resume_path} records no VAE fingerprint (written before VAEs were "
-                                f"recorded); it continues with the VAE {self.cfg.vae or 'of its autoencoder'} "
-                                f"(weights {vae}), unchecked")
+                                f"recorded), so its VAE cannot be checked; the run continues with the VAE of weights "
+                                f"{vae}, which its checkpoints record from now on")
         self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
         return ckpt
 
