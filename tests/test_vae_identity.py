@@ -122,7 +122,13 @@ def test_checkpoints_without_a_fingerprint_load_with_a_warning(vaes, chain, tmp_
     assert any("records no VAE fingerprint" in r.getMessage() and str(older) in r.getMessage() for r in caplog.records)
     assert ae_cfg.vae_fingerprint == vaes["b"][1]  # what it runs with from now on
     cfg = config_from_dict("autoencoder", {**ckpt["config"], "vae_fingerprint": vaes["b"][1]})
-    assert resume_differences(ckpt, cfg) == []  # nothing recorded to compare: resume warns (TrainingRun.restore)
+    assert resume_differences(ckpt, cfg) == []  # nothing recorded to compare
+    run_python([*AE, "--results-dir", tmp_path / "r", "--exp-name", "resumed", "--vae", vaes["b"][0], "--resume", older,
+                "--max-steps", 3])
+    log = (tmp_path / "r" / "resumed" / "log.txt").read_text()
+    assert "WARNING" in log and "records no VAE fingerprint" in log
+    resumed = load_checkpoint(tmp_path / "r" / "resumed" / "checkpoints" / "last.pt")
+    assert resumed["step"] == 3 and resumed["config"]["vae_fingerprint"] == vaes["b"][1]
 
 
 def test_latent_cache_of_another_vae_is_refused_and_one_without_a_record_is_used_with_a_warning(vaes, chain, tmp_path,
