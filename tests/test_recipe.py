@@ -119,7 +119,7 @@ def test_readme_fvd_recipe_samples_with_the_paper_preset_and_the_fvd_default_spl
     assert set(scores) == {2048, 10000}, scores
     # The 2,048-video number uses evals.fvd's default real split, which the README names.
     assert scores[2048] == evals.fvd.REAL_SPLIT == "train"
-    assert f"(`--split {evals.fvd.REAL_SPLIT}`, the\ndefault)" in README
+    assert f"(`--split {evals.fvd.REAL_SPLIT}`, the default)" in " ".join(README.split())
 
 
 @pytest.mark.parametrize("stage", ["motion", "content"])
