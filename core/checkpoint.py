@@ -27,6 +27,7 @@ class CheckpointError(ValueError):
 EXPORT_FORMAT = "cmd-weights-1"
 META_FORMAT, META_STAGE, META_STEP, META_CONFIG = "cmd.format", "cmd.stage", "cmd.step", "cmd.config"
 META_WEIGHTS, META_WEIGHTS_FINGERPRINT, META_AE_FINGERPRINT = "cmd.weights", "cmd.weights_fingerprint", "cmd.ae_fingerprint"
+META_VAE_FINGERPRINT = "cmd.vae_fingerprint"  # latent mode: the VAE's weights (also in the config)
 LATENT_STATS_PREFIX = "latent_stats."
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -348,6 +349,12 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
             differences = resume_differences(ckpt, cfg) if cfg is not None and ckpt else []
             if ckpt and not differences:
                 return found
+            if ckpt and all(d.startswith(VAE_DIFFERENCE) for d in differences):
+                # The run this command would continue, but for the VAE's weights: starting another run beside it
+                # would hide that the VAE changed under the same settings.
+                raise CheckpointError(f"resume auto: {run_dir} was trained on another VAE's latents: "
+                                      f"{differences[0]} (nothing was changed; pass the run's VAE, or "
+                                      f"train.resume=null for a new run)")
             if ckpt and exp_name:  # the named run folder cannot be continued and must not be reused either
                 raise CheckpointError(f"resume auto: {run_dir} holds a run whose settings differ from this command's: "
                                       f"{'; '.join(differences)} (nothing was changed)")
@@ -434,7 +441,22 @@ def resume_differences(ckpt: dict, cfg) -> list[str]:
         difference = _autoencoder_difference(ckpt, new["ae_ckpt"])
         if difference:
             differences.append(difference)
+    difference = vae_difference(old.get("vae"), old.get("vae_fingerprint"), new.get("vae"), new.get("vae_fingerprint"))
+    if difference:
+        differences.append(difference)
     return differences
+
+
+VAE_DIFFERENCE = "VAE: "  # how a resume difference in the VAE's weights starts
+
+
+def vae_difference(recorded_vae, recorded: Optional[str], given_vae, given: Optional[str]) -> Optional[str]:
+    """A latent-mode run learned the latent space of one VAE: 'VAE: A (weights a) -> B (weights b), ...' when the
+    fingerprints of its weights differ; None when they agree or one is unknown (a run from before VAEs were
+    recorded: its users warn)."""
+    if not recorded or not given or recorded == given:
+        return None
+    return f"{VAE_DIFFERENCE}{recorded_vae} (weights {recorded}) -> {given_vae} (weights {given}), another VAE"
 
 
 def _autoencoder_difference(ckpt: dict, ae_ckpt: str) -> Optional[str]:

@@ -98,7 +98,7 @@ class DiffusionConfig:
     sample_steps: int = 50
     # Guidance scale s in DiT's convention, eps = eps(null) + s (eps(c) - eps(null)); 1 = unguided. The paper writes
     # (1 + w) eps(c) - w eps(null), so s = 1 + w. 4.0 is what the reference evaluation ran for the UCF-101 content
-    # model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; PAPER.md "Guidance").
+    # model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; docs/METHOD.md).
     cfg_scale: float = 4.0
     latent_cache: bool = False
     latent_cache_clips_per_video: int = 4
@@ -160,6 +160,7 @@ class AutoencoderStageConfig:
     stage: str = "autoencoder"
     mode: str = "pixel"  # pixel | latent: frames first encoded by a Stable Diffusion VAE (models/vae.py)
     vae: Optional[str] = None  # latent mode: an AutoencoderKL folder (or SD pipeline folder with vae/) or hub id
+    vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights (checked on resume and by its users)
     latent_cache: bool = False  # latent mode: VAE-encode the dataset once (clips_per_video clips each), train from it
     latent_cache_clips_per_video: int = 4
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,6 +190,7 @@ class DiffusionStageConfig:
     stage: str = "motion"
     mode: str = "pixel"  # must match the autoencoder's (its checkpoint records mode and vae)
     vae: Optional[str] = None  # latent mode: overrides the VAE the autoencoder recorded (the same weights, moved)
+    vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights, those its autoencoder recorded
     ae_ckpt: str = "auto"  # a train_ae.py checkpoint, or auto: the newest autoencoder run in train.results_dir
     ae_fingerprint: Optional[str] = None  # recorded by the run: its autoencoder's weights (checked on resume, sample.py)
     data: DataConfig = field(default_factory=DataConfig)
@@ -316,7 +318,7 @@ def validate_config(cfg, stage: str) -> None:
             raise ConfigError(f"config key 'diffusion.loss_type': {exc}") from None
 
 
-# The seed README's flags, mapped onto config keys (DESIGN.md convention 6).
+# The seed README's flags, mapped onto config keys.
 FLAG_KEYS = {
     "dataset_name": "data.dataset_name",
     "data_path": "data.data_path",
