@@ -23,7 +23,7 @@ from tqdm import tqdm
 from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
 from core.checkpoint import atomic_write
-from core.cli import finite_float, positive_int, run_reporting_user_errors
+from core.cli import guidance_scale, positive_int, run_reporting_user_errors, seed_int
 from core.distributed import barrier, cleanup_distributed, setup_distributed
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
                                  dataset_labels, real_content_frames, set_precision)
@@ -362,7 +362,7 @@ def parse_args(argv=None):
                         "recorded it")
     parser.add_argument("--num-videos", type=positive_int, default=16)
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0, help="0..2**64-1; a video depends on it and its index alone")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
                         help="sampler and step count of each stage: 'fast' = DPM-Solver++(2M), "
                         f"{preset_steps('fast')} steps (the default; as good as 'ddim' within its spread over seeds, "
@@ -370,13 +370,13 @@ def parse_args(argv=None):
                         "ran. The flags below override it per stage")
     parser.add_argument("--content-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
     parser.add_argument("--content-steps", type=positive_int, default=None, help="default: the preset's")
-    parser.add_argument("--content-cfg-scale", type=finite_float, default=None,
+    parser.add_argument("--content-cfg-scale", type=guidance_scale, default=None,
                         help="guidance scale s, DiT's convention: eps = eps(null) + s * (eps(c) - eps(null)); 1 = none; "
                         "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the checkpoint's config "
                         "(configs/ucf101: 4.0, what the reference evaluation used)")
     parser.add_argument("--motion-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
     parser.add_argument("--motion-steps", type=positive_int, default=None, help="default: the preset's")
-    parser.add_argument("--motion-cfg-scale", type=finite_float, default=None,
+    parser.add_argument("--motion-cfg-scale", type=guidance_scale, default=None,
                         help="guidance scale s of the motion model, the same convention as --content-cfg-scale. "
                         "Default: the checkpoint's config (configs/ucf101: 1.0, unguided as in the reference evaluation)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET
 from models.dit import validate_model_name
+from core.cli import GUIDANCE_MAX
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
@@ -290,6 +292,9 @@ def validate_config(cfg, stage: str) -> None:
             except ValueError as exc:
                 raise ConfigError(f"config key 'model.name': {exc} (content also: {PRETRAINED_UNET})") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
+        _require(math.isfinite(cfg.diffusion.cfg_scale) and 0.0 <= cfg.diffusion.cfg_scale <= GUIDANCE_MAX,
+                 f"config key 'diffusion.cfg_scale' must be a guidance scale in 0..{GUIDANCE_MAX:g}, "
+                 f"got {cfg.diffusion.cfg_scale}")
         _require(cfg.diffusion.sampler in SAMPLERS,
                  f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not {'|'.join(SAMPLERS)}")
         try:

@@ -190,7 +190,8 @@ def video_generators(seed: Optional[int], indices: Sequence[int], stream: int, d
     global generator) without a seed."""
     if seed is None:
         return None
-    return [torch.Generator(device).manual_seed(seed * 1_000_003 + index * 2 + stream) for index in indices]
+    # Modulo 2**64, the generator's seed range: any seed sample.py accepts (0..2**64-1) and any video index work.
+    return [torch.Generator(device).manual_seed((seed * 1_000_003 + index * 2 + stream) % 2**64) for index in indices]
 
 
 @torch.no_grad()

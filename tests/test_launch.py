@@ -92,3 +92,23 @@ def test_seed_style_launch_with_rendezvous_flags_runs_two_processes(tmp_path):
     log = (tmp_path / "ae" / "log.txt").read_text()
     assert "world size 2" in log
     assert (tmp_path / "ae" / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nnodes=0"], "argument --nnodes: must be at least 1, got 0"),
+    (["--nproc_per_node=-4"], "argument --nproc_per_node/--nproc-per-node: must be at least 1, got -4"),
+    (["--nproc-per-node", "0"], "must be at least 1, got 0"),
+    (["--node_rank=-1", "--nnodes=2"], "argument --node_rank/--node-rank: must be at least 0, got -1"),
+    (["--master_port=70000"], "must be a TCP port, in 1..65535, got 70000"),
+    (["--node_rank=1"], "error: --node_rank=1 needs --nnodes"),
+    (["--nnodes=1", "--node_rank=1"], "error: --node_rank=1 is outside 0..0 for --nnodes=1"),
+])
+def test_launcher_flags_that_would_start_a_lone_process_are_refused(monkeypatch, capsys, argv, message):
+    """Each of these once started a single-process run as if the flag were not there."""
+    monkeypatch.setattr(distributed.os, "execv", lambda *a: pytest.fail("relaunched"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as info:
+        parse_config("autoencoder", "t", ["--config", "configs/tiny/autoencoder.yaml", *argv])
+    assert info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in line, line
