@@ -190,21 +190,81 @@ def _load_safetensors(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
+# The entries of a checkpoint and what each must be (training/run.py's save writes them; exports load as the first
+# five). Every reader goes through load_checkpoint, which checks them, so that a damaged or hand-edited dictionary
+# ends in one line naming the file and the entry instead of an AttributeError deep in a reader.
+WEIGHT_ENTRIES = ("model", "ema", "discriminator")  # state dicts: names -> tensors
+OPTIMIZER_ENTRIES = ("opt", "disc_opt")  # torch optimizer state dicts
+INT_ENTRIES = ("step", "samples_seen", "world_size", "batch_size_per_rank", "data_position")
+
+
+def _kind(value) -> str:
+    name = type(value).__name__
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _check_tensors(path, name: str, value, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: checkpoint entry '{name}' is {_kind(value)}, not a dict of tensors")
+    for key, tensor in value.items():
+        if not isinstance(key, str) or not torch.is_tensor(tensor):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' holds {_kind(tensor)} under {key!r}, not a tensor")
+
+
+def check_checkpoint(ckpt, path, stage: Optional[str] = None) -> dict:
+    """`ckpt` if it has the layout of this repo's checkpoints (see the entries above), its config that of its stage's
+    schema; else CheckpointError naming `path` and the first entry that is wrong. Returns `ckpt`."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by this repo (no 'model'/'config' entries)")
+    config = ckpt["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: checkpoint entry 'config' is {_kind(config)}, not a mapping")
+    for name in WEIGHT_ENTRIES:
+        if name in ckpt:
+            _check_tensors(path, name, ckpt[name], allow_none=name != "model")
+    if ckpt.get("latent_stats") is not None:
+        _check_tensors(path, "latent_stats", ckpt["latent_stats"], allow_none=True)
+    for name in OPTIMIZER_ENTRIES:
+        value = ckpt.get(name)
+        if value is not None and not (isinstance(value, dict) and isinstance(value.get("state"), dict)
+                                      and isinstance(value.get("param_groups"), list)):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' is not an optimizer state (a dict with 'state' "
+                                  f"and 'param_groups')")
+    for name in INT_ENTRIES:
+        if name in ckpt and (isinstance(ckpt[name], bool) or not isinstance(ckpt[name], int)):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' is {_kind(ckpt[name])}, not a whole number")
+    if "rng" in ckpt and not isinstance(ckpt["rng"], (list, type(None))):
+        raise CheckpointError(f"{path}: checkpoint entry 'rng' is {_kind(ckpt['rng'])}, not a list")
+    recorded = ckpt.get("stage", config.get("stage"))
+    if recorded is not None and not isinstance(recorded, str):
+        raise CheckpointError(f"{path}: checkpoint entry 'stage' is {_kind(recorded)}, not a stage name")
+    stage = stage or recorded
+    from core.config import SCHEMAS, ConfigError, config_from_dict  # core.config imports the model registries
+
+    if stage in SCHEMAS:
+        try:
+            config_from_dict(stage, config)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: checkpoint entry 'config' does not fit the {stage} config: {exc}") from None
+    return ckpt
+
+
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """Loads one of our checkpoints (mmap=True reads tensors lazily: cheap for checks of its metadata), or weights
-    exported by training/export.py (.safetensors, always memory-mapped) in the same dict shape."""
+    exported by training/export.py (.safetensors, always memory-mapped) in the same dict shape; either is checked
+    by check_checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_safetensors(path):
-        return _load_safetensors(path, map_location)
+        return check_checkpoint(_load_safetensors(path, map_location), path)
     try:
         ckpt = safe_torch_load(path, map_location, mmap)
     except Exception as exc:  # torch raises several types for a damaged or unsafe file
         raise CheckpointError(_load_failure(path, exc)) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint written by this repo (no 'model'/'config' entries)")
-    return ckpt
+    return check_checkpoint(ckpt, path)
 
 
 def load_stage_checkpoint(path, stage: str, map_location="cpu", mmap: bool = False) -> dict:

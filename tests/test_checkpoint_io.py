@@ -245,3 +245,55 @@ def test_resume_from_exported_weights_is_refused_in_one_line(trained, tmp_path):
     line = one_line_error(proc)
     assert line.startswith(f"error: --resume {weights}: exported weights hold no optimizer state"), line
     assert not results.exists() or not any(results.iterdir())
+
+
+# ---- malformed checkpoint dictionaries: one line naming the file and the entry, in every reader --------------------
+def _first_weight(ckpt: dict) -> str:
+    return next(iter(ckpt["ema"]))
+
+
+MALFORMED = {
+    "config a list": (lambda c: c.update(config=[1, 2]), "checkpoint entry 'config' is a list, not a mapping"),
+    "model a list": (lambda c: c.update(model=[1, 2], ema=None), "checkpoint entry 'model' is a list"),
+    "ema a list": (lambda c: c.update(ema=[1, 2]), "checkpoint entry 'ema' is a list"),
+    "a weight a string": (lambda c: c["ema"].update({_first_weight(c): "x"}), "checkpoint entry 'ema' holds a str under"),
+    "config.train a string": (lambda c: c["config"].update(train="x"), "'config' does not fit the motion config"),
+    "step a string": (lambda c: c.update(step="12"), "checkpoint entry 'step' is a str, not a whole number"),
+    "optimizer a list": (lambda c: c.update(opt=[1]), "checkpoint entry 'opt' is not an optimizer state"),
+    "stage a number": (lambda c: c.update(stage=3), "checkpoint entry 'stage' is an int"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_checkpoint_dictionaries_are_one_line_in_every_reader(trained, tmp_path, case):
+    """Export, sampling and --resume read checkpoints through one loader; a dictionary of the wrong layout (once an
+    AttributeError traceback in each) is refused there, naming the file and the entry."""
+    from training.export import export_checkpoint
+
+    mutate, expected = MALFORMED[case]
+    ckpt = ckpt_io.safe_torch_load(trained.motion_ckpt)
+    mutate(ckpt)
+    path = tmp_path / "bad.pt"
+    torch.save(ckpt, path)
+    readers = {"export": lambda: export_checkpoint(path, tmp_path / "out.safetensors"),
+               "sampling": lambda: ckpt_io.load_for_sampling(path, "motion"),
+               "resume": lambda: ckpt_io.resolve_resume(str(path), tmp_path / "results", "motion")}
+    for reader, read in readers.items():
+        with pytest.raises(ckpt_io.CheckpointError) as info:
+            read()
+        message = str(info.value)
+        assert str(path) in message and expected in message and "\n" not in message, (reader, message)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sample_py_with_a_malformed_autoencoder_checkpoint_is_one_line(trained, tmp_path):
+    ckpt = ckpt_io.safe_torch_load(trained.ae_ckpt)
+    ckpt["model"] = ["not", "weights"]
+    bad = tmp_path / "ae.pt"
+    torch.save(ckpt, bad)
+    proc = subprocess.run([sys.executable, "sample.py", "--ae-ckpt", str(bad), "--motion-ckpt", str(trained.motion_ckpt),
+                           "--content-ckpt", str(trained.content_ckpt), "--num-videos", "1",
+                           "--out-dir", str(tmp_path / "out")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert one_line_error(proc) == f"error: {bad}: checkpoint entry 'model' is a list, not a dict of tensors"
+    assert not (tmp_path / "out" / "videos").exists() or not any((tmp_path / "out" / "videos").iterdir())
