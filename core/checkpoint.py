@@ -16,6 +16,7 @@ import torch
 STEP_FILE = re.compile(r"^(\d{7})\.pt$")
 UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
 UNSAFE_CLASS = re.compile(r"got <class '([^']+)'>")
+UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 
 
 class CheckpointError(ValueError):
@@ -124,17 +125,42 @@ def safe_torch_load(path, map_location="cpu", mmap: bool = False):
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
-def _load_failure(path: Path, exc: Exception) -> str:
-    """One line for a file torch.load refused: torch's own message spans many lines and suggests
-    turning the weights-only guard off, which would execute whatever the file holds."""
+def weights_only_refusal(exc: Optional[BaseException]) -> Optional[str]:
+    """Why torch's weights-only unpickler refused a file, as a phrase ("it holds a pickled object (posix.system)"), or
+    None when `exc` is not such a refusal. torch's own message spans many lines and suggests turning the guard off,
+    which would execute whatever the file holds: callers turn it into one line with this."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # libraries (diffusers) re-raise it as the cause of their own
+        seen.add(id(exc))
+        text = str(exc)
+        if "Weights only load failed" in text:
+            unsafe = UNSAFE_GLOBAL.search(text) or UNSAFE_CLASS.search(text)
+            if unsafe:
+                return f"it holds a pickled object ({unsafe.group(1).rstrip('.,')}) besides tensors and plain values"
+            detail = UNPICKLER_DETAIL.search(text)
+            return f"its pickle does not read as tensors and plain values ({detail.group(1) if detail else 'damaged'})"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _load_failure(path: Path, exc: Exception, what: str = "checkpoint") -> str:
+    """One line for a file torch.load refused or could not read."""
+    refusal = weights_only_refusal(exc)
+    if refusal is not None:
+        return (f"{what} {path} is not a plain weights file: {refusal}; weights are loaded weights-only and never "
+                f"run code")
     text = str(exc)
-    if "Weights only load failed" in text:
-        unsafe = UNSAFE_GLOBAL.search(text) or UNSAFE_CLASS.search(text)
-        what = unsafe.group(1).rstrip(".,") if unsafe else "an object"
-        return (f"checkpoint {path} refused: it holds a pickled object ({what}) besides tensors and plain values; "
-                f"checkpoints are loaded weights-only and never run code")
     first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"checkpoint {path} cannot be read ({type(exc).__name__}: {first})"
+    return f"{what} {path} cannot be read ({type(exc).__name__}: {first})"
+
+
+def load_weights_file(path, what: str, map_location="cpu"):
+    """safe_torch_load for a weights file handed to us (LPIPS trunk, a detector, a cache): a file that is damaged or
+    holds more than tensors and plain values raises CheckpointError, one line naming `what` and `path`."""
+    try:
+        return safe_torch_load(path, map_location)
+    except Exception as exc:  # torch raises several types for a damaged or unsafe file
+        raise CheckpointError(_load_failure(Path(path), exc, what)) from None
 
 
 def is_safetensors(path) -> bool:
@@ -210,7 +236,8 @@ def _check_tensors(path, name: str, value, allow_none: bool) -> None:
         raise CheckpointError(f"{path}: checkpoint entry '{name}' is {_kind(value)}, not a dict of tensors")
     for key, tensor in value.items():
         if not isinstance(key, str) or not torch.is_tensor(tensor):
-            raise CheckpointError(f"{path}: checkpoint entry '{name}' holds {_kind(tensor)} under {key!r}, not a tensor")
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' holds {_kind(tensor)} under {key!r}, "
+                                  f"not a tensor")
 
 
 def check_checkpoint(ckpt, path, stage: Optional[str] = None) -> dict:

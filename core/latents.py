@@ -27,6 +27,7 @@ from core.checkpoint import (
     load_checkpoint,
     load_for_sampling,
     load_weights,
+    load_weights_file,
     model_weights,
     resolve_resume,
 )
@@ -575,5 +576,5 @@ def caption_table(run, encoder, captions: list):
     barrier()
     if not len(table):
         run.logger.info(f"text cache: reusing {path} ({len(unique)} captions)")
-        table.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        table.load_state_dict(load_weights_file(path, "text cache"))
     return table

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name, label_from_caption
 from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
-from core.checkpoint import atomic_torch_save
+from core.checkpoint import atomic_torch_save, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def cache_file(settings: dict, cache_dir: Union[str, Path, None] = None) -> Path
 
 def _load_cached(path: Path, settings: dict) -> QualityClassifier:
     """The cached classifier; any exception means the file is unusable (damaged, foreign or stale)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path, "quality classifier cache")
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a dict")
     if state.get("version") != CLASSIFIER_VERSION or state.get("settings") != settings:
