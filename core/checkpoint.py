@@ -331,9 +331,9 @@ def model_weights(ckpt: dict, prefer_ema: bool = True) -> dict:
     return strip_prefixes(state)
 
 
-def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
-    """module.load_state_dict(state), strict, refusing foreign weights with one line that names `path` and the
-    first tensor that is missing, unexpected or of another shape (load_state_dict's own error lists them all)."""
+def check_weights_fit(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
+    """Refuses weights that do not fit `module` with one line that names `path` and the first tensor that is
+    missing, unexpected or of another shape (load_state_dict's own error lists them all)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: its {what} are not a state dict")
     expected = module.state_dict()
@@ -348,7 +348,39 @@ def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weight
     unexpected = [key for key in state if key not in expected]
     if unexpected:
         raise CheckpointError(f"{path}: its {what} do not fit this model: unexpected tensor '{unexpected[0]}'")
+
+
+def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
+    """module.load_state_dict(state), strict, after check_weights_fit."""
+    check_weights_fit(module, state, path, what)
     module.load_state_dict(state)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_fitting(build, state: dict, path, what: str, described_by: str = ""):
+    """`build()`, the model a checkpoint's config describes, once a build of it on the meta device (no memory) shows
+    that the checkpoint's weights fit it and that it fits in this machine's memory.
+
+    A config that does not describe its weights (an edited export's metadata: another resolution, width or class
+    count) would otherwise build a model of any size before load_weights could compare anything. `described_by`
+    names the config keys that size what the weights do not show (its fixed positional tables)."""
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except ValueError as exc:  # the model's own checks (divisibility, head counts) of the config's values
+        raise CheckpointError(f"{path}: its config does not describe a model: {exc}") from None
+    check_weights_fit(skeleton, state, path, what)
+    size = sum(t.numel() * t.element_size() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    if size > memory_bytes():
+        raise CheckpointError(f"{path}: the model its config describes{' (' + described_by + ')' if described_by else ''} "
+                              f"takes {size / 2**30:,.0f} GiB, more than this machine's {memory_bytes() / 2**30:,.0f} "
+                              f"GiB of memory, for {sum(t.numel() for t in state.values()):,} weights: "
+                              f"its config does not describe these weights")
+    return build()
 
 
 def weights_fingerprint(state: dict) -> str:

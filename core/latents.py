@@ -24,6 +24,7 @@ from models.vae import PixelFrames, load_frame_vae, pixel_interface
 from core.checkpoint import (
     CheckpointError,
     atomic_write,
+    build_fitting,
     load_checkpoint,
     load_for_sampling,
     load_weights,
@@ -92,8 +93,11 @@ def load_autoencoder(path, device, data_cfg=None, mode: Optional[str] = None, va
     if vae:
         ae_cfg.vae = vae
     frames = load_frames(ae_cfg, device)
-    model = build_autoencoder(ae_cfg.model, ae_cfg.data, frames.downsample)
-    load_weights(model, model_weights(ckpt, prefer_ema=True), path, "autoencoder weights")
+    weights = model_weights(ckpt, prefer_ema=True)
+    model = build_fitting(lambda: build_autoencoder(ae_cfg.model, ae_cfg.data, frames.downsample), weights, path,
+                          "autoencoder weights", f"data.resolution {list(ae_cfg.data.resolution)}, data.n_frames "
+                          f"{ae_cfg.data.n_frames}, model.hidden_size {ae_cfg.model.hidden_size}")
+    load_weights(model, weights, path, "autoencoder weights")
     model.to(device).eval().requires_grad_(False)
     return pixel_interface(frames, model), ae_cfg
 

@@ -17,7 +17,8 @@ from diffusion import create_diffusion
 from diffusion.guidance import guided_model
 from models.content_unet import build_denoiser
 from models.text_encoder import TextEncoder, TextEncoderLoadError, load_text_encoder
-from core.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
+from core.checkpoint import (CheckpointError, build_fitting, load_for_sampling, load_weights, model_weights,
+                             weights_fingerprint)
 from core.config import config_from_dict
 from core.latents import LatentScaler, load_autoencoder
 
@@ -300,10 +301,13 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
                                   f"but the given autoencoder's weights are {given}: pass the one it was trained with "
                                   f"(or --allow-ae-mismatch)")
     text_shape = (int(cfg.text.tokens), int(cfg.text.dim)) if cfg.text.encoder else None
-    model = build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape,
-                           text_shape=text_shape)
     try:
-        load_weights(model, model_weights(ckpt, prefer_ema=True), path, f"{stage} denoiser weights")
+        weights = model_weights(ckpt, prefer_ema=True)
+        model = build_fitting(lambda: build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape,
+                                                     ae.motion_shape, text_shape=text_shape),
+                              weights, path, f"{stage} denoiser weights",
+                              f"model.name {cfg.model.name}, data.num_classes {cfg.data.num_classes}")
+        load_weights(model, weights, path, f"{stage} denoiser weights")
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (latent shapes from the autoencoder: content {tuple(ae.content_shape)}, "
                               f"motion {tuple(ae.motion_shape)}; was it trained on another autoencoder?)") from None

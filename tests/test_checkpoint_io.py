@@ -297,3 +297,45 @@ def test_sample_py_with_a_malformed_autoencoder_checkpoint_is_one_line(trained, 
                           timeout=600)
     assert one_line_error(proc) == f"error: {bad}: checkpoint entry 'model' is a list, not a dict of tensors"
     assert not (tmp_path / "out" / "videos").exists() or not any((tmp_path / "out" / "videos").iterdir())
+
+
+# ---- exported metadata that does not describe its tensors: refused before any model is built ----------------------
+def tampered_export(source: Path, out: Path, key: str, value) -> Path:
+    """A copy of an export whose metadata config has `key` (dotted) set to `value`, its tensors untouched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    config = json.loads(metadata["cmd.config"])
+    *parents, last = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[last] = value
+    save_file(tensors, str(out), metadata={**metadata, "cmd.config": json.dumps(config)})
+    return out
+
+
+@pytest.mark.parametrize("stage, key, value, expected", [
+    # 2**20 x 2**20 pixels: positional tables of petabytes (the build itself once died in a MemoryError).
+    ("ae", "data.resolution", [2**20, 2**20], "more than this machine's"),
+    ("ae", "data.n_frames", 10**12, "more than this machine's"),
+    ("ae", "model.hidden_size", 10**6, "tensor 'patch_embed.weight' has shape (32, 3, 4, 4), the model expects "
+                                       "(1000000, 3, 4, 4)"),
+    ("ae", "model.num_heads", 7, "its config does not describe a model: hidden size 32 is not divisible by num_heads 7"),
+    ("motion", "data.num_classes", 10**9, "the model expects (1000000001, 128)"),
+])
+def test_export_whose_metadata_does_not_describe_its_tensors_is_refused_before_building(trained, exported, tmp_path,
+                                                                                        stage, key, value, expected):
+    from core.latents import load_autoencoder
+    from sampling.generation import load_denoiser
+
+    bad = tampered_export(getattr(exported, stage), tmp_path / f"{stage}.safetensors", key, value)
+    with pytest.raises(ckpt_io.CheckpointError) as info:
+        if stage == "ae":
+            load_autoencoder(bad, "cpu")
+        else:
+            load_denoiser(bad, stage, load_autoencoder(exported.ae, "cpu")[0], "cpu")
+    message = str(info.value)
+    assert message.startswith(f"{bad}: ") and expected in message and "\n" not in message, message
