@@ -376,7 +376,8 @@ def build_fitting(build, state: dict, path, what: str, described_by: str = ""):
     check_weights_fit(skeleton, state, path, what)
     size = sum(t.numel() * t.element_size() for t in [*skeleton.parameters(), *skeleton.buffers()])
     if size > memory_bytes():
-        raise CheckpointError(f"{path}: the model its config describes{' (' + described_by + ')' if described_by else ''} "
+        described = f" ({described_by})" if described_by else ""
+        raise CheckpointError(f"{path}: the model its config describes{described} "
                               f"takes {size / 2**30:,.0f} GiB, more than this machine's {memory_bytes() / 2**30:,.0f} "
                               f"GiB of memory, for {sum(t.numel() for t in state.values()):,} weights: "
                               f"its config does not describe these weights")

@@ -323,7 +323,8 @@ def tampered_export(source: Path, out: Path, key: str, value) -> Path:
     ("ae", "data.n_frames", 10**12, "more than this machine's"),
     ("ae", "model.hidden_size", 10**6, "tensor 'patch_embed.weight' has shape (32, 3, 4, 4), the model expects "
                                        "(1000000, 3, 4, 4)"),
-    ("ae", "model.num_heads", 7, "its config does not describe a model: hidden size 32 is not divisible by num_heads 7"),
+    ("ae", "model.num_heads", 7, "its config does not describe a model: hidden size 32 is not divisible by "
+                                 "num_heads 7"),
     ("motion", "data.num_classes", 10**9, "the model expects (1000000001, 128)"),
 ])
 def test_export_whose_metadata_does_not_describe_its_tensors_is_refused_before_building(trained, exported, tmp_path,
