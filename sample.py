@@ -188,6 +188,19 @@ def main(args):
     cleanup_distributed()
 
 
+def check_finite_samples(models, indices: list, videos: torch.Tensor, contents: torch.Tensor) -> None:
+    """Refuses a batch with a NaN or infinite value before any of it is written: converted to uint8 it would pass
+    for a black video."""
+    bad = [index for index, video, content in zip(indices, videos, contents)
+           if not (bool(torch.isfinite(video).all()) and bool(torch.isfinite(content).all()))]
+    if bad:
+        scales = ", ".join(f"{stage} {denoiser.cfg_scale:g}" for stage, denoiser in
+                           (("content", models.content), ("motion", models.motion)) if denoiser is not None)
+        raise ValueError(f"sampling produced non-finite values (NaN or inf) in video{'s' * (len(bad) > 1)} "
+                         f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}; nothing of "
+                         f"{'them' if len(bad) > 1 else 'it'} was written (guidance scales: {scales})")
+
+
 def stage_options(args, stage: str) -> SamplingOptions:
     """The `stage`'s sampler, steps and guidance: --<stage>-sampler/-steps where given, else --preset's."""
     preset = SAMPLING_PRESETS[args.preset][stage]
@@ -260,6 +273,7 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
             names = [f"{i:06d}_{prompt_slug(captions[i])}.mp4" for i in batch]
         decoded, z_c = generate(models, y, args.seed, [noise_ids[i] for i in batch],
                                 None if given_content is None else given_content[batch], progress=show_steps)
+        check_finite_samples(models, batch, decoded, z_c)
         clips = to_uint8_videos(decoded)
         contents.append(to_uint8_videos(models.ae.decode_content(z_c).float().unsqueeze(2))[:, 0])
         for index, name, clip in zip(batch, names, clips):

@@ -318,11 +318,23 @@ def load_for_sampling(path, stage: str) -> dict:
     """
     ckpt = load_stage_checkpoint(path, stage, mmap=True)
     weights = model_weights(ckpt, prefer_ema=True)
+    check_finite(weights, path, "weight")
+    check_finite(ckpt.get("latent_stats") or {}, path, "latent statistic")
     kept = {key: ckpt[key] for key in _SAMPLING_KEYS if key in ckpt}
     stats = kept.get("latent_stats")
     if isinstance(stats, dict):
         kept["latent_stats"] = {key: value.clone() if torch.is_tensor(value) else value for key, value in stats.items()}
     return {**kept, "model": weights, "ema": weights}
+
+
+def check_finite(tensors: dict, path, what: str) -> None:
+    """Refuses a NaN or infinite value in any floating-point tensor of `tensors` in one line naming `path` and the
+    tensor: a model with one samples NaN everywhere, which would be written as black videos."""
+    for key, tensor in tensors.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: {what} '{key}' holds {count} non-finite value{'s' * (count != 1)} (NaN or "
+                                  f"inf) of {tensor.numel()}; these weights cannot sample")
 
 
 def model_weights(ckpt: dict, prefer_ema: bool = True) -> dict:

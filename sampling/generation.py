@@ -19,6 +19,7 @@ from models.content_unet import build_denoiser
 from models.text_encoder import TextEncoder, TextEncoderLoadError, load_text_encoder
 from core.checkpoint import (CheckpointError, build_fitting, load_for_sampling, load_weights, model_weights,
                              weights_fingerprint)
+from core.cli import GUIDANCE_MAX
 from core.config import config_from_dict
 from core.latents import LatentScaler, load_autoencoder
 
@@ -73,6 +74,9 @@ class Denoiser:
     def from_config(cls, model, cfg, scaler: LatentScaler, options: SamplingOptions = SamplingOptions()) -> "Denoiser":
         sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma, options.steps, options.sampler)
         cfg_scale = cfg.diffusion.cfg_scale if options.cfg_scale is None else options.cfg_scale
+        if not 0.0 <= float(cfg_scale) <= GUIDANCE_MAX:  # NaN fails too; scales beyond overflow into NaN samples
+            raise ValueError(f"the {cfg.stage} model's guidance scale {cfg_scale} is not in 0..{GUIDANCE_MAX:g}"
+                             + (" (its checkpoint's diffusion.cfg_scale)" if options.cfg_scale is None else ""))
         return cls(model, cfg, scaler, sampler, float(cfg_scale))
 
     def with_options(self, options: SamplingOptions) -> "Denoiser":
