@@ -127,7 +127,8 @@ def test_launcher_flags_that_would_start_a_lone_process_are_refused(monkeypatch,
 # requeue, scancel records that it was called.
 FAKE_SLURM = {
     "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
-    "scontrol": '#!/bin/bash\nif [[ $1 == show ]]; then echo 127.0.0.1\nelse echo "scontrol $*" >> "$FAKE_SLURM_LOG"\nfi\n',
+    "scontrol": '#!/bin/bash\nif [[ $1 == show ]]; then echo 127.0.0.1\n'
+                'else echo "scontrol $*" >> "$FAKE_SLURM_LOG"\nfi\n',
     "scancel": '#!/bin/bash\necho "scancel $*" >> "$FAKE_SLURM_LOG"\n',
 }
 
