@@ -376,7 +376,8 @@ def parse_args(argv=None):
                         "recorded it")
     parser.add_argument("--num-videos", type=positive_int, default=16)
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--seed", type=seed_int, default=0, help="0..2**64-1; a video depends on it and its index alone")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="0..2**64-1; a video depends on it and its index alone")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
                         help="sampler and step count of each stage: 'fast' = DPM-Solver++(2M), "
                         f"{preset_steps('fast')} steps (the default; as good as 'ddim' within its spread over seeds, "

@@ -256,7 +256,8 @@ MALFORMED = {
     "config a list": (lambda c: c.update(config=[1, 2]), "checkpoint entry 'config' is a list, not a mapping"),
     "model a list": (lambda c: c.update(model=[1, 2], ema=None), "checkpoint entry 'model' is a list"),
     "ema a list": (lambda c: c.update(ema=[1, 2]), "checkpoint entry 'ema' is a list"),
-    "a weight a string": (lambda c: c["ema"].update({_first_weight(c): "x"}), "checkpoint entry 'ema' holds a str under"),
+    "a weight a string": (lambda c: c["ema"].update({_first_weight(c): "x"}),
+                          "checkpoint entry 'ema' holds a str under"),
     "config.train a string": (lambda c: c["config"].update(train="x"), "'config' does not fit the motion config"),
     "step a string": (lambda c: c.update(step="12"), "checkpoint entry 'step' is a str, not a whole number"),
     "optimizer a list": (lambda c: c.update(opt=[1]), "checkpoint entry 'opt' is not an optimizer state"),
@@ -291,8 +292,8 @@ def test_sample_py_with_a_malformed_autoencoder_checkpoint_is_one_line(trained, 
     ckpt["model"] = ["not", "weights"]
     bad = tmp_path / "ae.pt"
     torch.save(ckpt, bad)
-    proc = subprocess.run([sys.executable, "sample.py", "--ae-ckpt", str(bad), "--motion-ckpt", str(trained.motion_ckpt),
-                           "--content-ckpt", str(trained.content_ckpt), "--num-videos", "1",
+    proc = subprocess.run([sys.executable, "sample.py", "--ae-ckpt", str(bad), "--motion-ckpt",
+                           str(trained.motion_ckpt), "--content-ckpt", str(trained.content_ckpt), "--num-videos", "1",
                            "--out-dir", str(tmp_path / "out")], cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert one_line_error(proc) == f"error: {bad}: checkpoint entry 'model' is a list, not a dict of tensors"

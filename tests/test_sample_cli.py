@@ -103,7 +103,8 @@ def test_every_seed_the_parser_accepts_seeds_every_video():
 
     first = video_generators(2**64 - 1, [0, 2**52], 1, "cpu")
     again = video_generators(2**64 - 1, [0, 2**52], 1, "cpu")
-    assert [torch.randn(3, generator=g).tolist() for g in first] == [torch.randn(3, generator=g).tolist() for g in again]
+    draws = [[torch.randn(3, generator=g).tolist() for g in generators] for generators in (first, again)]
+    assert draws[0] == draws[1]
     # Seeds within the generator's range keep their noise (videos of earlier runs stay reproducible).
     assert video_generators(5, [3], 0, "cpu")[0].initial_seed() == 5 * 1_000_003 + 3 * 2
 
