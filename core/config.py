@@ -16,7 +16,7 @@ from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET
 from models.dit import validate_model_name
-from core.cli import GUIDANCE_MAX
+from core.cli import GUIDANCE_MAX, positive_int
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
@@ -329,14 +329,14 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
                         help=f"YAML config (default: configs/ucf101/{stage}.yaml, the paper's settings; configs/tiny/ for CPU)")
     parser.add_argument("--dataset-name", default=None, help="synthetic | UCF101 | folder")
     parser.add_argument("--data-path", default=None)
-    parser.add_argument("--global-batch-size", type=int, default=None)
+    parser.add_argument("--global-batch-size", type=positive_int, default=None)
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--exp-name", default=None, help="run folder name (default: <NNN>-<stage>)")
     parser.add_argument("--mode", default=None, choices=MODES)
     parser.add_argument("--vae", default=None, help="latent mode: Stable Diffusion VAE folder or hub id (config key vae)")
-    parser.add_argument("--ckpt-every", type=int, default=None)
-    parser.add_argument("--log-every", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (saves at the end)")
+    parser.add_argument("--ckpt-every", type=positive_int, default=None)
+    parser.add_argument("--log-every", type=positive_int, default=None)
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps (saves at the end)")
     parser.add_argument("--global-seed", type=int, default=None)
     parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
     # The seed README passes torchrun's own flags to the script; we accept them and relaunch (core.distributed).

@@ -21,6 +21,7 @@ from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name, l
 from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
 from core.checkpoint import atomic_torch_save, load_weights_file
+from core.cli import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -597,7 +598,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--npz", action="append", default=[],
                         help="sample.py output: 'videos' uint8 (N, T, H, W, 3), 'labels' (N,); repeat for several")
-    parser.add_argument("--num-classes", type=int, default=None,
+    parser.add_argument("--num-classes", type=positive_int, default=None,
                         help="the models' class count; required unless the npz has a 'num_classes' entry")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed of the training run (train.global_seed)")
     parser.add_argument("--cache-dir", default=None, help=f"classifier cache; default ${CACHE_ENV} or "
@@ -605,8 +606,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     parser.add_argument("--prepare", action="store_true",
                         help="only train and cache the classifier for --resolution H W, --frames, --num-classes")
-    parser.add_argument("--resolution", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--resolution", type=positive_int, nargs=2, default=(32, 32), metavar=("H", "W"))
+    parser.add_argument("--frames", type=positive_int, default=8)
     return parser.parse_args(argv)
 
 

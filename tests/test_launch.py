@@ -108,11 +108,14 @@ def test_seed_style_launch_with_rendezvous_flags_runs_two_processes(tmp_path):
     (["--nproc-per-node", "0"], "must be at least 1, got 0"),
     (["--node_rank=-1", "--nnodes=2"], "argument --node_rank/--node-rank: must be at least 0, got -1"),
     (["--master_port=70000"], "must be a TCP port, in 1..65535, got 70000"),
+    (["--global-batch-size", "0"], "argument --global-batch-size: must be at least 1, got 0"),
+    (["--max-steps=-1"], "argument --max-steps: must be at least 1, got -1"),
     (["--node_rank=1"], "error: --node_rank=1 needs --nnodes"),
     (["--nnodes=1", "--node_rank=1"], "error: --node_rank=1 is outside 0..0 for --nnodes=1"),
 ])
 def test_launcher_flags_that_would_start_a_lone_process_are_refused(monkeypatch, capsys, argv, message):
-    """Each of these once started a single-process run as if the flag were not there."""
+    """Each launcher flag here once started a single-process run as if the flag were not there; the parser refuses
+    them, and the training scripts' numbers, before anything loads."""
     monkeypatch.setattr(distributed.os, "execv", lambda *a: pytest.fail("relaunched"))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(SystemExit) as info:
