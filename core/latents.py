@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from models.autoencoder import build_autoencoder
 from models.vae import PixelFrames, load_frame_vae, pixel_interface
+from models.weights_file import load_weights_file
 from core.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -28,7 +29,6 @@ from core.checkpoint import (
     load_checkpoint,
     load_for_sampling,
     load_weights,
-    load_weights_file,
     model_weights,
     resolve_resume,
 )

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 from datasets.build import DATASET_NAMES, build_dataset
 from datasets.errors import DatasetError
-from core.cli import positive_int
 
 
 def main(argv=None) -> int:
@@ -16,13 +15,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset-name", default="UCF101", help=f"one of {', '.join(DATASET_NAMES)} (any case)")
     parser.add_argument("--data-path", default=None)
     parser.add_argument("--captions", default=None, help="dataset captions: a CSV or JSONL of path, caption")
-    parser.add_argument("--fold", type=positive_int, default=1)
+    parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--split", default="all", choices=("train", "test", "all"))
-    parser.add_argument("--resolution", type=positive_int, nargs=2, default=[64, 64], metavar=("H", "W"))
-    parser.add_argument("--n-frames", type=positive_int, default=16)
-    parser.add_argument("--frame-stride", type=positive_int, default=1)
-    parser.add_argument("--synthetic-size", type=positive_int, default=4096)
-    parser.add_argument("--num-classes", type=positive_int, default=None)
+    parser.add_argument("--resolution", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
+    parser.add_argument("--n-frames", type=int, default=16)
+    parser.add_argument("--frame-stride", type=int, default=1)
+    parser.add_argument("--synthetic-size", type=int, default=4096)
+    parser.add_argument("--num-classes", type=int, default=None)
     parser.add_argument("--index-cache-dir", default=None)
     parser.add_argument("--verbose", action="store_true", help="log every skipped file while indexing")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import datasets
 from datasets.video_index import VIDEO_EXTENSIONS, is_video_name
 from datasets.transforms import to_uint8_videos
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
-from core.checkpoint import CheckpointError, load_weights_file
+from models.weights_file import WeightsFileError, load_weights_file
 from core.cli import nonnegative_int, positive_int, seed_int
 
 DETECTOR_ENV = "CMD_I3D_PATH"
@@ -149,7 +149,7 @@ def load_detector(path: Optional[str] = None, device: Union[str, torch.device] =
         return TorchScriptI3D(module, f"torchscript:{Path(resolved).stem}", device, tag=Path(resolved).stem)
     try:
         loaded = load_weights_file(resolved, "I3D detector file")
-    except CheckpointError as error:
+    except WeightsFileError as error:
         raise ValueError(f"{error} (a detector is a TorchScript archive or a plain tensor state dict)") from None
     model = build_port_i3d(_unwrap_state_dict(loaded, resolved), resolved)
     # The port's tag says so, so that its numbers never pass for the reference detector's.

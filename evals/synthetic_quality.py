@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name, label_from_caption
 from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
-from core.checkpoint import atomic_torch_save, load_weights_file
+from core.checkpoint import atomic_torch_save
+from models.weights_file import load_weights_file
 from core.cli import positive_int
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.checkpoint import weights_only_refusal
+from models.weights_file import weights_only_refusal
 
 
 class VAELoadError(ValueError):
