@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
-from core.cli import finite_float, positive_int, run_reporting_user_errors
+from core.cli import guidance_scale, positive_int, run_reporting_user_errors, seed_int
 from core.distributed import all_gather_object, barrier, broadcast_object, cleanup_distributed, setup_distributed
 from core.files import OutputError, os_reason, reported, write_output
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
@@ -213,6 +213,19 @@ class UnsavedVideos(OutputError):
     """The final outputs could not be written; the rank shards that hold the videos are kept and named."""
 
 
+def check_finite_samples(models, indices: list, videos: torch.Tensor, contents: torch.Tensor) -> None:
+    """Refuses a batch with a NaN or infinite value before any of it is written: converted to uint8 it would pass
+    for a black video."""
+    bad = [index for index, video, content in zip(indices, videos, contents)
+           if not (bool(torch.isfinite(video).all()) and bool(torch.isfinite(content).all()))]
+    if bad:
+        scales = ", ".join(f"{stage} {denoiser.cfg_scale:g}" for stage, denoiser in
+                           (("content", models.content), ("motion", models.motion)) if denoiser is not None)
+        raise ValueError(f"sampling produced non-finite values (NaN or inf) in video{'s' * (len(bad) > 1)} "
+                         f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}; nothing of "
+                         f"{'them' if len(bad) > 1 else 'it'} was written (guidance scales: {scales})")
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     """What a sample.py run samples with: --preset's settings, each replaced by its flag where one is given."""
@@ -321,6 +334,7 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
             names = [f"{i:06d}_{prompt_slug(captions[i])}.mp4" for i in batch]
         decoded, z_c = generate(models, y, args.seed, [noise_ids[i] for i in batch],
                                 None if given_content is None else given_content[batch], progress=show_steps)
+        check_finite_samples(models, batch, decoded, z_c)
         clips = to_uint8_videos(decoded)
         contents.append(to_uint8_videos(models.ae.decode_content(z_c).float().unsqueeze(2))[:, 0])
         for index, name, clip in zip(batch, names, clips):
@@ -449,20 +463,21 @@ def parse_args(argv=None):
                         "recorded it")
     parser.add_argument("--num-videos", type=positive_int, default=16)
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="0..2**64-1; a video depends on it and its index alone")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
                         help=f"the sampling protocol; {describe_presets()}. 'fast' (the default) is validated against "
                         "'ddim' on the built-in data only (docs/BENCHMARKS.md); report numbers with 'paper' (README, "
                         "FVD). The flags below override it setting by setting")
     parser.add_argument("--content-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
     parser.add_argument("--content-steps", type=positive_int, default=None, help="default: the preset's")
-    parser.add_argument("--content-cfg-scale", type=finite_float, default=None,
+    parser.add_argument("--content-cfg-scale", type=guidance_scale, default=None,
                         help="guidance scale s, DiT's convention: eps = eps(null) + s * (eps(c) - eps(null)); 1 = none; "
                         "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the preset's ('paper': 5.0, "
                         "the paper's w = 4; 'reference': 4.0), else the checkpoint's config (configs/ucf101: 4.0)")
     parser.add_argument("--motion-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
     parser.add_argument("--motion-steps", type=positive_int, default=None, help="default: the preset's")
-    parser.add_argument("--motion-cfg-scale", type=finite_float, default=None,
+    parser.add_argument("--motion-cfg-scale", type=guidance_scale, default=None,
                         help="guidance scale s of the motion model, the same convention as --content-cfg-scale. "
                         "Default: the preset's ('paper', 'reference': 1.0, unguided), else the checkpoint's config "
                         "(configs/ucf101: 1.0)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import PREDICTION_TYPES, SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET
 from models.dit import validate_model_name
+from core.cli import GUIDANCE_MAX, positive_int
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
@@ -304,6 +306,9 @@ def validate_config(cfg, stage: str) -> None:
             except ValueError as exc:
                 raise ConfigError(f"config key 'model.name': {exc} (content also: {PRETRAINED_UNET})") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
+        _require(math.isfinite(cfg.diffusion.cfg_scale) and 0.0 <= cfg.diffusion.cfg_scale <= GUIDANCE_MAX,
+                 f"config key 'diffusion.cfg_scale' must be a guidance scale in 0..{GUIDANCE_MAX:g}, "
+                 f"got {cfg.diffusion.cfg_scale}")
         _require(cfg.diffusion.prediction_type in (None, *PREDICTION_TYPES),
                  f"config key 'diffusion.prediction_type': '{cfg.diffusion.prediction_type}' is not "
                  f"{'|'.join(PREDICTION_TYPES)}")
@@ -344,14 +349,14 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
                         help=f"YAML config (default: configs/ucf101/{stage}.yaml, the paper's settings; configs/tiny/ for CPU)")
     parser.add_argument("--dataset-name", default=None, help="synthetic | UCF101 | folder")
     parser.add_argument("--data-path", default=None)
-    parser.add_argument("--global-batch-size", type=int, default=None)
+    parser.add_argument("--global-batch-size", type=positive_int, default=None)
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--exp-name", default=None, help="run folder name (default: <NNN>-<stage>)")
     parser.add_argument("--mode", default=None, choices=MODES)
     parser.add_argument("--vae", default=None, help="latent mode: Stable Diffusion VAE folder or hub id (config key vae)")
-    parser.add_argument("--ckpt-every", type=int, default=None)
-    parser.add_argument("--log-every", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (saves at the end)")
+    parser.add_argument("--ckpt-every", type=positive_int, default=None)
+    parser.add_argument("--log-every", type=positive_int, default=None)
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps (saves at the end)")
     parser.add_argument("--global-seed", type=int, default=None)
     parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
     # The seed README passes torchrun's own flags to the script; we accept them and relaunch (core.distributed).

@@ -22,6 +22,8 @@ from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
 from core.checkpoint import atomic_torch_save
 from core.files import write_output
+from models.weights_file import load_weights_file
+from core.cli import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +369,7 @@ def cache_file(settings: dict, cache_dir: Union[str, Path, None] = None) -> Path
 
 def _load_cached(path: Path, settings: dict) -> QualityClassifier:
     """The cached classifier; any exception means the file is unusable (damaged, foreign or stale)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path, "quality classifier cache")
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a dict")
     if state.get("version") != CLASSIFIER_VERSION or state.get("settings") != settings:
@@ -594,7 +596,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--npz", action="append", default=[],
                         help="sample.py output: 'videos' uint8 (N, T, H, W, 3), 'labels' (N,); repeat for several")
-    parser.add_argument("--num-classes", type=int, default=None,
+    parser.add_argument("--num-classes", type=positive_int, default=None,
                         help="the models' class count; required unless the npz has a 'num_classes' entry")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed of the training run (train.global_seed)")
     parser.add_argument("--cache-dir", default=None, help=f"classifier cache; default ${CACHE_ENV} or "
@@ -602,8 +604,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     parser.add_argument("--prepare", action="store_true",
                         help="only train and cache the classifier for --resolution H W, --frames, --num-classes")
-    parser.add_argument("--resolution", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--resolution", type=positive_int, nargs=2, default=(32, 32), metavar=("H", "W"))
+    parser.add_argument("--frames", type=positive_int, default=8)
     return parser.parse_args(argv)
 
 
