@@ -1,10 +1,10 @@
 """Generates videos: class -> content frame (content DiT) -> motion latent (motion DiT) -> autoencoder decode.
 
     python sample.py --ae-ckpt AE.pt --content-ckpt CONTENT.pt --motion-ckpt MOTION.pt --num-videos 16 --out-dir out
-    torchrun --nproc_per_node=8 sample.py ... --num-videos 2048 --npz out/samples.npz   # for FVD
+    torchrun --nproc_per_node=8 sample.py ... --preset paper --num-videos 2048 --npz out/samples.npz  # FVD
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --content-frame photo.png --classes 3   # image-to-video
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --real-content --npz motion_only.npz  # motion-only
-    torchrun --nproc_per_node=8 sample.py ... --num-videos 10000 --classes dataset --no-mp4 --frames-dir out/frames
+    torchrun --nproc_per_node=8 sample.py ... --preset paper --num-videos 10000 --no-mp4 --frames-dir out/frames
     python sample.py ... --prompt "a red disc moving left" --num-videos 4     # text-to-video (caption-conditioned)
 """
 import argparse
@@ -14,6 +14,7 @@ import signal
 import sys
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +23,14 @@ from tqdm import tqdm
 
 from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
-from core.checkpoint import atomic_write
-from core.cli import finite_float, positive_int, run_reporting_user_errors
-from core.distributed import barrier, cleanup_distributed, setup_distributed
+from core.cli import guidance_scale, positive_int, run_reporting_user_errors, seed_int
+from core.distributed import all_gather_object, barrier, broadcast_object, cleanup_distributed, setup_distributed
+from core.files import OutputError, os_reason, reported, write_output
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
                                  dataset_labels, real_content_frames, set_precision)
 from sampling.media import captioned_rows, save_video_set, write_mp4, write_png
-from sampling.outputs import (CAPTIONS_GRID, GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished,
-                              write_frames)
+from sampling.outputs import (CAPTIONS_GRID, GRID_FILES, check_outputs, claim_outputs, npz_path, remove,
+                              removed_if_unfinished, write_frames)
 
 
 def given_content_frames(args, models, labels: list, device):
@@ -70,19 +71,21 @@ def resolve_class_name(name: str, class_names: list, where: str) -> int:
 
 def class_list(args, num_classes: int, data_cfg=None, seed: int = 0) -> list:
     """The label of every video: --classes round-robin (ids, or names of the motion run's dataset classes), drawn
-    by the training split's class frequencies (--classes dataset), or every class round-robin (the default)."""
+    by the training split's class frequencies (--classes dataset, or a preset that draws so), or every class
+    round-robin (the default)."""
+    chosen = resolve_settings(args).classes
     dataset = None
-    if args.classes == DATASET_CLASSES or any(isinstance(c, str) for c in args.classes or []):
+    if chosen == DATASET_CLASSES or any(isinstance(c, str) for c in chosen or []):
         dataset = classes_dataset(data_cfg, seed)
         if dataset.num_classes != num_classes:
-            raise ValueError(f"--classes {args.classes if isinstance(args.classes, str) else 'names'}: the motion run's "
+            raise ValueError(f"--classes {chosen if isinstance(chosen, str) else 'names'}: the motion run's "
                              f"dataset has {dataset.num_classes} classes but the models know {num_classes}")
-    if args.classes == DATASET_CLASSES:
+    if chosen == DATASET_CLASSES:
         return labels_by_frequency(dataset_labels(dataset), args.num_videos, args.seed)
-    if args.classes:
+    if chosen:
         where = f"the motion run's {data_cfg.dataset_name} dataset"
         classes = [c if isinstance(c, int) else resolve_class_name(c, list(dataset.class_names), where)
-                   for c in args.classes]
+                   for c in chosen]
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
             raise ValueError(f"--classes: class id {bad[0]} is out of range; the models know classes 0..{num_classes - 1}")
@@ -170,9 +173,21 @@ def main(args):
     # Before setup_distributed: its rendezvous waits for every rank, so all ranks check before any can write.
     earlier = check_outputs(args)
     info = setup_distributed()
+    claims, error = [], None
+    if info.is_main:  # one claim per job: the ranks of this run share its outputs
+        try:
+            claims, earlier = claim_outputs(args)
+        except OutputError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"--out-dir {args.out_dir}: cannot claim it ({os_reason(exc)})"
+    error = broadcast_object(error)
+    if error:
+        raise OutputError(error)
     stop_on_signals()
     out_dir = Path(args.out_dir)
     written = []  # this rank's finished videos
+    keep_shard = False
     try:
         sample_videos(args, info, earlier, written)
     except StopSignal as stop:
@@ -183,21 +198,78 @@ def main(args):
         print(f"{rank}stopped by {stop}: {count} of {total} videos written to {' and '.join(video_places(args))}; grid"
               f"{' and --npz' if args.npz else ''} files are written only by a finished run", file=sys.stderr, flush=True)
         raise SystemExit(128 + stop.signum) from None
+    except UnsavedVideos:
+        keep_shard = True
+        raise
     finally:
-        (out_dir / f".shard-{info.rank:05d}.npz").unlink(missing_ok=True)  # rank 0 has read them all, or failed
+        if not keep_shard:  # rank 0 has read them all, or the run failed before they were complete
+            (out_dir / f".shard-{info.rank:05d}.npz").unlink(missing_ok=True)
+        for held in claims:
+            held.release()
     cleanup_distributed()
 
 
+class UnsavedVideos(OutputError):
+    """The final outputs could not be written; the rank shards that hold the videos are kept and named."""
+
+
+def check_finite_samples(models, indices: list, videos: torch.Tensor, contents: torch.Tensor) -> None:
+    """Refuses a batch with a NaN or infinite value before any of it is written: converted to uint8 it would pass
+    for a black video."""
+    bad = [index for index, video, content in zip(indices, videos, contents)
+           if not (bool(torch.isfinite(video).all()) and bool(torch.isfinite(content).all()))]
+    if bad:
+        scales = ", ".join(f"{stage} {denoiser.cfg_scale:g}" for stage, denoiser in
+                           (("content", models.content), ("motion", models.motion)) if denoiser is not None)
+        raise ValueError(f"sampling produced non-finite values (NaN or inf) in video{'s' * (len(bad) > 1)} "
+                         f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}; nothing of "
+                         f"{'them' if len(bad) > 1 else 'it'} was written (guidance scales: {scales})")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What a sample.py run samples with: --preset's settings, each replaced by its flag where one is given."""
+    content: SamplingOptions
+    motion: SamplingOptions
+    precision: str  # one of PRECISIONS
+    classes: object  # --classes' value: ids and names, DATASET_CLASSES, or None (every class round-robin)
+
+
+def resolve_settings(args) -> SampleSettings:
+    """The one place where --preset and the flags that override it become the settings a run samples with."""
+    preset = SAMPLING_PRESETS[args.preset]
+
+    def stage(name: str) -> SamplingOptions:
+        chosen = preset[name]
+        steps, sampler, scale = (getattr(args, f"{name}_{key}") for key in ("steps", "sampler", "cfg_scale"))
+        return SamplingOptions(steps or chosen.steps, sampler or chosen.sampler,
+                               chosen.cfg_scale if scale is None else scale)
+
+    return SampleSettings(stage("content"), stage("motion"), args.precision or preset.precision or "auto",
+                          preset.labels if args.classes is None else args.classes)
+
+
 def stage_options(args, stage: str) -> SamplingOptions:
-    """The `stage`'s sampler, steps and guidance: --<stage>-sampler/-steps where given, else --preset's."""
-    preset = SAMPLING_PRESETS[args.preset][stage]
-    sampler, steps = getattr(args, f"{stage}_sampler"), getattr(args, f"{stage}_steps")
-    return SamplingOptions(steps or preset.steps, sampler or preset.sampler, getattr(args, f"{stage}_cfg_scale"))
+    """The `stage`'s sampler, steps and guidance: --<stage>-sampler/-steps/-cfg-scale where given, else --preset's
+    (a guidance of None: the checkpoint's)."""
+    return getattr(resolve_settings(args), stage)
 
 
-def preset_steps(name: str) -> str:
-    preset = SAMPLING_PRESETS[name]
-    return f"{preset['content'].steps} content / {preset['motion'].steps} motion"
+def protocol_line(args, models, settings: SampleSettings, precision: tuple, prompts: list) -> str:
+    """One line stating what this run samples with, for the record beside any number computed from its videos."""
+    stages = [(name, denoiser) for name, denoiser in (("content", models.content), ("motion", models.motion))
+              if denoiser is not None]
+    parts = [f"{name} {d.sampler.method} {d.sampler.diffusion.num_timesteps} steps, guidance s={d.cfg_scale:g}"
+             for name, d in stages]
+    bf16, tf32 = precision
+    arithmetic = "bf16 autocast" if bf16 else "tf32" if tf32 else "fp32"
+    labels = ("prompts" if prompts else "by class frequency" if settings.classes == DATASET_CLASSES
+              else "every class round-robin" if not settings.classes else "given classes round-robin")
+    return f"sampling: preset {args.preset}; {'; '.join(parts)}; {arithmetic}; labels {labels}"
+
+
+def describe_presets() -> str:
+    return "; ".join(f"'{name}': {preset.about}" for name, preset in SAMPLING_PRESETS.items())
 
 
 def video_places(args) -> list:
@@ -210,10 +282,10 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
     device = info.device
     # Content frames given by --content-frame or --real-content need no content denoiser.
     content_ckpt = None if args.content_frame or args.real_content else args.content_ckpt
+    settings = resolve_settings(args)
     models = load_models(args.ae_ckpt, args.motion_ckpt, content_ckpt, device, args.allow_ae_mismatch,
-                         stage_options(args, "motion"), stage_options(args, "content"), vae=args.vae,
-                         text_encoder=args.text_encoder)
-    set_precision(models, args.precision, device)
+                         settings.motion, settings.content, vae=args.vae, text_encoder=args.text_encoder)
+    bf16, tf32 = set_precision(models, settings.precision, device)
     if args.compile:
         compile_models(models)
     motion_cfg = models.motion.cfg
@@ -232,6 +304,8 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
         labels = class_list(args, models.num_classes, motion_cfg.data, int(motion_cfg.train.global_seed))
         captions, noise_ids = None, list(range(args.num_videos))
     given_content = given_content_frames(args, models, labels, device)
+    if info.is_main and not args.quiet:
+        print(protocol_line(args, models, settings, (bf16, tf32), prompts))
 
     out_dir = Path(args.out_dir)
     # --overwrite removes the earlier run only now that the models loaded: a typo in a flag must not cost it.
@@ -260,6 +334,7 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
             names = [f"{i:06d}_{prompt_slug(captions[i])}.mp4" for i in batch]
         decoded, z_c = generate(models, y, args.seed, [noise_ids[i] for i in batch],
                                 None if given_content is None else given_content[batch], progress=show_steps)
+        check_finite_samples(models, batch, decoded, z_c)
         clips = to_uint8_videos(decoded)
         contents.append(to_uint8_videos(models.ae.decode_content(z_c).float().unsqueeze(2))[:, 0])
         for index, name, clip in zip(batch, names, clips):
@@ -268,42 +343,68 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
             outputs = [path for path in (mp4, frames) if path is not None]
             with removed_if_unfinished(*outputs):  # a video counts once all its outputs are whole
                 if mp4 is not None:
-                    write_mp4(clip, mp4, fps=args.fps)
+                    with reported("--out-dir", mp4):
+                        write_mp4(clip, mp4, fps=args.fps)
                 if frames is not None:
-                    write_frames(clip, frames)
+                    with reported("--frames-dir", frames):
+                        write_frames(clip, frames)
             written.extend(outputs[:1])
         videos.append(clips)
         indices.extend(batch)
     shard = out_dir / f".shard-{info.rank:05d}.npz"
-    with removed_if_unfinished(shard):
-        np.savez(shard, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8),
-                 content_frames=np.concatenate(contents) if contents else np.zeros((0,), np.uint8),
-                 indices=np.array(indices))
-    barrier()
+    error = None
+    try:
+        write_output(shard, lambda handle: np.savez(
+            handle, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8),
+            content_frames=np.concatenate(contents) if contents else np.zeros((0,), np.uint8),
+            indices=np.array(indices)), "--out-dir")
+    except OutputError as exc:
+        error = str(exc)
+    error = next((e for e in all_gather_object(error) if e), None)  # every rank stops, none waits at a barrier
+    if error:
+        raise OutputError(error)
+    error = None
     if info.is_main:
-        shards = [np.load(out_dir / f".shard-{r:05d}.npz") for r in range(info.world_size)]
-        order = np.concatenate([s["indices"] for s in shards if len(s["indices"])])
-        ranked = np.argsort(order)
-        all_videos = np.concatenate([s["videos"] for s in shards if len(s["indices"])])[ranked]
-        all_contents = np.concatenate([s["content_frames"] for s in shards if len(s["indices"])])[ranked]
-        with removed_if_unfinished(*(out_dir / name for name in GRID_FILES)):
-            grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
-            if captions is not None:  # the grid's videos in rows, each with its prompt
-                write_png(captioned_rows(all_videos[: args.grid_videos], captions[: args.grid_videos]),
-                          out_dir / CAPTIONS_GRID)
-        if args.npz:
-            arrays = {"videos": all_videos, "labels": np.array(labels, dtype=np.int64), "content_frames": all_contents,
-                      "num_classes": np.int64(models.num_classes)}
-            if captions is not None:
-                arrays["captions"] = np.array(captions, dtype=str)  # a unicode array: read back without pickle
-            # Written beside its place and renamed: an earlier file stays whole until the new one is complete.
-            atomic_write(npz_path(args.npz), lambda handle: np.savez(handle, **arrays))
-            print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
-        places = video_places(args)
-        print((f"wrote {len(all_videos)} videos to {' and '.join(places)}; " if places else "")
-              + f"grid: {grid['mp4']} and {grid['png']}"
-              + ("" if captions is None else f"; with the prompts: {out_dir / CAPTIONS_GRID}"))
-    barrier()
+        try:
+            write_final_outputs(args, out_dir, info.world_size, models, labels, captions)
+        except OutputError as exc:
+            # The npz is written first and the shards are removed only once it is: a full disk loses no video.
+            shards = [out_dir / f".shard-{r:05d}.npz" for r in range(info.world_size)]
+            error = (f"{exc}; the {args.num_videos} videos are kept in {', '.join(map(str, shards))} "
+                     f"(arrays videos, content_frames, indices)")
+    error = broadcast_object(error)
+    if error:
+        raise UnsavedVideos(error)
+
+
+def write_final_outputs(args, out_dir: Path, world_size: int, models, labels: list, captions) -> None:
+    """Rank 0: the --npz file (first: it is the run's result) and the grid, from every rank's shard; then the
+    shards are removed."""
+    shards = [out_dir / f".shard-{r:05d}.npz" for r in range(world_size)]
+    loaded = [np.load(path) for path in shards]
+    order = np.concatenate([s["indices"] for s in loaded if len(s["indices"])])
+    ranked = np.argsort(order)
+    all_videos = np.concatenate([s["videos"] for s in loaded if len(s["indices"])])[ranked]
+    all_contents = np.concatenate([s["content_frames"] for s in loaded if len(s["indices"])])[ranked]
+    if args.npz:
+        arrays = {"videos": all_videos, "labels": np.array(labels, dtype=np.int64), "content_frames": all_contents,
+                  "num_classes": np.int64(models.num_classes)}
+        if captions is not None:
+            arrays["captions"] = np.array(captions, dtype=str)  # a unicode array: read back without pickle
+        # Written beside its place and renamed: an earlier file stays whole until the new one is complete.
+        write_output(npz_path(args.npz), lambda handle: np.savez(handle, **arrays), "--npz")
+        print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
+    with reported("--out-dir", out_dir), removed_if_unfinished(*(out_dir / name for name in GRID_FILES)):
+        grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
+        if captions is not None:  # the grid's videos in rows, each with its prompt
+            write_png(captioned_rows(all_videos[: args.grid_videos], captions[: args.grid_videos]),
+                      out_dir / CAPTIONS_GRID)
+    for path in shards:
+        path.unlink(missing_ok=True)
+    places = video_places(args)
+    print((f"wrote {len(all_videos)} videos to {' and '.join(places)}; " if places else "")
+          + f"grid: {grid['mp4']} and {grid['png']}"
+          + ("" if captions is None else f"; with the prompts: {out_dir / CAPTIONS_GRID}"))
 
 
 # ---- flags: a bad value is refused by the parser (exit 2, naming the flag) before anything loads ------------------
@@ -351,7 +452,7 @@ def parse_args(argv=None):
                         "classInd.txt numbers from 1: id = its number - 1), names are those of the motion run's dataset "
                         "(e.g. ApplyEyeMakeup,Biking). 'dataset': labels drawn by the class frequencies of the motion "
                         "run's training split, as the reference and StyleGAN-V evaluate (deterministic given --seed). "
-                        "Default: every class round-robin")
+                        "Default: the preset's ('paper', 'reference': dataset), else every class round-robin")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text-to-video (caption-conditioned checkpoints): a prompt; repeat the flag for several. "
                         "Videos go round-robin over the prompts; a prompt's k-th video depends on --seed, the prompt and "
@@ -362,26 +463,28 @@ def parse_args(argv=None):
                         "recorded it")
     parser.add_argument("--num-videos", type=positive_int, default=16)
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="0..2**64-1; a video depends on it and its index alone")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
-                        help="sampler and step count of each stage: 'fast' = DPM-Solver++(2M), "
-                        f"{preset_steps('fast')} steps (the default; as good as 'ddim' within its spread over seeds, "
-                        f"docs/BENCHMARKS.md), 'ddim' = DDIM, {preset_steps('ddim')} steps as the reference evaluation "
-                        "ran. The flags below override it per stage")
+                        help=f"the sampling protocol; {describe_presets()}. 'fast' (the default) is validated against "
+                        "'ddim' on the built-in data only (docs/BENCHMARKS.md); report numbers with 'paper' (README, "
+                        "FVD). The flags below override it setting by setting")
     parser.add_argument("--content-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
     parser.add_argument("--content-steps", type=positive_int, default=None, help="default: the preset's")
-    parser.add_argument("--content-cfg-scale", type=finite_float, default=None,
+    parser.add_argument("--content-cfg-scale", type=guidance_scale, default=None,
                         help="guidance scale s, DiT's convention: eps = eps(null) + s * (eps(c) - eps(null)); 1 = none; "
-                        "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the checkpoint's config "
-                        "(configs/ucf101: 4.0, what the reference evaluation used)")
+                        "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the preset's ('paper': 5.0, "
+                        "the paper's w = 4; 'reference': 4.0), else the checkpoint's config (configs/ucf101: 4.0)")
     parser.add_argument("--motion-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
     parser.add_argument("--motion-steps", type=positive_int, default=None, help="default: the preset's")
-    parser.add_argument("--motion-cfg-scale", type=finite_float, default=None,
+    parser.add_argument("--motion-cfg-scale", type=guidance_scale, default=None,
                         help="guidance scale s of the motion model, the same convention as --content-cfg-scale. "
-                        "Default: the checkpoint's config (configs/ucf101: 1.0, unguided as in the reference evaluation)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        "Default: the preset's ('paper', 'reference': 1.0, unguided), else the checkpoint's config "
+                        "(configs/ucf101: 1.0)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="on CUDA: 'auto' follows the motion run's train.mixed_precision and train.tf32; 'bf16' = "
-                        "bf16 autocast (+ TF32), 'tf32' = fp32 with TF32 matmuls, 'fp32' = strict fp32. The CPU runs fp32")
+                        "bf16 autocast (+ TF32), 'tf32' = fp32 with TF32 matmuls, 'fp32' = strict fp32. The CPU runs "
+                        "fp32. Default: the preset's ('paper', 'reference': fp32), else 'auto'")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoisers and the decoder (pays off for thousands of videos on a GPU)")
     parser.add_argument("--out-dir", default="samples")

@@ -18,7 +18,7 @@ from core.config import ConfigError
 from core.data import WorkerLoader, fixed_batch
 from core.distributed import all_gather_object, all_reduce_mean
 from core.cli import entry_point
-from core.latents import LatentEncoder, build_latent_cache, load_frames
+from core.latents import LatentEncoder, build_latent_cache, load_frames, vae_fingerprint
 from sampling.media import save_video_set
 from training.run import TrainingRun, make_ema, make_optimizer
 
@@ -122,6 +122,8 @@ def main(cfg):
     # Identity in pixel mode; the frozen SD VAE in latent mode, loaded before a run folder is claimed (a bad path
     # costs nothing).
     frames = load_frames(cfg, "cpu")
+    # Latent mode: the VAE's weights are part of what the run learns; a resume with other weights is refused.
+    cfg.vae_fingerprint = vae_fingerprint(frames)
     run = TrainingRun(cfg, stage="autoencoder")
     frames.to(run.device)
     dataset = run.build_dataset(cfg.data.split)

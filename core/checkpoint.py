@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
+from core.files import atomic_write, fsync_dir, temp_path  # noqa: F401 (atomic_write is part of this API)
+from models.weights_file import load_failure, safe_torch_load  # noqa: F401 (safe_torch_load: this module's API)
+
 STEP_FILE = re.compile(r"^(\d{7})\.pt$")
-UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
-UNSAFE_CLASS = re.compile(r"got <class '([^']+)'>")
 
 
 class CheckpointError(ValueError):
@@ -27,36 +27,9 @@ class CheckpointError(ValueError):
 EXPORT_FORMAT = "cmd-weights-1"
 META_FORMAT, META_STAGE, META_STEP, META_CONFIG = "cmd.format", "cmd.stage", "cmd.step", "cmd.config"
 META_WEIGHTS, META_WEIGHTS_FINGERPRINT, META_AE_FINGERPRINT = "cmd.weights", "cmd.weights_fingerprint", "cmd.ae_fingerprint"
+META_VAE_FINGERPRINT = "cmd.vae_fingerprint"  # latent mode: the VAE's weights (also in the config)
 LATENT_STATS_PREFIX = "latent_stats."
 SAFETENSORS_SUFFIX = ".safetensors"
-
-
-def fsync_dir(folder: Path) -> None:
-    """Makes a rename in `folder` durable: without it a power cut may bring back the old directory entry."""
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write(path, write) -> None:
-    """Calls `write(handle)` on a temp file beside `path`, so that a crash or a full disk never leaves a half-written
-    file at `path`: the temp file is fsync'ed, then renamed over `path` (rename is atomic on POSIX filesystems);
-    on failure the temp file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj, path) -> None:
@@ -78,7 +51,7 @@ def atomic_link(src, dst) -> None:
     as atomic, at the cost of the second write the link saves.
     """
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)  # left by a killed process of the same pid: os.link does not overwrite
     try:
         try:
@@ -109,32 +82,6 @@ def strip_prefixes(state_dict: dict) -> dict:
                     key, changed = key[len(prefix):], True
         out[key] = value
     return out
-
-
-# Checkpoints written before the RNG states were stored as tensors hold numpy's RNG key array (uint32). These
-# three globals can only rebuild a numeric array: an object array would need further, still refused, globals.
-_LEGACY_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                         getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
-
-
-def safe_torch_load(path, map_location="cpu", mmap: bool = False):
-    """torch.load that can only build tensors and plain Python values: a file whose pickle would import or call
-    anything else (code execution, foreign classes) is refused by torch's weights-only unpickler, never run."""
-    with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-
-
-def _load_failure(path: Path, exc: Exception) -> str:
-    """One line for a file torch.load refused: torch's own message spans many lines and suggests
-    turning the weights-only guard off, which would execute whatever the file holds."""
-    text = str(exc)
-    if "Weights only load failed" in text:
-        unsafe = UNSAFE_GLOBAL.search(text) or UNSAFE_CLASS.search(text)
-        what = unsafe.group(1).rstrip(".,") if unsafe else "an object"
-        return (f"checkpoint {path} refused: it holds a pickled object ({what}) besides tensors and plain values; "
-                f"checkpoints are loaded weights-only and never run code")
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"checkpoint {path} cannot be read ({type(exc).__name__}: {first})"
 
 
 def is_safetensors(path) -> bool:
@@ -190,21 +137,82 @@ def _load_safetensors(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
+# The entries of a checkpoint and what each must be (training/run.py's save writes them; exports load as the first
+# five). Every reader goes through load_checkpoint, which checks them, so that a damaged or hand-edited dictionary
+# ends in one line naming the file and the entry instead of an AttributeError deep in a reader.
+WEIGHT_ENTRIES = ("model", "ema", "discriminator")  # state dicts: names -> tensors
+OPTIMIZER_ENTRIES = ("opt", "disc_opt")  # torch optimizer state dicts
+INT_ENTRIES = ("step", "samples_seen", "world_size", "batch_size_per_rank", "data_position")
+
+
+def _kind(value) -> str:
+    name = type(value).__name__
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _check_tensors(path, name: str, value, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: checkpoint entry '{name}' is {_kind(value)}, not a dict of tensors")
+    for key, tensor in value.items():
+        if not isinstance(key, str) or not torch.is_tensor(tensor):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' holds {_kind(tensor)} under {key!r}, "
+                                  f"not a tensor")
+
+
+def check_checkpoint(ckpt, path, stage: Optional[str] = None) -> dict:
+    """`ckpt` if it has the layout of this repo's checkpoints (see the entries above), its config that of its stage's
+    schema; else CheckpointError naming `path` and the first entry that is wrong. Returns `ckpt`."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by this repo (no 'model'/'config' entries)")
+    config = ckpt["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: checkpoint entry 'config' is {_kind(config)}, not a mapping")
+    for name in WEIGHT_ENTRIES:
+        if name in ckpt:
+            _check_tensors(path, name, ckpt[name], allow_none=name != "model")
+    if ckpt.get("latent_stats") is not None:
+        _check_tensors(path, "latent_stats", ckpt["latent_stats"], allow_none=True)
+    for name in OPTIMIZER_ENTRIES:
+        value = ckpt.get(name)
+        if value is not None and not (isinstance(value, dict) and isinstance(value.get("state"), dict)
+                                      and isinstance(value.get("param_groups"), list)):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' is not an optimizer state (a dict with 'state' "
+                                  f"and 'param_groups')")
+    for name in INT_ENTRIES:
+        if name in ckpt and (isinstance(ckpt[name], bool) or not isinstance(ckpt[name], int)):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' is {_kind(ckpt[name])}, not a whole number")
+    if "rng" in ckpt and not isinstance(ckpt["rng"], (list, type(None))):
+        raise CheckpointError(f"{path}: checkpoint entry 'rng' is {_kind(ckpt['rng'])}, not a list")
+    recorded = ckpt.get("stage", config.get("stage"))
+    if recorded is not None and not isinstance(recorded, str):
+        raise CheckpointError(f"{path}: checkpoint entry 'stage' is {_kind(recorded)}, not a stage name")
+    stage = stage or recorded
+    from core.config import SCHEMAS, ConfigError, config_from_dict  # core.config imports the model registries
+
+    if stage in SCHEMAS:
+        try:
+            config_from_dict(stage, config)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: checkpoint entry 'config' does not fit the {stage} config: {exc}") from None
+    return ckpt
+
+
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """Loads one of our checkpoints (mmap=True reads tensors lazily: cheap for checks of its metadata), or weights
-    exported by training/export.py (.safetensors, always memory-mapped) in the same dict shape."""
+    exported by training/export.py (.safetensors, always memory-mapped) in the same dict shape; either is checked
+    by check_checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_safetensors(path):
-        return _load_safetensors(path, map_location)
+        return check_checkpoint(_load_safetensors(path, map_location), path)
     try:
         ckpt = safe_torch_load(path, map_location, mmap)
     except Exception as exc:  # torch raises several types for a damaged or unsafe file
-        raise CheckpointError(_load_failure(path, exc)) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint written by this repo (no 'model'/'config' entries)")
-    return ckpt
+        raise CheckpointError(load_failure(path, exc)) from None
+    return check_checkpoint(ckpt, path)
 
 
 def load_stage_checkpoint(path, stage: str, map_location="cpu", mmap: bool = False) -> dict:
@@ -231,11 +239,23 @@ def load_for_sampling(path, stage: str) -> dict:
     """
     ckpt = load_stage_checkpoint(path, stage, mmap=True)
     weights = model_weights(ckpt, prefer_ema=True)
+    check_finite(weights, path, "weight")
+    check_finite(ckpt.get("latent_stats") or {}, path, "latent statistic")
     kept = {key: ckpt[key] for key in _SAMPLING_KEYS if key in ckpt}
     stats = kept.get("latent_stats")
     if isinstance(stats, dict):
         kept["latent_stats"] = {key: value.clone() if torch.is_tensor(value) else value for key, value in stats.items()}
     return {**kept, "model": weights, "ema": weights}
+
+
+def check_finite(tensors: dict, path, what: str) -> None:
+    """Refuses a NaN or infinite value in any floating-point tensor of `tensors` in one line naming `path` and the
+    tensor: a model with one samples NaN everywhere, which would be written as black videos."""
+    for key, tensor in tensors.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: {what} '{key}' holds {count} non-finite value{'s' * (count != 1)} (NaN or "
+                                  f"inf) of {tensor.numel()}; these weights cannot sample")
 
 
 def model_weights(ckpt: dict, prefer_ema: bool = True) -> dict:
@@ -244,9 +264,9 @@ def model_weights(ckpt: dict, prefer_ema: bool = True) -> dict:
     return strip_prefixes(state)
 
 
-def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
-    """module.load_state_dict(state), strict, refusing foreign weights with one line that names `path` and the
-    first tensor that is missing, unexpected or of another shape (load_state_dict's own error lists them all)."""
+def check_weights_fit(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
+    """Refuses weights that do not fit `module` with one line that names `path` and the first tensor that is
+    missing, unexpected or of another shape (load_state_dict's own error lists them all)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: its {what} are not a state dict")
     expected = module.state_dict()
@@ -261,7 +281,40 @@ def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weight
     unexpected = [key for key in state if key not in expected]
     if unexpected:
         raise CheckpointError(f"{path}: its {what} do not fit this model: unexpected tensor '{unexpected[0]}'")
+
+
+def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
+    """module.load_state_dict(state), strict, after check_weights_fit."""
+    check_weights_fit(module, state, path, what)
     module.load_state_dict(state)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_fitting(build, state: dict, path, what: str, described_by: str = ""):
+    """`build()`, the model a checkpoint's config describes, once a build of it on the meta device (no memory) shows
+    that the checkpoint's weights fit it and that it fits in this machine's memory.
+
+    A config that does not describe its weights (an edited export's metadata: another resolution, width or class
+    count) would otherwise build a model of any size before load_weights could compare anything. `described_by`
+    names the config keys that size what the weights do not show (its fixed positional tables)."""
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except ValueError as exc:  # the model's own checks (divisibility, head counts) of the config's values
+        raise CheckpointError(f"{path}: its config does not describe a model: {exc}") from None
+    check_weights_fit(skeleton, state, path, what)
+    size = sum(t.numel() * t.element_size() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    if size > memory_bytes():
+        described = f" ({described_by})" if described_by else ""
+        raise CheckpointError(f"{path}: the model its config describes{described} "
+                              f"takes {size / 2**30:,.0f} GiB, more than this machine's {memory_bytes() / 2**30:,.0f} "
+                              f"GiB of memory, for {sum(t.numel() for t in state.values()):,} weights: "
+                              f"its config does not describe these weights")
+    return build()
 
 
 def weights_fingerprint(state: dict) -> str:
@@ -348,7 +401,17 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
             differences = resume_differences(ckpt, cfg) if cfg is not None and ckpt else []
             if ckpt and not differences:
                 return found
-            if ckpt and exp_name:  # the named run folder cannot be continued and must not be reused either
+            if ckpt and all(d.startswith(VAE_DIFFERENCE) for d in differences):
+                # The run this command would continue, but for the VAE's weights: starting another run beside it
+                # would hide that the VAE changed under the same settings.
+                raise CheckpointError(f"resume auto: {run_dir} was trained on another VAE's latents: "
+                                      f"{differences[0]} (nothing was changed; pass the run's VAE, or "
+                                      f"train.resume=null for a new run)")
+            # An incompatible run (other data, model, autoencoder or text encoder) is never adopted, since it would
+            # fail after loading, on every restart of a requeued job. Without --exp-name (scripts/slurm) a new run
+            # starts, which later restarts continue; a named folder cannot hold a second run, so that is refused in
+            # one line before anything is written: only the job's owner can tell which command is the right one.
+            if ckpt and exp_name:
                 raise CheckpointError(f"resume auto: {run_dir} holds a run whose settings differ from this command's: "
                                       f"{'; '.join(differences)} (nothing was changed)")
             if ckpt and notes is not None:
@@ -434,7 +497,58 @@ def resume_differences(ckpt: dict, cfg) -> list[str]:
         difference = _autoencoder_difference(ckpt, new["ae_ckpt"])
         if difference:
             differences.append(difference)
+    if "text.encoder" in new:
+        difference = _text_encoder_difference(ckpt, new["text.encoder"])
+        if difference:
+            differences.append(difference)
+    difference = vae_difference(old.get("vae"), old.get("vae_fingerprint"), new.get("vae"), new.get("vae_fingerprint"))
+    if difference:
+        differences.append(difference)
     return differences
+
+
+VAE_DIFFERENCE = "VAE: "  # how a resume difference in the VAE's weights starts
+
+
+def vae_difference(recorded_vae, recorded: Optional[str], given_vae, given: Optional[str]) -> Optional[str]:
+    """A latent-mode run learned the latent space of one VAE: 'VAE: A (weights a) -> B (weights b), ...' when the
+    fingerprints of its weights differ; None when they agree or one is unknown (a run from before VAEs were
+    recorded: its users warn)."""
+    if not recorded or not given or recorded == given:
+        return None
+    return f"{VAE_DIFFERENCE}{recorded_vae} (weights {recorded}) -> {given_vae} (weights {given}), another VAE"
+
+
+_TEXT_FINGERPRINTS: dict = {}  # text encoder source -> its weights' fingerprint, once per process
+
+
+def text_encoder_fingerprint(source: str) -> str:
+    if source not in _TEXT_FINGERPRINTS:
+        from models.text_encoder import load_text_encoder  # only text runs import transformers
+
+        _TEXT_FINGERPRINTS[source] = weights_fingerprint(load_text_encoder(source).model.state_dict())
+    return _TEXT_FINGERPRINTS[source]
+
+
+def _text_encoder_difference(ckpt: dict, encoder: Optional[str]) -> Optional[str]:
+    """A caption-conditioned run learned on its text encoder's tokens, a class-conditional one on class labels:
+    resuming with another encoder, none, or one added would load its weights into another model. The encoder is
+    compared by the fingerprint of its weights (a moved folder is the same encoder)."""
+    text = ckpt["config"].get("text") or {}
+    before = text.get("encoder") if isinstance(text, dict) else None
+    if not before and not encoder:
+        return None
+    if not before or not encoder:
+        kind = "class-conditional" if not before else "caption-conditioned"
+        return f"text.encoder: {before} -> {encoder} (the run is {kind})"
+    recorded = text.get("fingerprint")
+    if not recorded:
+        return None
+    given = text_encoder_fingerprint(encoder)
+    if given != recorded:
+        return (f"text.encoder: {encoder}: its weights ({given}) are not those the run was trained with "
+                f"({before}, weights {recorded})")
+    return None
 
 
 def _autoencoder_difference(ckpt: dict, ae_ckpt: str) -> Optional[str]:

@@ -8,25 +8,60 @@ import math
 import os
 import sys
 
-from core.distributed import cleanup_distributed
-
 
 class RunError(RuntimeError):
     """A run that cannot start or go on; the message is one line."""
 
 
+_ON_FAILURE: list = []
+
+
+def on_failure(callback) -> None:
+    """callback() runs when run_reporting_user_errors' function ends in an exception (a user error or any other):
+    what a failed start must undo, such as the run folder it created."""
+    _ON_FAILURE.append(callback)
+
+
+def cancel_on_failure(callback) -> None:
+    """Withdraws an on_failure callback (the start it would undo has succeeded)."""
+    if callback in _ON_FAILURE:
+        _ON_FAILURE.remove(callback)
+
+
+def _lost_another_rank(exc: BaseException) -> bool:
+    """A collective that failed because another rank of the job ended (its own error is the one to read)."""
+    import torch.distributed as dist
+
+    kinds = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError") if hasattr(dist, name))
+    return bool(kinds) and isinstance(exc, kinds) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def run_reporting_user_errors(fn, *args) -> None:
-    """fn(*args); a user error ends as one line `error: ...` on stderr and exit code 1, not a traceback.
+    """fn(*args); a user error ends as one line `error: ...` on stderr and exit code 1, not a traceback; so does a
+    rank of a distributed job that lost contact with a rank which stopped on its own error.
 
     Set CMD_TRACEBACK=1 to see the full traceback instead.
     """
     try:
         fn(*args)
-    except (ValueError, FileNotFoundError, RunError) as exc:  # our one-line errors (ConfigError, CheckpointError, ...)
-        if os.environ.get("CMD_TRACEBACK"):
+    except BaseException as exc:
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            while _ON_FAILURE:
+                try:
+                    _ON_FAILURE.pop()()
+                except Exception:  # the undo of a failed start must not hide why it failed
+                    pass
+        user_error = isinstance(exc, (ValueError, FileNotFoundError, RunError))
+        if os.environ.get("CMD_TRACEBACK") or not (user_error or _lost_another_rank(exc)):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if user_error:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        else:
+            message = (f"rank {os.environ.get('RANK', '?')}: another rank of this job stopped (its error is above); "
+                       f"this one stops too")
         print(f"error: {message}", file=sys.stderr)
+        from core.distributed import cleanup_distributed  # here: core.distributed takes its flag types from this module
+
         cleanup_distributed()
         raise SystemExit(1) from None
 
@@ -39,14 +74,33 @@ def entry_point(main, stage: str, description: str, argv=None) -> None:
     run_reporting_user_errors(main, parse_config(stage, description, argv))
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+
+
+def int_in_range(low: int, high=None, what: str = ""):
+    """An argparse type: a whole number in low..high (no upper bound when high is None); `what` names the range
+    in the message (e.g. "a port")."""
+    def parse(text: str) -> int:
+        value = _whole_number(text)
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {what + ', ' if what else ''}{bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a value it cannot convert
+    return parse
+
+
+positive_int = int_in_range(1)
+nonnegative_int = int_in_range(0)
+# Seeds seed torch.Generator and numpy, which take unsigned 64-bit numbers.
+SEED_MAX = 2**64 - 1
+seed_int = int_in_range(0, SEED_MAX, "a seed")
+port_int = int_in_range(1, 65535, "a TCP port")
 
 
 def finite_float(text: str) -> float:
@@ -56,4 +110,16 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+# Classifier-free guidance scales: 1 is none, 0 the unconditional model; scales in the tens already saturate every
+# sample, and far larger ones overflow float32 in the guided prediction (black videos).
+GUIDANCE_MAX = 100.0
+
+
+def guidance_scale(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 <= value <= GUIDANCE_MAX:
+        raise argparse.ArgumentTypeError(f"must be a guidance scale in 0..{GUIDANCE_MAX:g}, got {text}")
     return value

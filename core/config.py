@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import PREDICTION_TYPES, SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET, validate_denoiser_name
+from core.cli import GUIDANCE_MAX, positive_int
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
@@ -98,7 +100,7 @@ class DiffusionConfig:
     sample_steps: int = 50
     # Guidance scale s in DiT's convention, eps = eps(null) + s (eps(c) - eps(null)); 1 = unguided. The paper writes
     # (1 + w) eps(c) - w eps(null), so s = 1 + w. 4.0 is what the reference evaluation ran for the UCF-101 content
-    # model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; PAPER.md "Guidance").
+    # model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; docs/METHOD.md).
     cfg_scale: float = 4.0
     latent_cache: bool = False
     latent_cache_clips_per_video: int = 4
@@ -160,6 +162,7 @@ class AutoencoderStageConfig:
     stage: str = "autoencoder"
     mode: str = "pixel"  # pixel | latent: frames first encoded by a Stable Diffusion VAE (models/vae.py)
     vae: Optional[str] = None  # latent mode: an AutoencoderKL folder (or SD pipeline folder with vae/) or hub id
+    vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights (checked on resume and by its users)
     latent_cache: bool = False  # latent mode: VAE-encode the dataset once (clips_per_video clips each), train from it
     latent_cache_clips_per_video: int = 4
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,6 +192,7 @@ class DiffusionStageConfig:
     stage: str = "motion"
     mode: str = "pixel"  # must match the autoencoder's (its checkpoint records mode and vae)
     vae: Optional[str] = None  # latent mode: overrides the VAE the autoencoder recorded (the same weights, moved)
+    vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights, those its autoencoder recorded
     ae_ckpt: str = "auto"  # a train_ae.py checkpoint, or auto: the newest autoencoder run in train.results_dir
     ae_fingerprint: Optional[str] = None  # recorded by the run: its autoencoder's weights (checked on resume, sample.py)
     data: DataConfig = field(default_factory=DataConfig)
@@ -302,6 +306,9 @@ def validate_config(cfg, stage: str) -> None:
             except ValueError as exc:
                 raise ConfigError(f"config key 'model.name': {exc}") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
+        _require(math.isfinite(cfg.diffusion.cfg_scale) and 0.0 <= cfg.diffusion.cfg_scale <= GUIDANCE_MAX,
+                 f"config key 'diffusion.cfg_scale' must be a guidance scale in 0..{GUIDANCE_MAX:g}, "
+                 f"got {cfg.diffusion.cfg_scale}")
         _require(cfg.diffusion.prediction_type in (None, *PREDICTION_TYPES),
                  f"config key 'diffusion.prediction_type': '{cfg.diffusion.prediction_type}' is not "
                  f"{'|'.join(PREDICTION_TYPES)}")
@@ -316,7 +323,7 @@ def validate_config(cfg, stage: str) -> None:
             raise ConfigError(f"config key 'diffusion.loss_type': {exc}") from None
 
 
-# The seed README's flags, mapped onto config keys (DESIGN.md convention 6).
+# The seed README's flags, mapped onto config keys.
 FLAG_KEYS = {
     "dataset_name": "data.dataset_name",
     "data_path": "data.data_path",
@@ -342,14 +349,14 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
                         help=f"YAML config (default: configs/ucf101/{stage}.yaml, the paper's settings; configs/tiny/ for CPU)")
     parser.add_argument("--dataset-name", default=None, help="synthetic | UCF101 | folder")
     parser.add_argument("--data-path", default=None)
-    parser.add_argument("--global-batch-size", type=int, default=None)
+    parser.add_argument("--global-batch-size", type=positive_int, default=None)
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--exp-name", default=None, help="run folder name (default: <NNN>-<stage>)")
     parser.add_argument("--mode", default=None, choices=MODES)
     parser.add_argument("--vae", default=None, help="latent mode: Stable Diffusion VAE folder or hub id (config key vae)")
-    parser.add_argument("--ckpt-every", type=int, default=None)
-    parser.add_argument("--log-every", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (saves at the end)")
+    parser.add_argument("--ckpt-every", type=positive_int, default=None)
+    parser.add_argument("--log-every", type=positive_int, default=None)
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps (saves at the end)")
     parser.add_argument("--global-seed", type=int, default=None)
     parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
     # The seed README passes torchrun's own flags to the script; we accept them and relaunch (core.distributed).

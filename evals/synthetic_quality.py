@@ -22,6 +22,9 @@ from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
 from evals.recon import patch_grid_ratio
 from core.checkpoint import atomic_torch_save
+from core.files import write_output
+from models.weights_file import load_weights_file
+from core.cli import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +371,7 @@ def cache_file(settings: dict, cache_dir: Union[str, Path, None] = None) -> Path
 
 def _load_cached(path: Path, settings: dict) -> QualityClassifier:
     """The cached classifier; any exception means the file is unusable (damaged, foreign or stale)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path, "quality classifier cache")
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a dict")
     if state.get("version") != CLASSIFIER_VERSION or state.get("settings") != settings:
@@ -541,12 +544,8 @@ def format_result(name: str, result: dict) -> str:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    # Write then rename: an interrupted run never leaves a truncated JSON behind.
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    text = (json.dumps(payload, indent=2) + "\n").encode("utf-8")
+    write_output(path, lambda handle: handle.write(text), "--json")  # atomic: never a truncated JSON
 
 
 def run(args: argparse.Namespace) -> List[dict]:
@@ -602,7 +601,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--npz", action="append", default=[],
                         help="sample.py output: 'videos' uint8 (N, T, H, W, 3), 'labels' (N,); repeat for several")
-    parser.add_argument("--num-classes", type=int, default=None,
+    parser.add_argument("--num-classes", type=positive_int, default=None,
                         help="the models' class count; required unless the npz has a 'num_classes' entry")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed of the training run (train.global_seed)")
     parser.add_argument("--cache-dir", default=None, help=f"classifier cache; default ${CACHE_ENV} or "
@@ -610,8 +609,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     parser.add_argument("--prepare", action="store_true",
                         help="only train and cache the classifier for --resolution H W, --frames, --num-classes")
-    parser.add_argument("--resolution", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--resolution", type=positive_int, nargs=2, default=(32, 32), metavar=("H", "W"))
+    parser.add_argument("--frames", type=positive_int, default=8)
     return parser.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """Latent mode: clips go through a pretrained image VAE (Stable Diffusion's AutoencoderKL) frame by frame.
 
-PAPER.md, "The paper's main setting": frames are encoded one by one by SD's VAE (4 channels, 8x smaller per
+The paper's main setting (docs/METHOD.md): frames are encoded one by one by SD's VAE (4 channels, 8x smaller per
 side, scaled by its scaling factor) and the CMD autoencoder works on the latent clip, so its content frame is a
 latent image. Here:
 
@@ -16,10 +16,13 @@ diffusers is imported when a VAE is loaded, not with this module: pixel mode nev
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from models.weights_file import weights_only_refusal
 
 
 class VAELoadError(ValueError):
@@ -50,7 +53,9 @@ class FrameVAE(nn.Module):
         self.scale = float(config.scaling_factor)
         self.shift = float(getattr(config, "shift_factor", None) or 0.0)
         self.chunk = int(chunk)
-        self.identity = str(getattr(config, "_name_or_path", ""))  # what a latent cache of its latents is keyed by
+        # Which weights these are (core.latents.vae_fingerprint, set once when the VAE loads): what latent-mode
+        # checkpoints and latent caches record, and what they are checked against.
+        self.fingerprint = None
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: no dropout or norm statistics ever change
@@ -88,7 +93,7 @@ def from_pretrained(model_class, source: str, subfolder: str, what: str, error: 
     name = model_class.__name__
     if issubclass(model_class, torch.nn.Module):  # weights as plain CPU tensors, not initialised on the meta device
         kwargs = {"low_cpu_mem_usage": False, **kwargs}
-    path = Path(source).expanduser()
+    path, folder = Path(source).expanduser(), None
     if not path.exists() and not looks_like_hub_id(source):
         raise error(f"{what} {source}: no such folder")
     try:
@@ -106,9 +111,16 @@ def from_pretrained(model_class, source: str, subfolder: str, what: str, error: 
         if found != name:
             raise error(f"{what} {folder}: its config.json describes {found}, not {name}")
         return model_class.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, TypeError, json.JSONDecodeError, pickle.UnpicklingError) as exc:
         if isinstance(exc, error):
             raise
+        refusal = weights_only_refusal(exc)
+        if refusal is not None:  # a .bin weights file: transformers and diffusers load those weights-only
+            local = folder if path.exists() and folder is not None else None
+            bins = sorted(local.glob("*.bin")) if local is not None else []
+            where = f"{what} {bins[0]}" if len(bins) == 1 else f"{what} {source}: a weights file in it"
+            raise error(f"{where} is not a plain weights file: {refusal}; weights are loaded weights-only and "
+                        f"never run code") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise error(f"{what} {source}: does not load as a {name} ({first})") from None
 
@@ -120,12 +132,7 @@ def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
 
     if not source:
         raise VAELoadError("config key 'vae' is empty: latent mode needs a Stable Diffusion VAE folder or hub id (--vae)")
-    frames = FrameVAE(from_pretrained(AutoencoderKL, source, "vae", "vae", VAELoadError), chunk).to(device)
-    folder = Path(frames.identity)
-    if folder.is_dir():  # a local folder: its files' sizes and times too (other weights, another latent cache)
-        frames.identity = "|".join([str(folder.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                                                              for f in sorted(folder.iterdir()) if f.is_file()])
-    return frames
+    return FrameVAE(from_pretrained(AutoencoderKL, source, "vae", "vae", VAELoadError), chunk).to(device)
 
 
 class LatentModeAutoencoder(nn.Module):

@@ -17,7 +17,9 @@ from diffusion import create_diffusion
 from diffusion.guidance import guided_model
 from models.content_unet import build_denoiser
 from models.text_encoder import TextEncoder, TextEncoderLoadError, load_text_encoder
-from core.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
+from core.checkpoint import (CheckpointError, build_fitting, load_for_sampling, load_weights, model_weights,
+                             weights_fingerprint)
+from core.cli import GUIDANCE_MAX
 from core.config import config_from_dict
 from core.latents import LatentScaler, load_autoencoder
 
@@ -49,14 +51,45 @@ class SamplingOptions:
     cfg_scale: Optional[float] = None
 
 
-# sample.py's --preset: each stage's sampler and step count (guidance stays the checkpoint's). "fast", the default,
-# is DPM-Solver++(2M) at the smallest step counts whose quality stayed within the spread over seeds of "ddim" (the
-# reference evaluation's DDIM 50 content / 100 motion) in benchmarks/sampler_quality.py; docs/BENCHMARKS.md has the
-# table.
+@dataclass(frozen=True)
+class SamplingPreset:
+    """A named sampling protocol of sample.py's --preset: each stage's sampler, steps and guidance, the precision
+    and how the videos' labels are drawn. None leaves a setting to its flag's default (the checkpoint's guidance,
+    --precision auto, every class round-robin); a flag given on the command line overrides the preset."""
+    content: SamplingOptions
+    motion: SamplingOptions
+    precision: Optional[str] = None  # one of PRECISIONS
+    labels: Optional[str] = None  # "dataset": drawn by the class frequencies of the motion run's training split
+    about: str = ""
+
+    def __getitem__(self, stage: str) -> SamplingOptions:
+        return {"content": self.content, "motion": self.motion}[stage]
+
+
+# Guidance is DiT's convention, eps(null) + s (eps(c) - eps(null)). The paper writes (1 + w) eps(c) - w eps(null) with
+# w = 4 for the content model, i.e. s = 5; the reference code's evaluation calls the DiT-style forward with 4.0.
+PAPER_CONTENT_SCALE, REFERENCE_CONTENT_SCALE = 5.0, 4.0
 SAMPLING_PRESETS = {
-    "fast": {"content": SamplingOptions(steps=15, sampler="dpm++2m"),
-             "motion": SamplingOptions(steps=15, sampler="dpm++2m")},
-    "ddim": {"content": SamplingOptions(steps=50, sampler="ddim"), "motion": SamplingOptions(steps=100, sampler="ddim")},
+    # The smallest step counts whose quality stayed within the spread over seeds of DDIM 50/100 on the built-in
+    # data (benchmarks/sampler_quality.py, docs/BENCHMARKS.md); not validated on UCF-101.
+    "fast": SamplingPreset(SamplingOptions(steps=15, sampler="dpm++2m"), SamplingOptions(steps=15, sampler="dpm++2m"),
+                           about="DPM-Solver++(2M) 15/15 steps, guidance of the checkpoints, --precision auto"),
+    "ddim": SamplingPreset(SamplingOptions(steps=50, sampler="ddim"), SamplingOptions(steps=100, sampler="ddim"),
+                           about="DDIM 50 content / 100 motion steps, guidance of the checkpoints, --precision auto"),
+    # The protocol the paper states for its numbers: DDIM (eta 0) 50 content / 100 motion steps, the content model
+    # guided with w = 4, the motion model unguided, fp32, labels by class frequency.
+    "paper": SamplingPreset(SamplingOptions(steps=50, sampler="ddim", cfg_scale=PAPER_CONTENT_SCALE),
+                            SamplingOptions(steps=100, sampler="ddim", cfg_scale=1.0), precision="fp32",
+                            labels="dataset",
+                            about="the paper's protocol: DDIM (eta 0) 50 content / 100 motion steps, content guidance "
+                                  "w = 4 (s = 5), motion unguided, fp32, labels by class frequency"),
+    # What the reference code's evaluation runs: ancestral DDPM on the process respaced to 50 steps for both stages,
+    # content guidance 4.0 in DiT's convention, motion unguided, fp32, labels of training batches.
+    "reference": SamplingPreset(SamplingOptions(steps=50, sampler="ddpm", cfg_scale=REFERENCE_CONTENT_SCALE),
+                                SamplingOptions(steps=50, sampler="ddpm", cfg_scale=1.0), precision="fp32",
+                                labels="dataset",
+                                about="the reference code's evaluation: ancestral DDPM 50/50 respaced steps, content "
+                                      "guidance s = 4, motion unguided, fp32, labels by class frequency"),
 }
 
 
@@ -74,6 +107,9 @@ class Denoiser:
     def from_config(cls, model, cfg, scaler: LatentScaler, options: SamplingOptions = SamplingOptions()) -> "Denoiser":
         sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma, options.steps, options.sampler)
         cfg_scale = cfg.diffusion.cfg_scale if options.cfg_scale is None else options.cfg_scale
+        if not 0.0 <= float(cfg_scale) <= GUIDANCE_MAX:  # NaN fails too; scales beyond overflow into NaN samples
+            raise ValueError(f"the {cfg.stage} model's guidance scale {cfg_scale} is not in 0..{GUIDANCE_MAX:g}"
+                             + (" (its checkpoint's diffusion.cfg_scale)" if options.cfg_scale is None else ""))
         return cls(model, cfg, scaler, sampler, float(cfg_scale))
 
     def with_options(self, options: SamplingOptions) -> "Denoiser":
@@ -192,7 +228,8 @@ def video_generators(seed: Optional[int], indices: Sequence[int], stream: int, d
     global generator) without a seed."""
     if seed is None:
         return None
-    return [torch.Generator(device).manual_seed(seed * 1_000_003 + index * 2 + stream) for index in indices]
+    # Modulo 2**64, the generator's seed range: any seed sample.py accepts (0..2**64-1) and any video index work.
+    return [torch.Generator(device).manual_seed((seed * 1_000_003 + index * 2 + stream) % 2**64) for index in indices]
 
 
 @torch.no_grad()
@@ -300,11 +337,19 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
             raise CheckpointError(f"{path} was trained with the autoencoder {cfg.ae_ckpt} (weights {cfg.ae_fingerprint}), "
                                   f"but the given autoencoder's weights are {given}: pass the one it was trained with "
                                   f"(or --allow-ae-mismatch)")
+    frames = getattr(ae, "frames", None)  # latent mode: the VAE, its fingerprint computed when it loaded
+    vae = getattr(frames, "fingerprint", None)
+    if cfg.vae_fingerprint and vae and vae != cfg.vae_fingerprint:
+        raise CheckpointError(f"{path} was trained on the latents of the VAE with weights {cfg.vae_fingerprint}, but "
+                              f"the given VAE has weights {vae}: pass the VAE it was trained with (--vae)")
     text_shape = (int(cfg.text.tokens), int(cfg.text.dim)) if cfg.text.encoder else None
-    model = build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape,
-                           text_shape=text_shape)
     try:
-        load_weights(model, model_weights(ckpt, prefer_ema=True), path, f"{stage} denoiser weights")
+        weights = model_weights(ckpt, prefer_ema=True)
+        model = build_fitting(lambda: build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape,
+                                                     ae.motion_shape, text_shape=text_shape),
+                              weights, path, f"{stage} denoiser weights",
+                              f"model.name {cfg.model.name}, data.num_classes {cfg.data.num_classes}")
+        load_weights(model, weights, path, f"{stage} denoiser weights")
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (latent shapes from the autoencoder: content {tuple(ae.content_shape)}, "
                               f"motion {tuple(ae.motion_shape)}; was it trained on another autoencoder?)") from None

@@ -11,6 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sample
@@ -78,7 +79,9 @@ BASE = ["--ae-ckpt", "ae.pt", "--motion-ckpt", "motion.pt"]
                                          ("--batch-size", "-2"), ("--classes", "dataset,1"), ("--classes", "1,,2"),
                                          ("--classes", "-1"), ("--grid-videos", "0"), ("--fps", "0"),
                                          ("--motion-steps", "0"), ("--content-steps", "-1"), ("--num-videos", "2.5"),
-                                         ("--motion-cfg-scale", "nan"), ("--preset", "euler"),
+                                         ("--motion-cfg-scale", "nan"), ("--motion-cfg-scale", "1e300"),
+                                         ("--content-cfg-scale", "-2"), ("--seed", str(2**64)), ("--seed", "-1"),
+                                         ("--seed", "x"), ("--preset", "euler"),
                                          ("--motion-sampler", "dpm"), ("--precision", "fp16")])
 def test_bad_flag_value_is_refused_by_the_parser_naming_the_flag(capsys, flag, value):
     with pytest.raises(SystemExit) as stop:
@@ -91,6 +94,19 @@ def test_bad_flag_value_is_refused_by_the_parser_naming_the_flag(capsys, flag, v
 def test_good_flag_values_parse():
     args = sample.parse_args([*BASE, "--num-videos", "3", "--batch-size", "1", "--classes", "2, 0"])
     assert (args.num_videos, args.batch_size, args.classes) == (3, 1, [2, 0])
+    assert sample.parse_args([*BASE, "--seed", str(2**64 - 1)]).seed == 2**64 - 1
+
+
+def test_every_seed_the_parser_accepts_seeds_every_video():
+    """The generators' seeds are derived from --seed and the video index; the largest seed must not overflow them."""
+    from sampling.generation import video_generators
+
+    first = video_generators(2**64 - 1, [0, 2**52], 1, "cpu")
+    again = video_generators(2**64 - 1, [0, 2**52], 1, "cpu")
+    draws = [[torch.randn(3, generator=g).tolist() for g in generators] for generators in (first, again)]
+    assert draws[0] == draws[1]
+    # Seeds within the generator's range keep their noise (videos of earlier runs stay reproducible).
+    assert video_generators(5, [3], 0, "cpu")[0].initial_seed() == 5 * 1_000_003 + 3 * 2
 
 
 def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():
@@ -104,7 +120,65 @@ def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():
                               "--content-cfg-scale", "3"])
     assert sample.stage_options(args, "motion") == SamplingOptions(7, "ddim", None)
     assert sample.stage_options(args, "content") == SamplingOptions(50, "ddpm", 3.0)
-    assert args.precision == "auto" and not args.compile
+    assert sample.resolve_settings(args).precision == "auto" and not args.compile
+
+
+@pytest.mark.parametrize("preset, content, motion, precision, classes", [
+    # The paper's protocol: DDIM (eta 0) 50 / 100 steps, (1 + w) eps(c) - w eps(null) with w = 4 (s = 5), motion
+    # unguided, fp32, labels by class frequency.
+    ("paper", (50, "ddim", 5.0), (100, "ddim", 1.0), "fp32", "dataset"),
+    # The reference code's evaluation: ancestral DDPM respaced to 50 steps for both stages, DiT-style guidance 4.0.
+    ("reference", (50, "ddpm", 4.0), (50, "ddpm", 1.0), "fp32", "dataset"),
+    ("fast", (15, "dpm++2m", None), (15, "dpm++2m", None), "auto", None),
+    ("ddim", (50, "ddim", None), (100, "ddim", None), "auto", None),
+])
+def test_each_preset_resolves_to_its_protocol_and_flags_override_it(preset, content, motion, precision, classes):
+    from sampling.generation import SamplingOptions
+
+    settings = sample.resolve_settings(sample.parse_args([*BASE, "--preset", preset]))
+    assert settings == sample.SampleSettings(SamplingOptions(*content), SamplingOptions(*motion), precision, classes)
+    overridden = sample.resolve_settings(sample.parse_args([
+        *BASE, "--preset", preset, "--precision", "bf16", "--classes", "3", "--content-cfg-scale", "2",
+        "--motion-steps", "7"]))
+    assert overridden == sample.SampleSettings(SamplingOptions(content[0], content[1], 2.0),
+                                               SamplingOptions(7, motion[1], motion[2]), "bf16", [3])
+
+
+def test_paper_preset_draws_labels_by_the_class_frequencies(monkeypatch):
+    monkeypatch.setattr(sample, "classes_dataset", lambda data_cfg, seed: SkewedDataset())
+    data_cfg = type("DataConfig", (), {"dataset_name": "UCF101", "split": "train"})()
+    n = 4000
+    for preset in ("paper", "reference"):
+        labels = sample.class_list(sample.parse_args([*BASE, "--preset", preset, "--num-videos", str(n)]), 4, data_cfg)
+        counts = np.bincount(labels, minlength=4)
+        # Each count is binomial(n, p): within 5 standard deviations of n p; class 3 has no training clip.
+        for count, p in zip(counts, [0.80, 0.15, 0.05, 0.0]):
+            assert abs(count - n * p) <= 5 * np.sqrt(n * p * (1 - p)), (preset, counts)
+    fast = sample.class_list(sample.parse_args([*BASE, "--num-videos", "8"]), 4, data_cfg)
+    assert fast == [0, 1, 2, 3] * 2  # the default preset: every class round-robin
+
+
+@pytest.mark.parametrize("preset, protocol", [
+    ("paper", "content ddim 50 steps, guidance s=5; motion ddim 100 steps, guidance s=1"),
+    ("reference", "content ddpm 50 steps, guidance s=4; motion ddpm 50 steps, guidance s=1"),
+])
+def test_preset_runs_end_to_end_with_its_samplers_guidance_and_labels(ckpts, tmp_path, preset, protocol):
+    """sample.py states what it ran, read from the loaded denoisers (sampler, respaced steps, guidance), and the
+    videos' labels are drawn by the motion run's training frequencies."""
+    from datasets import build_dataset
+    from core.checkpoint import load_stage_checkpoint
+    from core.config import config_from_dict
+
+    npz = tmp_path / "s.npz"
+    proc = run_python(["sample.py", "--ae-ckpt", ckpts["ae"], "--motion-ckpt", ckpts["motion"], "--content-ckpt",
+                       ckpts["content"], "--preset", preset, "--num-videos", 3, "--seed", 4, "--no-mp4",
+                       "--npz", npz, "--out-dir", tmp_path / "out"], check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("sampling: "))
+    assert line == f"sampling: preset {preset}; {protocol}; fp32; labels by class frequency"
+    motion_cfg = config_from_dict("motion", load_stage_checkpoint(ckpts["motion"], "motion")["config"])
+    train_split = build_dataset(motion_cfg.data, motion_cfg.data.split, int(motion_cfg.train.global_seed))
+    assert np.load(npz)["labels"].tolist() == sample.labels_by_frequency(sample.dataset_labels(train_split), 3, 4)
 
 
 def test_zero_videos_stops_before_any_model_loads_and_leaves_nothing(ckpts, tmp_path):
@@ -308,6 +382,100 @@ def test_stop_signal_keeps_finished_videos_and_says_how_many(ckpts, tmp_path, si
     assert not list(tmp_path.glob(".s.npz*"))
 
 
+# ---- 6. outputs in use, an existing --npz, a full disk ---------------------------------------------------------------
+def start_sampling(ckpts, out: Path, log: Path, *extra) -> subprocess.Popen:
+    """A long sample.py run (one video per batch), started once its first video is written."""
+    with open(log, "w") as handle:
+        proc = subprocess.Popen([sys.executable, *map(str, sample_args(ckpts, out, "--num-videos", 100000,
+                                                                      "--batch-size", 1, *extra))],
+                                cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not mp4s(out / "videos"):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(log.read_text()[-3000:])
+        time.sleep(0.01)
+    return proc
+
+
+def test_a_second_run_into_outputs_in_use_stops_in_one_line_naming_the_other(ckpts, tmp_path):
+    """Two sample.py runs into one --out-dir (or onto one --npz) at the same time: the second stops before any
+    model loads, naming the folder and the first run's process; the first run's outputs are its alone."""
+    out, npz = tmp_path / "out", tmp_path / "first.npz"
+    first = start_sampling(ckpts, out, tmp_path / "first.log", "--npz", npz)
+    try:
+        same_out = run_sample(ckpts, out, "--num-videos", 2, "--seed", 9)
+        line = one_line_error(same_out, "--out-dir", out, f"pid {first.pid}")
+        same_npz = run_sample(ckpts, tmp_path / "other", "--num-videos", 2, "--npz", npz, "--overwrite")
+        one_line_error(same_npz, "--npz", npz, f"pid {first.pid}")
+        assert not (tmp_path / "other").exists()
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 130, (tmp_path / "first.log").read_text()[-3000:]
+    assert "in use by" in line and all("_class" in p.name for p in mp4s(out / "videos"))
+    assert not (out / ".cmd-claim").exists()  # released when the first run stopped
+    # After a kill -9 the claim is no one's: a later run is told about the earlier videos, not about a process.
+    killed = start_sampling(ckpts, tmp_path / "killed", tmp_path / "killed.log")
+    killed.kill()
+    killed.wait()
+    one_line_error(run_sample(ckpts, tmp_path / "killed", "--num-videos", 1), "earlier run", "--overwrite")
+    proc = run_sample(ckpts, tmp_path / "killed", "--num-videos", 1, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "killed" / "videos").iterdir()] == ["000000_class000.mp4"]
+
+
+def test_an_existing_npz_is_replaced_only_with_overwrite(ckpts, tmp_path):
+    npz = tmp_path / "s.npz"
+    npz.write_bytes(b"an earlier result")
+    one_line_error(run_sample(ckpts, tmp_path / "out", "--num-videos", 1, "--npz", npz), "--npz", npz, "--overwrite")
+    assert npz.read_bytes() == b"an earlier result" and not (tmp_path / "out").exists()
+    proc = run_sample(ckpts, tmp_path / "out", "--num-videos", 1, "--npz", npz, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.load(npz)["videos"].shape == (1, N_FRAMES, RESOLUTION, RESOLUTION, 3)
+
+
+# sample.py with a full disk at the writes of the files whose names contain `sys.argv[1]`: their fsync fails with
+# ENOSPC, where a full disk shows on file systems that allocate blocks late.
+FULL_DISK = """
+import errno, os, runpy, sys
+fsync, pattern = os.fsync, sys.argv[1]
+def full_disk(fd):
+    if pattern in os.readlink(f"/proc/self/fd/{fd}"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return fsync(fd)
+os.fsync = full_disk
+sys.argv = sys.argv[2:]
+runpy.run_path("sample.py", run_name="__main__")
+"""
+
+
+def test_a_full_disk_is_one_line_and_loses_no_finished_video(ckpts, tmp_path):
+    """At the final --npz write of a --no-mp4 run the videos are kept in the rank shards, which the line names
+    (the npz is written first and the shards removed only once it is); at an mp4 the finished videos stay."""
+    out, npz = tmp_path / "out", tmp_path / "s.npz"
+    proc = run_python(["-c", FULL_DISK, ".s.npz.tmp", *sample_args(ckpts, out, "--num-videos", 3, "--no-mp4",
+                                                                   "--npz", npz)], check=False, timeout=300)
+    shard = out / ".shard-00000.npz"
+    line = one_line_error(proc, "--npz", npz, "No space left on device", shard)
+    assert "3 videos are kept" in line
+    assert not npz.exists() and not list(tmp_path.glob(".s.npz*"))
+    with np.load(shard) as kept:
+        assert kept["videos"].shape == (3, N_FRAMES, RESOLUTION, RESOLUTION, 3)
+        assert sorted(kept["indices"].tolist()) == [0, 1, 2]
+
+    proc = run_python(["-c", FULL_DISK, "000002_", *sample_args(ckpts, tmp_path / "mp4", "--num-videos", 4)],
+                      check=False, timeout=300)
+    one_line_error(proc, "--out-dir", "000002_class002.mp4", "No space left on device")
+    videos = mp4s(tmp_path / "mp4" / "videos")
+    assert [p.name for p in videos] == ["000000_class000.mp4", "000001_class001.mp4"]
+    assert all(frame_count(path) == N_FRAMES for path in videos)
+    assert sorted(p.name for p in (tmp_path / "mp4" / "videos").iterdir()) == [p.name for p in videos]
+
+
 # ---- 6. denoisers trained with another autoencoder --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def other_ae(ckpts, tmp_path_factory):
@@ -329,7 +497,7 @@ def test_ucf101_guidance_is_the_reference_evaluations_and_every_flag_states_the_
     from core.config import load_config
 
     # DiT's convention, eps(null) + s (eps(c) - eps(null)): the reference evaluation ran the content model at 4.0 (the
-    # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided (PAPER.md "Guidance").
+    # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided (docs/METHOD.md).
     content = load_config("content", "configs/ucf101/content.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
     motion = load_config("motion", "configs/ucf101/motion.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
     assert (content.diffusion.cfg_scale, motion.diffusion.cfg_scale) == (4.0, 1.0)

@@ -129,8 +129,10 @@ def setup(cfg, stage: str) -> DiffusionStage:
     prediction = None if cfg.train.resume else fresh_prediction_type(cfg, stage)
     run = TrainingRun(cfg, stage=stage)
     run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
-    ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data, cfg.mode, cfg.vae)
+    ae, ae_cfg = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data, cfg.mode, cfg.vae)  # refuses another VAE
     run.record("ae_fingerprint", weights_fingerprint(ae.state_dict()))  # checked on resume and by sample.py
+    if ae_cfg.vae_fingerprint:
+        run.record("vae_fingerprint", ae_cfg.vae_fingerprint)
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
     run.record("data.num_classes", dataset.num_classes)

@@ -12,7 +12,8 @@ The export holds tensors and string metadata only, so opening it cannot run code
             a diffusion checkpoint's latent statistics under `latent_stats.` (content_mean, content_std, ...)
   metadata  cmd.format, cmd.stage, cmd.step, cmd.weights ("ema" or "model"), cmd.config (the run's config as JSON;
             a diffusion stage's ae_ckpt and ae_fingerprint are in it), cmd.weights_fingerprint, and for a
-            diffusion stage cmd.ae_fingerprint (the autoencoder it was trained with, also in the config)
+            diffusion stage cmd.ae_fingerprint (the autoencoder it was trained with, also in the config); in
+            latent mode cmd.vae_fingerprint (the VAE's weights, also in the config)
 
 Every option that takes a checkpoint to sample or encode with (--ae-ckpt, --motion-ckpt, --content-ckpt) accepts
 the file; --resume refuses it, since a run cannot continue without its optimizer state. The weights' fingerprint
@@ -26,10 +27,12 @@ from pathlib import Path
 
 import torch
 
+from core.files import check_creatable, write_output
 from core.checkpoint import (
     EXPORT_FORMAT,
     LATENT_STATS_PREFIX,
     META_AE_FINGERPRINT,
+    META_VAE_FINGERPRINT,
     META_CONFIG,
     META_FORMAT,
     META_STAGE,
@@ -38,7 +41,6 @@ from core.checkpoint import (
     META_WEIGHTS_FINGERPRINT,
     SAFETENSORS_SUFFIX,
     CheckpointError,
-    atomic_write,
     load_checkpoint,
     model_weights,
     weights_fingerprint,
@@ -71,6 +73,8 @@ def export_tensors(ckpt: dict, path) -> tuple[dict, dict]:
                 META_WEIGHTS_FINGERPRINT: weights_fingerprint(model_weights(ckpt, prefer_ema=True))}
     if config.get("ae_fingerprint"):
         metadata[META_AE_FINGERPRINT] = str(config["ae_fingerprint"])
+    if config.get("vae_fingerprint"):
+        metadata[META_VAE_FINGERPRINT] = str(config["vae_fingerprint"])
     return tensors, metadata
 
 
@@ -81,14 +85,17 @@ def export_checkpoint(ckpt_path, out_path, overwrite: bool = False) -> str:
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if out_path.suffix != SAFETENSORS_SUFFIX:
         raise CheckpointError(f"{out_path}: the export is a safetensors file; give it the {SAFETENSORS_SUFFIX} suffix")
+    if out_path.is_dir():
+        raise CheckpointError(f"{out_path} is a folder; give the export a file name (nothing was written)")
     if out_path.exists() and not overwrite:
         raise CheckpointError(f"{out_path} exists; pass --overwrite to replace it (nothing was written)")
     if out_path.exists() and out_path.resolve() == ckpt_path.resolve():
         raise CheckpointError(f"{out_path} is the checkpoint being exported; choose another output file")
+    check_creatable(out_path, "export to", folder=False)  # a file in the way, no permission: before any reading
     ckpt = load_checkpoint(ckpt_path, mmap=True)  # mmap: the optimizer state is never read
     tensors, metadata = export_tensors(ckpt, ckpt_path)
     del ckpt
-    atomic_write(out_path, lambda handle: handle.write(safetensors_bytes(tensors, metadata=metadata)))
+    write_output(out_path, lambda handle: handle.write(safetensors_bytes(tensors, metadata=metadata)), "export to")
     size = sum(value.numel() * value.element_size() for value in tensors.values()) / 2**20
     return (f"exported the {metadata[META_WEIGHTS]} weights of {ckpt_path} ({metadata[META_STAGE]}, step "
             f"{metadata[META_STEP]}, {len(tensors)} tensors, {size:.1f} MiB, weights "
