@@ -58,8 +58,9 @@ class AutoencoderModelConfig:
     motion_dim: int = 8  # D
     grad_checkpointing: bool = False
     motion_centering: bool = True  # z_m from features minus their temporal mean; false collapses z_m (ablation)
-    content_logits: str = "pixel"  # pixel (the paper) | token: content weights per token, bilinearly upsampled
-    output_head: str = "linear"
+    # pixel (the paper) | token: content weights per token, bilinearly upsampled | frame: one weight per frame
+    content_logits: str = "pixel"
+    output_head: str = "linear"  # linear un-patchify (the paper) | conv: a 3x3 convolution after it, no patch grid
     # tanh on the decoder's output: pixel clips live in [-1, 1], scaled VAE latents do not. None: true in pixel mode,
     # false in latent mode (resolved when the config is loaded; checkpoints without the key squashed).
     output_squash: Optional[bool] = None

@@ -46,7 +46,7 @@ __all__ = ["CMDAutoencoder", "SpaceTimeBlock", "build_autoencoder"]
 
 CONTENT_LOGITS = ("pixel", "token", "frame")
 OUTPUT_HEADS = ("linear", "conv")
-OUTPUT_FEATURES = 16
+OUTPUT_FEATURES = 16  # channels per pixel that the 'conv' output head's 3x3 convolution mixes into the output
 
 
 class SpaceTimeBlock(nn.Module):
@@ -147,7 +147,8 @@ class CMDAutoencoder(nn.Module):
         self.patch_embed = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.encoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
         self.encoder_norm = nn.LayerNorm(hidden_size)
-        # Per-channel logits over time: one per pixel (the paper), or one per token, upsampled bilinearly to pixels.
+        # Logits over time: per pixel and channel (the paper), per token and channel (upsampled bilinearly to
+        # pixels), or one per frame.
         self.content_head = nn.Linear(hidden_size, {"pixel": patch_dim, "token": channels, "frame": 1}[content_logits])
         self.motion_head_x = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_x
         self.motion_head_y = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_y
@@ -206,8 +207,8 @@ class CMDAutoencoder(nn.Module):
         return (self.channels, self.n_frames, self.height, self.width)
 
     def last_layer(self) -> torch.Tensor:
-        """Weight of the final un-patchify projection (for the adaptive GAN weight)."""
-        return self.output_proj.weight
+        """Weight of the decoder's last layer (for the adaptive GAN weight)."""
+        return self.output_proj.weight if self.output_head == "linear" else self.output_conv.weight
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, H'*W', C*p*p) per-patch values -> (B, C, T, H, W) (C from the last axis)."""
