@@ -44,7 +44,8 @@ MOMENTS_FILE = "latent_moments.npz"  # a latent cache's per-channel sums, writte
 
 
 def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
-    """`ae_ckpt` itself, or for 'auto' the newest autoencoder checkpoint under results_dir (the seed's chaining)."""
+    """`ae_ckpt` itself, or for 'auto' the newest autoencoder checkpoint under results_dir (how NVlabs/CMD's commands
+    chain the stages)."""
     if ae_ckpt != "auto":
         return Path(ae_ckpt)
     found = resolve_resume("auto", results_dir, "autoencoder")

@@ -1,5 +1,5 @@
 """The content model started from a pretrained image diffusion UNet (Stable Diffusion's), as the paper does in
-latent mode (PAPER.md, "The paper's main setting"), and the one builder of either denoiser kind.
+latent mode (its main setting), and the one builder of either denoiser kind.
 
 Classes enter where Stable Diffusion's text enters: through the UNet's cross-attention, as a context of one token
 per class (plus the null class of guidance), each a learned vector of the UNet's cross_attention_dim. That table,

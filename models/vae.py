@@ -1,8 +1,8 @@
 """Latent mode: clips go through a pretrained image VAE (Stable Diffusion's AutoencoderKL) frame by frame.
 
-PAPER.md, "The paper's main setting": frames are encoded one by one by SD's VAE (4 channels, 8x smaller per
-side, scaled by its scaling factor) and the CMD autoencoder works on the latent clip, so its content frame is a
-latent image. Here:
+The paper's main setting (its text-to-video models): frames are encoded one by one by SD's VAE (4 channels, 8x
+smaller per side, scaled by its scaling factor) and the CMD autoencoder works on the latent clip, so its content
+frame is a latent image. Here:
 
 - `FrameVAE` wraps a diffusers AutoencoderKL: pixel clips (B, 3, T, H, W) in [-1, 1] <-> latent clips
   (B, c, T, H/f, W/f), c = latent_channels, f = 2 ** (number of blocks - 1). Encoding takes the posterior mean

@@ -49,7 +49,7 @@ class SamplingOptions:
 
 # sample.py's --preset: each stage's sampler and step count (guidance stays the checkpoint's). "fast", the default,
 # is DPM-Solver++(2M) at the smallest step counts whose quality stayed within the spread over seeds of "ddim" (the
-# reference evaluation's DDIM 50 content / 100 motion) in benchmarks/sampler_quality.py; docs/BENCHMARKS.md has the
+# paper's DDIM, 50 content / 100 motion steps) in benchmarks/sampler_quality.py; docs/BENCHMARKS.md has the
 # table.
 SAMPLING_PRESETS = {
     "fast": {"content": SamplingOptions(steps=15, sampler="dpm++2m"),

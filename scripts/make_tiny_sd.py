@@ -85,11 +85,16 @@ def make_tiny_sd(out_dir, seed: int = 0, text: bool = True) -> Path:
     return out_dir
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", default="results/tiny_sd", help="the folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return parser
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", default="results/tiny_sd")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     print(f"tiny SD-shaped VAE, UNet and text encoder written to {make_tiny_sd(args.out_dir, args.seed)}")
 
 

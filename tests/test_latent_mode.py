@@ -1,4 +1,4 @@
-"""Latent mode (PAPER.md, "The paper's main setting"): a Stable Diffusion VAE frame by frame, the CMD autoencoder
+"""Latent mode (the paper's main setting): a Stable Diffusion VAE frame by frame, the CMD autoencoder
 on latent clips, a content model fine-tuned from a pretrained diffusers UNet. Tiny random SD-shaped models
 (scripts/make_tiny_sd.py), nothing downloaded."""
 import numpy as np

@@ -328,8 +328,8 @@ def test_another_autoencoder_is_refused_unless_allowed(ckpts, other_ae, tmp_path
 def test_ucf101_guidance_is_the_reference_evaluations_and_every_flag_states_the_convention(capsys):
     from core.config import load_config
 
-    # DiT's convention, eps(null) + s (eps(c) - eps(null)): the reference evaluation ran the content model at 4.0 (the
-    # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided (PAPER.md "Guidance").
+    # DiT's convention, eps(null) + s (eps(c) - eps(null)): NVlabs/CMD's evaluation runs the content model at 4.0 (the
+    # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided.
     content = load_config("content", "configs/ucf101/content.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
     motion = load_config("motion", "configs/ucf101/motion.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
     assert (content.diffusion.cfg_scale, motion.diffusion.cfg_scale) == (4.0, 1.0)

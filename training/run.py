@@ -189,7 +189,7 @@ class TrainingRun:
                            f"world size {self.dist.world_size}")
         self.batch_size = train.global_batch_size // self.dist.world_size
         if self.device.type == "cuda":
-            # Set here, in the run, never at import: the config decides (DESIGN.md: no global flags on import).
+            # Set here, in the run, never at import: the config decides, and importing a module changes nothing.
             torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
             torch.backends.cudnn.allow_tf32 = bool(train.tf32)
         self.seed = train.global_seed * self.dist.world_size + self.dist.rank
