@@ -6,24 +6,30 @@ import logging
 import sys
 from types import SimpleNamespace
 
-from core.cli import HelpFormatter
 from datasets.build import DATASET_NAMES, build_dataset
 from datasets.errors import DatasetError
+from datasets.synthetic import MAX_CLASSES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m datasets", description=__doc__,
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--dataset-name", default="UCF101", help=f"one of {', '.join(DATASET_NAMES)} (any case)")
+    # datasets/ sits below core/ (core.cli.HelpFormatter): each help writes its default itself.
+    parser = argparse.ArgumentParser(prog="python -m datasets", description=__doc__)
+    parser.add_argument("--dataset-name", default="UCF101",
+                        help=f"one of {', '.join(DATASET_NAMES)}, any case (default: %(default)s)")
     parser.add_argument("--data-path", default=None, help="the dataset's root folder (all but synthetic)")
     parser.add_argument("--captions", default=None, help="dataset captions: a CSV or JSONL of path, caption")
-    parser.add_argument("--fold", type=int, default=1, help="UCF-101's train/test split list, 1..3")
-    parser.add_argument("--split", default="all", choices=("train", "test", "all"), help="the split to index")
-    parser.add_argument("--resolution", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="clip size")
-    parser.add_argument("--n-frames", type=int, default=16, help="frames per clip")
-    parser.add_argument("--frame-stride", type=int, default=1, help="take every k-th frame")
-    parser.add_argument("--synthetic-size", type=int, default=4096, help="clips per synthetic epoch")
-    parser.add_argument("--num-classes", type=int, default=None, help="synthetic: how many classes")
+    parser.add_argument("--fold", type=int, default=1,
+                        help="UCF-101's train/test split list, 1..3 (default: %(default)s)")
+    parser.add_argument("--split", default="all", choices=("train", "test", "all"),
+                        help="the split to index (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
+                        help="clip size (default: %(default)s)")
+    parser.add_argument("--n-frames", type=int, default=16, help="frames per clip (default: %(default)s)")
+    parser.add_argument("--frame-stride", type=int, default=1, help="take every k-th frame (default: %(default)s)")
+    parser.add_argument("--synthetic-size", type=int, default=4096,
+                        help="clips per synthetic epoch (default: %(default)s)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help=f"synthetic: how many classes (default: all {MAX_CLASSES})")
     parser.add_argument("--index-cache-dir", default=None,
                         help="where the video index is cached (default: DATA_PATH/.cmd_index_cache)")
     parser.add_argument("--verbose", action="store_true", help="log every skipped file while indexing")
