@@ -1,10 +1,10 @@
 """Generates videos: class -> content frame (content DiT) -> motion latent (motion DiT) -> autoencoder decode.
 
     python sample.py --ae-ckpt AE.pt --content-ckpt CONTENT.pt --motion-ckpt MOTION.pt --num-videos 16 --out-dir out
-    torchrun --nproc_per_node=8 sample.py ... --num-videos 2048 --npz out/samples.npz   # for FVD
+    torchrun --nproc_per_node=8 sample.py ... --preset paper --num-videos 2048 --npz out/samples.npz  # FVD
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --content-frame photo.png --classes 3   # image-to-video
     python sample.py --ae-ckpt AE.pt --motion-ckpt MOTION.pt --real-content --npz motion_only.npz  # motion-only
-    torchrun --nproc_per_node=8 sample.py ... --num-videos 10000 --classes dataset --no-mp4 --frames-dir out/frames
+    torchrun --nproc_per_node=8 sample.py ... --preset paper --num-videos 10000 --no-mp4 --frames-dir out/frames
     python sample.py ... --prompt "a red disc moving left" --num-videos 4     # text-to-video (caption-conditioned)
 """
 import argparse
@@ -14,6 +14,7 @@ import signal
 import sys
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,19 +71,21 @@ def resolve_class_name(name: str, class_names: list, where: str) -> int:
 
 def class_list(args, num_classes: int, data_cfg=None, seed: int = 0) -> list:
     """The label of every video: --classes round-robin (ids, or names of the motion run's dataset classes), drawn
-    by the training split's class frequencies (--classes dataset), or every class round-robin (the default)."""
+    by the training split's class frequencies (--classes dataset, or a preset that draws so), or every class
+    round-robin (the default)."""
+    chosen = resolve_settings(args).classes
     dataset = None
-    if args.classes == DATASET_CLASSES or any(isinstance(c, str) for c in args.classes or []):
+    if chosen == DATASET_CLASSES or any(isinstance(c, str) for c in chosen or []):
         dataset = classes_dataset(data_cfg, seed)
         if dataset.num_classes != num_classes:
-            raise ValueError(f"--classes {args.classes if isinstance(args.classes, str) else 'names'}: the motion run's "
+            raise ValueError(f"--classes {chosen if isinstance(chosen, str) else 'names'}: the motion run's "
                              f"dataset has {dataset.num_classes} classes but the models know {num_classes}")
-    if args.classes == DATASET_CLASSES:
+    if chosen == DATASET_CLASSES:
         return labels_by_frequency(dataset_labels(dataset), args.num_videos, args.seed)
-    if args.classes:
+    if chosen:
         where = f"the motion run's {data_cfg.dataset_name} dataset"
         classes = [c if isinstance(c, int) else resolve_class_name(c, list(dataset.class_names), where)
-                   for c in args.classes]
+                   for c in chosen]
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
             raise ValueError(f"--classes: class id {bad[0]} is out of range; the models know classes 0..{num_classes - 1}")
@@ -188,16 +191,50 @@ def main(args):
     cleanup_distributed()
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    """What a sample.py run samples with: --preset's settings, each replaced by its flag where one is given."""
+    content: SamplingOptions
+    motion: SamplingOptions
+    precision: str  # one of PRECISIONS
+    classes: object  # --classes' value: ids and names, DATASET_CLASSES, or None (every class round-robin)
+
+
+def resolve_settings(args) -> SampleSettings:
+    """The one place where --preset and the flags that override it become the settings a run samples with."""
+    preset = SAMPLING_PRESETS[args.preset]
+
+    def stage(name: str) -> SamplingOptions:
+        chosen = preset[name]
+        steps, sampler, scale = (getattr(args, f"{name}_{key}") for key in ("steps", "sampler", "cfg_scale"))
+        return SamplingOptions(steps or chosen.steps, sampler or chosen.sampler,
+                               chosen.cfg_scale if scale is None else scale)
+
+    return SampleSettings(stage("content"), stage("motion"), args.precision or preset.precision or "auto",
+                          preset.labels if args.classes is None else args.classes)
+
+
 def stage_options(args, stage: str) -> SamplingOptions:
-    """The `stage`'s sampler, steps and guidance: --<stage>-sampler/-steps where given, else --preset's."""
-    preset = SAMPLING_PRESETS[args.preset][stage]
-    sampler, steps = getattr(args, f"{stage}_sampler"), getattr(args, f"{stage}_steps")
-    return SamplingOptions(steps or preset.steps, sampler or preset.sampler, getattr(args, f"{stage}_cfg_scale"))
+    """The `stage`'s sampler, steps and guidance: --<stage>-sampler/-steps/-cfg-scale where given, else --preset's
+    (a guidance of None: the checkpoint's)."""
+    return getattr(resolve_settings(args), stage)
 
 
-def preset_steps(name: str) -> str:
-    preset = SAMPLING_PRESETS[name]
-    return f"{preset['content'].steps} content / {preset['motion'].steps} motion"
+def protocol_line(args, models, settings: SampleSettings, precision: tuple, prompts: list) -> str:
+    """One line stating what this run samples with, for the record beside any number computed from its videos."""
+    stages = [(name, denoiser) for name, denoiser in (("content", models.content), ("motion", models.motion))
+              if denoiser is not None]
+    parts = [f"{name} {d.sampler.method} {d.sampler.diffusion.num_timesteps} steps, guidance s={d.cfg_scale:g}"
+             for name, d in stages]
+    bf16, tf32 = precision
+    arithmetic = "bf16 autocast" if bf16 else "tf32" if tf32 else "fp32"
+    labels = ("prompts" if prompts else "by class frequency" if settings.classes == DATASET_CLASSES
+              else "every class round-robin" if not settings.classes else "given classes round-robin")
+    return f"sampling: preset {args.preset}; {'; '.join(parts)}; {arithmetic}; labels {labels}"
+
+
+def describe_presets() -> str:
+    return "; ".join(f"'{name}': {preset.about}" for name, preset in SAMPLING_PRESETS.items())
 
 
 def video_places(args) -> list:
@@ -210,10 +247,10 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
     device = info.device
     # Content frames given by --content-frame or --real-content need no content denoiser.
     content_ckpt = None if args.content_frame or args.real_content else args.content_ckpt
+    settings = resolve_settings(args)
     models = load_models(args.ae_ckpt, args.motion_ckpt, content_ckpt, device, args.allow_ae_mismatch,
-                         stage_options(args, "motion"), stage_options(args, "content"), vae=args.vae,
-                         text_encoder=args.text_encoder)
-    set_precision(models, args.precision, device)
+                         settings.motion, settings.content, vae=args.vae, text_encoder=args.text_encoder)
+    bf16, tf32 = set_precision(models, settings.precision, device)
     if args.compile:
         compile_models(models)
     motion_cfg = models.motion.cfg
@@ -232,6 +269,8 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
         labels = class_list(args, models.num_classes, motion_cfg.data, int(motion_cfg.train.global_seed))
         captions, noise_ids = None, list(range(args.num_videos))
     given_content = given_content_frames(args, models, labels, device)
+    if info.is_main and not args.quiet:
+        print(protocol_line(args, models, settings, (bf16, tf32), prompts))
 
     out_dir = Path(args.out_dir)
     # --overwrite removes the earlier run only now that the models loaded: a typo in a flag must not cost it.
@@ -360,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. ApplyEyeMakeup,Biking). 'dataset': labels drawn by the class frequencies of the motion "
                         "run's training split, as NVlabs/CMD's evaluation and StyleGAN-V's metrics draw them "
                         "(deterministic given --seed). "
-                        "Default: every class round-robin")
+                        "Default: the preset's ('paper', 'reference': dataset), else every class round-robin")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text-to-video (caption-conditioned checkpoints): a prompt; repeat the flag for several. "
                         "Videos go round-robin over the prompts; a prompt's k-th video depends on --seed, the prompt and "
@@ -377,29 +416,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="noise seed: video i depends on the seed and i alone, for any --batch-size or rank count")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
-                        help="sampler and step count of each stage: 'fast' = DPM-Solver++(2M), "
-                        f"{preset_steps('fast')} steps (the default; as good as 'ddim' within its spread over seeds, "
-                        f"docs/BENCHMARKS.md), 'ddim' = DDIM, {preset_steps('ddim')} steps as the paper reports. "
-                        "The flags below override it per stage")
+                        help=f"the sampling protocol; {describe_presets()}. 'fast' (the default) is validated against "
+                        "'ddim' on the built-in data only (docs/BENCHMARKS.md); report numbers with 'paper' (README, "
+                        "FVD). The flags below override it setting by setting")
     parser.add_argument("--content-sampler", choices=SAMPLERS, default=None,
                         help="the content stage's sampler (default: the preset's)")
     parser.add_argument("--content-steps", type=positive_int, default=None, metavar="N",
                         help="the content stage's sampling steps (default: the preset's)")
     parser.add_argument("--content-cfg-scale", type=finite_float, default=None, metavar="S",
                         help="guidance scale s, DiT's convention: eps = eps(null) + s * (eps(c) - eps(null)); 1 = none; "
-                        "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the checkpoint's config "
-                        "(configs/ucf101: 4.0, what NVlabs/CMD's evaluation used)")
+                        "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the preset's ('paper': 5.0, "
+                        "the paper's w = 4; 'reference': 4.0), else the checkpoint's config (configs/ucf101: 4.0)")
     parser.add_argument("--motion-sampler", choices=SAMPLERS, default=None,
                         help="the motion stage's sampler (default: the preset's)")
     parser.add_argument("--motion-steps", type=positive_int, default=None, metavar="N",
                         help="the motion stage's sampling steps (default: the preset's)")
     parser.add_argument("--motion-cfg-scale", type=finite_float, default=None, metavar="S",
                         help="guidance scale s of the motion model, the same convention as --content-cfg-scale. "
-                        "Default: the checkpoint's config (configs/ucf101: 1.0, unguided as in NVlabs/CMD's "
-                        "evaluation)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        "Default: the preset's ('paper', 'reference': 1.0, unguided), else the checkpoint's config "
+                        "(configs/ucf101: 1.0)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="on CUDA: 'auto' follows the motion run's train.mixed_precision and train.tf32; 'bf16' = "
-                        "bf16 autocast (+ TF32), 'tf32' = fp32 with TF32 matmuls, 'fp32' = strict fp32. The CPU runs fp32")
+                        "bf16 autocast (+ TF32), 'tf32' = fp32 with TF32 matmuls, 'fp32' = strict fp32. The CPU runs "
+                        "fp32. Default: the preset's ('paper', 'reference': fp32), else 'auto'")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoisers and the decoder (pays off for thousands of videos on a GPU)")
     parser.add_argument("--out-dir", default="samples", metavar="DIR",

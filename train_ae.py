@@ -14,12 +14,12 @@ from evals.fvd import extract_features, frechet_distance, fvd_metric_name, load_
 from evals.recon import motion_health, motion_warning, ssim
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
-from models.vae import pixel_interface
+from models.vae import PixelFrames, pixel_interface
 from core.config import ConfigError
 from core.data import WorkerLoader, fixed_batch
 from core.distributed import all_gather_object, all_reduce_mean
 from core.cli import entry_point
-from core.latents import LatentEncoder, build_latent_cache, load_frames
+from core.latents import LatentEncoder, build_latent_cache, load_frames, vae_fingerprint
 from sampling.media import save_video_set
 from training.run import TrainingRun, make_ema, make_optimizer
 
@@ -76,19 +76,20 @@ def evaluate(run, model, frames, loss_fn, eval_batch, recon_fvd=None):
     train.fvd_eval_videos clips when a detector is set.
 
     The clips are sharded over ranks; the motion swap happens within each rank's shard. In latent mode the
-    measures compare VAE latent clips (what the autoencoder reconstructs; the dB are of latent units) and the
-    videos written are decoded to pixels.
+    measures compare VAE latent clips (what the autoencoder reconstructs; the dB are of latent units, peak 2,
+    nothing clamped to [-1, 1]) and the videos written are decoded to pixels.
     """
+    clamp = isinstance(frames, PixelFrames)
     rank, world = run.dist.rank, run.dist.world_size
     model.eval()
     with run.autocast():
         x = frames.encode(run.to_device(eval_batch["x"][rank::world])).float()
         x_hat, z_c, z_m = model(x)
-        health = motion_health(model, x, encoded=(z_c, z_m), x_hat=x_hat)
+        health = motion_health(model, x, encoded=(z_c, z_m), x_hat=x_hat, clamp=clamp)
     x_hat = x_hat.float()
     model.train()
     metrics = {key: value.mean() for key, value in health.items()}
-    metrics["ssim"] = ssim(x, x_hat).mean()
+    metrics["ssim"] = ssim(x, x_hat, clamp=clamp).mean()
     if loss_fn.lpips is not None:
         # Every frame counts here: (B, C, T, H, W) -> (B*T, C, H, W).
         metrics["lpips"] = loss_fn.lpips(x_hat.transpose(1, 2).flatten(0, 1), x.transpose(1, 2).flatten(0, 1)).mean()
@@ -122,6 +123,8 @@ def main(cfg):
     # Identity in pixel mode; the frozen SD VAE in latent mode, loaded before a run folder is claimed (a bad path
     # costs nothing).
     frames = load_frames(cfg, "cpu")
+    # Latent mode: the VAE's weights are part of what the run learns; a resume with other weights is refused.
+    cfg.vae_fingerprint = vae_fingerprint(frames)
     run = TrainingRun(cfg, stage="autoencoder")
     frames.to(run.device)
     dataset = run.build_dataset(cfg.data.split)

@@ -27,6 +27,7 @@ class CheckpointError(ValueError):
 EXPORT_FORMAT = "cmd-weights-1"
 META_FORMAT, META_STAGE, META_STEP, META_CONFIG = "cmd.format", "cmd.stage", "cmd.step", "cmd.config"
 META_WEIGHTS, META_WEIGHTS_FINGERPRINT, META_AE_FINGERPRINT = "cmd.weights", "cmd.weights_fingerprint", "cmd.ae_fingerprint"
+META_VAE_FINGERPRINT = "cmd.vae_fingerprint"  # latent mode: the VAE's weights (also in the config)
 LATENT_STATS_PREFIX = "latent_stats."
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -348,6 +349,12 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
             differences = resume_differences(ckpt, cfg) if cfg is not None and ckpt else []
             if ckpt and not differences:
                 return found
+            if ckpt and all(d.startswith(VAE_DIFFERENCE) for d in differences):
+                # The run this command would continue, but for the VAE's weights: starting another run beside it
+                # would hide that the VAE changed under the same settings.
+                raise CheckpointError(f"resume auto: {run_dir} was trained on another VAE's latents: "
+                                      f"{differences[0]} (nothing was changed; pass the run's VAE, or "
+                                      f"train.resume=null for a new run)")
             if ckpt and exp_name:  # the named run folder cannot be continued and must not be reused either
                 raise CheckpointError(f"resume auto: {run_dir} holds a run whose settings differ from this command's: "
                                       f"{'; '.join(differences)} (nothing was changed)")
@@ -389,6 +396,7 @@ def _try_load(path: Path, stage: str) -> Optional[dict]:
 RUN_DEFINING_KEYS = ("mode", "model", "data.dataset_name", "data.data_path", "data.resolution", "data.n_frames",
                      "data.frame_stride", "data.split", "data.fold", "data.num_classes", "data.synthetic_size",
                      "diffusion.diffusion_steps", "diffusion.noise_schedule", "diffusion.loss_type")
+RECORDED_KEYS = ("data.num_classes", "model.unet_config")  # filled in by the run, not by the command
 FREE_KEYS = ("model.grad_checkpointing",)  # recomputation in the backward pass: the same model and numbers
 
 
@@ -402,6 +410,8 @@ def _flat(tree, prefix: str = "") -> dict:
 
 
 def _comparable(key: str, value):
+    if key == "model.output_squash" and value is None:
+        return True  # an autoencoder checkpoint from before the key squashed its output (core.config.config_from_dict)
     if value is None:
         return None
     if key == "data.data_path":
@@ -423,15 +433,30 @@ def resume_differences(ckpt: dict, cfg) -> list[str]:
         if not any(key == k or key.startswith(k + ".") for k in RUN_DEFINING_KEYS) or key in FREE_KEYS:
             continue
         before, after = _comparable(key, old.get(key)), _comparable(key, new.get(key))
-        if key == "data.num_classes" and (before is None or after is None):
-            continue  # recorded by the run from its dataset; a command that does not set it asks for the same data
+        if key in RECORDED_KEYS and (before is None or after is None):
+            continue  # recorded by the run (its dataset, its pretrained UNet); a command without it asks for the same
         if before != after:
             differences.append(f"{key}: {old.get(key)} -> {new.get(key)}")
     if "ae_ckpt" in new:
         difference = _autoencoder_difference(ckpt, new["ae_ckpt"])
         if difference:
             differences.append(difference)
+    difference = vae_difference(old.get("vae"), old.get("vae_fingerprint"), new.get("vae"), new.get("vae_fingerprint"))
+    if difference:
+        differences.append(difference)
     return differences
+
+
+VAE_DIFFERENCE = "VAE: "  # how a resume difference in the VAE's weights starts
+
+
+def vae_difference(recorded_vae, recorded: Optional[str], given_vae, given: Optional[str]) -> Optional[str]:
+    """A latent-mode run learned the latent space of one VAE: 'VAE: A (weights a) -> B (weights b), ...' when the
+    fingerprints of its weights differ; None when they agree or one is unknown (a run from before VAEs were
+    recorded: its users warn)."""
+    if not recorded or not given or recorded == given:
+        return None
+    return f"{VAE_DIFFERENCE}{recorded_vae} (weights {recorded}) -> {given_vae} (weights {given}), another VAE"
 
 
 def _autoencoder_difference(ckpt: dict, ae_ckpt: str) -> Optional[str]:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datasets.build import DATASET_NAMES
-from diffusion.gaussian_diffusion import SAMPLERS, check_loss_type
+from diffusion.gaussian_diffusion import PREDICTION_TYPES, SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET
 from models.dit import validate_model_name
 from core.cli import HelpFormatter
@@ -59,6 +59,9 @@ class AutoencoderModelConfig:
     grad_checkpointing: bool = False
     motion_centering: bool = True  # z_m from features minus their temporal mean; false collapses z_m (ablation)
     content_logits: str = "pixel"  # pixel (the paper) | token: content weights per token, bilinearly upsampled
+    # tanh on the decoder's output: pixel clips live in [-1, 1], scaled VAE latents do not. None: true in pixel mode,
+    # false in latent mode (resolved when the config is loaded; checkpoints without the key squashed).
+    output_squash: Optional[bool] = None
 
 
 @dataclass
@@ -96,10 +99,17 @@ class DiffusionConfig:
     sample_steps: int = 50
     # Guidance scale s in DiT's convention, eps = eps(null) + s (eps(c) - eps(null)); 1 = unguided. The paper writes
     # (1 + w) eps(c) - w eps(null), so s = 1 + w. 4.0 is what NVlabs/CMD's evaluation code runs for the UCF-101
-    # content model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula).
+    # content model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; docs/METHOD.md).
     cfg_scale: float = 4.0
     latent_cache: bool = False
     latent_cache_clips_per_video: int = 4
+    # What the denoiser predicts: eps | v. None: eps for a DiT; a pretrained UNet's from its scheduler config. The run
+    # records the value it trained with; sampling reads it from the checkpoint.
+    prediction_type: Optional[str] = None
+    snr_gamma: Optional[float] = None  # Min-SNR-gamma weighting of the MSE loss (Hang et al. 2023: 5); None or 0: off
+    # Standardise latents per channel by statistics measured on the training data. None: yes, except the content
+    # stage of a pretrained UNet, which sees raw scaled VAE latents as it was pretrained. Recorded by the run.
+    standardize_latents: Optional[bool] = None
 
 
 @dataclass
@@ -151,6 +161,7 @@ class AutoencoderStageConfig:
     stage: str = "autoencoder"
     mode: str = "pixel"  # pixel | latent: frames first encoded by a Stable Diffusion VAE (models/vae.py)
     vae: Optional[str] = None  # latent mode: an AutoencoderKL folder (or SD pipeline folder with vae/) or hub id
+    vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights (checked on resume and by its users)
     latent_cache: bool = False  # latent mode: VAE-encode the dataset once (clips_per_video clips each), train from it
     latent_cache_clips_per_video: int = 4
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +191,7 @@ class DiffusionStageConfig:
     stage: str = "motion"
     mode: str = "pixel"  # must match the autoencoder's (its checkpoint records mode and vae)
     vae: Optional[str] = None  # latent mode: overrides the VAE the autoencoder recorded (the same weights, moved)
+    vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights, those its autoencoder recorded
     ae_ckpt: str = "auto"  # a train_ae.py checkpoint, or auto: the newest autoencoder run in train.results_dir
     ae_fingerprint: Optional[str] = None  # recorded by the run: its autoencoder's weights (checked on resume, sample.py)
     data: DataConfig = field(default_factory=DataConfig)
@@ -227,6 +239,8 @@ def load_config(stage: str, config_file: Optional[str] = None, overrides: Option
     except OmegaConfBaseException as exc:
         where = f" (in {config_file})" if config_file else ""
         raise ConfigError(_one_line(exc) + where) from None
+    if stage == "autoencoder" and cfg.model.output_squash is None:
+        cfg.model.output_squash = cfg.mode == "pixel"
     if cfg.train.mixed_precision in ("False", "false"):
         # YAML 1.1 reads a bare `no` (file or key=value override) as the boolean false, which the str field
         # stores as "False": it is the documented "no".
@@ -284,13 +298,19 @@ def validate_config(cfg, stage: str) -> None:
                      f"config key 'model.pretrained' is required with model.name {PRETRAINED_UNET}: a diffusers UNet "
                      f"folder, a Stable Diffusion folder holding unet/, or a hub id")
             _require(not cfg.model.learn_sigma, f"config key 'model.learn_sigma' must be false with model.name "
-                     f"{PRETRAINED_UNET}: the pretrained UNet predicts the noise alone")
+                     f"{PRETRAINED_UNET}: the pretrained UNet predicts eps or v alone, no variance")
         else:
             try:
                 validate_model_name(stage, cfg.model.name)
             except ValueError as exc:
                 raise ConfigError(f"config key 'model.name': {exc} (content also: {PRETRAINED_UNET})") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
+        _require(cfg.diffusion.prediction_type in (None, *PREDICTION_TYPES),
+                 f"config key 'diffusion.prediction_type': '{cfg.diffusion.prediction_type}' is not "
+                 f"{'|'.join(PREDICTION_TYPES)}")
+        _require(cfg.diffusion.snr_gamma is None or cfg.diffusion.snr_gamma >= 0,
+                 f"config key 'diffusion.snr_gamma' must be non-negative (0 or null: off), got "
+                 f"{cfg.diffusion.snr_gamma}")
         _require(cfg.diffusion.sampler in SAMPLERS,
                  f"config key 'diffusion.sampler': '{cfg.diffusion.sampler}' is not {'|'.join(SAMPLERS)}")
         try:
@@ -481,9 +501,13 @@ def config_to_dict(cfg) -> dict:
 
 
 def config_from_dict(stage: str, data: dict[str, Any]):
-    """Rebuilds a stage config from the dict stored in a checkpoint (validated against today's schema)."""
+    """Rebuilds a stage config from the dict stored in a checkpoint (validated against today's schema). An
+    autoencoder checkpoint without model.output_squash squashed its output (tanh) in either mode."""
     cfg = _schema(stage)
     try:
-        return OmegaConf.merge(cfg, OmegaConf.create(data))
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+    if stage == "autoencoder" and cfg.model.output_squash is None:
+        cfg.model.output_squash = True
+    return cfg

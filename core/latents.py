@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,18 +30,21 @@ from core.checkpoint import (
     load_weights,
     model_weights,
     resolve_resume,
+    weights_fingerprint,
 )
 from core.config import ConfigError, config_from_dict
 from core.data import WorkerLoader
 from core.distributed import all_reduce_sum, barrier, broadcast_object
 
 STATS_CLIPS = 512  # training clips the latent statistics are measured over when there is no latent cache
-# Floor of a measured std, in the autoencoder's units (both latents live in [-1, 1], typical stds are 0.1-0.5).
+# Floor of a measured std, in the autoencoder's units (pixel mode's latents live in [-1, 1], typical stds 0.1-0.5;
+# latent mode's content frames are scaled VAE latents, std about 1).
 # A channel spreading less than 1e-3 carries nothing the decoder can show (in the content frame it is an eighth
 # of one 8-bit pixel level, 2/255); dividing by its true, possibly zero std would blow float rounding up into
 # unit-variance targets for the denoiser, while with the floor its sampled values stay within ~1e-3 of the mean.
 STD_FLOOR = 1e-3
 MOMENTS_FILE = "latent_moments.npz"  # a latent cache's per-channel sums, written when it is built
+logger = logging.getLogger(__name__)
 
 
 def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
@@ -58,16 +62,42 @@ def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
     return step_file if found.name == "last.pt" and step_file.is_file() else found
 
 
+def vae_fingerprint(frames) -> Optional[str]:
+    """The fingerprint of a latent-mode VAE's weights (core.checkpoint.weights_fingerprint), computed once per
+    loaded VAE; None in pixel mode. It names the VAE whatever folder or hub id it was loaded from."""
+    if isinstance(frames, PixelFrames):
+        return None
+    if frames.fingerprint is None:
+        frames.fingerprint = weights_fingerprint(frames.vae.state_dict())
+    return frames.fingerprint
+
+
 def load_frames(cfg, device):
     """What the CMD autoencoder of an autoencoder config sees of a clip: the frames (pixel mode) or their latents
-    under the frozen VAE the config names (latent mode)."""
+    under the frozen VAE the config names (latent mode), its fingerprint computed."""
     if cfg.mode != "latent":
         return PixelFrames()
     frames = load_frame_vae(cfg.vae, device)
     if frames.latent_channels != cfg.model.channels:
         raise ConfigError(f"config key 'model.channels' is {cfg.model.channels} but the VAE {cfg.vae} makes "
                           f"{frames.latent_channels}-channel latents")
+    vae_fingerprint(frames)
     return frames
+
+
+def check_vae(recorded: Optional[str], recorded_vae, frames, given_vae, owner) -> None:
+    """Refuses, in one line naming both, a VAE whose weights are not those `owner` (a checkpoint or a latent cache)
+    recorded; an owner that recorded none (written before VAEs were fingerprinted) is accepted with a warning."""
+    if isinstance(frames, PixelFrames):
+        return
+    if not recorded:
+        logger.warning(f"warning: {owner} records no VAE fingerprint (written before VAEs were recorded): the VAE "
+                       f"{given_vae} ({vae_fingerprint(frames)}) is used unchecked")
+        return
+    given = vae_fingerprint(frames)
+    if given != recorded:
+        raise CheckpointError(f"{owner} was made with the VAE {recorded_vae} (weights {recorded}), but the VAE "
+                              f"{given_vae} has weights {given}: pass the VAE it was made with (--vae)")
 
 
 def load_autoencoder(path, device, data_cfg=None, mode: Optional[str] = None, vae: Optional[str] = None):
@@ -76,7 +106,8 @@ def load_autoencoder(path, device, data_cfg=None, mode: Optional[str] = None, va
     With `data_cfg`, a clip size that differs from the one the autoencoder was trained on is refused, and with
     `mode` a mode other than the one it was trained in. `path` may be a .pt checkpoint or weights exported by
     training/export.py. A latent-mode autoencoder comes with the VAE it recorded (or `vae`, the same weights
-    elsewhere): a models.vae.LatentModeAutoencoder that encodes and decodes pixel clips.
+    elsewhere; other weights are refused, check_vae): a models.vae.LatentModeAutoencoder that encodes and decodes
+    pixel clips.
     """
     ckpt = load_for_sampling(path, "autoencoder")  # mmap'ed, EMA weights only: no rank reads the optimizer state
     ae_cfg = config_from_dict("autoencoder", ckpt["config"])
@@ -89,9 +120,12 @@ def load_autoencoder(path, device, data_cfg=None, mode: Optional[str] = None, va
     if mode is not None and mode != ae_cfg.mode:
         raise CheckpointError(f"config key 'mode' is '{mode}' but the autoencoder {path} was trained in "
                               f"{ae_cfg.mode} mode")
+    recorded_vae = ae_cfg.vae
     if vae:
         ae_cfg.vae = vae
     frames = load_frames(ae_cfg, device)
+    check_vae(ae_cfg.vae_fingerprint, recorded_vae, frames, ae_cfg.vae, f"autoencoder {path}")
+    ae_cfg.vae_fingerprint = vae_fingerprint(frames)
     model = build_autoencoder(ae_cfg.model, ae_cfg.data, frames.downsample)
     load_weights(model, model_weights(ckpt, prefer_ema=True), path, "autoencoder weights")
     model.to(device).eval().requires_grad_(False)
@@ -111,8 +145,9 @@ class LatentEncoder:
     the latent-mode autoencoder stage, the VAE's latent clip ("x") alone. `shapes` names the arrays, `key` the
     encoder's identity in the cache key (its checkpoint file, or the VAE)."""
 
-    def __init__(self, shapes: dict, encode_fn, key: str):
+    def __init__(self, shapes: dict, encode_fn, key: str, vae: Optional[str] = None):
         self.shapes, self.encode_fn, self.key = shapes, encode_fn, key
+        self.vae = vae  # latent mode: the fingerprint of the VAE behind the latents, recorded in the cache
 
     @classmethod
     def autoencoder(cls, ae, ae_path=None) -> "LatentEncoder":
@@ -122,8 +157,10 @@ class LatentEncoder:
             path = Path(ae_path).resolve()
             stat = path.stat()
             key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        vae = vae_fingerprint(ae.frames) if hasattr(ae, "frames") else None
         return cls({"z_c": tuple(ae.content_shape), "z_m": tuple(ae.motion_shape)},
-                   lambda x, autocast: dict(zip(("z_c", "z_m"), encode(ae, x, autocast))), key)
+                   lambda x, autocast: dict(zip(("z_c", "z_m"), encode(ae, x, autocast))),
+                   key + (f"|vae|{vae}" if vae else ""), vae)
 
     @classmethod
     def frames(cls, frames, data_cfg) -> "LatentEncoder":
@@ -135,7 +172,8 @@ class LatentEncoder:
             with autocast:
                 return {"x": frames.encode(x).float()}
 
-        return cls({"x": (frames.latent_channels, t, h // f, w // f)}, encode_clips, f"vae|{frames.identity}")
+        vae = vae_fingerprint(frames)
+        return cls({"x": (frames.latent_channels, t, h // f, w // f)}, encode_clips, f"vae|{vae}", vae)
 
     def __call__(self, x: torch.Tensor, autocast) -> dict:
         return self.encode_fn(x, autocast)
@@ -216,7 +254,7 @@ class LatentMoments:
         if not count.gt(0).all():
             raise ValueError("latent statistics: no latents were measured")
         mean = total / count
-        # In float64 the cancellation in E[z^2] - E[z]^2 is harmless for latents bounded by 1.
+        # In float64 the cancellation in E[z^2] - E[z]^2 is harmless for latents of about unit scale.
         return mean, (squares / count - mean.square()).clamp(min=0.0).sqrt()
 
     def save(self, path) -> None:
@@ -443,6 +481,14 @@ def build_latent_cache(run, encoder: LatentEncoder, dataset, clips_per_video: in
     if run.dist.is_main:
         remove_abandoned_staging(folder.parent, run.logger)
     if (folder / "done").is_file():
+        if encoder.vae:
+            recorded = json.loads((folder / "done").read_text()).get("vae")
+            if recorded is None:
+                run.logger.warning(f"latent cache {folder} records no VAE fingerprint (built before VAEs were "
+                                   f"recorded); its latents are used unchecked")
+            elif recorded != encoder.vae:  # the key holds the fingerprint: only a cache copied or edited by hand
+                raise CheckpointError(f"latent cache {folder} holds latents of the VAE with weights {recorded}, not of "
+                                      f"the VAE in use ({encoder.vae}); delete it to have it built again")
         run.logger.info(f"latent cache: reusing {folder}")
         return LatentCache(folder, captions)
     total = len(dataset) * clips_per_video
@@ -520,7 +566,7 @@ def _fill_staging(run, encoder: LatentEncoder, dataset, staging: Path, total: in
     if run.dist.is_main:
         if moments is not None:
             moments.save(staging / MOMENTS_FILE)
-        (staging / "done").write_text(json.dumps({"clips": total, "arrays": list(encoder.shapes)}))
+        (staging / "done").write_text(json.dumps({"clips": total, "arrays": list(encoder.shapes), "vae": encoder.vae}))
 
 
 def _encoded(run, encoder: LatentEncoder, dataset, items, batch_size: int, description: str):

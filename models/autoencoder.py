@@ -107,6 +107,7 @@ class CMDAutoencoder(nn.Module):
         grad_checkpointing: bool = False,
         motion_centering: bool = True,
         content_logits: str = "pixel",
+        output_squash: bool = True,
     ):
         super().__init__()
         height, width = parse_resolution(resolution)
@@ -123,6 +124,9 @@ class CMDAutoencoder(nn.Module):
         if content_logits not in ("pixel", "token"):
             raise ValueError(f"content_logits must be 'pixel' or 'token', got {content_logits!r}")
         self.content_logits = content_logits
+        # tanh on the output for pixel clips in [-1, 1]; latent mode's scaled VAE latents (about unit variance,
+        # a third of them beyond +-1) are reconstructed unsquashed.
+        self.output_squash = bool(output_squash)
         patch_dim = channels * patch_size * patch_size
 
         # Fixed positional embeddings (see the module docstring); non-persistent because they are
@@ -245,7 +249,8 @@ class CMDAutoencoder(nn.Module):
         return z_c, z_m
 
     def decode(self, z_c: torch.Tensor, z_m: torch.Tensor) -> torch.Tensor:
-        """Content frame (B, C, H, W) + motion latent (B, D, T, W'+H') -> clip (B, C, T, H, W) in [-1, 1]."""
+        """Content frame (B, C, H, W) + motion latent (B, D, T, W'+H') -> clip (B, C, T, H, W), in [-1, 1] with
+        output_squash."""
         self._check_shape("content frame", z_c, self.content_shape)
         self._check_shape("motion latent", z_m, self.motion_shape)
         if z_c.shape[0] != z_m.shape[0]:
@@ -259,7 +264,8 @@ class CMDAutoencoder(nn.Module):
         tokens = v_c[:, None] + v_x[:, :, None, :, :] + v_y[:, :, :, None, :]  # (B, T, H', W', hidden)
         tokens = tokens.reshape(b, self.n_frames, -1, self.hidden_size) + self.pos_embed
         tokens = self.output_proj(self.decoder_norm(self.decoder(tokens)))  # (B, T, N, C*p*p)
-        return torch.tanh(self._unpatchify(tokens))
+        x_hat = self._unpatchify(tokens)
+        return torch.tanh(x_hat) if self.output_squash else x_hat
 
     # In pixel mode a content frame is an image; models/vae.LatentModeAutoencoder maps latent ones to and from images.
     content_bound = 1.0  # |z_c| <= 1: a convex combination of frames in [-1, 1] (the samplers clip to it)
@@ -282,7 +288,7 @@ def build_autoencoder(model_cfg, data_cfg, downsample: int = 1) -> CMDAutoencode
     """CMDAutoencoder from an AutoencoderModelConfig and a DataConfig (dataclasses or DictConfigs).
 
     `downsample`: in latent mode the clips it sees are the VAE's, `downsample` times smaller per side than the
-    data's resolution (models/vae.py).
+    data's resolution (models/vae.py). model.output_squash is resolved by core.config (None: squashed).
     """
     height, width = parse_resolution(data_cfg.resolution)
     if height % downsample or width % downsample:
@@ -300,4 +306,5 @@ def build_autoencoder(model_cfg, data_cfg, downsample: int = 1) -> CMDAutoencode
         grad_checkpointing=bool(model_cfg.grad_checkpointing),
         motion_centering=bool(model_cfg.motion_centering),
         content_logits=str(model_cfg.content_logits),
+        output_squash=True if model_cfg.output_squash is None else bool(model_cfg.output_squash),
     )

@@ -1,5 +1,5 @@
 """The content model started from a pretrained image diffusion UNet (Stable Diffusion's), as the paper does in
-latent mode (its main setting), and the one builder of either denoiser kind.
+latent mode (docs/METHOD.md), and the one builder of either denoiser kind.
 
 Classes enter where Stable Diffusion's text enters: through the UNet's cross-attention, as a context of one token
 per class (plus the null class of guidance), each a learned vector of the UNet's cross_attention_dim. That table,
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.dit import LabelEmbedder, TextEmbedder, build_dit
-from models.vae import from_pretrained
+from models.vae import from_pretrained, looks_like_hub_id
 
 PRETRAINED_UNET = "UNet2DCondition"  # model.name of a content model started from a diffusers UNet
 
@@ -32,9 +32,10 @@ class UNetLoadError(ValueError):
 
 
 class ContentUNet(nn.Module):
-    """eps(x_t, t, y) on content frames (B, C, H, W) by a diffusers UNet2DConditionModel, class tokens as context."""
+    """eps(x_t, t, y) or v(x_t, t, y) (what the UNet was pretrained to predict) on content frames (B, C, H, W) by a
+    diffusers UNet2DConditionModel, class tokens as context."""
 
-    learn_sigma = False  # the UNet predicts the noise alone; the diffusion uses fixed variances and the MSE loss
+    learn_sigma = False  # the UNet predicts eps or v alone; the diffusion uses fixed variances and the MSE loss
 
     def __init__(self, unet: nn.Module, num_classes: int, class_dropout_prob: float, input_size: Sequence[int],
                  in_channels: int, grad_checkpointing: bool = False, text_shape: Sequence[int] | None = None):
@@ -69,15 +70,59 @@ class ContentUNet(nn.Module):
 
 def load_pretrained_unet(source: str) -> nn.Module:
     """A UNet2DConditionModel with its weights, from a local folder (the UNet's, or a pipeline folder holding unet/)
-    or a hub id (its unet/ subfolder). A pipeline whose scheduler says the UNet predicts v is refused: our diffusion
-    trains and samples noise predictions."""
+    or a hub id (its unet/ subfolder). What it predicts: pretrained_prediction_type."""
     from diffusers import UNet2DConditionModel  # here, not at import: pixel-mode runs never pay diffusers' ~5 s
 
-    scheduler = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction":
-        raise UNetLoadError(f"model.pretrained {source}: its scheduler says the UNet predicts v (v_prediction); use an "
-                            f"epsilon-prediction model such as stable-diffusion-2-1-base")
     return from_pretrained(UNet2DConditionModel, source, "unet", "model.pretrained", UNetLoadError)
+
+
+# diffusers' scheduler prediction types and ours (diffusion.PREDICTION_TYPES); its "sample" (x0) has no counterpart.
+SCHEDULER_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+
+
+def scheduler_config_file(source: str) -> Path | None:
+    """The scheduler config that came with a pretrained UNet: <pipeline>/scheduler/ of a pipeline folder, the
+    sibling scheduler/ of a path straight to its unet/ folder, or a hub id's scheduler/ in the local Hugging Face
+    cache (nothing is downloaded); None when there is none."""
+    path = Path(source).expanduser()
+    if path.exists():
+        candidates = [path / "scheduler"] + ([path.parent / "scheduler"] if (path / "config.json").is_file() else [])
+        return next((f / "scheduler_config.json" for f in candidates if (f / "scheduler_config.json").is_file()), None)
+    if looks_like_hub_id(source):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "scheduler/scheduler_config.json")
+        return Path(found) if isinstance(found, str) else None
+    return None
+
+
+def pretrained_prediction_type(source: str, configured: str | None = None) -> str:
+    """What the pretrained UNet at `source` predicts ("eps" or "v"), read from its scheduler config
+    (scheduler_config_file; a config without prediction_type is diffusers' default, epsilon). `configured`
+    (diffusion.prediction_type) stands in where no scheduler config is found and must agree with one that is; else
+    UNetLoadError, one line naming the path and the key."""
+    file = scheduler_config_file(source)
+    if file is None:
+        if configured is None:
+            where = "in the local Hugging Face cache" if looks_like_hub_id(source) and not Path(source).exists() \
+                else "beside its unet/"
+            raise UNetLoadError(f"model.pretrained {source}: no scheduler/scheduler_config.json {where} tells whether "
+                                f"the UNet predicts eps or v; set diffusion.prediction_type=eps or "
+                                f"diffusion.prediction_type=v")
+        return configured
+    try:
+        found = json.loads(file.read_text()).get("prediction_type") or "epsilon"
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UNetLoadError(f"model.pretrained {source}: {file} does not read as a scheduler config "
+                            f"({type(exc).__name__})") from None
+    if found not in SCHEDULER_PREDICTIONS:
+        raise UNetLoadError(f"model.pretrained {source}: its scheduler ({file}) says prediction_type {found!r}; only "
+                            f"{' and '.join(SCHEDULER_PREDICTIONS)} models are supported")
+    ours = SCHEDULER_PREDICTIONS[found]
+    if configured is not None and configured != ours:
+        raise UNetLoadError(f"model.pretrained {source}: its scheduler ({file}) says the UNet predicts {ours} "
+                            f"({found}) but diffusion.prediction_type is {configured}")
+    return ours
 
 
 def unet_from_config(config_json: str) -> nn.Module:

@@ -1,8 +1,8 @@
 """Latent mode: clips go through a pretrained image VAE (Stable Diffusion's AutoencoderKL) frame by frame.
 
-The paper's main setting (its text-to-video models): frames are encoded one by one by SD's VAE (4 channels, 8x
-smaller per side, scaled by its scaling factor) and the CMD autoencoder works on the latent clip, so its content
-frame is a latent image. Here:
+The paper's main setting (docs/METHOD.md): frames are encoded one by one by SD's VAE (4 channels, 8x smaller per
+side, scaled by its scaling factor) and the CMD autoencoder works on the latent clip, so its content frame is a
+latent image. Here:
 
 - `FrameVAE` wraps a diffusers AutoencoderKL: pixel clips (B, 3, T, H, W) in [-1, 1] <-> latent clips
   (B, c, T, H/f, W/f), c = latent_channels, f = 2 ** (number of blocks - 1). Encoding takes the posterior mean
@@ -50,7 +50,9 @@ class FrameVAE(nn.Module):
         self.scale = float(config.scaling_factor)
         self.shift = float(getattr(config, "shift_factor", None) or 0.0)
         self.chunk = int(chunk)
-        self.identity = str(getattr(config, "_name_or_path", ""))  # what a latent cache of its latents is keyed by
+        # Which weights these are (core.latents.vae_fingerprint, set once when the VAE loads): what latent-mode
+        # checkpoints and latent caches record, and what they are checked against.
+        self.fingerprint = None
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: no dropout or norm statistics ever change
@@ -120,12 +122,7 @@ def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
 
     if not source:
         raise VAELoadError("config key 'vae' is empty: latent mode needs a Stable Diffusion VAE folder or hub id (--vae)")
-    frames = FrameVAE(from_pretrained(AutoencoderKL, source, "vae", "vae", VAELoadError), chunk).to(device)
-    folder = Path(frames.identity)
-    if folder.is_dir():  # a local folder: its files' sizes and times too (other weights, another latent cache)
-        frames.identity = "|".join([str(folder.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                                                              for f in sorted(folder.iterdir()) if f.is_file()])
-    return frames
+    return FrameVAE(from_pretrained(AutoencoderKL, source, "vae", "vae", VAELoadError), chunk).to(device)
 
 
 class LatentModeAutoencoder(nn.Module):

@@ -29,14 +29,16 @@ class Sampler(NamedTuple):
 
 
 def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, sampler: Optional[str] = None) -> Sampler:
-    """A respaced diffusion for sampling with the stage's schedule: DDIM's uniform stride for ddim, time points
-    evenly spaced in log-SNR for dpm++2m, evenly spaced timesteps for ddpm."""
+    """A respaced diffusion for sampling with the stage's schedule and prediction type: DDIM's uniform stride for
+    ddim, time points evenly spaced in log-SNR for dpm++2m, evenly spaced timesteps for ddpm."""
     sampler = sampler or diffusion_cfg.sampler
     steps = steps or diffusion_cfg.sample_steps
     respacing = {"ddim": f"ddim{steps}", "dpm++2m": f"logsnr{steps}"}.get(sampler, str(steps))
+    # A run from before diffusion.prediction_type trained eps.
+    prediction_type = diffusion_cfg.get("prediction_type") or "eps"
     return Sampler(create_diffusion(respacing, noise_schedule=diffusion_cfg.noise_schedule, learn_sigma=learn_sigma,
-                                    diffusion_steps=diffusion_cfg.diffusion_steps, loss_type=diffusion_cfg.loss_type),
-                   sampler)
+                                    diffusion_steps=diffusion_cfg.diffusion_steps, loss_type=diffusion_cfg.loss_type,
+                                    prediction_type=prediction_type), sampler)
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,45 @@ class SamplingOptions:
     cfg_scale: Optional[float] = None
 
 
-# sample.py's --preset: each stage's sampler and step count (guidance stays the checkpoint's). "fast", the default,
-# is DPM-Solver++(2M) at the smallest step counts whose quality stayed within the spread over seeds of "ddim" (the
-# paper's DDIM, 50 content / 100 motion steps) in benchmarks/sampler_quality.py; docs/BENCHMARKS.md has the
-# table.
+@dataclass(frozen=True)
+class SamplingPreset:
+    """A named sampling protocol of sample.py's --preset: each stage's sampler, steps and guidance, the precision
+    and how the videos' labels are drawn. None leaves a setting to its flag's default (the checkpoint's guidance,
+    --precision auto, every class round-robin); a flag given on the command line overrides the preset."""
+    content: SamplingOptions
+    motion: SamplingOptions
+    precision: Optional[str] = None  # one of PRECISIONS
+    labels: Optional[str] = None  # "dataset": drawn by the class frequencies of the motion run's training split
+    about: str = ""
+
+    def __getitem__(self, stage: str) -> SamplingOptions:
+        return {"content": self.content, "motion": self.motion}[stage]
+
+
+# Guidance is DiT's convention, eps(null) + s (eps(c) - eps(null)). The paper writes (1 + w) eps(c) - w eps(null) with
+# w = 4 for the content model, i.e. s = 5; NVlabs/CMD's evaluation calls the DiT-style forward with 4.0.
+PAPER_CONTENT_SCALE, REFERENCE_CONTENT_SCALE = 5.0, 4.0
 SAMPLING_PRESETS = {
-    "fast": {"content": SamplingOptions(steps=15, sampler="dpm++2m"),
-             "motion": SamplingOptions(steps=15, sampler="dpm++2m")},
-    "ddim": {"content": SamplingOptions(steps=50, sampler="ddim"), "motion": SamplingOptions(steps=100, sampler="ddim")},
+    # The smallest step counts whose quality stayed within the spread over seeds of DDIM 50/100 on the built-in
+    # data (benchmarks/sampler_quality.py, docs/BENCHMARKS.md); not validated on UCF-101.
+    "fast": SamplingPreset(SamplingOptions(steps=15, sampler="dpm++2m"), SamplingOptions(steps=15, sampler="dpm++2m"),
+                           about="DPM-Solver++(2M) 15/15 steps, guidance of the checkpoints, --precision auto"),
+    "ddim": SamplingPreset(SamplingOptions(steps=50, sampler="ddim"), SamplingOptions(steps=100, sampler="ddim"),
+                           about="DDIM 50 content / 100 motion steps, guidance of the checkpoints, --precision auto"),
+    # The protocol the paper states for its numbers: DDIM (eta 0) 50 content / 100 motion steps, the content model
+    # guided with w = 4, the motion model unguided, fp32, labels by class frequency.
+    "paper": SamplingPreset(SamplingOptions(steps=50, sampler="ddim", cfg_scale=PAPER_CONTENT_SCALE),
+                            SamplingOptions(steps=100, sampler="ddim", cfg_scale=1.0), precision="fp32",
+                            labels="dataset",
+                            about="the paper's protocol: DDIM (eta 0) 50 content / 100 motion steps, content guidance "
+                                  "w = 4 (s = 5), motion unguided, fp32, labels by class frequency"),
+    # What NVlabs/CMD's evaluation code runs: ancestral DDPM on the process respaced to 50 steps for both stages,
+    # content guidance 4.0 in DiT's convention, motion unguided, fp32, labels of training batches.
+    "reference": SamplingPreset(SamplingOptions(steps=50, sampler="ddpm", cfg_scale=REFERENCE_CONTENT_SCALE),
+                                SamplingOptions(steps=50, sampler="ddpm", cfg_scale=1.0), precision="fp32",
+                                labels="dataset",
+                                about="NVlabs/CMD's evaluation: ancestral DDPM 50/50 respaced steps, content "
+                                      "guidance s = 4, motion unguided, fp32, labels by class frequency"),
 }
 
 
@@ -298,6 +331,11 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
             raise CheckpointError(f"{path} was trained with the autoencoder {cfg.ae_ckpt} (weights {cfg.ae_fingerprint}), "
                                   f"but the given autoencoder's weights are {given}: pass the one it was trained with "
                                   f"(or --allow-ae-mismatch)")
+    frames = getattr(ae, "frames", None)  # latent mode: the VAE, its fingerprint computed when it loaded
+    vae = getattr(frames, "fingerprint", None)
+    if cfg.vae_fingerprint and vae and vae != cfg.vae_fingerprint:
+        raise CheckpointError(f"{path} was trained on the latents of the VAE with weights {cfg.vae_fingerprint}, but "
+                              f"the given VAE has weights {vae}: pass the VAE it was trained with (--vae)")
     text_shape = (int(cfg.text.tokens), int(cfg.text.dim)) if cfg.text.encoder else None
     model = build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape,
                            text_shape=text_shape)

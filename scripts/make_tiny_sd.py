@@ -4,7 +4,7 @@ latent-mode and text-to-video chains run offline on a CPU (configs/tiny_latent, 
 Their weights are random: the chains run and train, but pictures decoded through this VAE mean nothing, and the
 text encoder's tokens tell captions apart without knowing what words mean.
 
-    python scripts/make_tiny_sd.py results/tiny_sd   # writes results/tiny_sd/{vae,unet,text_encoder,tokenizer}
+    python scripts/make_tiny_sd.py results/tiny_sd   # results/tiny_sd/{vae,unet,scheduler,text_encoder,tokenizer}
 
 A real run points `vae` and `model.pretrained` at Stable Diffusion's folders instead (README, "Latent mode").
 """
@@ -24,6 +24,9 @@ TINY_UNET = dict(in_channels=4, out_channels=4, sample_size=16, block_out_channe
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
                  norm_num_groups=8)
+# Stable Diffusion's training schedule (configs: noise_schedule scaled_linear); the scheduler config also tells what
+# the UNet predicts.
+TINY_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 # CLIP's text transformer (causal attention, final layer norm) at width 32 = TINY_UNET's cross_attention_dim.
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  max_position_embeddings=16)
@@ -71,15 +74,17 @@ def make_tiny_clip(out_dir, seed: int = 0) -> Path:
     return out_dir
 
 
-def make_tiny_sd(out_dir, seed: int = 0, text: bool = True) -> Path:
-    """Writes out_dir/vae and out_dir/unet (diffusers save_pretrained: config.json + safetensors), and with `text`
+def make_tiny_sd(out_dir, seed: int = 0, text: bool = True, prediction_type: str = "epsilon") -> Path:
+    """Writes out_dir/vae, out_dir/unet (diffusers save_pretrained: config.json + safetensors) and
+    out_dir/scheduler (SD's training schedule and `prediction_type`, "epsilon" or "v_prediction"), and with `text`
     out_dir/text_encoder and out_dir/tokenizer (make_tiny_clip); returns out_dir."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     AutoencoderKL(**TINY_VAE).save_pretrained(out_dir / "vae")
     UNet2DConditionModel(**TINY_UNET).save_pretrained(out_dir / "unet")
+    DDPMScheduler(**TINY_SCHEDULER, prediction_type=prediction_type).save_pretrained(out_dir / "scheduler")
     if text:
         make_tiny_clip(out_dir, seed)
     return out_dir

@@ -1,13 +1,15 @@
-"""Latent mode (the paper's main setting): a Stable Diffusion VAE frame by frame, the CMD autoencoder
+"""Latent mode (the paper's main setting, docs/METHOD.md): a Stable Diffusion VAE frame by frame, the CMD autoencoder
 on latent clips, a content model fine-tuned from a pretrained diffusers UNet. Tiny random SD-shaped models
 (scripts/make_tiny_sd.py), nothing downloaded."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from diffusion.schedules import get_beta_schedule
-from models.content_unet import ContentUNet, UNetLoadError, load_pretrained_unet
+from models.content_unet import ContentUNet, UNetLoadError, load_pretrained_unet, pretrained_prediction_type
 from models.vae import FrameVAE, LatentModeAutoencoder, VAELoadError, load_frame_vae
 from models.autoencoder import CMDAutoencoder
 from scripts.make_tiny_sd import TINY_UNET, TINY_VAE, make_tiny_sd
@@ -65,14 +67,16 @@ def test_a_pipeline_folder_holding_vae_loads_and_a_wrong_path_is_one_line_naming
         load_frames(three_channels, "cpu")
     with pytest.raises(UNetLoadError, match=str(tmp_path)):
         load_pretrained_unet(str(tmp_path))
-    # A v-prediction pipeline (SD 2.1 768-v) is refused by name: we train and sample noise predictions.
+    # A v-prediction pipeline (SD 2.1 768-v) loads; what it predicts comes from its scheduler config
+    # (tests/test_latent_fidelity.py), an x0-prediction one is refused by name.
     (tmp_path / "unet").symlink_to(tiny_sd / "unet", target_is_directory=True)
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "v_prediction"}')
-    with pytest.raises(UNetLoadError, match="v_prediction"):
-        load_pretrained_unet(str(tmp_path))
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "epsilon"}')
     assert load_pretrained_unet(str(tmp_path)).config.cross_attention_dim == 32
+    assert pretrained_prediction_type(str(tmp_path)) == "v"
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "sample"}')
+    with pytest.raises(UNetLoadError, match="'sample'"):
+        pretrained_prediction_type(str(tmp_path))
 
 
 def test_wrong_vae_path_stops_train_ae_in_one_line_before_a_run_folder_exists(tmp_path):
@@ -149,6 +153,7 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
     the content checkpoint rebuilds its UNet from the recorded config, without the pretrained folder."""
     unet_dir = tmp_path / "unet"
     (tiny_sd / "unet").rename(unet_dir)  # a copy only this test sees, removed before sampling
+    shutil.copytree(tiny_sd / "scheduler", tmp_path / "scheduler")  # beside it: what the UNet predicts
     try:
         common = ["--results-dir", tmp_path / "r", "--vae", tiny_sd / "vae", *TINY]
         run_python(["train_ae.py", "--config", "configs/tiny_latent/autoencoder.yaml", "--exp-name", "ae", *common,
@@ -177,8 +182,16 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
     finally:
         unet_dir.rename(tiny_sd / "unet")
     content = tmp_path / "r" / "content" / "checkpoints" / "last.pt"
-    recorded = load_checkpoint(content)["config"]["model"]
+    content_ckpt = load_checkpoint(content)
+    recorded = content_ckpt["config"]["model"]
     assert recorded["name"] == "UNet2DCondition" and '"cross_attention_dim": 32' in recorded["unet_config"]
+    # The pretrained UNet learned raw scaled latents, eps (its scheduler's): the run records both, and its
+    # statistics are the identity that sampling then undoes.
+    assert content_ckpt["config"]["diffusion"]["prediction_type"] == "eps"
+    assert content_ckpt["config"]["diffusion"]["standardize_latents"] is False
+    stats = content_ckpt["latent_stats"]
+    assert not stats["content_mean"].any() and torch.equal(stats["content_std"], torch.ones(4))
+    assert load_checkpoint(ae)["config"]["model"]["output_squash"] is False
     hidden = tmp_path / "hidden"
     (tiny_sd / "unet").rename(hidden)
     try:

@@ -104,7 +104,65 @@ def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():
                               "--content-cfg-scale", "3"])
     assert sample.stage_options(args, "motion") == SamplingOptions(7, "ddim", None)
     assert sample.stage_options(args, "content") == SamplingOptions(50, "ddpm", 3.0)
-    assert args.precision == "auto" and not args.compile
+    assert sample.resolve_settings(args).precision == "auto" and not args.compile
+
+
+@pytest.mark.parametrize("preset, content, motion, precision, classes", [
+    # The paper's protocol: DDIM (eta 0) 50 / 100 steps, (1 + w) eps(c) - w eps(null) with w = 4 (s = 5), motion
+    # unguided, fp32, labels by class frequency.
+    ("paper", (50, "ddim", 5.0), (100, "ddim", 1.0), "fp32", "dataset"),
+    # NVlabs/CMD's evaluation: ancestral DDPM respaced to 50 steps for both stages, DiT-style guidance 4.0.
+    ("reference", (50, "ddpm", 4.0), (50, "ddpm", 1.0), "fp32", "dataset"),
+    ("fast", (15, "dpm++2m", None), (15, "dpm++2m", None), "auto", None),
+    ("ddim", (50, "ddim", None), (100, "ddim", None), "auto", None),
+])
+def test_each_preset_resolves_to_its_protocol_and_flags_override_it(preset, content, motion, precision, classes):
+    from sampling.generation import SamplingOptions
+
+    settings = sample.resolve_settings(sample.parse_args([*BASE, "--preset", preset]))
+    assert settings == sample.SampleSettings(SamplingOptions(*content), SamplingOptions(*motion), precision, classes)
+    overridden = sample.resolve_settings(sample.parse_args([
+        *BASE, "--preset", preset, "--precision", "bf16", "--classes", "3", "--content-cfg-scale", "2",
+        "--motion-steps", "7"]))
+    assert overridden == sample.SampleSettings(SamplingOptions(content[0], content[1], 2.0),
+                                               SamplingOptions(7, motion[1], motion[2]), "bf16", [3])
+
+
+def test_paper_preset_draws_labels_by_the_class_frequencies(monkeypatch):
+    monkeypatch.setattr(sample, "classes_dataset", lambda data_cfg, seed: SkewedDataset())
+    data_cfg = type("DataConfig", (), {"dataset_name": "UCF101", "split": "train"})()
+    n = 4000
+    for preset in ("paper", "reference"):
+        labels = sample.class_list(sample.parse_args([*BASE, "--preset", preset, "--num-videos", str(n)]), 4, data_cfg)
+        counts = np.bincount(labels, minlength=4)
+        # Each count is binomial(n, p): within 5 standard deviations of n p; class 3 has no training clip.
+        for count, p in zip(counts, [0.80, 0.15, 0.05, 0.0]):
+            assert abs(count - n * p) <= 5 * np.sqrt(n * p * (1 - p)), (preset, counts)
+    fast = sample.class_list(sample.parse_args([*BASE, "--num-videos", "8"]), 4, data_cfg)
+    assert fast == [0, 1, 2, 3] * 2  # the default preset: every class round-robin
+
+
+@pytest.mark.parametrize("preset, protocol", [
+    ("paper", "content ddim 50 steps, guidance s=5; motion ddim 100 steps, guidance s=1"),
+    ("reference", "content ddpm 50 steps, guidance s=4; motion ddpm 50 steps, guidance s=1"),
+])
+def test_preset_runs_end_to_end_with_its_samplers_guidance_and_labels(ckpts, tmp_path, preset, protocol):
+    """sample.py states what it ran, read from the loaded denoisers (sampler, respaced steps, guidance), and the
+    videos' labels are drawn by the motion run's training frequencies."""
+    from datasets import build_dataset
+    from core.checkpoint import load_stage_checkpoint
+    from core.config import config_from_dict
+
+    npz = tmp_path / "s.npz"
+    proc = run_python(["sample.py", "--ae-ckpt", ckpts["ae"], "--motion-ckpt", ckpts["motion"], "--content-ckpt",
+                       ckpts["content"], "--preset", preset, "--num-videos", 3, "--seed", 4, "--no-mp4",
+                       "--npz", npz, "--out-dir", tmp_path / "out"], check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("sampling: "))
+    assert line == f"sampling: preset {preset}; {protocol}; fp32; labels by class frequency"
+    motion_cfg = config_from_dict("motion", load_stage_checkpoint(ckpts["motion"], "motion")["config"])
+    train_split = build_dataset(motion_cfg.data, motion_cfg.data.split, int(motion_cfg.train.global_seed))
+    assert np.load(npz)["labels"].tolist() == sample.labels_by_frequency(sample.dataset_labels(train_split), 3, 4)
 
 
 def test_zero_videos_stops_before_any_model_loads_and_leaves_nothing(ckpts, tmp_path):
@@ -329,7 +387,7 @@ def test_ucf101_guidance_is_the_reference_evaluations_and_every_flag_states_the_
     from core.config import load_config
 
     # DiT's convention, eps(null) + s (eps(c) - eps(null)): NVlabs/CMD's evaluation runs the content model at 4.0 (the
-    # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided.
+    # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided (docs/METHOD.md).
     content = load_config("content", "configs/ucf101/content.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
     motion = load_config("motion", "configs/ucf101/motion.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
     assert (content.diffusion.cfg_scale, motion.diffusion.cfg_scale) == (4.0, 1.0)

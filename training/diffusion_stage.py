@@ -8,7 +8,13 @@ from typing import Callable, Optional
 import torch
 
 from diffusion import create_diffusion
-from models.content_unet import PRETRAINED_UNET, build_denoiser, load_pretrained_unet, unet_config_json
+from models.content_unet import (
+    PRETRAINED_UNET,
+    build_denoiser,
+    load_pretrained_unet,
+    pretrained_prediction_type,
+    unet_config_json,
+)
 from models.text_encoder import TextEncoder, load_text_encoder
 from core.checkpoint import CheckpointError, load_checkpoint, weights_fingerprint
 from core.data import fixed_batch
@@ -47,9 +53,7 @@ class DiffusionStage:
     diffusion: object = field(init=False)  # the training diffusion: every timestep of the stage's schedule
 
     def __post_init__(self):
-        cfg = self.run.cfg
-        self.diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
-                                          cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
+        self.diffusion = training_diffusion(self.run.cfg)
 
     def latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z_c (B, C, H, W), z_m (B, D, T, H'+W'), y) on the device, the latents in the autoencoder's units: a
@@ -84,14 +88,51 @@ class DiffusionStage:
                       {"latent_stats": self.scaler.state_dict()})
 
 
+def training_diffusion(cfg):
+    """The diffusion a stage's config trains with: every timestep of its schedule, its loss, prediction type and
+    loss weighting (a config from before diffusion.prediction_type trained eps)."""
+    diffusion = cfg.diffusion
+    return create_diffusion(None, diffusion.noise_schedule, cfg.model.learn_sigma, diffusion.diffusion_steps,
+                            diffusion.loss_type, diffusion.prediction_type or "eps", diffusion.snr_gamma)
+
+
+def uses_pretrained_unet(cfg, stage: str) -> bool:
+    return stage == "content" and cfg.model.name == PRETRAINED_UNET
+
+
+def fresh_prediction_type(cfg, stage: str) -> str:
+    """What a new run's denoiser predicts: a pretrained UNet's own type (its scheduler config; refused in one line
+    when none is found and diffusion.prediction_type is unset), else diffusion.prediction_type, by default eps."""
+    if uses_pretrained_unet(cfg, stage) and cfg.model.pretrained:
+        return pretrained_prediction_type(cfg.model.pretrained, cfg.diffusion.prediction_type)
+    return cfg.diffusion.prediction_type or "eps"
+
+
+def resumed_setting(run: TrainingRun, ckpt: dict, key: str, default):
+    """The value of the diffusion setting `key` the resumed run trained with (`default` for a checkpoint from before
+    the key); the command asking for another is refused in one line."""
+    value = (ckpt["config"].get("diffusion") or {}).get(key)
+    value = default if value is None else value
+    asked = run.cfg.diffusion[key]
+    if asked is not None and asked != value:
+        raise CheckpointError(f"diffusion.{key} is {asked} but {run.resume_path} was trained with {value}")
+    return value
+
+
 def setup(cfg, stage: str) -> DiffusionStage:
     """The `stage` ('motion' or 'content') run: its folder, the frozen autoencoder, the training clips (or their
     latent cache, diffusion.latent_cache) and the held-out clips' latents, the denoiser with its EMA and optimizer
-    (restored when resuming), and the latent statistics (restored, or measured on the training data)."""
+    (restored when resuming), and the latent statistics (restored, measured on the training data, or identity with
+    diffusion.standardize_latents false). The run records the prediction type and the standardisation it trains
+    with."""
+    # Read before a run folder is claimed: a pretrained UNet of unknown prediction type costs nothing.
+    prediction = None if cfg.train.resume else fresh_prediction_type(cfg, stage)
     run = TrainingRun(cfg, stage=stage)
     run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
-    ae, _ = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data, cfg.mode, cfg.vae)
+    ae, ae_cfg = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data, cfg.mode, cfg.vae)  # refuses another VAE
     run.record("ae_fingerprint", weights_fingerprint(ae.state_dict()))  # checked on resume and by sample.py
+    if ae_cfg.vae_fingerprint:
+        run.record("vae_fingerprint", ae_cfg.vae_fingerprint)
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
     run.record("data.num_classes", dataset.num_classes)
@@ -109,10 +150,20 @@ def setup(cfg, stage: str) -> DiffusionStage:
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
     resumed = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    if resumed is not None:  # what the run trained with, whatever the command's defaults would choose today
+        prediction = resumed_setting(run, resumed, "prediction_type", "eps")
+        standardize = resumed_setting(run, resumed, "standardize_latents", "latent_stats" in resumed)
+    else:
+        prediction = prediction or fresh_prediction_type(cfg, stage)
+        # A pretrained SD UNet learned raw scaled VAE latents; per-channel standardisation would move its input.
+        standardize = cfg.diffusion.standardize_latents
+        standardize = not uses_pretrained_unet(cfg, stage) if standardize is None else bool(standardize)
+    run.record("diffusion.prediction_type", prediction)
+    run.record("diffusion.standardize_latents", standardize)
     scaler = restored_latent_stats(run, resumed, ae) if resumed is not None else None
     del resumed  # the checkpoint's weights are not kept for the whole run
-    run.logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-                    f"autoencoder {cfg.ae_ckpt}")
+    run.logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                    f"predicts {prediction}; autoencoder {cfg.ae_ckpt}")
     sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma)
 
     eval_clips = fixed_batch(eval_set, cfg.train.num_eval_videos)
@@ -123,6 +174,10 @@ def setup(cfg, stage: str) -> DiffusionStage:
     if cfg.diffusion.latent_cache:
         source = build_latent_cache(run, LatentEncoder.autoencoder(ae, cfg.ae_ckpt), dataset,
                                     cfg.diffusion.latent_cache_clips_per_video, run.batch_size, captions=captions)
+    if scaler is None and not standardize:
+        scaler = LatentScaler.identity(ae)
+        run.logger.info("latent stats: none (diffusion.standardize_latents false): the denoiser learns the latents "
+                        "as the autoencoder emits them")
     if scaler is None:
         scaler = measure_latent_stats(run, ae, source)
     return DiffusionStage(run, ae, model, run.wrap(model), ema, opt, scaler.to(run.device), source, eval_latents,

@@ -12,7 +12,8 @@ The export holds tensors and string metadata only, so opening it cannot run code
             a diffusion checkpoint's latent statistics under `latent_stats.` (content_mean, content_std, ...)
   metadata  cmd.format, cmd.stage, cmd.step, cmd.weights ("ema" or "model"), cmd.config (the run's config as JSON;
             a diffusion stage's ae_ckpt and ae_fingerprint are in it), cmd.weights_fingerprint, and for a
-            diffusion stage cmd.ae_fingerprint (the autoencoder it was trained with, also in the config)
+            diffusion stage cmd.ae_fingerprint (the autoencoder it was trained with, also in the config); in
+            latent mode cmd.vae_fingerprint (the VAE's weights, also in the config)
 
 Every option that takes a checkpoint to sample or encode with (--ae-ckpt, --motion-ckpt, --content-ckpt) accepts
 the file; --resume refuses it, since a run cannot continue without its optimizer state. The weights' fingerprint
@@ -34,6 +35,7 @@ from core.checkpoint import (
     EXPORT_FORMAT,
     LATENT_STATS_PREFIX,
     META_AE_FINGERPRINT,
+    META_VAE_FINGERPRINT,
     META_CONFIG,
     META_FORMAT,
     META_STAGE,
@@ -76,6 +78,8 @@ def export_tensors(ckpt: dict, path) -> tuple[dict, dict]:
                 META_WEIGHTS_FINGERPRINT: weights_fingerprint(model_weights(ckpt, prefer_ema=True))}
     if config.get("ae_fingerprint"):
         metadata[META_AE_FINGERPRINT] = str(config["ae_fingerprint"])
+    if config.get("vae_fingerprint"):
+        metadata[META_VAE_FINGERPRINT] = str(config["vae_fingerprint"])
     return tensors, metadata
 
 

@@ -189,7 +189,7 @@ class TrainingRun:
                            f"world size {self.dist.world_size}")
         self.batch_size = train.global_batch_size // self.dist.world_size
         if self.device.type == "cuda":
-            # Set here, in the run, never at import: the config decides, and importing a module changes nothing.
+            # Set here, in the run, never at import: the config decides (no global flags on import).
             torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
             torch.backends.cudnn.allow_tf32 = bool(train.tf32)
         self.seed = train.global_seed * self.dist.world_size + self.dist.rank
@@ -313,6 +313,11 @@ class TrainingRun:
         else:
             self.logger.warning(f"resume: world size changed ({len(rng)} -> {self.dist.world_size}); RNG reseeded")
             self._seed_everything(self.seed + self.step)
+        vae = OmegaConf.select(self.cfg, "vae_fingerprint")
+        if vae and not ckpt["config"].get("vae_fingerprint"):
+            self.logger.warning(f"resume: {self.resume_path} records no VAE fingerprint (written before VAEs were "
+                                f"recorded), so its VAE cannot be checked; the run continues with the VAE of weights "
+                                f"{vae}, which its checkpoints record from now on")
         self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
         return ckpt
 
