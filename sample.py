@@ -24,7 +24,7 @@ from tqdm import tqdm
 from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
 from core.checkpoint import atomic_write
-from core.cli import HelpFormatter, finite_float, positive_int, run_reporting_user_errors
+from core.cli import HelpFormatter, guidance_scale, positive_int, run_reporting_user_errors, seed_int
 from core.distributed import barrier, cleanup_distributed, setup_distributed
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
                                  dataset_labels, real_content_frames, set_precision)
@@ -191,6 +191,19 @@ def main(args):
     cleanup_distributed()
 
 
+def check_finite_samples(models, indices: list, videos: torch.Tensor, contents: torch.Tensor) -> None:
+    """Refuses a batch with a NaN or infinite value before any of it is written: converted to uint8 it would pass
+    for a black video."""
+    bad = [index for index, video, content in zip(indices, videos, contents)
+           if not (bool(torch.isfinite(video).all()) and bool(torch.isfinite(content).all()))]
+    if bad:
+        scales = ", ".join(f"{stage} {denoiser.cfg_scale:g}" for stage, denoiser in
+                           (("content", models.content), ("motion", models.motion)) if denoiser is not None)
+        raise ValueError(f"sampling produced non-finite values (NaN or inf) in video{'s' * (len(bad) > 1)} "
+                         f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}; nothing of "
+                         f"{'them' if len(bad) > 1 else 'it'} was written (guidance scales: {scales})")
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     """What a sample.py run samples with: --preset's settings, each replaced by its flag where one is given."""
@@ -299,6 +312,7 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
             names = [f"{i:06d}_{prompt_slug(captions[i])}.mp4" for i in batch]
         decoded, z_c = generate(models, y, args.seed, [noise_ids[i] for i in batch],
                                 None if given_content is None else given_content[batch], progress=show_steps)
+        check_finite_samples(models, batch, decoded, z_c)
         clips = to_uint8_videos(decoded)
         contents.append(to_uint8_videos(models.ae.decode_content(z_c).float().unsqueeze(2))[:, 0])
         for index, name, clip in zip(batch, names, clips):
@@ -413,8 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="videos to generate, over all ranks")
     parser.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
                         help="videos per forward pass on each rank (memory only: the videos do not depend on it)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="noise seed: video i depends on the seed and i alone, for any --batch-size or rank count")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="noise seed, 0..2**64-1: video i depends on the seed and i alone, for any --batch-size "
+                        "or rank count")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
                         help=f"the sampling protocol; {describe_presets()}. 'fast' (the default) is validated against "
                         "'ddim' on the built-in data only (docs/BENCHMARKS.md); report numbers with 'paper' (README, "
@@ -423,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the content stage's sampler (default: the preset's)")
     parser.add_argument("--content-steps", type=positive_int, default=None, metavar="N",
                         help="the content stage's sampling steps (default: the preset's)")
-    parser.add_argument("--content-cfg-scale", type=finite_float, default=None, metavar="S",
+    parser.add_argument("--content-cfg-scale", type=guidance_scale, default=None, metavar="S",
                         help="guidance scale s, DiT's convention: eps = eps(null) + s * (eps(c) - eps(null)); 1 = none; "
                         "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the preset's ('paper': 5.0, "
                         "the paper's w = 4; 'reference': 4.0), else the checkpoint's config (configs/ucf101: 4.0)")
@@ -431,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the motion stage's sampler (default: the preset's)")
     parser.add_argument("--motion-steps", type=positive_int, default=None, metavar="N",
                         help="the motion stage's sampling steps (default: the preset's)")
-    parser.add_argument("--motion-cfg-scale", type=finite_float, default=None, metavar="S",
+    parser.add_argument("--motion-cfg-scale", type=guidance_scale, default=None, metavar="S",
                         help="guidance scale s of the motion model, the same convention as --content-cfg-scale. "
                         "Default: the preset's ('paper', 'reference': 1.0, unguided), else the checkpoint's config "
                         "(configs/ucf101: 1.0)")

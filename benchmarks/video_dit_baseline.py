@@ -78,8 +78,8 @@ class VideoDiT(nn.Module):
         self.num_classes = num_classes
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        spatial = torch.from_numpy(sincos_2d(hidden_size, *self.grid_size))  # (N, hidden)
-        temporal = torch.from_numpy(sincos_1d(hidden_size, range(frames))).float()  # (T, hidden)
+        spatial = sincos_2d(hidden_size, *self.grid_size)  # (N, hidden)
+        temporal = sincos_1d(hidden_size, range(frames)).float()  # (T, hidden)
         self.register_buffer("pos_embed", temporal[:, None, :] + spatial[None, :, :], persistent=False)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)

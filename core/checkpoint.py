@@ -10,12 +10,11 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
+from models.weights_file import load_failure, safe_torch_load  # noqa: F401 (safe_torch_load: this module's API)
+
 STEP_FILE = re.compile(r"^(\d{7})\.pt$")
-UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
-UNSAFE_CLASS = re.compile(r"got <class '([^']+)'>")
 
 
 class CheckpointError(ValueError):
@@ -112,32 +111,6 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
-# Checkpoints written before the RNG states were stored as tensors hold numpy's RNG key array (uint32). These
-# three globals can only rebuild a numeric array: an object array would need further, still refused, globals.
-_LEGACY_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                         getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
-
-
-def safe_torch_load(path, map_location="cpu", mmap: bool = False):
-    """torch.load that can only build tensors and plain Python values: a file whose pickle would import or call
-    anything else (code execution, foreign classes) is refused by torch's weights-only unpickler, never run."""
-    with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-
-
-def _load_failure(path: Path, exc: Exception) -> str:
-    """One line for a file torch.load refused: torch's own message spans many lines and suggests
-    turning the weights-only guard off, which would execute whatever the file holds."""
-    text = str(exc)
-    if "Weights only load failed" in text:
-        unsafe = UNSAFE_GLOBAL.search(text) or UNSAFE_CLASS.search(text)
-        what = unsafe.group(1).rstrip(".,") if unsafe else "an object"
-        return (f"checkpoint {path} refused: it holds a pickled object ({what}) besides tensors and plain values; "
-                f"checkpoints are loaded weights-only and never run code")
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"checkpoint {path} cannot be read ({type(exc).__name__}: {first})"
-
-
 def is_safetensors(path) -> bool:
     """An exported weights file: by its suffix, or by its content for a renamed one (8 bytes of little-endian header
     length, then the JSON header; a torch checkpoint starts with a zip signature or a pickle opcode instead)."""
@@ -191,21 +164,82 @@ def _load_safetensors(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
+# The entries of a checkpoint and what each must be (training/run.py's save writes them; exports load as the first
+# five). Every reader goes through load_checkpoint, which checks them, so that a damaged or hand-edited dictionary
+# ends in one line naming the file and the entry instead of an AttributeError deep in a reader.
+WEIGHT_ENTRIES = ("model", "ema", "discriminator")  # state dicts: names -> tensors
+OPTIMIZER_ENTRIES = ("opt", "disc_opt")  # torch optimizer state dicts
+INT_ENTRIES = ("step", "samples_seen", "world_size", "batch_size_per_rank", "data_position")
+
+
+def _kind(value) -> str:
+    name = type(value).__name__
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _check_tensors(path, name: str, value, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: checkpoint entry '{name}' is {_kind(value)}, not a dict of tensors")
+    for key, tensor in value.items():
+        if not isinstance(key, str) or not torch.is_tensor(tensor):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' holds {_kind(tensor)} under {key!r}, "
+                                  f"not a tensor")
+
+
+def check_checkpoint(ckpt, path, stage: Optional[str] = None) -> dict:
+    """`ckpt` if it has the layout of this repo's checkpoints (see the entries above), its config that of its stage's
+    schema; else CheckpointError naming `path` and the first entry that is wrong. Returns `ckpt`."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by this repo (no 'model'/'config' entries)")
+    config = ckpt["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: checkpoint entry 'config' is {_kind(config)}, not a mapping")
+    for name in WEIGHT_ENTRIES:
+        if name in ckpt:
+            _check_tensors(path, name, ckpt[name], allow_none=name != "model")
+    if ckpt.get("latent_stats") is not None:
+        _check_tensors(path, "latent_stats", ckpt["latent_stats"], allow_none=True)
+    for name in OPTIMIZER_ENTRIES:
+        value = ckpt.get(name)
+        if value is not None and not (isinstance(value, dict) and isinstance(value.get("state"), dict)
+                                      and isinstance(value.get("param_groups"), list)):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' is not an optimizer state (a dict with 'state' "
+                                  f"and 'param_groups')")
+    for name in INT_ENTRIES:
+        if name in ckpt and (isinstance(ckpt[name], bool) or not isinstance(ckpt[name], int)):
+            raise CheckpointError(f"{path}: checkpoint entry '{name}' is {_kind(ckpt[name])}, not a whole number")
+    if "rng" in ckpt and not isinstance(ckpt["rng"], (list, type(None))):
+        raise CheckpointError(f"{path}: checkpoint entry 'rng' is {_kind(ckpt['rng'])}, not a list")
+    recorded = ckpt.get("stage", config.get("stage"))
+    if recorded is not None and not isinstance(recorded, str):
+        raise CheckpointError(f"{path}: checkpoint entry 'stage' is {_kind(recorded)}, not a stage name")
+    stage = stage or recorded
+    from core.config import SCHEMAS, ConfigError, config_from_dict  # core.config imports the model registries
+
+    if stage in SCHEMAS:
+        try:
+            config_from_dict(stage, config)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: checkpoint entry 'config' does not fit the {stage} config: {exc}") from None
+    return ckpt
+
+
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """Loads one of our checkpoints (mmap=True reads tensors lazily: cheap for checks of its metadata), or weights
-    exported by training/export.py (.safetensors, always memory-mapped) in the same dict shape."""
+    exported by training/export.py (.safetensors, always memory-mapped) in the same dict shape; either is checked
+    by check_checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_safetensors(path):
-        return _load_safetensors(path, map_location)
+        return check_checkpoint(_load_safetensors(path, map_location), path)
     try:
         ckpt = safe_torch_load(path, map_location, mmap)
     except Exception as exc:  # torch raises several types for a damaged or unsafe file
-        raise CheckpointError(_load_failure(path, exc)) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint written by this repo (no 'model'/'config' entries)")
-    return ckpt
+        raise CheckpointError(load_failure(path, exc)) from None
+    return check_checkpoint(ckpt, path)
 
 
 def load_stage_checkpoint(path, stage: str, map_location="cpu", mmap: bool = False) -> dict:
@@ -232,11 +266,23 @@ def load_for_sampling(path, stage: str) -> dict:
     """
     ckpt = load_stage_checkpoint(path, stage, mmap=True)
     weights = model_weights(ckpt, prefer_ema=True)
+    check_finite(weights, path, "weight")
+    check_finite(ckpt.get("latent_stats") or {}, path, "latent statistic")
     kept = {key: ckpt[key] for key in _SAMPLING_KEYS if key in ckpt}
     stats = kept.get("latent_stats")
     if isinstance(stats, dict):
         kept["latent_stats"] = {key: value.clone() if torch.is_tensor(value) else value for key, value in stats.items()}
     return {**kept, "model": weights, "ema": weights}
+
+
+def check_finite(tensors: dict, path, what: str) -> None:
+    """Refuses a NaN or infinite value in any floating-point tensor of `tensors` in one line naming `path` and the
+    tensor: a model with one samples NaN everywhere, which would be written as black videos."""
+    for key, tensor in tensors.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: {what} '{key}' holds {count} non-finite value{'s' * (count != 1)} (NaN or "
+                                  f"inf) of {tensor.numel()}; these weights cannot sample")
 
 
 def model_weights(ckpt: dict, prefer_ema: bool = True) -> dict:
@@ -245,9 +291,9 @@ def model_weights(ckpt: dict, prefer_ema: bool = True) -> dict:
     return strip_prefixes(state)
 
 
-def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
-    """module.load_state_dict(state), strict, refusing foreign weights with one line that names `path` and the
-    first tensor that is missing, unexpected or of another shape (load_state_dict's own error lists them all)."""
+def check_weights_fit(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
+    """Refuses weights that do not fit `module` with one line that names `path` and the first tensor that is
+    missing, unexpected or of another shape (load_state_dict's own error lists them all)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: its {what} are not a state dict")
     expected = module.state_dict()
@@ -262,7 +308,40 @@ def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weight
     unexpected = [key for key in state if key not in expected]
     if unexpected:
         raise CheckpointError(f"{path}: its {what} do not fit this model: unexpected tensor '{unexpected[0]}'")
+
+
+def load_weights(module: torch.nn.Module, state: dict, path, what: str = "weights") -> None:
+    """module.load_state_dict(state), strict, after check_weights_fit."""
+    check_weights_fit(module, state, path, what)
     module.load_state_dict(state)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_fitting(build, state: dict, path, what: str, described_by: str = ""):
+    """`build()`, the model a checkpoint's config describes, once a build of it on the meta device (no memory) shows
+    that the checkpoint's weights fit it and that it fits in this machine's memory.
+
+    A config that does not describe its weights (an edited export's metadata: another resolution, width or class
+    count) would otherwise build a model of any size before load_weights could compare anything. `described_by`
+    names the config keys that size what the weights do not show (its fixed positional tables)."""
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except ValueError as exc:  # the model's own checks (divisibility, head counts) of the config's values
+        raise CheckpointError(f"{path}: its config does not describe a model: {exc}") from None
+    check_weights_fit(skeleton, state, path, what)
+    size = sum(t.numel() * t.element_size() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    if size > memory_bytes():
+        described = f" ({described_by})" if described_by else ""
+        raise CheckpointError(f"{path}: the model its config describes{described} "
+                              f"takes {size / 2**30:,.0f} GiB, more than this machine's {memory_bytes() / 2**30:,.0f} "
+                              f"GiB of memory, for {sum(t.numel() for t in state.values()):,} weights: "
+                              f"its config does not describe these weights")
+    return build()
 
 
 def weights_fingerprint(state: dict) -> str:

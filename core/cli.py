@@ -8,8 +8,6 @@ import math
 import os
 import sys
 
-from core.distributed import cleanup_distributed
-
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every entry point's --help: each flag's help ends with its default. Flags that default to None or False
@@ -37,6 +35,8 @@ def run_reporting_user_errors(fn, *args) -> None:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
+        from core.distributed import cleanup_distributed  # here: core.distributed takes its flag types from this module
+
         cleanup_distributed()
         raise SystemExit(1) from None
 
@@ -49,14 +49,33 @@ def entry_point(main, stage: str, description: str, argv=None) -> None:
     run_reporting_user_errors(main, parse_config(stage, description, argv))
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+
+
+def int_in_range(low: int, high=None, what: str = ""):
+    """An argparse type: a whole number in low..high (no upper bound when high is None); `what` names the range
+    in the message (e.g. "a port")."""
+    def parse(text: str) -> int:
+        value = _whole_number(text)
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {what + ', ' if what else ''}{bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a value it cannot convert
+    return parse
+
+
+positive_int = int_in_range(1)
+nonnegative_int = int_in_range(0)
+# Seeds seed torch.Generator and numpy, which take unsigned 64-bit numbers.
+SEED_MAX = 2**64 - 1
+seed_int = int_in_range(0, SEED_MAX, "a seed")
+port_int = int_in_range(1, 65535, "a TCP port")
 
 
 def finite_float(text: str) -> float:
@@ -66,4 +85,16 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+# Classifier-free guidance scales: 1 is none, 0 the unconditional model; scales in the tens already saturate every
+# sample, and far larger ones overflow float32 in the guided prediction (black videos).
+GUIDANCE_MAX = 100.0
+
+
+def guidance_scale(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 <= value <= GUIDANCE_MAX:
+        raise argparse.ArgumentTypeError(f"must be a guidance scale in 0..{GUIDANCE_MAX:g}, got {text}")
     return value

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import PREDICTION_TYPES, SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET
 from models.dit import validate_model_name
-from core.cli import HelpFormatter
+from core.cli import GUIDANCE_MAX, HelpFormatter, positive_int
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
@@ -305,6 +306,9 @@ def validate_config(cfg, stage: str) -> None:
             except ValueError as exc:
                 raise ConfigError(f"config key 'model.name': {exc} (content also: {PRETRAINED_UNET})") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
+        _require(math.isfinite(cfg.diffusion.cfg_scale) and 0.0 <= cfg.diffusion.cfg_scale <= GUIDANCE_MAX,
+                 f"config key 'diffusion.cfg_scale' must be a guidance scale in 0..{GUIDANCE_MAX:g}, "
+                 f"got {cfg.diffusion.cfg_scale}")
         _require(cfg.diffusion.prediction_type in (None, *PREDICTION_TYPES),
                  f"config key 'diffusion.prediction_type': '{cfg.diffusion.prediction_type}' is not "
                  f"{'|'.join(PREDICTION_TYPES)}")
@@ -406,7 +410,7 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--data-path", default=None, metavar="DIR",
                         help="the dataset's root folder; required for every dataset but synthetic "
                         + key_default("data_path"))
-    parser.add_argument("--global-batch-size", type=int, default=None, metavar="N",
+    parser.add_argument("--global-batch-size", type=positive_int, default=None, metavar="N",
                         help="clips per optimizer step summed over all ranks (GPUs): each of W ranks loads N / W, "
                         "so N must be divisible by W " + key_default("global_batch_size"))
     parser.add_argument("--results-dir", default=None, metavar="DIR",
@@ -420,12 +424,12 @@ def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
                         "the frames (set --vae) " + key_default("mode"))
     parser.add_argument("--vae", default=None, metavar="PATH",
                         help="latent mode: the Stable Diffusion VAE folder or hub id " + key_default("vae"))
-    parser.add_argument("--ckpt-every", type=int, default=None, metavar="N",
+    parser.add_argument("--ckpt-every", type=positive_int, default=None, metavar="N",
                         help="write a checkpoint every N optimizer steps (and at the last step) "
                         + key_default("ckpt_every"))
-    parser.add_argument("--log-every", type=int, default=None, metavar="N",
+    parser.add_argument("--log-every", type=positive_int, default=None, metavar="N",
                         help="log the training losses every N optimizer steps " + key_default("log_every"))
-    parser.add_argument("--max-steps", type=int, default=None, metavar="N",
+    parser.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
                         help="stop after N optimizer steps, with a checkpoint " + key_default("max_steps"))
     parser.add_argument("--global-seed", type=int, default=None, metavar="SEED",
                         help="the run's seed (rank r of W seeds with SEED * W + r; the data order follows it) "

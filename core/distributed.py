@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from core.cli import nonnegative_int, port_int, positive_int
+
 
 @dataclass
 class DistInfo:
@@ -117,16 +119,16 @@ def all_gather_object(obj) -> list:
 # parser; the relaunch forwards each one given under its first (underscore) spelling, which older torchruns read as
 # well.
 LAUNCHER_FLAGS = (
-    ("nnodes", ("--nnodes",), int),
-    ("nproc_per_node", ("--nproc_per_node", "--nproc-per-node"), int),
-    ("node_rank", ("--node_rank", "--node-rank"), int),
+    ("nnodes", ("--nnodes",), positive_int),
+    ("nproc_per_node", ("--nproc_per_node", "--nproc-per-node"), positive_int),
+    ("node_rank", ("--node_rank", "--node-rank"), nonnegative_int),
     ("master_addr", ("--master_addr", "--master-addr"), str),
-    ("master_port", ("--master_port", "--master-port"), int),
+    ("master_port", ("--master_port", "--master-port"), port_int),
     ("rdzv_backend", ("--rdzv_backend", "--rdzv-backend"), str),
     ("rdzv_endpoint", ("--rdzv_endpoint", "--rdzv-endpoint"), str),
     ("rdzv_id", ("--rdzv_id", "--rdzv-id"), str),
     ("rdzv_conf", ("--rdzv_conf", "--rdzv-conf"), str),
-    ("max_restarts", ("--max_restarts", "--max-restarts"), int),
+    ("max_restarts", ("--max_restarts", "--max-restarts"), nonnegative_int),
 )
 
 
@@ -186,6 +188,19 @@ def torchrun_command(args, argv: list, script: str) -> list:
     return [sys.executable, "-m", "torch.distributed.run", *launcher, script, *_without_launcher_flags(list(argv))]
 
 
+def check_node_rank(args) -> None:
+    """A node rank is a node's place among --nnodes nodes: without --nnodes, or outside 0..nnodes-1, the command
+    would start a run that is not the node it was meant to be (a lone single-process run, or a rendezvous that never
+    completes)."""
+    node_rank, nnodes = getattr(args, "node_rank", None), getattr(args, "nnodes", None)
+    if node_rank is None:
+        return
+    if nnodes is None:
+        raise LaunchError(f"--node_rank={node_rank} needs --nnodes (the number of nodes it is one of)")
+    if node_rank >= nnodes:
+        raise LaunchError(f"--node_rank={node_rank} is outside 0..{nnodes - 1} for --nnodes={nnodes}")
+
+
 def relaunch_with_torchrun_if_asked(args, argv=None) -> None:
     """NVlabs/CMD's commands run `python train_x.py --nnodes=N --nproc_per_node=G ...`; hand that to torchrun.
 
@@ -194,9 +209,12 @@ def relaunch_with_torchrun_if_asked(args, argv=None) -> None:
     """
     nproc = getattr(args, "nproc_per_node", None)
     nnodes = getattr(args, "nnodes", None)
-    if "LOCAL_RANK" in os.environ or ((nproc or 1) <= 1 and (nnodes or 1) <= 1):
+    if "LOCAL_RANK" in os.environ:
         return
     try:
+        check_node_rank(args)
+        if (nproc or 1) <= 1 and (nnodes or 1) <= 1:
+            return
         command = torchrun_command(args, sys.argv[1:] if argv is None else argv, sys.argv[0])
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,9 +22,11 @@ from tqdm import tqdm
 
 from models.autoencoder import build_autoencoder
 from models.vae import PixelFrames, load_frame_vae, pixel_interface
+from models.weights_file import load_weights_file
 from core.checkpoint import (
     CheckpointError,
     atomic_write,
+    build_fitting,
     load_checkpoint,
     load_for_sampling,
     load_weights,
@@ -126,8 +128,11 @@ def load_autoencoder(path, device, data_cfg=None, mode: Optional[str] = None, va
     frames = load_frames(ae_cfg, device)
     check_vae(ae_cfg.vae_fingerprint, recorded_vae, frames, ae_cfg.vae, f"autoencoder {path}")
     ae_cfg.vae_fingerprint = vae_fingerprint(frames)
-    model = build_autoencoder(ae_cfg.model, ae_cfg.data, frames.downsample)
-    load_weights(model, model_weights(ckpt, prefer_ema=True), path, "autoencoder weights")
+    weights = model_weights(ckpt, prefer_ema=True)
+    model = build_fitting(lambda: build_autoencoder(ae_cfg.model, ae_cfg.data, frames.downsample), weights, path,
+                          "autoencoder weights", f"data.resolution {list(ae_cfg.data.resolution)}, data.n_frames "
+                          f"{ae_cfg.data.n_frames}, model.hidden_size {ae_cfg.model.hidden_size}")
+    load_weights(model, weights, path, "autoencoder weights")
     model.to(device).eval().requires_grad_(False)
     return pixel_interface(frames, model), ae_cfg
 
@@ -622,5 +627,5 @@ def caption_table(run, encoder, captions: list):
     barrier()
     if not len(table):
         run.logger.info(f"text cache: reusing {path} ({len(unique)} captions)")
-        table.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        table.load_state_dict(load_weights_file(path, "text cache"))
     return table

@@ -54,10 +54,20 @@ def select_split(rows: Sequence[CaptionRow], split: str) -> List[CaptionRow]:
     return [row for row in rows if row_split(row) == split]
 
 
-def _csv_records(reader) -> Iterator[Tuple[int, List[str]]]:
-    """(first line, values) of each non-blank CSV record after the header."""
+def _csv_records(path: Path, reader) -> Iterator[Tuple[int, List[str]]]:
+    """(first line, values) of each non-blank CSV record after the header.
+
+    The reader is strict: an unterminated quote, which a lenient reader closes at the end of the file or at the
+    next quote (taking the rows in between into its caption), is an error naming the row where it opened."""
     line = reader.line_num + 1
-    for values in reader:
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            raise DatasetError(f"captions file {path}:{line}: not valid CSV from this row to line {reader.line_num} "
+                               f"({error}; an unterminated quote?)") from None
         if any(value.strip() for value in values):
             yield line, values
         line = reader.line_num + 1
@@ -88,22 +98,31 @@ def _layout(path: Path, columns) -> str:
     )
 
 
-def _text(value) -> str:
-    return "" if value is None else str(value).strip()
+def _text(path: Path, line: int, record: dict, key: str, numbers: bool = False) -> str:
+    """The value of `key` as text (empty when missing or null). JSON lines may hold other types: a list or a boolean
+    would become its Python repr and be trained on as a caption, so only strings (and for ids, numbers) are taken."""
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str) and not (numbers and isinstance(value, (int, float)) and not isinstance(value, bool)):
+        kind = type(value).__name__.replace("dict", "object").replace("list", "array")
+        raise DatasetError(f"captions file {path}:{line}: '{key}' is a JSON {kind}, not a string")
+    return str(value).strip()
 
 
 def _row(path: Path, layout: str, line: int, record: dict, skipped: List[Tuple[str, str]]) -> Optional[CaptionRow]:
     if layout == "path":
-        video, caption = _text(record.get("path")), _text(record.get("caption"))
+        video, caption = _text(path, line, record, "path"), _text(path, line, record, "caption")
     else:
-        videoid, page_dir = _text(record.get("videoid")), _text(record.get("page_dir"))
+        videoid = _text(path, line, record, "videoid", numbers=True)
+        page_dir = _text(path, line, record, "page_dir", numbers=True)
         video = f"{page_dir}/{videoid}.mp4" if videoid and page_dir else ""
-        caption = _text(record.get("name"))
+        caption = _text(path, line, record, "name")
     split = None
     if "split" in record:
-        split = SPLIT_VALUES.get(_text(record["split"]).lower())
+        split = SPLIT_VALUES.get(_text(path, line, record, "split").lower())
         if split is None:
-            skipped.append((str(path), f"unknown split {_text(record['split'])!r}: line {line}"))
+            skipped.append((str(path), f"unknown split {_text(path, line, record, 'split')!r}: line {line}"))
             return None
     if not video:
         skipped.append((str(path), f"no path: line {line}"))
@@ -133,13 +152,13 @@ def read_captions(path) -> Tuple[List[CaptionRow], List[Tuple[str, str]]]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
             if extension in CSV_EXTENSIONS:
-                reader = csv.reader(handle)
+                reader = csv.reader(handle, strict=True)
                 header = next(reader, None)
                 if header is None:
                     raise DatasetError(f"captions file {path} is empty (expected a CSV header row)")
                 columns = [name.strip().lower() for name in header]
                 layout = _layout(path, columns)
-                records = ((line, dict(zip(columns, values))) for line, values in _csv_records(reader))
+                records = ((line, dict(zip(columns, values))) for line, values in _csv_records(path, reader))
             else:
                 layout, records = None, _jsonl_records(path, handle)
             for line, record in records:

@@ -5,7 +5,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 import sys
 import warnings
 import zipfile
@@ -27,7 +26,8 @@ import datasets
 from datasets.video_index import VIDEO_EXTENSIONS, is_video_name
 from datasets.transforms import to_uint8_videos
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
-from core.cli import HelpFormatter, positive_int
+from models.weights_file import WeightsFileError, load_weights_file
+from core.cli import HelpFormatter, nonnegative_int, positive_int, seed_int
 
 DETECTOR_ENV = "CMD_I3D_PATH"
 REAL_SPLIT = "train"  # real clips of a dataset source: the training split, what the models learn
@@ -152,12 +152,9 @@ def load_detector(path: Optional[str] = None, device: Union[str, torch.device] =
         # The reference detector keeps its file name as its tag (StyleGAN-V's i3d_torchscript).
         return TorchScriptI3D(module, f"torchscript:{Path(resolved).stem}", device, tag=Path(resolved).stem)
     try:
-        loaded = torch.load(resolved, map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
-        # torch's own message spans many lines and suggests loading without the weights-only guard, never wanted here.
-        raise ValueError(
-            f"{resolved}: not a TorchScript archive nor a plain tensor state dict ({type(error).__name__})"
-        ) from error
+        loaded = load_weights_file(resolved, "I3D detector file")
+    except WeightsFileError as error:
+        raise ValueError(f"{error} (a detector is a TorchScript archive or a plain tensor state dict)") from None
     model = build_port_i3d(_unwrap_state_dict(loaded, resolved), resolved)
     # The port's tag says so, so that its numbers never pass for the reference detector's.
     return PortI3D(model, f"i3d-port:{Path(resolved).stem}", device, tag=f"i3d-port:{Path(resolved).stem}")
@@ -660,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "independent sample sets")
     parser.add_argument("--n-frames", type=positive_int, default=None, metavar="N",
                         help="frames per clip (default: the .npz side's)")
-    parser.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
+    parser.add_argument("--resolution", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                         help="clip size read from a dataset side (default: the other side's frame size)")
     parser.add_argument("--allow-resize", action="store_true",
                         help=f"compare real and fake frames of different sizes; the detector resizes both to its "
@@ -673,11 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "10,000 UCF-101 videos (README, FVD)")
     parser.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
                         help="videos per detector forward pass")
-    parser.add_argument("--num-workers", type=int, default=0, metavar="N",
+    parser.add_argument("--num-workers", type=nonnegative_int, default=0, metavar="N",
                         help="loader processes for a dataset side")
     parser.add_argument("--cache-dir", default=_default_cache_dir(), help="where real statistics are cached")
     parser.add_argument("--no-cache", action="store_true", help="recompute real statistics, write no cache")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed_int, default=0,
                         help="which clips of a dataset side: a random subset of --num-videos, drawn with this seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the detector runs")

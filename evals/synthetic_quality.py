@@ -24,7 +24,8 @@ from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name, l
 from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
 from core.checkpoint import atomic_torch_save
-from core.cli import HelpFormatter
+from models.weights_file import load_weights_file
+from core.cli import HelpFormatter, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,7 @@ def cache_file(settings: dict, cache_dir: Union[str, Path, None] = None) -> Path
 
 def _load_cached(path: Path, settings: dict) -> QualityClassifier:
     """The cached classifier; any exception means the file is unusable (damaged, foreign or stale)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path, "quality classifier cache")
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a dict")
     if state.get("version") != CLASSIFIER_VERSION or state.get("settings") != settings:
@@ -602,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--npz", action="append", default=[], metavar="FILE",
                         help="sample.py output: 'videos' uint8 (N, T, H, W, 3), 'labels' (N,); repeat for several")
-    parser.add_argument("--num-classes", type=int, default=None, metavar="N",
+    parser.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
                         help="the models' class count; required unless the npz has a 'num_classes' entry")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed of the training run (train.global_seed)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
@@ -610,9 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers to this JSON file")
     parser.add_argument("--prepare", action="store_true",
                         help="only train and cache the classifier for --resolution H W, --frames, --num-classes")
-    parser.add_argument("--resolution", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
+    parser.add_argument("--resolution", type=positive_int, nargs=2, default=(32, 32), metavar=("H", "W"),
                         help="--prepare: the clip size of the classifier (an npz gives its own)")
-    parser.add_argument("--frames", type=int, default=8, metavar="T",
+    parser.add_argument("--frames", type=positive_int, default=8, metavar="T",
                         help="--prepare: frames per clip of the classifier (an npz gives its own)")
     return parser
 

@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from models.weights_file import load_weights_file
+
 __all__ = [
     "AutoencoderLoss",
     "PatchDiscriminator",
@@ -59,7 +61,7 @@ def _new_lpips(net: str) -> nn.Module:
 
 def _load_backbone(model: nn.Module, weights_path: str) -> None:
     """Copy torchvision `features.<i>.*` tensors into lpips' trunk, which keeps layer i as `slice<k>.<i>.*`."""
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    state = load_weights_file(weights_path, "LPIPS backbone weights file")
     if not isinstance(state, dict):
         raise ValueError(f"LPIPS backbone weights file {weights_path} does not hold a state dict")
     trunk = model.net

@@ -131,8 +131,8 @@ class CMDAutoencoder(nn.Module):
 
         # Fixed positional embeddings (see the module docstring); non-persistent because they are
         # recomputed from the constructor arguments and so need not live in checkpoints.
-        spatial = torch.from_numpy(sincos_2d(hidden_size, self.grid_h, self.grid_w))  # (N, hidden)
-        temporal = torch.from_numpy(sincos_1d(hidden_size, range(n_frames))).float()  # (T, hidden)
+        spatial = sincos_2d(hidden_size, self.grid_h, self.grid_w)  # (N, hidden)
+        temporal = sincos_1d(hidden_size, range(n_frames)).float()  # (T, hidden)
         self.register_buffer("pos_embed", temporal[:, None, :] + spatial[None, :, :], persistent=False)
 
         # Encoder.

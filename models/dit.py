@@ -40,8 +40,7 @@ def _token_grid(size: Sequence[int], patch_size: int, what: str) -> Tuple[int, i
 
 
 def _fixed_position_table(hidden_size: int, grid: Tuple[int, int]) -> torch.Tensor:
-    # torch.tensor (not from_numpy) so the table follows a `with torch.device(...)` context.
-    return torch.tensor(sincos_2d(hidden_size, grid[0], grid[1])).unsqueeze(0)  # (1, N, hidden)
+    return sincos_2d(hidden_size, grid[0], grid[1]).unsqueeze(0)  # (1, N, hidden), on the default device
 
 
 class TimestepEmbedder(nn.Module):

@@ -2,7 +2,6 @@
 
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,27 +48,32 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
-def sincos_1d(embed_dim: int, positions) -> np.ndarray:
-    """Fixed sin-cos embedding (len(positions), embed_dim) as in 'Attention is all you need'."""
+def sincos_1d(embed_dim: int, positions) -> torch.Tensor:
+    """Fixed sin-cos embedding (len(positions), embed_dim), float64, as in 'Attention is all you need'.
+
+    Torch ops on the default device, so that a model built under `with torch.device("meta")` (a check of the size
+    of what a checkpoint's config describes, core.checkpoint.build_fitting) allocates nothing for its tables."""
     if embed_dim % 2 != 0:
         raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
-    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
-    out = np.outer(np.asarray(positions, dtype=np.float64).reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
+    if isinstance(positions, range):
+        positions = torch.arange(positions.start, positions.stop, positions.step, dtype=torch.float64)
+    out = torch.outer(torch.as_tensor(positions, dtype=torch.float64).reshape(-1), omega)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
-    """Fixed 2-D sin-cos embedding (grid_h * grid_w, embed_dim), row-major; any (non-square) grid.
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding (grid_h * grid_w, embed_dim), float32, row-major; any (non-square) grid.
 
     Half of the channels encode the row, half the column (the MAE/DiT recipe, generalised from
     square grids so that a 16x64 motion latent works).
     """
     if embed_dim % 4 != 0:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
-    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     emb_h = sincos_1d(embed_dim // 2, rows)
     emb_w = sincos_1d(embed_dim // 2, cols)
-    return np.concatenate([emb_h, emb_w], axis=1).astype(np.float32)
+    return torch.cat([emb_h, emb_w], dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,13 @@ diffusers is imported when a VAE is loaded, not with this module: pixel mode nev
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from models.weights_file import weights_only_refusal
 
 
 class VAELoadError(ValueError):
@@ -90,7 +93,7 @@ def from_pretrained(model_class, source: str, subfolder: str, what: str, error: 
     name = model_class.__name__
     if issubclass(model_class, torch.nn.Module):  # weights as plain CPU tensors, not initialised on the meta device
         kwargs = {"low_cpu_mem_usage": False, **kwargs}
-    path = Path(source).expanduser()
+    path, folder = Path(source).expanduser(), None
     if not path.exists() and not looks_like_hub_id(source):
         raise error(f"{what} {source}: no such folder")
     try:
@@ -108,9 +111,16 @@ def from_pretrained(model_class, source: str, subfolder: str, what: str, error: 
         if found != name:
             raise error(f"{what} {folder}: its config.json describes {found}, not {name}")
         return model_class.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, TypeError, json.JSONDecodeError, pickle.UnpicklingError) as exc:
         if isinstance(exc, error):
             raise
+        refusal = weights_only_refusal(exc)
+        if refusal is not None:  # a .bin weights file: transformers and diffusers load those weights-only
+            local = folder if path.exists() and folder is not None else None
+            bins = sorted(local.glob("*.bin")) if local is not None else []
+            where = f"{what} {bins[0]}" if len(bins) == 1 else f"{what} {source}: a weights file in it"
+            raise error(f"{where} is not a plain weights file: {refusal}; weights are loaded weights-only and "
+                        f"never run code") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise error(f"{what} {source}: does not load as a {name} ({first})") from None
 

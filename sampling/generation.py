@@ -17,7 +17,9 @@ from diffusion import create_diffusion
 from diffusion.guidance import guided_model
 from models.content_unet import build_denoiser
 from models.text_encoder import TextEncoder, TextEncoderLoadError, load_text_encoder
-from core.checkpoint import CheckpointError, load_for_sampling, load_weights, model_weights, weights_fingerprint
+from core.checkpoint import (CheckpointError, build_fitting, load_for_sampling, load_weights, model_weights,
+                             weights_fingerprint)
+from core.cli import GUIDANCE_MAX
 from core.config import config_from_dict
 from core.latents import LatentScaler, load_autoencoder
 
@@ -105,6 +107,9 @@ class Denoiser:
     def from_config(cls, model, cfg, scaler: LatentScaler, options: SamplingOptions = SamplingOptions()) -> "Denoiser":
         sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma, options.steps, options.sampler)
         cfg_scale = cfg.diffusion.cfg_scale if options.cfg_scale is None else options.cfg_scale
+        if not 0.0 <= float(cfg_scale) <= GUIDANCE_MAX:  # NaN fails too; scales beyond overflow into NaN samples
+            raise ValueError(f"the {cfg.stage} model's guidance scale {cfg_scale} is not in 0..{GUIDANCE_MAX:g}"
+                             + (" (its checkpoint's diffusion.cfg_scale)" if options.cfg_scale is None else ""))
         return cls(model, cfg, scaler, sampler, float(cfg_scale))
 
     def with_options(self, options: SamplingOptions) -> "Denoiser":
@@ -223,7 +228,8 @@ def video_generators(seed: Optional[int], indices: Sequence[int], stream: int, d
     global generator) without a seed."""
     if seed is None:
         return None
-    return [torch.Generator(device).manual_seed(seed * 1_000_003 + index * 2 + stream) for index in indices]
+    # Modulo 2**64, the generator's seed range: any seed sample.py accepts (0..2**64-1) and any video index work.
+    return [torch.Generator(device).manual_seed((seed * 1_000_003 + index * 2 + stream) % 2**64) for index in indices]
 
 
 @torch.no_grad()
@@ -337,10 +343,13 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
         raise CheckpointError(f"{path} was trained on the latents of the VAE with weights {cfg.vae_fingerprint}, but "
                               f"the given VAE has weights {vae}: pass the VAE it was trained with (--vae)")
     text_shape = (int(cfg.text.tokens), int(cfg.text.dim)) if cfg.text.encoder else None
-    model = build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape, ae.motion_shape,
-                           text_shape=text_shape)
     try:
-        load_weights(model, model_weights(ckpt, prefer_ema=True), path, f"{stage} denoiser weights")
+        weights = model_weights(ckpt, prefer_ema=True)
+        model = build_fitting(lambda: build_denoiser(stage, cfg.model, int(cfg.data.num_classes), ae.content_shape,
+                                                     ae.motion_shape, text_shape=text_shape),
+                              weights, path, f"{stage} denoiser weights",
+                              f"model.name {cfg.model.name}, data.num_classes {cfg.data.num_classes}")
+        load_weights(model, weights, path, f"{stage} denoiser weights")
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (latent shapes from the autoencoder: content {tuple(ae.content_shape)}, "
                               f"motion {tuple(ae.motion_shape)}; was it trained on another autoencoder?)") from None

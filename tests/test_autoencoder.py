@@ -1,6 +1,7 @@
 """Tests of the CMD autoencoder (shapes, content frame, motion latent, overfitting) and its losses."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -246,6 +247,35 @@ def test_lpips_missing_weights_file_names_the_path(tmp_path):
     assert lpips_backbone_weights_path("vgg").endswith("vgg16-397923af.pth")
     with pytest.raises(ValueError, match="'resnet'"):
         build_lpips("resnet", random_backbone=True)
+
+
+class MakesAFolder:
+    """Pickles as a call of os.mkdir: a loader that ran the pickle would leave the folder behind."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
+
+
+@pytest.mark.parametrize("content", ["pickled object", "garbage"])
+def test_lpips_weights_that_are_not_plain_tensors_are_one_line(tmp_path, content):
+    """torch's weights-only refusal spans many lines and advises weights_only=False; ours names the file."""
+    weights_file, marker = tmp_path / "vgg16.pth", tmp_path / "ran"
+    if content == "garbage":
+        weights_file.write_bytes(b"\0" * 64)
+    else:
+        torch.save({"features.0.weight": MakesAFolder(marker)}, weights_file)
+    with pytest.raises(ValueError) as info:
+        build_lpips("vgg", weights_path=str(weights_file))
+    message = str(info.value)
+    assert message.startswith(f"LPIPS backbone weights file {weights_file} ") and "\n" not in message, message
+    expected = "is not a plain weights file: " + ("its pickle does not read as tensors and plain values (Unsupported "
+                                                  "operand 0)" if content == "garbage" else "it holds a pickled object "
+                                                  "(posix.mkdir)")
+    assert expected in message and "weights_only=False" not in message, message
+    assert not marker.exists()
 
 
 def test_lpips_loads_a_torchvision_vgg16_state_dict(tmp_path):

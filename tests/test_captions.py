@@ -237,6 +237,17 @@ def test_hash_split_is_stable_disjoint_and_covers_every_row(tmp_path):
         ("keys.jsonl", '{"file": "a.mp4", "text": "x"}\n', "found file, text"),
         ("binary.csv", b"path,caption\n\xff\xfe\x00garbage\n", "not UTF-8"),
         ("captions.txt", "path,caption\n", "unknown extension '.txt'"),
+        # An unterminated quote once took the rows after it into its caption, silently.
+        ("open.csv", 'path,caption\na.mp4,ok\nb.mp4,"a red disc\nc.mp4,blue square\nd.mp4,green\n',
+         r"open.csv:3: not valid CSV from this row to line 5 \(unexpected end of data; an unterminated quote\?\)"),
+        ("closed_later.csv", 'path,caption\nb.mp4,"a red disc\nc.mp4,blue "square"\nd.mp4,green\n',
+         "closed_later.csv:2: not valid CSV from this row to line 3"),
+        # Non-string captions once became their Python repr ("['a', 'b']", "True") and were trained on.
+        ("list.jsonl", '{"path": "a.mp4", "caption": "x"}\n{"path": "b.mp4", "caption": ["a", "b"]}\n',
+         "list.jsonl:2: 'caption' is a JSON array, not a string"),
+        ("bool.jsonl", '{"path": "a.mp4", "caption": true}\n', "bool.jsonl:1: 'caption' is a JSON bool, not a string"),
+        ("object.jsonl", '{"path": {"p": 1}, "caption": "x"}\n', "object.jsonl:1: 'path' is a JSON object"),
+        ("name.jsonl", '{"videoid": 7, "page_dir": "p", "name": 3.5}\n', "name.jsonl:1: 'name' is a JSON float"),
     ],
 )
 def test_malformed_captions_files_raise_one_line_errors(tmp_path, name, content, message):
@@ -245,6 +256,17 @@ def test_malformed_captions_files_raise_one_line_errors(tmp_path, name, content,
     with pytest.raises(DatasetError, match=message) as error:
         read_captions(path)
     assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_jsonl_numeric_webvid_ids_and_quoted_commas_still_read(tmp_path):
+    jsonl = tmp_path / "ids.jsonl"
+    jsonl.write_text('{"videoid": 1066, "page_dir": "000001_000050", "name": "a red disc"}\n')
+    rows, _ = read_captions(jsonl)
+    assert [(row.path, row.caption) for row in rows] == [("000001_000050/1066.mp4", "a red disc")]
+    csv_file = tmp_path / "quoted.csv"
+    csv_file.write_text('path,caption\na.mp4,"a disc, moving ""left"""\nb.mp4,plain\n')
+    rows, _ = read_captions(csv_file)
+    assert [(row.caption, row.line) for row in rows] == [('a disc, moving "left"', 2), ("plain", 3)]
 
 
 def test_missing_captions_file(tmp_path):

@@ -245,3 +245,177 @@ def test_resume_from_exported_weights_is_refused_in_one_line(trained, tmp_path):
     line = one_line_error(proc)
     assert line.startswith(f"error: --resume {weights}: exported weights hold no optimizer state"), line
     assert not results.exists() or not any(results.iterdir())
+
+
+# ---- malformed checkpoint dictionaries: one line naming the file and the entry, in every reader --------------------
+def _first_weight(ckpt: dict) -> str:
+    return next(iter(ckpt["ema"]))
+
+
+MALFORMED = {
+    "config a list": (lambda c: c.update(config=[1, 2]), "checkpoint entry 'config' is a list, not a mapping"),
+    "model a list": (lambda c: c.update(model=[1, 2], ema=None), "checkpoint entry 'model' is a list"),
+    "ema a list": (lambda c: c.update(ema=[1, 2]), "checkpoint entry 'ema' is a list"),
+    "a weight a string": (lambda c: c["ema"].update({_first_weight(c): "x"}),
+                          "checkpoint entry 'ema' holds a str under"),
+    "config.train a string": (lambda c: c["config"].update(train="x"), "'config' does not fit the motion config"),
+    "step a string": (lambda c: c.update(step="12"), "checkpoint entry 'step' is a str, not a whole number"),
+    "optimizer a list": (lambda c: c.update(opt=[1]), "checkpoint entry 'opt' is not an optimizer state"),
+    "stage a number": (lambda c: c.update(stage=3), "checkpoint entry 'stage' is an int"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_checkpoint_dictionaries_are_one_line_in_every_reader(trained, tmp_path, case):
+    """Export, sampling and --resume read checkpoints through one loader; a dictionary of the wrong layout (once an
+    AttributeError traceback in each) is refused there, naming the file and the entry."""
+    from training.export import export_checkpoint
+
+    mutate, expected = MALFORMED[case]
+    ckpt = ckpt_io.safe_torch_load(trained.motion_ckpt)
+    mutate(ckpt)
+    path = tmp_path / "bad.pt"
+    torch.save(ckpt, path)
+    readers = {"export": lambda: export_checkpoint(path, tmp_path / "out.safetensors"),
+               "sampling": lambda: ckpt_io.load_for_sampling(path, "motion"),
+               "resume": lambda: ckpt_io.resolve_resume(str(path), tmp_path / "results", "motion")}
+    for reader, read in readers.items():
+        with pytest.raises(ckpt_io.CheckpointError) as info:
+            read()
+        message = str(info.value)
+        assert str(path) in message and expected in message and "\n" not in message, (reader, message)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sample_py_with_a_malformed_autoencoder_checkpoint_is_one_line(trained, tmp_path):
+    ckpt = ckpt_io.safe_torch_load(trained.ae_ckpt)
+    ckpt["model"] = ["not", "weights"]
+    bad = tmp_path / "ae.pt"
+    torch.save(ckpt, bad)
+    proc = subprocess.run([sys.executable, "sample.py", "--ae-ckpt", str(bad), "--motion-ckpt",
+                           str(trained.motion_ckpt), "--content-ckpt", str(trained.content_ckpt), "--num-videos", "1",
+                           "--out-dir", str(tmp_path / "out")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert one_line_error(proc) == f"error: {bad}: checkpoint entry 'model' is a list, not a dict of tensors"
+    assert not (tmp_path / "out" / "videos").exists() or not any((tmp_path / "out" / "videos").iterdir())
+
+
+# ---- exported metadata that does not describe its tensors: refused before any model is built ----------------------
+def tampered_export(source: Path, out: Path, key: str, value) -> Path:
+    """A copy of an export whose metadata config has `key` (dotted) set to `value`, its tensors untouched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    config = json.loads(metadata["cmd.config"])
+    *parents, last = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[last] = value
+    save_file(tensors, str(out), metadata={**metadata, "cmd.config": json.dumps(config)})
+    return out
+
+
+@pytest.mark.parametrize("stage, key, value, expected", [
+    # 2**20 x 2**20 pixels: positional tables of petabytes (the build itself once died in a MemoryError).
+    ("ae", "data.resolution", [2**20, 2**20], "more than this machine's"),
+    ("ae", "data.n_frames", 10**12, "more than this machine's"),
+    ("ae", "model.hidden_size", 10**6, "tensor 'patch_embed.weight' has shape (32, 3, 4, 4), the model expects "
+                                       "(1000000, 3, 4, 4)"),
+    ("ae", "model.num_heads", 7, "its config does not describe a model: hidden size 32 is not divisible by "
+                                 "num_heads 7"),
+    ("motion", "data.num_classes", 10**9, "the model expects (1000000001, 128)"),
+])
+def test_export_whose_metadata_does_not_describe_its_tensors_is_refused_before_building(trained, exported, tmp_path,
+                                                                                        stage, key, value, expected):
+    from core.latents import load_autoencoder
+    from sampling.generation import load_denoiser
+
+    bad = tampered_export(getattr(exported, stage), tmp_path / f"{stage}.safetensors", key, value)
+    with pytest.raises(ckpt_io.CheckpointError) as info:
+        if stage == "ae":
+            load_autoencoder(bad, "cpu")
+        else:
+            load_denoiser(bad, stage, load_autoencoder(exported.ae, "cpu")[0], "cpu")
+    message = str(info.value)
+    assert message.startswith(f"{bad}: ") and expected in message and "\n" not in message, message
+
+
+# ---- non-finite weights and samples: one line, nothing written as if it were a video --------------------------------
+def with_a_nan(source: Path, out: Path) -> tuple:
+    """A copy of a .pt checkpoint or an export with one NaN in its first EMA weight: (copy, that weight's name)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if source.suffix == ".safetensors":
+        with safe_open(str(source), framework="pt") as handle:
+            metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+        name = sorted(tensors)[0]
+        tensors[name].view(-1)[0] = float("nan")
+        save_file(tensors, str(out), metadata=metadata)
+    else:
+        ckpt = ckpt_io.safe_torch_load(source)
+        name = sorted(ckpt["ema"])[0]
+        ckpt["ema"][name].view(-1)[0] = float("nan")
+        torch.save(ckpt, out)
+    return out, name
+
+
+@pytest.mark.parametrize("which", ["ae .pt", "motion .safetensors"])
+def test_weights_with_a_nan_are_refused_when_loaded_for_sampling(trained, exported, tmp_path, which):
+    stage, kind = which.split()
+    source = trained.ae_ckpt if kind == ".pt" else exported.motion
+    bad, name = with_a_nan(source, tmp_path / f"bad{kind}")
+    with pytest.raises(ckpt_io.CheckpointError) as info:
+        ckpt_io.load_for_sampling(bad, "autoencoder" if stage == "ae" else stage)
+    assert str(info.value) == (f"{bad}: weight '{name}' holds 1 non-finite value (NaN or inf) of "
+                               f"{ckpt_io.load_checkpoint(source)['ema'][name].numel()}; these weights cannot sample")
+
+
+def test_sample_py_with_a_nan_in_an_exported_denoiser_writes_nothing(trained, exported, tmp_path):
+    bad, name = with_a_nan(exported.content, tmp_path / "content.safetensors")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "sample.py", "--ae-ckpt", str(exported.ae), "--motion-ckpt",
+                           str(exported.motion), "--content-ckpt", str(bad), "--num-videos", "1", "--npz",
+                           str(out / "all.npz"), "--out-dir", str(out)], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert one_line_error(proc).startswith(f"error: {bad}: weight '{name}' holds 1 non-finite value")
+    assert not out.exists() or not any(out.rglob("*.mp4")) and not any(out.rglob("*.npz"))
+
+
+def test_non_finite_samples_are_an_error_and_are_not_written(trained, tmp_path, monkeypatch):
+    """Whatever makes a sample NaN (weights, guidance, a numerical blow-up), it is refused before it is written:
+    as uint8 it would pass for a black video."""
+    import sample
+
+    real_generate = sample.generate
+
+    def generate_with_a_nan(models, labels, seed, indices, *args, **kwargs):
+        videos, content = real_generate(models, labels, seed, indices, *args, **kwargs)
+        if 1 in indices:
+            videos[list(indices).index(1)].view(-1)[0] = float("nan")
+        return videos, content
+
+    monkeypatch.setattr(sample, "generate", generate_with_a_nan)
+    out = tmp_path / "out"
+    args = sample.parse_args(["--ae-ckpt", str(trained.ae_ckpt), "--motion-ckpt", str(trained.motion_ckpt),
+                              "--content-ckpt", str(trained.content_ckpt), "--num-videos", "3", "--batch-size", "1",
+                              "--out-dir", str(out), "--npz", str(out / "all.npz"), "--quiet"])
+    with pytest.raises(ValueError) as info:
+        sample.main(args)
+    assert str(info.value) == ("sampling produced non-finite values (NaN or inf) in video 1; nothing of it was written "
+                               "(guidance scales: content 2, motion 2)")
+    # The video before it is whole and stays; the NaN one, those after it, the grid and the npz are never written.
+    assert sorted(path.name for path in out.rglob("*") if path.is_file()) == ["000000_class000.mp4"]
+
+
+def test_a_guidance_scale_in_an_exports_config_that_would_overflow_is_refused(trained, exported, tmp_path):
+    from sampling.generation import load_models
+
+    bad = tampered_export(exported.motion, tmp_path / "motion.safetensors", "diffusion.cfg_scale", 1e300)
+    with pytest.raises(ValueError) as info:
+        load_models(exported.ae, bad)
+    assert str(info.value) == ("the motion model's guidance scale 1e+300 is not in 0..100 (its checkpoint's "
+                               "diffusion.cfg_scale)")

@@ -216,7 +216,7 @@ def test_position_embedding_fits_a_non_square_motion_grid():
     grid_h, grid_w = 8, 32
     assert model.grid_size == (grid_h, grid_w)
     assert model.pos_embed.shape == (1, grid_h * grid_w, 32)
-    torch.testing.assert_close(model.pos_embed[0], torch.from_numpy(sincos_2d(32, grid_h, grid_w)))
+    torch.testing.assert_close(model.pos_embed[0], sincos_2d(32, grid_h, grid_w))
     distances = torch.cdist(model.pos_embed[0], model.pos_embed[0])
     distances.fill_diagonal_(float("inf"))
     assert distances.min().item() > 1e-3  # every grid position gets its own embedding

@@ -292,6 +292,24 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, npz_pair, torchscript
     assert code == 2 and "'videos'" in err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--n-frames", "-3", "must be at least 1, got -3"), ("--n-frames", "0", "must be at least 1, got 0"),
+    ("--batch-size", "0", "must be at least 1, got 0"), ("--batch-size", "-1", "must be at least 1, got -1"),
+    ("--num-videos", "0", "must be at least 1, got 0"), ("--num-workers", "-1", "must be at least 0, got -1"),
+    ("--resolution", "0", "must be at least 1, got 0"), ("--seed", "-5", "must be a seed"),
+])
+def test_cli_bad_numbers_are_refused_by_the_parser_naming_the_flag(capsys, npz_pair, flag, value, message):
+    """Before any detector loads: --n-frames -3 once scored the clips' first 13 frames (a slice to -3), a zero
+    --batch-size ended in range()'s message."""
+    real, fake = npz_pair
+    values = [value, "16"] if flag == "--resolution" else [value]
+    with pytest.raises(SystemExit) as stop:
+        fvd.parse_args(["--real", str(real), "--fake", str(fake), flag, *values])
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: {message}" in line, line
+
+
 def test_cli_missing_detector_exits_2_as_a_script(tmp_path, npz_pair):
     real, fake = npz_pair
     environment = {key: value for key, value in os.environ.items() if key != fvd.DETECTOR_ENV}

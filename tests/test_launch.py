@@ -1,10 +1,18 @@
 """NVlabs/CMD's launch form `python train_x.py --nnodes=N --nproc_per_node=G ...` on one node and on several:
 every torchrun rendezvous flag is accepted in both of torchrun's spellings and forwarded, and a multi-node command that
 names no first node ends in one line instead of a rendezvous that waits for a quarter of an hour."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
+import torch
 import torch.distributed.run as torchrun
 
-from tests.conftest import free_port, run_python
+from tests.conftest import REPO, _env, free_port, run_python
+from tests.test_reliability import _LAUNCHED, reap_processes  # noqa: F401 (autouse: kills what a test launched)
 from core import distributed
 from core.config import build_arg_parser, parse_config
 
@@ -92,3 +100,86 @@ def test_seed_style_launch_with_rendezvous_flags_runs_two_processes(tmp_path):
     log = (tmp_path / "ae" / "log.txt").read_text()
     assert "world size 2" in log
     assert (tmp_path / "ae" / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nnodes=0"], "argument --nnodes: must be at least 1, got 0"),
+    (["--nproc_per_node=-4"], "argument --nproc_per_node/--nproc-per-node: must be at least 1, got -4"),
+    (["--nproc-per-node", "0"], "must be at least 1, got 0"),
+    (["--node_rank=-1", "--nnodes=2"], "argument --node_rank/--node-rank: must be at least 0, got -1"),
+    (["--master_port=70000"], "must be a TCP port, in 1..65535, got 70000"),
+    (["--global-batch-size", "0"], "argument --global-batch-size: must be at least 1, got 0"),
+    (["--max-steps=-1"], "argument --max-steps: must be at least 1, got -1"),
+    (["--node_rank=1"], "error: --node_rank=1 needs --nnodes"),
+    (["--nnodes=1", "--node_rank=1"], "error: --node_rank=1 is outside 0..0 for --nnodes=1"),
+])
+def test_launcher_flags_that_would_start_a_lone_process_are_refused(monkeypatch, capsys, argv, message):
+    """Each launcher flag here once started a single-process run as if the flag were not there; the parser refuses
+    them, and the training scripts' numbers, before anything loads."""
+    monkeypatch.setattr(distributed.os, "execv", lambda *a: pytest.fail("relaunched"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as info:
+        parse_config("autoencoder", "t", ["--config", "configs/tiny/autoencoder.yaml", *argv])
+    assert info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in line, line
+
+
+# ---- Slurm: the time-limit signal reaches the trainers in every launch form -----------------------------------------
+# Stand-ins for Slurm's commands: srun runs its command (one task: this node), scontrol names the node and records a
+# requeue, scancel records that it was called.
+FAKE_SLURM = {
+    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+    "scontrol": '#!/bin/bash\nif [[ $1 == show ]]; then echo 127.0.0.1\n'
+                'else echo "scontrol $*" >> "$FAKE_SLURM_LOG"\nfi\n',
+    "scancel": '#!/bin/bash\necho "scancel $*" >> "$FAKE_SLURM_LOG"\n',
+}
+
+
+@pytest.mark.parametrize("gpus_per_node", [1, 2], ids=["1 node x 1 GPU (no torchrun)", "1 node x 2 GPUs (torchrun)"])
+def test_slurm_time_limit_signal_makes_the_trainers_save_and_the_job_requeue(tmp_path, gpus_per_node):
+    """scripts/slurm/launch.sh under a stand-in Slurm on the CPU: SIGUSR1 (sbatch --signal=B:USR1@120) to the batch
+    shell must reach every trainer, which saves and exits 0, and the job is requeued. With one GPU per node the
+    script runs without torchrun, and the signal once went to the trainer's children (its loader workers) alone:
+    it trained on until the job was killed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    results, slurm_log = tmp_path / "results", tmp_path / "slurm.log"
+    env = _env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+                "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node001", "GPUS_PER_NODE": str(gpus_per_node),
+                "RDZV_PORT": str(free_port()), "TMPDIR": str(tmp_path), "PYTHON": sys.executable,
+                "FAKE_SLURM_LOG": str(slurm_log)})
+    command = ["bash", "scripts/slurm/launch.sh", "train_ae.py", "--config", "configs/tiny/autoencoder.yaml",
+               "--results-dir", str(results), "--exp-name", "ae", "--max-steps", "100000", "--ckpt-every", "100000",
+               "train.global_batch_size=4", "data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=1",
+               "model.depth=1", "model.hidden_size=32", "train.log_every=1", "train.eval_every=100000",
+               "train.num_eval_videos=2"]
+    with open(tmp_path / "job.out", "w") as output:
+        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    _LAUNCHED.append(job)
+    log = results / "ae" / "log.txt"
+    try:
+        deadline = time.time() + 300
+        while not (log.is_file() and "step 0000003 " in log.read_text()):
+            assert job.poll() is None, (tmp_path / "job.out").read_text()[-3000:]
+            assert time.time() < deadline, "the trainer did not reach step 3"
+            time.sleep(0.2)
+        os.kill(job.pid, signal.SIGUSR1)  # what Slurm sends the batch shell before the time limit
+        try:
+            code = job.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the job still runs 120 s after the time-limit signal:\n" + log.read_text()[-2000:])
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    text = log.read_text()
+    assert code == 0, (tmp_path / "job.out").read_text()[-3000:]
+    assert "received SIGTERM" in text, text[-2000:]
+    assert slurm_log.read_text().splitlines() == ["scontrol requeue 4242"]
+    saved = torch.load(results / "ae" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["step"] >= 3 and saved["world_size"] == gpus_per_node

@@ -11,6 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sample
@@ -78,7 +79,9 @@ BASE = ["--ae-ckpt", "ae.pt", "--motion-ckpt", "motion.pt"]
                                          ("--batch-size", "-2"), ("--classes", "dataset,1"), ("--classes", "1,,2"),
                                          ("--classes", "-1"), ("--grid-videos", "0"), ("--fps", "0"),
                                          ("--motion-steps", "0"), ("--content-steps", "-1"), ("--num-videos", "2.5"),
-                                         ("--motion-cfg-scale", "nan"), ("--preset", "euler"),
+                                         ("--motion-cfg-scale", "nan"), ("--motion-cfg-scale", "1e300"),
+                                         ("--content-cfg-scale", "-2"), ("--seed", str(2**64)), ("--seed", "-1"),
+                                         ("--seed", "x"), ("--preset", "euler"),
                                          ("--motion-sampler", "dpm"), ("--precision", "fp16")])
 def test_bad_flag_value_is_refused_by_the_parser_naming_the_flag(capsys, flag, value):
     with pytest.raises(SystemExit) as stop:
@@ -91,6 +94,19 @@ def test_bad_flag_value_is_refused_by_the_parser_naming_the_flag(capsys, flag, v
 def test_good_flag_values_parse():
     args = sample.parse_args([*BASE, "--num-videos", "3", "--batch-size", "1", "--classes", "2, 0"])
     assert (args.num_videos, args.batch_size, args.classes) == (3, 1, [2, 0])
+    assert sample.parse_args([*BASE, "--seed", str(2**64 - 1)]).seed == 2**64 - 1
+
+
+def test_every_seed_the_parser_accepts_seeds_every_video():
+    """The generators' seeds are derived from --seed and the video index; the largest seed must not overflow them."""
+    from sampling.generation import video_generators
+
+    first = video_generators(2**64 - 1, [0, 2**52], 1, "cpu")
+    again = video_generators(2**64 - 1, [0, 2**52], 1, "cpu")
+    draws = [[torch.randn(3, generator=g).tolist() for g in generators] for generators in (first, again)]
+    assert draws[0] == draws[1]
+    # Seeds within the generator's range keep their noise (videos of earlier runs stay reproducible).
+    assert video_generators(5, [3], 0, "cpu")[0].initial_seed() == 5 * 1_000_003 + 3 * 2
 
 
 def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():

@@ -283,3 +283,23 @@ def test_latent_mode_text_chain_fine_tunes_the_unet_on_the_caption_tokens(tmp_pa
                 "--num-videos", 2, "--content-steps", 2, "--motion-steps", 2, "--out-dir", out, "--quiet"])
     assert sorted(p.name for p in (out / "videos").iterdir()) == ["000000_a-red-square-moving-right.mp4",
                                                                  "000001_a-red-square-moving-right.mp4"]
+
+
+def test_a_text_encoder_bin_holding_a_pickled_object_is_one_line(tiny_clip, tmp_path):
+    """transformers loads a .bin weights-only; torch's refusal came through as its many-line traceback."""
+    import shutil
+
+    from tests.test_autoencoder import MakesAFolder
+
+    folder, marker = tmp_path / "clip", tmp_path / "ran"
+    shutil.copytree(tiny_clip, folder)
+    for weights in (folder / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"text_model.embeddings.token_embedding.weight": MakesAFolder(marker)},
+               folder / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(TextEncoderLoadError) as info:
+        load_text_encoder(str(folder))
+    message = str(info.value)
+    assert message.startswith(f"text.encoder {folder / 'text_encoder' / 'pytorch_model.bin'} is not a plain weights "
+                              f"file: it holds a pickled object (posix.mkdir)"), message
+    assert "\n" not in message and not marker.exists()

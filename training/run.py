@@ -303,7 +303,7 @@ class TrainingRun:
                 self._apply_optimizer_settings(name, optimizer, ckpt["config"])
         self.step = int(ckpt["step"])
         self.samples_seen = _samples_seen(ckpt)
-        old_batch = ckpt["config"]["train"]["global_batch_size"]
+        old_batch = (ckpt["config"].get("train") or {}).get("global_batch_size", self.cfg.train.global_batch_size)
         if old_batch != self.cfg.train.global_batch_size:
             self.logger.info(f"resume: train.global_batch_size {old_batch} -> {self.cfg.train.global_batch_size} "
                              f"(applied); the data stream continues at clip {self.samples_seen}")

@@ -9,18 +9,21 @@
 # the job, a requeued one included, continue the newest matching run of the stage in --results-dir.
 #
 # Before the time limit (the sbatch files ask for `--signal=B:USR1@120`) this shell gets SIGUSR1, sends SIGTERM to
-# the trainers, which save a checkpoint at a step boundary and exit 0, and then requeues the job.
+# the trainers, which save a checkpoint at a step boundary and exit 0, and then requeues the job. The trainers are
+# torchrun's children on each node, or, with one GPU per node (the script then runs without torchrun), the started
+# process itself.
 #
 # Environment: PYTHON (default python), GPUS_PER_NODE (default: Slurm's SLURM_GPUS_ON_NODE), RDZV_PORT (default
 # derived from the job id, so that two jobs whose first host is the same do not collide).
 set -euo pipefail
 
 self="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
-# torchrun's pid on this node, for the SIGTERM before the time limit (node-local: one file per node).
+# The pid of the process started on this node (torchrun, or the lone trainer), for the SIGTERM before the time limit
+# (node-local: one file per node).
 pidfile="${TMPDIR:-/tmp}/cmd-torchrun-${SLURM_JOB_ID:-none}-$(hostname -s)"
 
 case "${1:-}" in
---on-node)  # srun runs this on every node: record the pid that becomes torchrun's, then start it.
+--on-node)  # srun runs this on every node: record the pid of what it starts (torchrun or the trainer), start it.
     shift
     echo "$$" > "$pidfile"
     # Every trainer must get SIGTERM exactly once: it saves on the first and dies on a second one (a user pressing
@@ -32,9 +35,16 @@ case "${1:-}" in
     export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
     exec "$@"
     ;;
---signal-trainers)  # srun runs this on every node: SIGTERM to torchrun's children, the trainers, only.
+--signal-trainers)  # srun runs this on every node: SIGTERM to the trainers only, never twice to one.
     if [[ -f $pidfile ]]; then
-        pkill -TERM -P "$(cat "$pidfile")" || true
+        pid=$(cat "$pidfile")
+        # One GPU per node: `python SCRIPT --nproc_per_node=1` does not re-execute as torchrun, so the recorded
+        # process is the trainer; its children are its data loader workers, which must not get the signal.
+        if ps -o args= -p "$pid" 2>/dev/null | grep -q 'torch\.distributed\.run'; then
+            pkill -TERM -P "$pid" || true
+        else
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
     fi
     exit 0
     ;;
