@@ -432,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or rank count")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
                         help=f"the sampling protocol; {describe_presets()}. 'fast' (the default) is validated against "
-                        "'ddim' on the built-in data only (docs/BENCHMARKS.md); report numbers with 'paper' (README, "
-                        "FVD). The flags below override it setting by setting")
+                        "'ddim' on the built-in data only (docs/BENCHMARKS.md); report numbers with 'paper' "
+                        "(docs/RECIPES.md, FVD). The flags below override it setting by setting")
     parser.add_argument("--content-sampler", choices=SAMPLERS, default=None,
                         help="the content stage's sampler (default: the preset's)")
     parser.add_argument("--content-steps", type=positive_int, default=None, metavar="N",

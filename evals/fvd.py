@@ -667,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a tree of class folders)")
     parser.add_argument("--split", default=REAL_SPLIT, choices=("train", "test", "all"),
                         help="the split of a dataset side: the training split is what the models learn; 'all' for "
-                        "10,000 UCF-101 videos (README, FVD)")
+                        "10,000 UCF-101 videos (docs/RECIPES.md, FVD)")
     parser.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
                         help="videos per detector forward pass")
     parser.add_argument("--num-workers", type=nonnegative_int, default=0, metavar="N",

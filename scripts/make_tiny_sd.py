@@ -6,7 +6,7 @@ text encoder's tokens tell captions apart without knowing what words mean.
 
     python scripts/make_tiny_sd.py results/tiny_sd   # results/tiny_sd/{vae,unet,scheduler,text_encoder,tokenizer}
 
-A real run points `vae` and `model.pretrained` at Stable Diffusion's folders instead (README, "Latent mode").
+A real run points `vae` and `model.pretrained` at Stable Diffusion's folders instead (docs/RECIPES.md, "Latent mode").
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Multi-node training under Slurm, shared by the sbatch files beside it (README: "Several nodes (Slurm)").
+# Multi-node training under Slurm, shared by the sbatch files beside it (docs/RECIPES.md: "Several nodes (Slurm)").
 #
 #   scripts/slurm/launch.sh SCRIPT [the script's flags and key=value overrides ...]
 #
