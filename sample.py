@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
-from core.checkpoint import atomic_write
 from core.cli import HelpFormatter, guidance_scale, positive_int, run_reporting_user_errors, seed_int
-from core.distributed import barrier, cleanup_distributed, setup_distributed
+from core.distributed import all_gather_object, barrier, broadcast_object, cleanup_distributed, setup_distributed
+from core.files import OutputError, os_reason, reported, write_output
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
                                  dataset_labels, real_content_frames, set_precision)
 from sampling.media import captioned_rows, save_video_set, write_mp4, write_png
-from sampling.outputs import (CAPTIONS_GRID, GRID_FILES, check_outputs, npz_path, remove, removed_if_unfinished,
-                              write_frames)
+from sampling.outputs import (CAPTIONS_GRID, GRID_FILES, check_outputs, claim_outputs, npz_path, remove,
+                              removed_if_unfinished, write_frames)
 
 
 def given_content_frames(args, models, labels: list, device):
@@ -173,9 +173,21 @@ def main(args):
     # Before setup_distributed: its rendezvous waits for every rank, so all ranks check before any can write.
     earlier = check_outputs(args)
     info = setup_distributed()
+    claims, error = [], None
+    if info.is_main:  # one claim per job: the ranks of this run share its outputs
+        try:
+            claims, earlier = claim_outputs(args)
+        except OutputError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"--out-dir {args.out_dir}: cannot claim it ({os_reason(exc)})"
+    error = broadcast_object(error)
+    if error:
+        raise OutputError(error)
     stop_on_signals()
     out_dir = Path(args.out_dir)
     written = []  # this rank's finished videos
+    keep_shard = False
     try:
         sample_videos(args, info, earlier, written)
     except StopSignal as stop:
@@ -186,9 +198,19 @@ def main(args):
         print(f"{rank}stopped by {stop}: {count} of {total} videos written to {' and '.join(video_places(args))}; grid"
               f"{' and --npz' if args.npz else ''} files are written only by a finished run", file=sys.stderr, flush=True)
         raise SystemExit(128 + stop.signum) from None
+    except UnsavedVideos:
+        keep_shard = True
+        raise
     finally:
-        (out_dir / f".shard-{info.rank:05d}.npz").unlink(missing_ok=True)  # rank 0 has read them all, or failed
+        if not keep_shard:  # rank 0 has read them all, or the run failed before they were complete
+            (out_dir / f".shard-{info.rank:05d}.npz").unlink(missing_ok=True)
+        for held in claims:
+            held.release()
     cleanup_distributed()
+
+
+class UnsavedVideos(OutputError):
+    """The final outputs could not be written; the rank shards that hold the videos are kept and named."""
 
 
 def check_finite_samples(models, indices: list, videos: torch.Tensor, contents: torch.Tensor) -> None:
@@ -321,42 +343,68 @@ def sample_videos(args, info, earlier: list, written: list) -> None:
             outputs = [path for path in (mp4, frames) if path is not None]
             with removed_if_unfinished(*outputs):  # a video counts once all its outputs are whole
                 if mp4 is not None:
-                    write_mp4(clip, mp4, fps=args.fps)
+                    with reported("--out-dir", mp4):
+                        write_mp4(clip, mp4, fps=args.fps)
                 if frames is not None:
-                    write_frames(clip, frames)
+                    with reported("--frames-dir", frames):
+                        write_frames(clip, frames)
             written.extend(outputs[:1])
         videos.append(clips)
         indices.extend(batch)
     shard = out_dir / f".shard-{info.rank:05d}.npz"
-    with removed_if_unfinished(shard):
-        np.savez(shard, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8),
-                 content_frames=np.concatenate(contents) if contents else np.zeros((0,), np.uint8),
-                 indices=np.array(indices))
-    barrier()
+    error = None
+    try:
+        write_output(shard, lambda handle: np.savez(
+            handle, videos=np.concatenate(videos) if videos else np.zeros((0,), np.uint8),
+            content_frames=np.concatenate(contents) if contents else np.zeros((0,), np.uint8),
+            indices=np.array(indices)), "--out-dir")
+    except OutputError as exc:
+        error = str(exc)
+    error = next((e for e in all_gather_object(error) if e), None)  # every rank stops, none waits at a barrier
+    if error:
+        raise OutputError(error)
+    error = None
     if info.is_main:
-        shards = [np.load(out_dir / f".shard-{r:05d}.npz") for r in range(info.world_size)]
-        order = np.concatenate([s["indices"] for s in shards if len(s["indices"])])
-        ranked = np.argsort(order)
-        all_videos = np.concatenate([s["videos"] for s in shards if len(s["indices"])])[ranked]
-        all_contents = np.concatenate([s["content_frames"] for s in shards if len(s["indices"])])[ranked]
-        with removed_if_unfinished(*(out_dir / name for name in GRID_FILES)):
-            grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
-            if captions is not None:  # the grid's videos in rows, each with its prompt
-                write_png(captioned_rows(all_videos[: args.grid_videos], captions[: args.grid_videos]),
-                          out_dir / CAPTIONS_GRID)
-        if args.npz:
-            arrays = {"videos": all_videos, "labels": np.array(labels, dtype=np.int64), "content_frames": all_contents,
-                      "num_classes": np.int64(models.num_classes)}
-            if captions is not None:
-                arrays["captions"] = np.array(captions, dtype=str)  # a unicode array: read back without pickle
-            # Written beside its place and renamed: an earlier file stays whole until the new one is complete.
-            atomic_write(npz_path(args.npz), lambda handle: np.savez(handle, **arrays))
-            print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
-        places = video_places(args)
-        print((f"wrote {len(all_videos)} videos to {' and '.join(places)}; " if places else "")
-              + f"grid: {grid['mp4']} and {grid['png']}"
-              + ("" if captions is None else f"; with the prompts: {out_dir / CAPTIONS_GRID}"))
-    barrier()
+        try:
+            write_final_outputs(args, out_dir, info.world_size, models, labels, captions)
+        except OutputError as exc:
+            # The npz is written first and the shards are removed only once it is: a full disk loses no video.
+            shards = [out_dir / f".shard-{r:05d}.npz" for r in range(info.world_size)]
+            error = (f"{exc}; the {args.num_videos} videos are kept in {', '.join(map(str, shards))} "
+                     f"(arrays videos, content_frames, indices)")
+    error = broadcast_object(error)
+    if error:
+        raise UnsavedVideos(error)
+
+
+def write_final_outputs(args, out_dir: Path, world_size: int, models, labels: list, captions) -> None:
+    """Rank 0: the --npz file (first: it is the run's result) and the grid, from every rank's shard; then the
+    shards are removed."""
+    shards = [out_dir / f".shard-{r:05d}.npz" for r in range(world_size)]
+    loaded = [np.load(path) for path in shards]
+    order = np.concatenate([s["indices"] for s in loaded if len(s["indices"])])
+    ranked = np.argsort(order)
+    all_videos = np.concatenate([s["videos"] for s in loaded if len(s["indices"])])[ranked]
+    all_contents = np.concatenate([s["content_frames"] for s in loaded if len(s["indices"])])[ranked]
+    if args.npz:
+        arrays = {"videos": all_videos, "labels": np.array(labels, dtype=np.int64), "content_frames": all_contents,
+                  "num_classes": np.int64(models.num_classes)}
+        if captions is not None:
+            arrays["captions"] = np.array(captions, dtype=str)  # a unicode array: read back without pickle
+        # Written beside its place and renamed: an earlier file stays whole until the new one is complete.
+        write_output(npz_path(args.npz), lambda handle: np.savez(handle, **arrays), "--npz")
+        print(f"wrote {npz_path(args.npz)}: videos {all_videos.shape} uint8")
+    with reported("--out-dir", out_dir), removed_if_unfinished(*(out_dir / name for name in GRID_FILES)):
+        grid = save_video_set(all_videos[: args.grid_videos], out_dir, "grid", fps=args.fps)
+        if captions is not None:  # the grid's videos in rows, each with its prompt
+            write_png(captioned_rows(all_videos[: args.grid_videos], captions[: args.grid_videos]),
+                      out_dir / CAPTIONS_GRID)
+    for path in shards:
+        path.unlink(missing_ok=True)
+    places = video_places(args)
+    print((f"wrote {len(all_videos)} videos to {' and '.join(places)}; " if places else "")
+          + f"grid: {grid['mp4']} and {grid['png']}"
+          + ("" if captions is None else f"; with the prompts: {out_dir / CAPTIONS_GRID}"))
 
 
 # ---- flags: a bad value is refused by the parser (exit 2, naming the flag) before anything loads ------------------

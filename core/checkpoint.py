@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from core.files import atomic_write, fsync_dir, temp_path  # noqa: F401 (atomic_write is part of this API)
 from models.weights_file import load_failure, safe_torch_load  # noqa: F401 (safe_torch_load: this module's API)
 
 STEP_FILE = re.compile(r"^(\d{7})\.pt$")
@@ -29,34 +30,6 @@ META_WEIGHTS, META_WEIGHTS_FINGERPRINT, META_AE_FINGERPRINT = "cmd.weights", "cm
 META_VAE_FINGERPRINT = "cmd.vae_fingerprint"  # latent mode: the VAE's weights (also in the config)
 LATENT_STATS_PREFIX = "latent_stats."
 SAFETENSORS_SUFFIX = ".safetensors"
-
-
-def fsync_dir(folder: Path) -> None:
-    """Makes a rename in `folder` durable: without it a power cut may bring back the old directory entry."""
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write(path, write) -> None:
-    """Calls `write(handle)` on a temp file beside `path`, so that a crash or a full disk never leaves a half-written
-    file at `path`: the temp file is fsync'ed, then renamed over `path` (rename is atomic on POSIX filesystems);
-    on failure the temp file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj, path) -> None:
@@ -78,7 +51,7 @@ def atomic_link(src, dst) -> None:
     as atomic, at the cost of the second write the link saves.
     """
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)  # left by a killed process of the same pid: os.link does not overwrite
     try:
         try:
@@ -434,7 +407,11 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
                 raise CheckpointError(f"resume auto: {run_dir} was trained on another VAE's latents: "
                                       f"{differences[0]} (nothing was changed; pass the run's VAE, or "
                                       f"train.resume=null for a new run)")
-            if ckpt and exp_name:  # the named run folder cannot be continued and must not be reused either
+            # An incompatible run (other data, model, autoencoder or text encoder) is never adopted, since it would
+            # fail after loading, on every restart of a requeued job. Without --exp-name (scripts/slurm) a new run
+            # starts, which later restarts continue; a named folder cannot hold a second run, so that is refused in
+            # one line before anything is written: only the job's owner can tell which command is the right one.
+            if ckpt and exp_name:
                 raise CheckpointError(f"resume auto: {run_dir} holds a run whose settings differ from this command's: "
                                       f"{'; '.join(differences)} (nothing was changed)")
             if ckpt and notes is not None:
@@ -520,6 +497,10 @@ def resume_differences(ckpt: dict, cfg) -> list[str]:
         difference = _autoencoder_difference(ckpt, new["ae_ckpt"])
         if difference:
             differences.append(difference)
+    if "text.encoder" in new:
+        difference = _text_encoder_difference(ckpt, new["text.encoder"])
+        if difference:
+            differences.append(difference)
     difference = vae_difference(old.get("vae"), old.get("vae_fingerprint"), new.get("vae"), new.get("vae_fingerprint"))
     if difference:
         differences.append(difference)
@@ -536,6 +517,38 @@ def vae_difference(recorded_vae, recorded: Optional[str], given_vae, given: Opti
     if not recorded or not given or recorded == given:
         return None
     return f"{VAE_DIFFERENCE}{recorded_vae} (weights {recorded}) -> {given_vae} (weights {given}), another VAE"
+
+
+_TEXT_FINGERPRINTS: dict = {}  # text encoder source -> its weights' fingerprint, once per process
+
+
+def text_encoder_fingerprint(source: str) -> str:
+    if source not in _TEXT_FINGERPRINTS:
+        from models.text_encoder import load_text_encoder  # only text runs import transformers
+
+        _TEXT_FINGERPRINTS[source] = weights_fingerprint(load_text_encoder(source).model.state_dict())
+    return _TEXT_FINGERPRINTS[source]
+
+
+def _text_encoder_difference(ckpt: dict, encoder: Optional[str]) -> Optional[str]:
+    """A caption-conditioned run learned on its text encoder's tokens, a class-conditional one on class labels:
+    resuming with another encoder, none, or one added would load its weights into another model. The encoder is
+    compared by the fingerprint of its weights (a moved folder is the same encoder)."""
+    text = ckpt["config"].get("text") or {}
+    before = text.get("encoder") if isinstance(text, dict) else None
+    if not before and not encoder:
+        return None
+    if not before or not encoder:
+        kind = "class-conditional" if not before else "caption-conditioned"
+        return f"text.encoder: {before} -> {encoder} (the run is {kind})"
+    recorded = text.get("fingerprint")
+    if not recorded:
+        return None
+    given = text_encoder_fingerprint(encoder)
+    if given != recorded:
+        return (f"text.encoder: {encoder}: its weights ({given}) are not those the run was trained with "
+                f"({before}, weights {recorded})")
+    return None
 
 
 def _autoencoder_difference(ckpt: dict, ae_ckpt: str) -> Optional[str]:

@@ -23,17 +23,52 @@ class RunError(RuntimeError):
     """A run that cannot start or go on; the message is one line."""
 
 
+_ON_FAILURE: list = []
+
+
+def on_failure(callback) -> None:
+    """callback() runs when run_reporting_user_errors' function ends in an exception (a user error or any other):
+    what a failed start must undo, such as the run folder it created."""
+    _ON_FAILURE.append(callback)
+
+
+def cancel_on_failure(callback) -> None:
+    """Withdraws an on_failure callback (the start it would undo has succeeded)."""
+    if callback in _ON_FAILURE:
+        _ON_FAILURE.remove(callback)
+
+
+def _lost_another_rank(exc: BaseException) -> bool:
+    """A collective that failed because another rank of the job ended (its own error is the one to read)."""
+    import torch.distributed as dist
+
+    kinds = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError") if hasattr(dist, name))
+    return bool(kinds) and isinstance(exc, kinds) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def run_reporting_user_errors(fn, *args) -> None:
-    """fn(*args); a user error ends as one line `error: ...` on stderr and exit code 1, not a traceback.
+    """fn(*args); a user error ends as one line `error: ...` on stderr and exit code 1, not a traceback; so does a
+    rank of a distributed job that lost contact with a rank which stopped on its own error.
 
     Set CMD_TRACEBACK=1 to see the full traceback instead.
     """
     try:
         fn(*args)
-    except (ValueError, FileNotFoundError, RunError) as exc:  # our one-line errors (ConfigError, CheckpointError, ...)
-        if os.environ.get("CMD_TRACEBACK"):
+    except BaseException as exc:
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            while _ON_FAILURE:
+                try:
+                    _ON_FAILURE.pop()()
+                except Exception:  # the undo of a failed start must not hide why it failed
+                    pass
+        user_error = isinstance(exc, (ValueError, FileNotFoundError, RunError))
+        if os.environ.get("CMD_TRACEBACK") or not (user_error or _lost_another_rank(exc)):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if user_error:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        else:
+            message = (f"rank {os.environ.get('RANK', '?')}: another rank of this job stopped (its error is above); "
+                       f"this one stops too")
         print(f"error: {message}", file=sys.stderr)
         from core.distributed import cleanup_distributed  # here: core.distributed takes its flag types from this module
 

@@ -1,6 +1,8 @@
 """build_dataset: the one entry point the training scripts use to turn a DataConfig into a Dataset."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch.utils.data import Dataset
 
 from datasets.captions import CaptionedVideoDataset
@@ -16,6 +18,20 @@ def _field(config, name: str, default=None):
     # getattr with a default works for both: struct-mode DictConfig raises an AttributeError subclass.
     value = getattr(config, name, default)
     return default if value is None else value
+
+
+def check_data_path(data_cfg) -> None:
+    """The data folder a video dataset reads exists: a check cheap enough for every rank of a job to make before
+    a run folder is claimed (indexing, which probes every video, comes later and reports the rest)."""
+    key = str(_field(data_cfg, "dataset_name", "synthetic")).lower()
+    path = _field(data_cfg, "data_path")
+    if key not in ("ucf101", "folder", "captions") or path is None:
+        return
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DatasetError(f"data path does not exist: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"data path is not a folder: {root}")
 
 
 def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:

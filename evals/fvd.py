@@ -28,6 +28,7 @@ from datasets.transforms import to_uint8_videos
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
 from models.weights_file import WeightsFileError, load_weights_file
 from core.cli import HelpFormatter, nonnegative_int, positive_int, seed_int
+from core.files import OutputError, check_creatable, write_output
 
 DETECTOR_ENV = "CMD_I3D_PATH"
 REAL_SPLIT = "train"  # real clips of a dataset source: the training split, what the models learn
@@ -566,12 +567,12 @@ def _real_stats(real, detector, detector_path, settings, args) -> Tuple[np.ndarr
                                 name=f"real '{real.path}'")
     mu, sigma = compute_stats(features)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so an interrupted run never leaves a truncated cache entry behind.
-        temporary = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp.npz")
-        np.savez(temporary, mu=mu, sigma=sigma, num_videos=settings["num_videos"])
-        os.replace(temporary, cache_file)
-        print(f"real statistics: cached to {cache_file}", file=sys.stderr)
+        try:  # atomic: an interrupted run never leaves a truncated cache entry behind
+            write_output(cache_file, lambda handle: np.savez(handle, mu=mu, sigma=sigma,
+                                                             num_videos=settings["num_videos"]), "--cache-dir")
+            print(f"real statistics: cached to {cache_file}", file=sys.stderr)
+        except OutputError as exc:  # checked writable at the start; a disk that filled since costs the cache only
+            print(f"warning: real statistics not cached: {exc}", file=sys.stderr)
     return mu, sigma
 
 
@@ -581,6 +582,8 @@ def _default_cache_dir() -> str:
 
 
 def run(args: argparse.Namespace) -> float:
+    if not args.no_cache:  # before any feature is computed: a cache that cannot be written would cost them
+        check_creatable(Path(args.cache_dir), "--cache-dir", folder=True)
     torch.manual_seed(args.seed)
     detector_path = args.detector or os.environ.get(DETECTOR_ENV)
     detector = load_detector(detector_path, args.device)

@@ -24,6 +24,7 @@ from datasets.synthetic import MAX_CLASSES, SyntheticMovingShapes, class_name, l
 from datasets.transforms import to_uint8_videos
 from evals.fvd import frechet_distance
 from core.checkpoint import atomic_torch_save
+from core.files import write_output
 from models.weights_file import load_weights_file
 from core.cli import HelpFormatter, positive_int
 
@@ -541,12 +542,8 @@ def format_result(name: str, result: dict) -> str:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    # Write then rename: an interrupted run never leaves a truncated JSON behind.
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    text = (json.dumps(payload, indent=2) + "\n").encode("utf-8")
+    write_output(path, lambda handle: handle.write(text), "--json")  # atomic: never a truncated JSON
 
 
 def run(args: argparse.Namespace) -> List[dict]:

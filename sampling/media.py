@@ -9,6 +9,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from core.files import atomic_path
+
 
 def _even(frames: np.ndarray) -> np.ndarray:
     """H.264 with yuv420p needs even sizes: pad one row/column of black when needed."""
@@ -21,11 +23,11 @@ def _even(frames: np.ndarray) -> np.ndarray:
 
 
 def write_mp4(frames: np.ndarray, path, fps: int = 8) -> Path:
-    """Writes uint8 frames (T, H, W, 3) as an H.264 mp4 (mpeg4 when libx264 is missing)."""
+    """Writes uint8 frames (T, H, W, 3) as an H.264 mp4 (mpeg4 when libx264 is missing), atomically: a kill or a
+    full disk never leaves a partial mp4 under `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     frames = _even(np.ascontiguousarray(frames))
-    with av.open(str(path), mode="w") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         try:
             stream = container.add_stream("libx264", rate=Fraction(fps))
             stream.options = {"crf": "18"}
@@ -79,8 +81,8 @@ def captioned_rows(videos: np.ndarray, captions: list, min_height: int = 64, tex
 
 def write_png(image: np.ndarray, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
     return path
 
 

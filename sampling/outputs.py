@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
-class OutputError(ValueError):
-    """An output location that cannot be used; the message is one line."""
+from core.files import CLAIM_FILE, OutputError, check_creatable, check_unclaimed, claim  # noqa: F401 (OutputError: API)
 
 
 # The names sample.py gives its videos: index and class, or index and the prompt's words (sample.prompt_slug).
 VIDEO_NAME = re.compile(r"^\d{6}_(class\d{3}|[a-z0-9-]+)\.mp4$")
+# What a killed writer leaves beside it (core.files.temp_path): its own, removed with the run's videos.
+TEMP_VIDEO = re.compile(r"^\.\d{6}_(class\d{3}|[a-z0-9-]+)\.mp4\.tmp-\d+$")
 CAPTIONS_GRID = "grid_captions.png"  # text-to-video: the grid's videos in rows, each with its prompt
 GRID_FILES = ("grid.mp4", "grid.png", CAPTIONS_GRID)
 # --frames-dir: DIR/000000/000.png ..., one folder per video, the layout StyleGAN-V's metric scripts read;
@@ -33,32 +33,6 @@ def npz_path(npz) -> Path | None:
         return None
     npz = Path(npz)
     return npz if npz.suffix == ".npz" else npz.with_name(npz.name + ".npz")
-
-
-def check_creatable(path: Path, flag: str, folder: bool) -> None:
-    """One line if `path` (a folder, or a file) cannot be created or written: something in the way or no permission.
-
-    Writability is probed by creating a file, since permission bits say nothing for root or on a read-only mount.
-    """
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing == path:
-        if folder and not path.is_dir():
-            raise OutputError(f"{flag} {path}: is a file, not a folder")
-        if not folder and path.is_dir():
-            raise OutputError(f"{flag} {path}: is a folder, not a file")
-        where = path if folder else path.parent
-    elif not existing.is_dir():
-        raise OutputError(f"{flag} {path}: {existing} is a file, not a folder")
-    else:
-        where = existing  # the folders below it will be created
-    try:
-        handle, probe = tempfile.mkstemp(dir=where, prefix=".sample-write-test-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(f"{flag} {path}: cannot write in {where} ({exc.strerror or exc})") from None
 
 
 def files(count: int) -> str:
@@ -76,7 +50,7 @@ def earlier_videos(out_dir: Path, overwrite: bool) -> list:
     if earlier and not overwrite:
         raise OutputError(f"--out-dir {out_dir}: {videos} already holds {files(len(earlier))} of an earlier run; "
                           f"choose another --out-dir, or pass --overwrite to replace them")
-    foreign = [p for p in earlier if not (VIDEO_NAME.match(p.name) and p.is_file())]
+    foreign = [p for p in earlier if not ((VIDEO_NAME.match(p.name) or TEMP_VIDEO.match(p.name)) and p.is_file())]
     if foreign:
         raise OutputError(f"--overwrite: {videos} holds {files(len(foreign))} that sample.py did not write (such as "
                           f"{foreign[0].name}), which it does not remove: choose another --out-dir")
@@ -94,7 +68,7 @@ def earlier_frames(frames_dir: Path, overwrite: bool) -> list:
     """The video folders of an earlier run in --frames-dir, removed with --overwrite and refused without it: the
     metric scripts read every folder there, so a smaller run written over a larger one would be scored with it."""
     try:
-        earlier = sorted(frames_dir.iterdir()) if frames_dir.is_dir() else []
+        earlier = sorted(p for p in frames_dir.iterdir() if p.name != CLAIM_FILE) if frames_dir.is_dir() else []
         foreign = [path for path in earlier if not frame_folder_is_ours(path)]
     except OSError as exc:
         raise OutputError(f"--frames-dir {frames_dir}: cannot list it ({exc.strerror or exc})") from None
@@ -107,17 +81,34 @@ def earlier_frames(frames_dir: Path, overwrite: bool) -> list:
     return earlier
 
 
+def _places(args) -> list:
+    """(flag, path, is a folder, what to do instead) of every output location of a sample.py run."""
+    places = [("--out-dir", Path(args.out_dir), True, "choose another --out-dir")]
+    if args.frames_dir:
+        places.append(("--frames-dir", Path(args.frames_dir), True, "choose another --frames-dir"))
+    if args.npz:
+        places.append(("--npz", npz_path(args.npz), False, "choose another --npz file"))
+    return places
+
+
 def check_outputs(args) -> list:
-    """Every output location is usable; returns what of an earlier run --overwrite will replace (mp4 files and
-    --frames-dir video folders)."""
+    """Every output location is usable and held by no other live process; returns what of an earlier run
+    --overwrite will replace (mp4 files and --frames-dir video folders; an existing --npz file is replaced by the
+    new one when it is complete)."""
+    for flag, path, folder, hint in _places(args):
+        check_unclaimed(path, flag, f"{hint}, or wait for it to end", folder)
     out_dir = Path(args.out_dir)
     check_creatable(out_dir, "--out-dir", folder=True)
     check_creatable(out_dir / "videos", "--out-dir", folder=True)
     for name in GRID_FILES:
         check_creatable(out_dir / name, "--out-dir", folder=False)
+    earlier = []
     if args.npz:
-        check_creatable(npz_path(args.npz), "--npz", folder=False)
-    earlier = earlier_videos(out_dir, args.overwrite)
+        npz = npz_path(args.npz)
+        check_creatable(npz, "--npz", folder=False)
+        if npz.exists() and not args.overwrite:
+            raise OutputError(f"--npz {npz}: exists; choose another file, or pass --overwrite to replace it")
+    earlier += earlier_videos(out_dir, args.overwrite)
     if args.frames_dir:
         frames_dir = Path(args.frames_dir)
         if frames_dir.resolve() in (out_dir.resolve(), (out_dir / "videos").resolve()):
@@ -126,6 +117,21 @@ def check_outputs(args) -> list:
         check_creatable(frames_dir, "--frames-dir", folder=True)
         earlier += earlier_frames(frames_dir, args.overwrite)
     return earlier
+
+
+def claim_outputs(args) -> tuple:
+    """Claims every output location for this process (core.files.claim), so that a second sample.py started into
+    one of them at the same time stops with one line instead of mixing its videos with these; then checks them
+    again, now that no other run can change them. Returns (the claims, what check_outputs returns)."""
+    claims = []
+    try:
+        for flag, path, folder, hint in _places(args):
+            claims.append(claim(path, flag, f"{hint}, or wait for it to end", folder))
+        return claims, check_outputs(args)
+    except BaseException:
+        for held in claims:
+            held.release()
+        raise
 
 
 def write_frames(clip: np.ndarray, folder: Path) -> Path:

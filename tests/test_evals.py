@@ -292,6 +292,19 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, npz_pair, torchscript
     assert code == 2 and "'videos'" in err
 
 
+def test_cache_dir_that_cannot_be_written_is_refused_before_any_feature(capsys, tmp_path, npz_pair, i3d_checkpoint,
+                                                                       monkeypatch):
+    real, fake = npz_pair
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    calls = []
+    monkeypatch.setattr(fvd, "extract_features", lambda *args, **kwargs: calls.append(1))
+    code, out, err = run_cli(capsys, ["--real", real, "--fake", fake, "--detector", i3d_checkpoint[0],
+                                      "--device", "cpu", "--cache-dir", blocker / "cache"])
+    assert code == 2 and calls == [] and out == ""
+    assert err.strip() == f"error: --cache-dir {blocker / 'cache'}: {blocker} is a file, not a folder"
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--n-frames", "-3", "must be at least 1, got -3"), ("--n-frames", "0", "must be at least 1, got 0"),
     ("--batch-size", "0", "must be at least 1, got 0"), ("--batch-size", "-1", "must be at least 1, got -1"),

@@ -648,7 +648,7 @@ def _claim(results, barrier, queue):
     from training.run import claim_run_dir
 
     barrier.wait()
-    queue.put(claim_run_dir(Path(results), "motion").name)
+    queue.put(claim_run_dir(Path(results), "motion").path.name)
 
 
 def test_run_folders_claimed_at_the_same_instant_are_distinct(tmp_path):
@@ -666,6 +666,57 @@ def test_run_folders_claimed_at_the_same_instant_are_distinct(tmp_path):
         worker.join(timeout=60)
     names = sorted(queue.get(timeout=5) for _ in workers)
     assert names == [f"{index:03d}-motion" for index in range(300, 306)], names
+
+
+def test_a_second_start_with_the_same_exp_name_stops_and_the_first_run_loses_nothing(trained, tmp_path):
+    """A double-submitted job: the second start (and a --resume of the run) stops in one line naming the folder
+    and the live process, writing nothing; once that process is killed (-9), --resume auto continues its run."""
+    results = tmp_path / "results"
+    run_dir = results / "run"
+    ckpt_dir = run_dir / "checkpoints"
+    args = [*AE, "--results-dir", results, "--exp-name", "run", "--ckpt-every", 2]
+    first = launch([*args, "--max-steps", 100000], tmp_path / "first.out")
+    wait_until(lambda: (ckpt_dir / "0000004.pt").exists(), first)
+    config = (run_dir / "config.yaml").read_bytes()
+    for extra in ([], ["--resume", "auto"], ["--resume", run_dir]):
+        proc = run_script([*args, "--max-steps", 3, *extra])
+        line = assert_one_line_error(proc, run_dir, f"pid {first.pid}", exit_code=1)
+        assert "in use by" in line
+    assert first.poll() is None, output_of(first)[-3000:]
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert (run_dir / "log.txt").read_text().count(" run in ") == 1  # no other start logged into the run
+    kill_9(first)
+    newest = load(ckpt_io.latest_checkpoint_in_run(run_dir))["step"]
+    assert newest >= 4
+    run_python([*args, "--resume", "auto", "--max-steps", newest + 2])
+    assert resumed_steps(run_dir / "log.txt") == [newest]
+    assert load(ckpt_dir / "last.pt")["step"] == newest + 2
+    assert not (run_dir / ".cmd-claim").exists()
+
+
+def test_a_failed_start_leaves_no_run_folder(trained, tmp_path):
+    """A wrong data path or an unusable checkpoint found after the run folder was made: the folder goes again."""
+    results = tmp_path / "results"
+    proc = run_script([*AE, "--results-dir", results, "--dataset-name", "folder", "--data-path", tmp_path / "nope"])
+    assert_one_line_error(proc, tmp_path / "nope", exit_code=1)
+    proc = run_script([*content_args(trained.motion_ckpt), "--results-dir", results, "--exp-name", "named"])
+    assert_one_line_error(proc, trained.motion_ckpt, exit_code=1)
+    assert sorted(results.iterdir()) == []
+
+
+def test_a_wrong_data_path_under_torchrun_is_one_line_on_every_rank(tmp_path):
+    results = tmp_path / "results"
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", f"--master_port={free_port()}"]
+    proc = run_script([*launcher, *AE, "--results-dir", results, "--dataset-name", "folder", "--data-path",
+                       tmp_path / "nope"])
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all(str(tmp_path / "nope") in line for line in errors), output[-4000:]
+    # torchrun itself reports a failed worker with its own traceback; the workers' code shows none.
+    assert "DistBackendError" not in output and "gloo" not in output, output[-4000:]
+    assert f'File "{REPO}' not in output, output[-4000:]
+    assert not results.exists() or sorted(results.iterdir()) == []  # checked before a run folder is claimed
 
 
 # ---- 7. damaged videos in the training data --------------------------------------------------------------------------

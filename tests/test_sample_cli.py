@@ -382,6 +382,100 @@ def test_stop_signal_keeps_finished_videos_and_says_how_many(ckpts, tmp_path, si
     assert not list(tmp_path.glob(".s.npz*"))
 
 
+# ---- 6. outputs in use, an existing --npz, a full disk ---------------------------------------------------------------
+def start_sampling(ckpts, out: Path, log: Path, *extra) -> subprocess.Popen:
+    """A long sample.py run (one video per batch), started once its first video is written."""
+    with open(log, "w") as handle:
+        proc = subprocess.Popen([sys.executable, *map(str, sample_args(ckpts, out, "--num-videos", 100000,
+                                                                      "--batch-size", 1, *extra))],
+                                cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not mp4s(out / "videos"):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(log.read_text()[-3000:])
+        time.sleep(0.01)
+    return proc
+
+
+def test_a_second_run_into_outputs_in_use_stops_in_one_line_naming_the_other(ckpts, tmp_path):
+    """Two sample.py runs into one --out-dir (or onto one --npz) at the same time: the second stops before any
+    model loads, naming the folder and the first run's process; the first run's outputs are its alone."""
+    out, npz = tmp_path / "out", tmp_path / "first.npz"
+    first = start_sampling(ckpts, out, tmp_path / "first.log", "--npz", npz)
+    try:
+        same_out = run_sample(ckpts, out, "--num-videos", 2, "--seed", 9)
+        line = one_line_error(same_out, "--out-dir", out, f"pid {first.pid}")
+        same_npz = run_sample(ckpts, tmp_path / "other", "--num-videos", 2, "--npz", npz, "--overwrite")
+        one_line_error(same_npz, "--npz", npz, f"pid {first.pid}")
+        assert not (tmp_path / "other").exists()
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 130, (tmp_path / "first.log").read_text()[-3000:]
+    assert "in use by" in line and all("_class" in p.name for p in mp4s(out / "videos"))
+    assert not (out / ".cmd-claim").exists()  # released when the first run stopped
+    # After a kill -9 the claim is no one's: a later run is told about the earlier videos, not about a process.
+    killed = start_sampling(ckpts, tmp_path / "killed", tmp_path / "killed.log")
+    killed.kill()
+    killed.wait()
+    one_line_error(run_sample(ckpts, tmp_path / "killed", "--num-videos", 1), "earlier run", "--overwrite")
+    proc = run_sample(ckpts, tmp_path / "killed", "--num-videos", 1, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "killed" / "videos").iterdir()] == ["000000_class000.mp4"]
+
+
+def test_an_existing_npz_is_replaced_only_with_overwrite(ckpts, tmp_path):
+    npz = tmp_path / "s.npz"
+    npz.write_bytes(b"an earlier result")
+    one_line_error(run_sample(ckpts, tmp_path / "out", "--num-videos", 1, "--npz", npz), "--npz", npz, "--overwrite")
+    assert npz.read_bytes() == b"an earlier result" and not (tmp_path / "out").exists()
+    proc = run_sample(ckpts, tmp_path / "out", "--num-videos", 1, "--npz", npz, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.load(npz)["videos"].shape == (1, N_FRAMES, RESOLUTION, RESOLUTION, 3)
+
+
+# sample.py with a full disk at the writes of the files whose names contain `sys.argv[1]`: their fsync fails with
+# ENOSPC, where a full disk shows on file systems that allocate blocks late.
+FULL_DISK = """
+import errno, os, runpy, sys
+fsync, pattern = os.fsync, sys.argv[1]
+def full_disk(fd):
+    if pattern in os.readlink(f"/proc/self/fd/{fd}"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return fsync(fd)
+os.fsync = full_disk
+sys.argv = sys.argv[2:]
+runpy.run_path("sample.py", run_name="__main__")
+"""
+
+
+def test_a_full_disk_is_one_line_and_loses_no_finished_video(ckpts, tmp_path):
+    """At the final --npz write of a --no-mp4 run the videos are kept in the rank shards, which the line names
+    (the npz is written first and the shards removed only once it is); at an mp4 the finished videos stay."""
+    out, npz = tmp_path / "out", tmp_path / "s.npz"
+    proc = run_python(["-c", FULL_DISK, ".s.npz.tmp", *sample_args(ckpts, out, "--num-videos", 3, "--no-mp4",
+                                                                   "--npz", npz)], check=False, timeout=300)
+    shard = out / ".shard-00000.npz"
+    line = one_line_error(proc, "--npz", npz, "No space left on device", shard)
+    assert "3 videos are kept" in line
+    assert not npz.exists() and not list(tmp_path.glob(".s.npz*"))
+    with np.load(shard) as kept:
+        assert kept["videos"].shape == (3, N_FRAMES, RESOLUTION, RESOLUTION, 3)
+        assert sorted(kept["indices"].tolist()) == [0, 1, 2]
+
+    proc = run_python(["-c", FULL_DISK, "000002_", *sample_args(ckpts, tmp_path / "mp4", "--num-videos", 4)],
+                      check=False, timeout=300)
+    one_line_error(proc, "--out-dir", "000002_class002.mp4", "No space left on device")
+    videos = mp4s(tmp_path / "mp4" / "videos")
+    assert [p.name for p in videos] == ["000000_class000.mp4", "000001_class001.mp4"]
+    assert all(frame_count(path) == N_FRAMES for path in videos)
+    assert sorted(p.name for p in (tmp_path / "mp4" / "videos").iterdir()) == [p.name for p in videos]
+
+
 # ---- 6. denoisers trained with another autoencoder --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def other_ae(ckpts, tmp_path_factory):

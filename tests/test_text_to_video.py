@@ -257,6 +257,43 @@ def test_text_chain_trains_and_samples_prompts(tiny_clip, tmp_path):
     assert wrong.returncode == 1 and "not those" in last and str(other_clip) in last
 
 
+def test_resuming_with_another_no_or_an_added_text_encoder_is_refused_before_anything_is_written(tiny_clip, tmp_path):
+    """The text encoder is part of what a run learned: --resume (a folder, or auto with --exp-name) with another,
+    none, or one added stops in one line and leaves the run byte for byte; --resume auto without a name (as
+    scripts/slurm runs) passes such runs over and starts a new one, so a requeued job does not fail on every start."""
+    from tests.test_reliability import assert_one_line_error, assert_untouched, snapshot
+
+    results = tmp_path / "r"
+    run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", *SHRINK, "model.depth=1",
+                "model.hidden_size=32", "model.num_heads=2", "train.eval_every=100", "--results-dir", results,
+                "--exp-name", "ae"])
+    common = ["--ae-ckpt", results / "ae" / "checkpoints" / "last.pt", "--results-dir", results, *SHRINK, *DIFFUSION]
+    text = ["train_motion_diffusion.py", "--config", "configs/tiny_text/motion.yaml", *common]
+    classes = ["train_motion_diffusion.py", "--config", "configs/tiny/motion.yaml", *common]
+    run_python([*text, "--text-encoder", tiny_clip, "--exp-name", "text"])
+    run_python([*classes, "--exp-name", "class"])
+    other_clip = make_tiny_clip(tmp_path / "other_clip", seed=1)
+    cases = [(text, "text", ["--text-encoder", other_clip], [other_clip, "not those"]),
+             (text, "text", ["text.encoder=null"], ["text.encoder: ", "-> None"]),
+             (classes, "class", ["--text-encoder", tiny_clip], ["text.encoder: None -> ", tiny_clip])]
+    for script, name, extra, culprits in cases:
+        run_dir = results / name
+        for resume in (["--resume", run_dir], ["--exp-name", name, "--resume", "auto"]):
+            before = snapshot(run_dir)
+            proc = run_python([*script, *extra, *resume, "train.max_steps=3"], check=False)
+            assert_one_line_error(proc, run_dir, *culprits, exit_code=1)
+            assert_untouched(run_dir, before)
+            assert (run_dir / "log.txt").read_bytes() == before["log.txt"]  # not even a line appended
+
+    before = {name: snapshot(results / name) for name in ("text", "class")}
+    run_python([*text, "--text-encoder", other_clip, "--resume", "auto"])
+    for name, files in before.items():
+        assert_untouched(results / name, files)
+    log = (results / "000-motion" / "log.txt").read_text()
+    assert f"resume auto: not continuing {results / 'text'}: its settings differ (text.encoder: " in log
+    assert load_checkpoint(results / "000-motion" / "checkpoints" / "last.pt")["step"] == 2
+
+
 def test_latent_mode_text_chain_fine_tunes_the_unet_on_the_caption_tokens(tmp_path):
     """The paper's text-to-video setting, tiny: SD-shaped VAE, UNet and CLIP; the content UNet cross-attends to
     the caption's tokens with no new parameter and its checkpoint rebuilds it without the pretrained folder."""

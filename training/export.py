@@ -31,6 +31,7 @@ if __name__ == "__main__" and not __package__:  # run as a file (python training
 
 import torch
 
+from core.files import check_creatable, write_output
 from core.checkpoint import (
     EXPORT_FORMAT,
     LATENT_STATS_PREFIX,
@@ -44,7 +45,6 @@ from core.checkpoint import (
     META_WEIGHTS_FINGERPRINT,
     SAFETENSORS_SUFFIX,
     CheckpointError,
-    atomic_write,
     load_checkpoint,
     model_weights,
     weights_fingerprint,
@@ -90,14 +90,17 @@ def export_checkpoint(ckpt_path, out_path, overwrite: bool = False) -> str:
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if out_path.suffix != SAFETENSORS_SUFFIX:
         raise CheckpointError(f"{out_path}: the export is a safetensors file; give it the {SAFETENSORS_SUFFIX} suffix")
+    if out_path.is_dir():
+        raise CheckpointError(f"{out_path} is a folder; give the export a file name (nothing was written)")
     if out_path.exists() and not overwrite:
         raise CheckpointError(f"{out_path} exists; pass --overwrite to replace it (nothing was written)")
     if out_path.exists() and out_path.resolve() == ckpt_path.resolve():
         raise CheckpointError(f"{out_path} is the checkpoint being exported; choose another output file")
+    check_creatable(out_path, "export to", folder=False)  # a file in the way, no permission: before any reading
     ckpt = load_checkpoint(ckpt_path, mmap=True)  # mmap: the optimizer state is never read
     tensors, metadata = export_tensors(ckpt, ckpt_path)
     del ckpt
-    atomic_write(out_path, lambda handle: handle.write(safetensors_bytes(tensors, metadata=metadata)))
+    write_output(out_path, lambda handle: handle.write(safetensors_bytes(tensors, metadata=metadata)), "export to")
     size = sum(value.numel() * value.element_size() for value in tensors.values()) / 2**20
     return (f"exported the {metadata[META_WEIGHTS]} weights of {ckpt_path} ({metadata[META_STAGE]}, step "
             f"{metadata[META_STEP]}, {len(tensors)} tensors, {size:.1f} MiB, weights "

@@ -12,7 +12,7 @@ import sys
 import time
 from copy import deepcopy
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -21,8 +21,10 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core import checkpoint as ckpt_io
-from core.cli import RunError
+from datasets.build import check_data_path
+from core.cli import RunError, cancel_on_failure, on_failure
 from core.config import config_to_dict, to_yaml
+from core.files import claim, release, write_output
 from core.data import make_loader
 from core.distributed import (
     DistInfo,
@@ -133,19 +135,32 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def claim_run_dir(results: Path, stage: str, exp_name: Optional[str] = None) -> Path:
-    """A new run folder under `results` that belongs to this run alone: `exp_name`, or the next NNN-stage. mkdir is
-    atomic, so two runs started at the same instant in one results folder cannot both take the same NNN-stage:
-    the loser takes the next free index."""
+class RunFolder(NamedTuple):
+    path: Path
+    created: bool  # by this start: a start that fails before training removes it again
+
+
+def claim_run_dir(results: Path, stage: str, exp_name: Optional[str] = None) -> RunFolder:
+    """A run folder under `results` that belongs to this process alone: `exp_name`, or the next NNN-stage.
+
+    mkdir is atomic, so two runs started at the same instant in one results folder cannot both take the same
+    NNN-stage: the loser takes the next free index. A named folder is claimed (core.files.claim) before anything in
+    it is looked at or written: a second start with the same --exp-name, or a --resume of a run whose process is
+    alive, stops with one line naming the folder and that process, and the first run's files are untouched. The
+    claim ends with the process, a kill -9 included, so a requeued job's restart takes the folder over.
+    """
     results.mkdir(parents=True, exist_ok=True)
     if exp_name:
         run_dir = results / exp_name
+        created = not run_dir.exists()
+        held = claim(run_dir, "--exp-name: the run folder", "choose another --exp-name, or wait for that run to end")
         if ckpt_io.latest_checkpoint_in_run(run_dir) is not None:
+            held.release()
             raise RunError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or "
                            f"choose another --exp-name (nothing was overwritten)")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # a requeued job whose first save was killed
         ckpt_io.remove_temp_files(run_dir / "checkpoints")
-        return run_dir
+        return RunFolder(run_dir, created)
     taken = [int(p.name.split("-", 1)[0]) for p in results.iterdir() if p.name.split("-", 1)[0].isdigit()]
     index = max(taken, default=-1) + 1
     while True:
@@ -155,8 +170,9 @@ def claim_run_dir(results: Path, stage: str, exp_name: Optional[str] = None) -> 
         except FileExistsError:
             index += 1
             continue
+        claim(run_dir, "the run folder", "start the run again")  # its own new folder: only a --resume can meet it
         (run_dir / "checkpoints").mkdir()
-        return run_dir
+        return RunFolder(run_dir, True)
 
 
 class TrainingRun:
@@ -204,10 +220,17 @@ class TrainingRun:
             recorded = self._on_main(lambda: ckpt_io.load_checkpoint(self.resume_path, mmap=True)["config"].get("ae_ckpt"))
             if recorded not in (None, "auto"):
                 OmegaConf.update(cfg, "ae_ckpt", recorded, merge=False)
+        # On every rank before a run folder is claimed: a wrong data path costs nothing and hangs no rank.
+        _raise_first(all_gather_object(_attempt(lambda: check_data_path(cfg.data))[1]))
+        self._created_run_dir = False  # set by _make_run_dir on rank 0
+        self._restored = self.resume_path is None  # a resumed run's config.yaml is rewritten once restore() took it
+        self._steps_this_start = 0
+        self.writer = self.logger = None
         self.run_dir = Path(self._on_main(self._make_run_dir))
+        if self.dist.is_main and self._created_run_dir:
+            on_failure(self._remove_unused_run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = create_logger(self.run_dir, self.dist.is_main)
-        self.writer = None
         self._write_config()
         self.wandb = None
         if self.dist.is_main:
@@ -258,19 +281,37 @@ class TrainingRun:
             if self.resume_path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
                 if not os.access(run_dir, os.W_OK) or not os.access(run_dir / "checkpoints", os.W_OK):
                     raise RunError(f"--resume: the run folder {run_dir} is not writable; nothing was changed")
-                ckpt_io.remove_temp_files(run_dir / "checkpoints")
+                claim(run_dir, "--resume: the run folder", "wait for that process to end")
+                ckpt_io.remove_temp_files(run_dir / "checkpoints")  # after the claim: a live run's are its own
                 return str(run_dir)
             # A checkpoint outside any run folder (a copy, a download) continues in a new run folder.
         try:
-            return str(claim_run_dir(results, self.stage, train.exp_name))
+            folder = claim_run_dir(results, self.stage, train.exp_name)
+            self._created_run_dir = folder.created
+            return str(folder.path)
         except OSError as exc:  # under a file, read-only, a pseudo file system, no space
             reason = exc.strerror or type(exc).__name__
             raise RunError(f"--results-dir {results}: cannot create a run folder there ({reason}: "
                            f"{exc.filename or results})") from None
 
     def _write_config(self) -> None:
-        if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        """config.yaml: the settings of the run. A resumed run's keeps the settings it had until restore() has
+        accepted this command's (a refusal on the way, another text encoder say, must leave the run as it was)."""
+        if self._restored:
+            text = to_yaml(self.cfg).encode()
+            self._on_main(lambda: write_output(self.run_dir / "config.yaml", lambda handle: handle.write(text),
+                                               "the run's config"))
+
+    def _remove_unused_run_dir(self) -> None:
+        """A start that fails before training (a wrong data path, an unusable checkpoint) leaves no run folder
+        behind: it would hold nothing but the error printed already, and fill results_dir with empty runs."""
+        if self._steps_this_start or ckpt_io.latest_checkpoint_in_run(self.run_dir) is not None:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        for handler in list(self.logger.handlers) if self.logger is not None else []:
+            handler.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def record(self, key: str, value) -> None:
         """Sets a value found at run time (the dataset's class count, the resolved AE checkpoint) in the config
@@ -319,6 +360,8 @@ class TrainingRun:
                                 f"recorded), so its VAE cannot be checked; the run continues with the VAE of weights "
                                 f"{vae}, which its checkpoints record from now on")
         self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
+        self._restored = True
+        self._write_config()
         return ckpt
 
     def _apply_optimizer_settings(self, name: str, optimizer: torch.optim.Optimizer, old_cfg: dict) -> None:
@@ -362,11 +405,16 @@ class TrainingRun:
         """The dataset of `split`; rank 0 indexes the files first so the others read its cache instead of probing."""
         from datasets import build_dataset
 
+        def build():
+            return build_dataset(self.cfg.data, split=split, seed=self.cfg.train.global_seed)
+
+        # Rank 0 first; an error on any rank (a wrong data path) reaches every rank as the same one line, so that
+        # none is left waiting for the others at a barrier.
+        dataset, error = _attempt(build) if self.dist.is_main else (None, None)
+        _raise_first([broadcast_object(error)])
         if not self.dist.is_main:
-            barrier()
-        dataset = build_dataset(self.cfg.data, split=split, seed=self.cfg.train.global_seed)
-        if self.dist.is_main:
-            barrier()
+            dataset, error = _attempt(build)
+        _raise_first(all_gather_object(error))
         return dataset
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -412,6 +460,7 @@ class TrainingRun:
     def count_step(self) -> None:
         """One training step done: the step count and the data stream's position (clips drawn by all ranks) move on."""
         self.step += 1
+        self._steps_this_start += 1
         self.samples_seen += self.batch_size * self.dist.world_size
 
     def log(self, values: dict, last: bool) -> None:
@@ -535,7 +584,24 @@ class TrainingRun:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.dist.is_main:
+            cancel_on_failure(self._remove_unused_run_dir)
+            release(self.run_dir)
         cleanup_distributed()
+
+
+def _attempt(fn) -> tuple:
+    """(fn(), None), or (None, the user error it raised): to be shared with the other ranks before raising."""
+    try:
+        return fn(), None
+    except (ValueError, OSError, RunError) as exc:
+        return None, exc
+
+
+def _raise_first(errors: list) -> None:
+    error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
 
 
 def start_wandb(cfg, run_dir: Path):
@@ -548,7 +614,7 @@ def start_wandb(cfg, run_dir: Path):
 
     id_file = Path(run_dir) / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
-    id_file.write_text(run_id)
+    write_output(id_file, lambda handle: handle.write(run_id.encode()), "the run's W&B id")
     return wandb.init(project=project, entity=cfg.train.wandb_entity, name=Path(run_dir).name, id=run_id,
                       resume="allow", dir=str(run_dir), config=config_to_dict(cfg), sync_tensorboard=True)
 
