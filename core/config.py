@@ -14,8 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import PREDICTION_TYPES, SAMPLERS, check_loss_type
-from models.content_unet import PRETRAINED_UNET
-from models.dit import validate_model_name
+from models.content_unet import PRETRAINED_UNET, validate_denoiser_name
 from core.cli import GUIDANCE_MAX, HelpFormatter, positive_int
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
@@ -59,7 +58,9 @@ class AutoencoderModelConfig:
     motion_dim: int = 8  # D
     grad_checkpointing: bool = False
     motion_centering: bool = True  # z_m from features minus their temporal mean; false collapses z_m (ablation)
-    content_logits: str = "pixel"  # pixel (the paper) | token: content weights per token, bilinearly upsampled
+    # pixel (the paper) | token: content weights per token, bilinearly upsampled | frame: one weight per frame
+    content_logits: str = "pixel"
+    output_head: str = "linear"  # linear un-patchify (the paper) | conv: a 3x3 convolution after it, no patch grid
     # tanh on the decoder's output: pixel clips live in [-1, 1], scaled VAE latents do not. None: true in pixel mode,
     # false in latent mode (resolved when the config is loaded; checkpoints without the key squashed).
     output_squash: Optional[bool] = None
@@ -302,9 +303,9 @@ def validate_config(cfg, stage: str) -> None:
                      f"{PRETRAINED_UNET}: the pretrained UNet predicts eps or v alone, no variance")
         else:
             try:
-                validate_model_name(stage, cfg.model.name)
+                validate_denoiser_name(stage, cfg.model.name)
             except ValueError as exc:
-                raise ConfigError(f"config key 'model.name': {exc} (content also: {PRETRAINED_UNET})") from None
+                raise ConfigError(f"config key 'model.name': {exc}") from None
         _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
         _require(math.isfinite(cfg.diffusion.cfg_scale) and 0.0 <= cfg.diffusion.cfg_scale <= GUIDANCE_MAX,
                  f"config key 'diffusion.cfg_scale' must be a guidance scale in 0..{GUIDANCE_MAX:g}, "

@@ -136,3 +136,30 @@ def motion_warning(health: dict) -> "str | None":
         return None
     return (f"motion latent collapsed or unused: {'; '.join(problems)}; reconstruction {health['psnr']:.2f} dB vs "
             f"{health['psnr_temporal_mean']:.2f} dB for the static temporal-mean baseline")
+
+
+def patch_grid_ratio(images: torch.Tensor, patch_size: int) -> float:
+    """How visible a patch grid is in images (..., H, W): the mean absolute difference of neighbouring pixels
+    across the boundaries of patch_size x patch_size patches, divided by that of neighbours inside a patch.
+
+    About 1 for natural images and clean renders; a model that draws each patch on its own (an un-patchify with
+    no overlap) leaves steps at the boundaries and scores well above 1.
+    """
+    if images.shape[-1] < 2 * patch_size or images.shape[-2] < 2 * patch_size:
+        raise ValueError(f"images of size {tuple(images.shape[-2:])} hold fewer than 2 x 2 patches of {patch_size}")
+    images = images.detach().double()
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs()  # pairs (x, x + 1)
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs()
+    across_x = torch.arange(dx.shape[-1], device=images.device) % patch_size == patch_size - 1
+    across_y = torch.arange(dy.shape[-2], device=images.device) % patch_size == patch_size - 1
+    across = torch.cat([dx[..., across_x].flatten(), dy[..., across_y, :].flatten()]).mean()
+    inside = torch.cat([dx[..., ~across_x].flatten(), dy[..., ~across_y, :].flatten()]).mean()
+    return float(across / inside.clamp_min(1e-12))
+
+
+def high_frequency_energy(images: torch.Tensor) -> float:
+    """Mean squared difference between images (N, C, H, W) and their 3 x 3 box blur: the energy of the finest
+    detail (a per-pixel dither scores high, a smooth image low)."""
+    images = images.detach().double()
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return float((images - blurred).pow(2).mean())

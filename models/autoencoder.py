@@ -44,6 +44,10 @@ from models.layers import Attention, Mlp, sincos_1d, sincos_2d
 
 __all__ = ["CMDAutoencoder", "SpaceTimeBlock", "build_autoencoder"]
 
+CONTENT_LOGITS = ("pixel", "token", "frame")
+OUTPUT_HEADS = ("linear", "conv")
+OUTPUT_FEATURES = 16  # channels per pixel that the 'conv' output head's 3x3 convolution mixes into the output
+
 
 class SpaceTimeBlock(nn.Module):
     """Pre-LayerNorm block on (B, T, N, hidden) tokens: temporal attention, spatial attention, MLP."""
@@ -107,6 +111,7 @@ class CMDAutoencoder(nn.Module):
         grad_checkpointing: bool = False,
         motion_centering: bool = True,
         content_logits: str = "pixel",
+        output_head: str = "linear",
         output_squash: bool = True,
     ):
         super().__init__()
@@ -121,9 +126,12 @@ class CMDAutoencoder(nn.Module):
         self.hidden_size = hidden_size
         self.motion_dim = motion_dim
         self.motion_centering = motion_centering  # False only to reproduce the collapse (the ablation)
-        if content_logits not in ("pixel", "token"):
-            raise ValueError(f"content_logits must be 'pixel' or 'token', got {content_logits!r}")
+        if content_logits not in CONTENT_LOGITS:
+            raise ValueError(f"content_logits must be one of {CONTENT_LOGITS}, got {content_logits!r}")
+        if output_head not in OUTPUT_HEADS:
+            raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {output_head!r}")
         self.content_logits = content_logits
+        self.output_head = output_head
         # tanh on the output for pixel clips in [-1, 1]; latent mode's scaled VAE latents (about unit variance,
         # a third of them beyond +-1) are reconstructed unsquashed.
         self.output_squash = bool(output_squash)
@@ -139,8 +147,9 @@ class CMDAutoencoder(nn.Module):
         self.patch_embed = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.encoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
         self.encoder_norm = nn.LayerNorm(hidden_size)
-        # Per-channel logits over time: one per pixel (the paper), or one per token, upsampled bilinearly to pixels.
-        self.content_head = nn.Linear(hidden_size, patch_dim if content_logits == "pixel" else channels)
+        # Logits over time: per pixel and channel (the paper), per token and channel (upsampled bilinearly to
+        # pixels), or one per frame.
+        self.content_head = nn.Linear(hidden_size, {"pixel": patch_dim, "token": channels, "frame": 1}[content_logits])
         self.motion_head_x = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_x
         self.motion_head_y = nn.Linear(hidden_size, motion_dim)  # the 1x1 conv of z_y
 
@@ -150,7 +159,11 @@ class CMDAutoencoder(nn.Module):
         self.motion_embed_y = nn.Linear(motion_dim, hidden_size)
         self.decoder = SpaceTimeTransformer(hidden_size, depth, num_heads, mlp_ratio, grad_checkpointing)
         self.decoder_norm = nn.LayerNorm(hidden_size)
-        self.output_proj = nn.Linear(hidden_size, patch_dim)
+        if output_head == "linear":
+            self.output_proj = nn.Linear(hidden_size, patch_dim)
+        else:
+            self.output_proj = nn.Linear(hidden_size, OUTPUT_FEATURES * patch_size * patch_size)
+            self.output_conv = nn.Conv2d(OUTPUT_FEATURES, channels, kernel_size=3, padding=1)
 
         self._init_weights()
 
@@ -172,7 +185,11 @@ class CMDAutoencoder(nn.Module):
         # A xavier output projection after LayerNorm gives pre-tanh values of std ~1, so much of the
         # output starts in tanh's flat tails; starting from x_hat = 0 (as DiT zero-inits its final
         # layer) avoids that and, on the overfitting test, reaches a given PSNR several times faster.
-        nn.init.zeros_(self.output_proj.weight)
+        if self.output_head == "linear":
+            nn.init.zeros_(self.output_proj.weight)
+        else:  # the convolution starts at zero instead; zeroing both would leave neither a gradient
+            nn.init.zeros_(self.output_conv.weight)
+            nn.init.zeros_(self.output_conv.bias)
 
     @property
     def content_shape(self) -> Tuple[int, int, int]:
@@ -190,16 +207,17 @@ class CMDAutoencoder(nn.Module):
         return (self.channels, self.n_frames, self.height, self.width)
 
     def last_layer(self) -> torch.Tensor:
-        """Weight of the final un-patchify projection (for the adaptive GAN weight)."""
-        return self.output_proj.weight
+        """Weight of the decoder's last layer (for the adaptive GAN weight)."""
+        return self.output_proj.weight if self.output_head == "linear" else self.output_conv.weight
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, H'*W', C*p*p) per-patch values -> (B, C, T, H, W)."""
+        """(B, T, H'*W', C*p*p) per-patch values -> (B, C, T, H, W) (C from the last axis)."""
         b, t = tokens.shape[:2]
         p = self.patch_size
-        tokens = tokens.reshape(b, t, self.grid_h, self.grid_w, self.channels, p, p)
+        channels = tokens.shape[-1] // (p * p)
+        tokens = tokens.reshape(b, t, self.grid_h, self.grid_w, channels, p, p)
         tokens = tokens.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, T, H', p, W', p)
-        return tokens.reshape(b, self.channels, t, self.height, self.width)
+        return tokens.reshape(b, channels, t, self.height, self.width)
 
     @staticmethod
     def _check_shape(name: str, tensor: torch.Tensor, expected: Tuple[int, ...]) -> None:
@@ -222,8 +240,12 @@ class CMDAutoencoder(nn.Module):
 
         'token' logits vary smoothly inside a patch: the weights cannot form a per-pixel dither pattern, a code
         that a small autoencoder learns to hide frame information in (and that a content DiT then has to generate).
+        'frame' gives one logit per frame: the content frame is a blend of whole frames, as smooth as they are.
         """
         b, t = features.shape[:2]
+        if self.content_logits == "frame":
+            pooled = self.content_head(features.mean(dim=(2, 3)))  # (B, T, 1)
+            return pooled.reshape(b, 1, t, 1, 1).expand(b, self.channels, t, self.height, self.width)
         head = self.content_head(features)
         if self.content_logits == "pixel":
             return self._unpatchify(head.reshape(b, t, -1, head.shape[-1]))
@@ -264,8 +286,13 @@ class CMDAutoencoder(nn.Module):
         tokens = v_c[:, None] + v_x[:, :, None, :, :] + v_y[:, :, :, None, :]  # (B, T, H', W', hidden)
         tokens = tokens.reshape(b, self.n_frames, -1, self.hidden_size) + self.pos_embed
         tokens = self.output_proj(self.decoder_norm(self.decoder(tokens)))  # (B, T, N, C*p*p)
-        x_hat = self._unpatchify(tokens)
-        return torch.tanh(x_hat) if self.output_squash else x_hat
+        out = self._unpatchify(tokens)
+        if self.output_head != "linear":
+            c = out.shape[1]
+            frames = out.transpose(1, 2).reshape(b * self.n_frames, c, self.height, self.width)
+            frames = self.output_conv(F.gelu(frames))
+            out = frames.reshape(b, self.n_frames, self.channels, self.height, self.width).transpose(1, 2)
+        return torch.tanh(out) if self.output_squash else out
 
     # In pixel mode a content frame is an image; models/vae.LatentModeAutoencoder maps latent ones to and from images.
     content_bound = 1.0  # |z_c| <= 1: a convex combination of frames in [-1, 1] (the samplers clip to it)
@@ -306,5 +333,6 @@ def build_autoencoder(model_cfg, data_cfg, downsample: int = 1) -> CMDAutoencode
         grad_checkpointing=bool(model_cfg.grad_checkpointing),
         motion_centering=bool(model_cfg.motion_centering),
         content_logits=str(model_cfg.content_logits),
+        output_head=str(model_cfg.output_head),
         output_squash=True if model_cfg.output_squash is None else bool(model_cfg.output_squash),
     )

@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.dit import LabelEmbedder, TextEmbedder, build_dit
+from models.conv_unet import ConvUNet_models
+from models.dit import LabelEmbedder, TextEmbedder, build_dit, validate_model_name
 from models.vae import from_pretrained, looks_like_hub_id
 
 PRETRAINED_UNET = "UNet2DCondition"  # model.name of a content model started from a diffusers UNet
@@ -137,12 +138,30 @@ def unet_config_json(unet: nn.Module) -> str:
     return json.dumps({k: v for k, v in unet.config.items() if not k.startswith("_")}, sort_keys=True)
 
 
+def validate_denoiser_name(stage: str, name: str) -> str:
+    """`name` if it names a denoiser of `stage`: a DiT, or for content also a ConvUNet or the pretrained UNet."""
+    if stage == "content" and (name in ConvUNet_models or name == PRETRAINED_UNET):
+        return name
+    try:
+        return validate_model_name(stage, name)
+    except ValueError as exc:
+        if stage != "content":
+            raise
+        raise ValueError(f"{exc}, {', '.join(ConvUNet_models)}, {PRETRAINED_UNET}") from None
+
+
 def build_denoiser(stage: str, model_cfg, num_classes: int, ae_content_shape: Sequence[int],
                    ae_motion_shape: Sequence[int], unet: nn.Module | None = None,
                    text_shape: Sequence[int] | None = None) -> nn.Module:
     """The `stage` denoiser a config names: a DiT (models.dit.build_dit) or, for model.name UNet2DCondition, the
     ContentUNet around `unet` (default: the architecture recorded in model.unet_config). `text_shape` (L, D), a
     text encoder's tokens, conditions it on captions instead of classes."""
+    if stage == "content" and model_cfg.name in ConvUNet_models:
+        channels, height, width = (int(v) for v in ae_content_shape)
+        return ConvUNet_models[model_cfg.name](
+            input_size=(height, width), in_channels=channels, num_classes=int(num_classes),
+            class_dropout_prob=float(model_cfg.class_dropout_prob), learn_sigma=bool(model_cfg.learn_sigma),
+            grad_checkpointing=bool(model_cfg.grad_checkpointing), text_shape=text_shape)
     if stage != "content" or model_cfg.name != PRETRAINED_UNET:
         return build_dit(stage, model_cfg, num_classes, ae_content_shape, ae_motion_shape, text_shape)
     if unet is None:

@@ -17,8 +17,8 @@ CONFIGS=configs/tiny
 if [ "$TEXT" = 1 ]; then CONFIGS=configs/tiny_text; OUT=${OUT:-demo_text_output}; fi
 OUT=${OUT:-demo_output}
 AE_STEPS=${AE_STEPS:-650}
-MOTION_STEPS=${MOTION_STEPS:-2000}
-CONTENT_STEPS=${CONTENT_STEPS:-1400}
+MOTION_STEPS=${MOTION_STEPS:-3000}
+CONTENT_STEPS=${CONTENT_STEPS:-2800}
 # One thread per process: these tiny models gain little from a second thread, and two processes that each
 # spin two OpenMP threads on two cores slow each other down many times over.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -8,6 +8,7 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
+from evals.recon import high_frequency_energy
 from models.ae_losses import AutoencoderLoss, build_ae_loss, build_lpips, lpips_backbone_weights_path
 from models.autoencoder import CMDAutoencoder, build_autoencoder
 from core.config import AutoencoderLossConfig, AutoencoderModelConfig, DataConfig
@@ -85,7 +86,7 @@ def test_motion_latent_halves_are_height_and_width_averages():
     assert torch.allclose(z_m[..., 8:], expected_y, atol=1e-6)
 
 
-@pytest.mark.parametrize("content_logits", ["pixel", "token"])
+@pytest.mark.parametrize("content_logits", ["pixel", "token", "frame"])
 def test_content_frame_starts_as_temporal_mean_and_stays_a_convex_combination(content_logits):
     torch.manual_seed(0)
     model = tiny_model(resolution=(16, 24), content_logits=content_logits)
@@ -121,6 +122,47 @@ def test_token_content_logits_are_smooth_inside_a_patch():
     assert (row[:-2] - 2 * row[1:-1] + row[2:]).abs().max() > 1e-2  # but not one straight line over the row
     with pytest.raises(ValueError, match="content_logits"):
         tiny_model(content_logits="per-channel")
+
+
+def test_frame_content_logits_blend_whole_frames_and_smooth_no_more_than_the_frames():
+    """'frame' weights are one per frame, shared by every pixel and channel: z_c = sum_t w_t x_t, so its fine detail
+    (a convex quadratic of the image) is at most the frames' largest, whatever the weights."""
+    torch.manual_seed(0)
+    model = tiny_model(resolution=(16, 16), patch_size=4, content_logits="frame")
+    torch.nn.init.normal_(model.content_head.weight, std=1.0)
+    x = random_clip(2, model)
+    features = model.encode_features(x)
+    weights = torch.softmax(model.content_head(features.mean(dim=(2, 3))).squeeze(-1), dim=1)  # (B, T)
+    with torch.no_grad():
+        z_c, _ = model.encode(x)
+    torch.testing.assert_close(z_c, torch.einsum("bt,bcthw->bchw", weights, x))
+    assert weights.std(dim=1).min() > 1e-3  # not the temporal mean: the weights differ between frames
+    for clip, content in zip(x, z_c):
+        frames_detail = max(high_frequency_energy(clip[:, t : t + 1].transpose(0, 1)) for t in range(model.n_frames))
+        assert high_frequency_energy(content[None]) <= frames_detail * (1 + 1e-6)
+
+
+def test_conv_output_head_blends_neighbouring_patches():
+    """With the linear head each output patch is a function of its own token alone (the patch grid shows); the
+    3x3 convolution after un-patchifying lets a pixel at a patch border depend on the neighbouring token too."""
+    torch.manual_seed(0)
+    for head, depends in (("linear", False), ("conv", True)):
+        model = tiny_model(resolution=(16, 16), patch_size=4, output_head=head)
+        x_hat = model.decode(torch.zeros(1, 3, 16, 16), torch.zeros(1, *model.motion_shape))
+        assert x_hat.shape == (1, 3, model.n_frames, 16, 16)
+        if head == "conv":
+            torch.nn.init.normal_(model.output_conv.weight, std=0.1)  # off its zero initialisation
+        # Which tokens' projected values reach the border pixel (row 0, column 3) of patch (0, 0)?
+        tokens = torch.zeros(1, model.n_frames, model.grid_h * model.grid_w, model.output_proj.out_features,
+                             requires_grad=True)
+        out = model._unpatchify(tokens)
+        if head == "conv":
+            out = model.output_conv(out[:, :, 0])
+        out[..., 0, 3].sum().backward()
+        neighbour = tokens.grad[0, 0, 1].abs().sum().item()  # token (0, 1): columns 4..7
+        assert (neighbour > 0) == depends, head
+    with pytest.raises(ValueError, match="output_head"):
+        tiny_model(output_head="deconv")
 
 
 def test_encoder_sees_frame_order():

@@ -44,6 +44,7 @@ ENTRY_POINTS = {
     "training/export.py": _module_parser("training.export"),
     "datasets/__main__.py": _module_parser("datasets.__main__"),
     "scripts/make_tiny_sd.py": _file_parser("scripts/make_tiny_sd.py"),
+    "scripts/demo_figure.py": _file_parser("scripts/demo_figure.py"),
     **{f"benchmarks/{name}.py": _module_parser(f"benchmarks.{name}")
        for name in ("ae_motion_ablation", "bench_autoencoder", "bench_latent_cache", "bench_loader", "flops",
                     "sampler_quality", "throughput")},

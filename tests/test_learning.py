@@ -16,7 +16,8 @@ from datasets import build_dataset
 from datasets.synthetic import DIRECTIONS, SHAPES
 from datasets.transforms import to_uint8_videos
 from diffusion import create_diffusion
-from sampling.generation import SamplingOptions, generate, load_models, real_content_frames
+from core.latents import load_autoencoder
+from sampling.generation import SamplingOptions, generate, load_denoiser, load_models, real_content_frames
 from scripts.make_tiny_sd import make_tiny_clip
 from tests.conftest import LONE_PROCESS_ENV, run_python
 
@@ -99,6 +100,18 @@ def test_motion_samples_move_the_way_their_label_says(trained_tiny_ae, python_ru
 TEXT_MOTION_STEPS = 500
 
 
+def run_diffusion(cfg):
+    """The diffusion a diffusion run trained with (its schedule, variance and prediction type)."""
+    return create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma, cfg.diffusion.diffusion_steps,
+                            cfg.diffusion.loss_type, cfg.diffusion.prediction_type)
+
+
+def predicted_noise(diffusion, output, x_t, t):
+    """The noise a denoiser's output (eps or v in its first channels) implies for x_t."""
+    prediction = output[:, : x_t.shape[1]]
+    return diffusion.predict_eps_from_v(x_t, t, prediction) if diffusion.prediction_type == "v" else prediction
+
+
 def test_text_conditioned_motion_model_reads_the_direction_from_the_prompt(trained_tiny_ae, python_runner, tmp_path):
     """The motion DiT trained on the built-in captions (tiny random CLIP) must take the direction from the text: on
     held-out clips of a square moving right or left, its noise prediction must be better with the clip's own
@@ -120,20 +133,58 @@ def test_text_conditioned_motion_model_reads_the_direction_from_the_prompt(train
     own = models.encode_prompts([f"a square moving {d}" for d in directions])
     opposite = models.encode_prompts([f"a square moving {'left' if d == 'right' else 'right'}" for d in directions])
     x0, content = scaler.normalize("motion", z_m), scaler.normalize("content", z_c)
-    diffusion = create_diffusion(None, cfg.diffusion.noise_schedule, cfg.model.learn_sigma,
-                                 cfg.diffusion.diffusion_steps, cfg.diffusion.loss_type)
+    diffusion = run_diffusion(cfg)
     generator, gaps = torch.Generator().manual_seed(0), []
     with torch.no_grad():
         for _ in range(8):  # timestep and noise draws per clip, shared by the two captions
             t = torch.randint(0, diffusion.num_timesteps, (len(indices),), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
             x_t = diffusion.q_sample(x0, t, noise=noise)
-            errors = [(model(x_t, t, y, content)[:, : x0.shape[1]] - noise).square().mean((1, 2, 3))
+            errors = [(predicted_noise(diffusion, model(x_t, t, y, content), x_t, t) - noise).square().mean((1, 2, 3))
                       for y in (own, opposite)]
             gaps.append(errors[1] - errors[0])
     gap = torch.stack(gaps).mean(0).double().numpy()  # per clip: how much worse the wrong direction predicts
     assert np.abs(gap).max() > 0, "the motion model predicts the same for both directions: it ignores the text"
     # Paired t over 64 clips; a text-blind model gives gap 0 everywhere. Measured ~10 at this budget (500 steps);
     # t >= 3 by chance has probability < 0.2% (one-sided, 63 degrees of freedom).
+    paired_t = gap.mean() / (gap.std(ddof=1) / np.sqrt(len(gap)))
+    assert paired_t >= 3.0, (paired_t, gap.round(4))
+
+
+
+CONTENT_STEPS = 600
+
+
+def test_content_model_learns_the_shape_its_class_names(trained_tiny_ae, python_runner, tmp_path):
+    """The content model (the demo's config) must learn what its class adds to a content frame. Classes 0-2 are a
+    square, a disc and a triangle, all moving right: on held-out clips of these classes its estimate of the clean
+    content frame from a noisy one (here: of its noise) must be better with the clip's own class than with another
+    shape's, at the same timestep and noise. A model that ignores the class, or draws no shape, predicts alike for
+    both labels."""
+    ae_path, _ = trained_tiny_ae
+    python_runner(["train_content_diffusion.py", "--config", "configs/tiny/content.yaml", "--results-dir", tmp_path,
+                   "--exp-name", "content", "--ae-ckpt", ae_path, "--max-steps", CONTENT_STEPS,
+                   f"train.sample_every={CONTENT_STEPS}", f"train.ckpt_every={CONTENT_STEPS}"], env=LONE_PROCESS_ENV)
+    ae, _ = load_autoencoder(ae_path, "cpu")
+    model, cfg, scaler = load_denoiser(tmp_path / "content" / "checkpoints" / "last.pt", "content", ae, "cpu")
+    held_out = build_dataset(cfg.data, split="test", seed=0)
+    indices = [i for i in range(len(held_out)) if held_out.label_of(i) < len(SHAPES)][:96]
+    labels = torch.tensor([held_out.label_of(i) for i in indices])
+    with torch.no_grad():
+        x0 = scaler.normalize("content", ae.encode(torch.stack([held_out[i]["x"] for i in indices]))[0])
+    diffusion = run_diffusion(cfg)
+    generator, gaps = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for shift in (1, 2, 1, 2):  # timestep and noise draws per clip, shared by the two labels
+            t = torch.randint(100, 700, (len(indices),), generator=generator)  # where the shape is being decided
+            noise = torch.randn(x0.shape, generator=generator)
+            x_t = diffusion.q_sample(x0, t, noise=noise)
+            errors = [(predicted_noise(diffusion, model(x_t, t, y), x_t, t) - noise).square().mean((1, 2, 3))
+                      for y in (labels, (labels + shift) % len(SHAPES))]
+            gaps.append(errors[1] - errors[0])
+    gap = torch.stack(gaps).mean(0).double().numpy()  # per clip: how much worse another shape's label predicts
+    assert np.abs(gap).max() > 0, "the content model predicts the same for every class: it ignores the label"
+    # Paired t over 96 clips; a class-blind model gives gap 0 everywhere, and t >= 3 by chance has probability
+    # below 0.2% (one-sided, 95 degrees of freedom).
     paired_t = gap.mean() / (gap.std(ddof=1) / np.sqrt(len(gap)))
     assert paired_t >= 3.0, (paired_t, gap.round(4))
