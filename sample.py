@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from datasets.transforms import load_image, to_uint8_videos
 from diffusion import SAMPLERS
-from core.cli import guidance_scale, positive_int, run_reporting_user_errors, seed_int
+from core.cli import HelpFormatter, guidance_scale, positive_int, run_reporting_user_errors, seed_int
 from core.distributed import all_gather_object, barrier, broadcast_object, cleanup_distributed, setup_distributed
 from core.files import OutputError, os_reason, reported, write_output
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, SamplingOptions, compile_models, generate, load_models,
@@ -47,7 +47,7 @@ def given_content_frames(args, models, labels: list, device):
 
 def labels_by_frequency(labels: np.ndarray, num_videos: int, seed: int) -> list:
     """`num_videos` labels drawn with replacement from the training labels, i.e. by class frequency, as StyleGAN-V's
-    metrics and the reference evaluation draw them; a function of `seed` alone, so every rank draws the same."""
+    metrics and NVlabs/CMD's evaluation draw them; a function of `seed` alone, so every rank draws the same."""
     picks = np.random.default_rng(seed).integers(0, len(labels), size=num_videos)
     return labels[picks].tolist()
 
@@ -435,49 +435,66 @@ def class_choice(text: str):
     return choices
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Sample videos from trained CMD checkpoints.")
-    parser.add_argument("--ae-ckpt", required=True)
-    parser.add_argument("--motion-ckpt", required=True)
-    parser.add_argument("--content-ckpt", default=None)
-    parser.add_argument("--content-frame", default=None, help="an image to animate instead of sampling content")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Sample videos from trained CMD checkpoints.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--ae-ckpt", required=True, metavar="PATH",
+                        help="the autoencoder checkpoint (train_ae.py: RUN/checkpoints/last.pt or a step file)")
+    parser.add_argument("--motion-ckpt", required=True, metavar="PATH",
+                        help="the motion DiT checkpoint (train_motion_diffusion.py); its config gives the classes, "
+                        "the dataset and the default sampling settings")
+    parser.add_argument("--content-ckpt", default=None, metavar="PATH",
+                        help="the content DiT checkpoint (train_content_diffusion.py); required unless --content-frame "
+                        "or --real-content gives the content frames")
+    parser.add_argument("--content-frame", default=None, metavar="IMAGE",
+                        help="image-to-video: an image to animate as every video's content frame instead of "
+                        "sampling one")
     parser.add_argument("--real-content", action="store_true",
                         help="motion-only samples: content frames of held-out real clips of each video's class")
-    parser.add_argument("--vae", default=None,
+    parser.add_argument("--vae", default=None, metavar="PATH",
                         help="latent mode: the SD VAE folder or hub id, when it moved since the autoencoder recorded it")
     parser.add_argument("--allow-ae-mismatch", action="store_true",
                         help="sample even though the denoisers were trained with another autoencoder checkpoint")
-    parser.add_argument("--classes", type=class_choice, default=None,
+    parser.add_argument("--classes", type=class_choice, default=None, metavar="IDS|NAMES|dataset",
                         help="comma-separated class ids or names, used round-robin; ids are 0-based (UCF-101's "
                         "classInd.txt numbers from 1: id = its number - 1), names are those of the motion run's dataset "
                         "(e.g. ApplyEyeMakeup,Biking). 'dataset': labels drawn by the class frequencies of the motion "
-                        "run's training split, as the reference and StyleGAN-V evaluate (deterministic given --seed). "
+                        "run's training split, as NVlabs/CMD's evaluation and StyleGAN-V's metrics draw them "
+                        "(deterministic given --seed). "
                         "Default: the preset's ('paper', 'reference': dataset), else every class round-robin")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text-to-video (caption-conditioned checkpoints): a prompt; repeat the flag for several. "
                         "Videos go round-robin over the prompts; a prompt's k-th video depends on --seed, the prompt and "
                         "k alone")
-    parser.add_argument("--prompts", default=None, help="a text file of prompts, one per line (with or after --prompt)")
-    parser.add_argument("--text-encoder", default=None,
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="a text file of prompts, one per line (with or after --prompt)")
+    parser.add_argument("--text-encoder", default=None, metavar="PATH",
                         help="text-to-video: the CLIP text encoder folder or hub id, when it moved since the runs "
                         "recorded it")
-    parser.add_argument("--num-videos", type=positive_int, default=16)
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--num-videos", type=positive_int, default=16, metavar="N",
+                        help="videos to generate, over all ranks")
+    parser.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
+                        help="videos per forward pass on each rank (memory only: the videos do not depend on it)")
     parser.add_argument("--seed", type=seed_int, default=0,
-                        help="0..2**64-1; a video depends on it and its index alone")
+                        help="noise seed, 0..2**64-1: video i depends on the seed and i alone, for any --batch-size "
+                        "or rank count")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
                         help=f"the sampling protocol; {describe_presets()}. 'fast' (the default) is validated against "
-                        "'ddim' on the built-in data only (docs/BENCHMARKS.md); report numbers with 'paper' (README, "
-                        "FVD). The flags below override it setting by setting")
-    parser.add_argument("--content-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
-    parser.add_argument("--content-steps", type=positive_int, default=None, help="default: the preset's")
-    parser.add_argument("--content-cfg-scale", type=guidance_scale, default=None,
+                        "'ddim' on the built-in data only (docs/BENCHMARKS.md); report numbers with 'paper' "
+                        "(docs/RECIPES.md, FVD). The flags below override it setting by setting")
+    parser.add_argument("--content-sampler", choices=SAMPLERS, default=None,
+                        help="the content stage's sampler (default: the preset's)")
+    parser.add_argument("--content-steps", type=positive_int, default=None, metavar="N",
+                        help="the content stage's sampling steps (default: the preset's)")
+    parser.add_argument("--content-cfg-scale", type=guidance_scale, default=None, metavar="S",
                         help="guidance scale s, DiT's convention: eps = eps(null) + s * (eps(c) - eps(null)); 1 = none; "
                         "the paper's (1 + w) eps(c) - w eps(null) is s = 1 + w. Default: the preset's ('paper': 5.0, "
                         "the paper's w = 4; 'reference': 4.0), else the checkpoint's config (configs/ucf101: 4.0)")
-    parser.add_argument("--motion-sampler", choices=SAMPLERS, default=None, help="default: the preset's")
-    parser.add_argument("--motion-steps", type=positive_int, default=None, help="default: the preset's")
-    parser.add_argument("--motion-cfg-scale", type=guidance_scale, default=None,
+    parser.add_argument("--motion-sampler", choices=SAMPLERS, default=None,
+                        help="the motion stage's sampler (default: the preset's)")
+    parser.add_argument("--motion-steps", type=positive_int, default=None, metavar="N",
+                        help="the motion stage's sampling steps (default: the preset's)")
+    parser.add_argument("--motion-cfg-scale", type=guidance_scale, default=None, metavar="S",
                         help="guidance scale s of the motion model, the same convention as --content-cfg-scale. "
                         "Default: the preset's ('paper', 'reference': 1.0, unguided), else the checkpoint's config "
                         "(configs/ucf101: 1.0)")
@@ -487,23 +504,30 @@ def parse_args(argv=None):
                         "fp32. Default: the preset's ('paper', 'reference': fp32), else 'auto'")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoisers and the decoder (pays off for thousands of videos on a GPU)")
-    parser.add_argument("--out-dir", default="samples")
+    parser.add_argument("--out-dir", default="samples", metavar="DIR",
+                        help="where the videos go: DIR/videos/NNNNNN_classCCC.mp4 (text-to-video: NNNNNN_<prompt>.mp4) "
+                        "and the grid of the first --grid-videos, DIR/grid.mp4 and DIR/grid.png")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the videos and grid of an earlier run in --out-dir and its frame folders in "
                         "--frames-dir (refused without this flag)")
-    parser.add_argument("--npz", default=None,
+    parser.add_argument("--npz", default=None, metavar="FILE",
                         help="also write videos (N, T, H, W, 3) uint8, labels (N,), content_frames (N, H, W, 3) and "
                         "num_classes here")
-    parser.add_argument("--frames-dir", default=None,
+    parser.add_argument("--frames-dir", default=None, metavar="DIR",
                         help="also write each video as a folder of PNG frames, DIR/000000/000.png ..., the layout "
                         "StyleGAN-V's metric scripts read")
     parser.add_argument("--no-mp4", action="store_true",
                         help="write no mp4 per video (for runs of thousands of videos); the grid is still written. "
                         "Needs --npz or --frames-dir")
-    parser.add_argument("--grid-videos", type=positive_int, default=16)
-    parser.add_argument("--fps", type=positive_int, default=8)
-    parser.add_argument("--quiet", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument("--grid-videos", type=positive_int, default=16, metavar="N",
+                        help="how many of the first videos the grid shows")
+    parser.add_argument("--fps", type=positive_int, default=8, help="frame rate of the written mp4 files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Trains the CMD autoencoder: clip -> (content frame, motion latent) -> clip.
 
-    torchrun --nproc_per_node=8 train_ae.py --config configs/ucf101/autoencoder.yaml --data-path /data/UCF-101
+    torchrun --nproc_per_node=8 train_ae.py --config configs/ucf101/autoencoder.yaml --data-path /data/UCF-101 \
+        --exp-name ucf101-ae
     python train_ae.py --config configs/tiny/autoencoder.yaml            # one CPU process, synthetic data
 """
 import contextlib

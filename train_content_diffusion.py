@@ -1,7 +1,7 @@
 """Trains the class-conditional content DiT p(z_c | y) on content frames of a frozen autoencoder.
 
     torchrun --nproc_per_node=8 train_content_diffusion.py --config configs/ucf101/content.yaml \
-        --data-path /data/UCF-101 --ae-ckpt results/000-autoencoder/checkpoints/last.pt
+        --data-path /data/UCF-101 --ae-ckpt results/ucf101-ae/checkpoints/last.pt --exp-name ucf101-content
 """
 import torch
 

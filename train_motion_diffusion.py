@@ -1,7 +1,7 @@
 """Trains the motion DiT p(z_m | z_c, y) on latents of a frozen autoencoder.
 
     torchrun --nproc_per_node=8 train_motion_diffusion.py --config configs/ucf101/motion.yaml \
-        --data-path /data/UCF-101 --ae-ckpt results/000-autoencoder/checkpoints/last.pt
+        --data-path /data/UCF-101 --ae-ckpt results/ucf101-ae/checkpoints/last.pt --exp-name ucf101-motion
 """
 import torch
 

@@ -27,6 +27,7 @@ from datasets.synthetic import SyntheticMovingShapes
 from evals.recon import motion_health
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
+from core.cli import HelpFormatter
 from core.config import load_config
 
 # name -> (config overrides, lr warm-up steps, what it tests)
@@ -73,12 +74,17 @@ def run_variant(name: str, steps: int, seed: int) -> dict:
     return {**health, "seconds": seconds}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
+                        help="the autoencoder variants to train and measure")
+    parser.add_argument("--steps", type=int, default=600, help="optimiser steps per variant")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and the data")
+    return parser
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = build_parser().parse_args()
     print(f"{datetime.date.today()} | {platform.platform()} | {os.cpu_count()} CPUs | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | {args.steps} steps, seed {args.seed}")
     print("| variant | what changes | PSNR (dB) | static baseline (dB) | swap gap (dB) | z_m spread | saturated | s |")

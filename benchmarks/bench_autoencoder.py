@@ -16,6 +16,7 @@ import time
 import torch
 
 from models.autoencoder import build_autoencoder
+from core.cli import HelpFormatter
 from core.config import load_config
 
 
@@ -50,13 +51,17 @@ def measure(config: str, batch_size: int, steps: int, grad_checkpointing: bool) 
             "clip": "x".join(map(str, model.clip_shape))}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/tiny/autoencoder.yaml")
-    parser.add_argument("--batch-size", type=int, default=8)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--config", default="configs/tiny/autoencoder.yaml", help="the autoencoder config to time")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-    parser.add_argument("--grad-checkpointing", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--grad-checkpointing", action="store_true", help="model.grad_checkpointing=true")
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     result = measure(args.config, args.batch_size, args.steps, args.grad_checkpointing)
     command = "python -m benchmarks.bench_autoencoder " + " ".join(
         f"--config {args.config} --batch-size {args.batch_size} --steps {args.steps}".split()

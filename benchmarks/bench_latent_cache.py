@@ -26,6 +26,7 @@ import torch
 from benchmarks.throughput import diffusion_step_fn
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
+from core.cli import HelpFormatter
 from core.config import load_config
 from core.latents import LatentEncoder, build_latent_cache
 from training.run import TrainingRun
@@ -89,17 +90,23 @@ def format_row(result: dict, command: str) -> str:
     return "\n".join([header, "|" + "---|" * (header.count("|") - 1), row, "", f"command: `{command}`"])
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Diffusion training steps/s from clips vs from the latent cache.")
-    parser.add_argument("--config-dir", default="configs/tiny")
-    parser.add_argument("--stage", default="motion", choices=["motion", "content"])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Diffusion training steps/s from clips vs from the latent cache.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--config-dir", default="configs/tiny", help="the folder of the stage YAMLs")
+    parser.add_argument("--stage", default="motion", choices=["motion", "content"], help="the diffusion stage to time")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps from each source")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train.global_batch_size")
     parser.add_argument("--num-workers", type=int, default=None, help="default: the config's data.num_workers")
     parser.add_argument("--synthetic-size", type=int, default=256, help="videos in the synthetic dataset (cache size)")
-    parser.add_argument("--clips-per-video", type=int, default=1)
-    return parser.parse_args(argv)
+    parser.add_argument("--clips-per-video", type=int, default=1,
+                        help="clips the cache encodes per video (diffusion.latent_cache_clips_per_video)")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:

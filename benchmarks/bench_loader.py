@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from datasets.transforms import frames_to_clip
+from core.cli import HelpFormatter
 from datasets.video_decode import decode_all_frames
 from datasets.video_folder import VideoFolderDataset
 
@@ -81,10 +82,15 @@ def main(args) -> None:
     )
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                     epilog="run from the repository root: python -m benchmarks.bench_loader")
+    parser.add_argument("--videos", type=int, default=4, help="test videos written (320x240 mpeg4)")
+    parser.add_argument("--frames", type=int, default=300, help="frames per test video")
+    parser.add_argument("--clip-frames", type=int, default=16, help="frames per loaded clip")
+    parser.add_argument("--clips", type=int, default=80, help="clips loaded by seek-and-decode (full decode: 1/8)")
+    return parser
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, epilog="run from the repository root: python -m benchmarks.bench_loader")
-    parser.add_argument("--videos", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=300)
-    parser.add_argument("--clip-frames", type=int, default=16)
-    parser.add_argument("--clips", type=int, default=80)
-    main(parser.parse_args())
+    main(build_parser().parse_args())

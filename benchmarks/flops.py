@@ -39,6 +39,7 @@ from models.ae_losses import AutoencoderLoss
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from models.layers import Attention
+from core.cli import HelpFormatter
 from core.config import load_config
 from sampling.generation import SAMPLING_PRESETS
 
@@ -479,14 +480,20 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="FLOPs per generated video and per training step (meta device).")
-    parser.add_argument("--config-dir", default=None, help=f"folder with the three stage YAMLs (default {DEFAULT_CONFIG_DIR})")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="FLOPs per generated video and per training step (meta device).",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--config-dir", default=None,
+                        help=f"folder with the three stage YAMLs (default: {DEFAULT_CONFIG_DIR})")
     parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG_DIR} (unless --config-dir is given)")
     parser.add_argument("--table9", action="store_true", help="the paper's efficiency table (512x1024x16, 50 steps): "
                         "CMD in latent mode (SD 2.1 UNet + our motion DiT and decoder) vs a ModelScope UNet3D")
     parser.add_argument("--json", default=None, help="also write the result dict to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     if args.table9:
         result = table9_flops(args.config_dir or DEFAULT_CONFIG_DIR)
         report(format_table9(result), result, args.json)

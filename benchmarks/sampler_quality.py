@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.flops import per_video_flops, report
+from core.cli import HelpFormatter
 from datasets.transforms import to_uint8_videos
 from evals.synthetic_quality import evaluate_videos, load_or_train_classifier
 from sampling.generation import (SAMPLING_PRESETS, CMDModels, SamplingOptions, generate, load_models,
@@ -147,19 +148,28 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Sampling steps vs quality vs FLOPs vs wall time on the built-in data.")
-    parser.add_argument("--ae-ckpt", default=f"{DEMO_RUNS}/autoencoder/checkpoints/last.pt")
-    parser.add_argument("--motion-ckpt", default=f"{DEMO_RUNS}/motion/checkpoints/last.pt")
-    parser.add_argument("--content-ckpt", default=f"{DEMO_RUNS}/content/checkpoints/last.pt")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Sampling steps vs quality vs FLOPs vs wall time on the built-in "
+                                     "data.", formatter_class=HelpFormatter)
+    parser.add_argument("--ae-ckpt", default=f"{DEMO_RUNS}/autoencoder/checkpoints/last.pt",
+                        help="the autoencoder checkpoint (scripts/demo.sh trains it)")
+    parser.add_argument("--motion-ckpt", default=f"{DEMO_RUNS}/motion/checkpoints/last.pt",
+                        help="the motion DiT checkpoint")
+    parser.add_argument("--content-ckpt", default=f"{DEMO_RUNS}/content/checkpoints/last.pt",
+                        help="the content DiT checkpoint")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 15, 20, 25],
                         help="DPM-Solver++(2M) step counts, the same in both stages")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--num-videos", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="sample.py seeds; each setting samples once per seed")
+    parser.add_argument("--num-videos", type=int, default=128, help="videos per setting and seed")
+    parser.add_argument("--batch-size", type=int, default=64, help="videos per forward pass")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the measurements here")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:

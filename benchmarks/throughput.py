@@ -54,6 +54,7 @@ from train_motion_diffusion import train_step as motion_train_step
 from training.diffusion_stage import DiffusionStage
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, CMDModels, Denoiser, SamplingOptions, compile_models,
                                  generate, set_precision)
+from core.cli import HelpFormatter
 from core.latents import LatentScaler, encode
 from training.run import TrainingRun, make_ema, make_optimizer
 
@@ -268,9 +269,10 @@ def format_rows(results: list, args, device: torch.device, command: str) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Training and sampling throughput per stage.")
-    parser.add_argument("--config-dir", default=None, help=f"stage YAMLs (default {DEFAULT_CONFIG_DIR})")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Training and sampling throughput per stage.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--config-dir", default=None, help=f"stage YAMLs (default: {DEFAULT_CONFIG_DIR})")
     parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG_DIR} (unless --config-dir is given)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch for training and sampling")
@@ -278,12 +280,18 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", action="store_true", help="train.compile=true; sampling: sample.py --compile")
     parser.add_argument("--grad-checkpointing", action="store_true", help="model.grad_checkpointing=true")
-    parser.add_argument("--mixed-precision", default=None, choices=["bf16", "no"], help="train.mixed_precision")
+    parser.add_argument("--mixed-precision", default=None, choices=["bf16", "no"],
+                        help="train.mixed_precision (default: the config's)")
     parser.add_argument("--latent-cache", action="store_true", help="diffusion stages train from pre-encoded latents")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
                         help="sample.py's preset for the sampling stage (sampler and steps per stage)")
     parser.add_argument("--sample-steps", type=int, default=None, help="sampling steps for both stages (default: the preset's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="sample.py's --precision for sampling")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.config_dir = args.config_dir or (TINY_CONFIG_DIR if args.tiny else DEFAULT_CONFIG_DIR)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]

@@ -9,6 +9,16 @@ import os
 import sys
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every entry point's --help: each flag's help ends with its default. Flags that default to None or False
+    (off, or "see the help") show none; their help says what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class RunError(RuntimeError):
     """A run that cannot start or go on; the message is one line."""
 

@@ -1,4 +1,4 @@
-"""Stage configs: OmegaConf YAML checked against dataclass schemas, plus the seed's CLI flags."""
+"""Stage configs: OmegaConf YAML checked against dataclass schemas, and the training scripts' command line."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +15,13 @@ from omegaconf.errors import OmegaConfBaseException
 from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import PREDICTION_TYPES, SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET, validate_denoiser_name
-from core.cli import GUIDANCE_MAX, positive_int
+from core.cli import GUIDANCE_MAX, HelpFormatter, positive_int
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
 STAGES = ("autoencoder", "motion", "content")
 MODES = ("pixel", "latent")
 LR_DECAYS = ("none", "linear", "cosine")
-# The seed README's command lines name no config: they get the paper-scale UCF-101 settings.
+# A command line that names no config (as NVlabs/CMD's do) gets the paper-scale UCF-101 settings.
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "ucf101"
 
 
@@ -100,8 +100,8 @@ class DiffusionConfig:
     sampler: str = "ddim"  # ddim | ddpm | dpm++2m  (the training previews' sampler; sample.py has its own presets)
     sample_steps: int = 50
     # Guidance scale s in DiT's convention, eps = eps(null) + s (eps(c) - eps(null)); 1 = unguided. The paper writes
-    # (1 + w) eps(c) - w eps(null), so s = 1 + w. 4.0 is what the reference evaluation ran for the UCF-101 content
-    # model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; docs/METHOD.md).
+    # (1 + w) eps(c) - w eps(null), so s = 1 + w. 4.0 is what NVlabs/CMD's evaluation code runs for the UCF-101
+    # content model (the paper's "w = 4.0" is that argument, i.e. w = 3 in its own formula; docs/METHOD.md).
     cfg_scale: float = 4.0
     latent_cache: bool = False
     latent_cache_clips_per_video: int = 4
@@ -324,7 +324,8 @@ def validate_config(cfg, stage: str) -> None:
             raise ConfigError(f"config key 'diffusion.loss_type': {exc}") from None
 
 
-# The seed README's flags, mapped onto config keys.
+# The command-line flags of the original NVlabs/CMD scripts (github.com/NVlabs/CMD), mapped onto config keys; the
+# config's own keys are set with key=value overrides.
 FLAG_KEYS = {
     "dataset_name": "data.dataset_name",
     "data_path": "data.data_path",
@@ -343,40 +344,126 @@ FLAG_KEYS = {
     "text_encoder": "text.encoder",
 }
 
+# What --help lists under the flags: the config keys most runs change, by stage ("diffusion" = motion and content).
+COMMON_KEYS = (
+    ("all", "train.mixed_precision=bf16|no", "bf16 autocast on CUDA, or fp32 (the CPU always runs fp32)"),
+    ("all", "train.tf32=true|false", "TF32 matmuls on CUDA"),
+    ("all", "model.grad_checkpointing=true", "recompute activations in the backward pass: less memory, slower steps"),
+    ("all", "train.compile=true", "torch.compile the model"),
+    ("all", "train.keep_last=N", "keep only the newest N step checkpoints (0 = all; last.pt is always kept)"),
+    ("all", "train.wandb_project=NAME", "also log to Weights & Biases (pip install wandb; train.wandb_entity=TEAM)"),
+    ("all", "optim.lr=X", "learning rate (optim.warmup_steps, optim.decay=linear|cosine: the schedule)"),
+    ("all", "data.num_workers=N", "loader processes per rank"),
+    ("autoencoder", "latent_cache=true", "latent mode: VAE-encode the clips once and train from the cache"),
+    ("autoencoder", "train.fvd_detector=I3D.pt", "reconstruction FVD at every evaluation"),
+    ("diffusion", "diffusion.latent_cache=true", "encode the clips with the frozen autoencoder once, train from them"),
+    ("diffusion", "diffusion.cfg_scale=S", "guidance scale of the training previews and the default of sample.py"),
+)
+
+
+def _config_epilog(stage: str) -> str:
+    kind = "autoencoder" if stage == "autoencoder" else "diffusion"
+    rows = [(key, what) for where, key, what in COMMON_KEYS if where in ("all", kind)]
+    width = max(len(key) for key, _ in rows) + 2
+    lines = [f"  {key:<{width}}{what}" for key, what in rows]
+    return "\n".join([
+        "Any config key is set by a key=value argument (after the flags or between them); overrides win over flags,",
+        "flags over --config, --config over the built-in defaults. Common keys:", *lines,
+        "--print-config prints every key with its resolved value."])
+
+
+def _default_config(stage: str):
+    """The stage's default config file merged onto the schema, unvalidated: the values --help quotes."""
+    try:
+        return OmegaConf.merge(_schema(stage), OmegaConf.load(DEFAULT_CONFIG_DIR / f"{stage}.yaml"))
+    except (OSError, OmegaConfBaseException):
+        return None
+
+
+class _ConfigHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults after their help, the epilog's table as written."""
+
 
 def build_arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None,
-                        help=f"YAML config (default: configs/ucf101/{stage}.yaml, the paper's settings; configs/tiny/ for CPU)")
-    parser.add_argument("--dataset-name", default=None, help="synthetic | UCF101 | folder")
-    parser.add_argument("--data-path", default=None)
-    parser.add_argument("--global-batch-size", type=positive_int, default=None)
-    parser.add_argument("--results-dir", default=None)
-    parser.add_argument("--exp-name", default=None, help="run folder name (default: <NNN>-<stage>)")
-    parser.add_argument("--mode", default=None, choices=MODES)
-    parser.add_argument("--vae", default=None, help="latent mode: Stable Diffusion VAE folder or hub id (config key vae)")
-    parser.add_argument("--ckpt-every", type=positive_int, default=None)
-    parser.add_argument("--log-every", type=positive_int, default=None)
-    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps (saves at the end)")
-    parser.add_argument("--global-seed", type=int, default=None)
-    parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
-    # The seed README passes torchrun's own flags to the script; we accept them and relaunch (core.distributed).
-    # Hidden from --help: they are torchrun's, documented in README ("Several nodes (Slurm)").
+    defaults = _default_config(stage)
+    default_file = f"configs/ucf101/{stage}.yaml"
+
+    def key_default(flag: str) -> str:
+        key = FLAG_KEYS[flag]
+        if defaults is None:
+            return f"(default: the config's {key})"
+        value = OmegaConf.select(defaults, key)
+        return f"(default: the config's {key}; {default_file}: {'unset' if value is None else value})"
+
+    parser = argparse.ArgumentParser(description=description, epilog=_config_epilog(stage),
+                                     formatter_class=_ConfigHelpFormatter)
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help=f"the stage's config file (default: {default_file}, the paper's UCF-101 settings; "
+                        f"configs/tiny/{stage}.yaml runs on a CPU in minutes)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, with the flags and overrides applied) and exit; "
+                        "creates no run folder")
+    parser.add_argument("--dataset-name", default=None, metavar="NAME",
+                        help="synthetic (built-in moving shapes, no download), UCF101 (the UCF-101 tree with its "
+                        "ucfTrainTestlist split files), folder (one sub-folder of videos per class) or captions "
+                        "(videos with a CSV/JSONL of captions in data.captions, for text-to-video); any case "
+                        + key_default("dataset_name"))
+    parser.add_argument("--data-path", default=None, metavar="DIR",
+                        help="the dataset's root folder; required for every dataset but synthetic "
+                        + key_default("data_path"))
+    parser.add_argument("--global-batch-size", type=positive_int, default=None, metavar="N",
+                        help="clips per optimizer step summed over all ranks (GPUs): each of W ranks loads N / W, "
+                        "so N must be divisible by W " + key_default("global_batch_size"))
+    parser.add_argument("--results-dir", default=None, metavar="DIR",
+                        help="where run folders are created " + key_default("results_dir"))
+    parser.add_argument("--exp-name", default=None, metavar="NAME",
+                        help="the run folder, RESULTS_DIR/NAME; without it the next free <NNN>-<stage> (000-"
+                        f"{stage}, ...). Give it to refer to the run's checkpoints by a fixed path "
+                        + key_default("exp_name"))
+    parser.add_argument("--mode", default=None, choices=MODES,
+                        help="pixel: the autoencoder reads frames; latent: it reads Stable Diffusion VAE latents of "
+                        "the frames (set --vae) " + key_default("mode"))
+    parser.add_argument("--vae", default=None, metavar="PATH",
+                        help="latent mode: the Stable Diffusion VAE folder or hub id " + key_default("vae"))
+    parser.add_argument("--ckpt-every", type=positive_int, default=None, metavar="N",
+                        help="write a checkpoint every N optimizer steps (and at the last step) "
+                        + key_default("ckpt_every"))
+    parser.add_argument("--log-every", type=positive_int, default=None, metavar="N",
+                        help="log the training losses every N optimizer steps " + key_default("log_every"))
+    parser.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                        help="stop after N optimizer steps, with a checkpoint " + key_default("max_steps"))
+    parser.add_argument("--global-seed", type=int, default=None, metavar="SEED",
+                        help="the run's seed (rank r of W seeds with SEED * W + r; the data order follows it) "
+                        + key_default("global_seed"))
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="continue from a checkpoint file, a run folder (its newest checkpoint), or 'auto': the "
+                        "newest run of this stage with the same settings (only --exp-name's when given), else a new "
+                        "run " + key_default("resume"))
+    # The original NVlabs/CMD commands pass torchrun's own flags to the script; we accept them and relaunch under
+    # torchrun (core.distributed). Hidden from --help: they are torchrun's.
     for name, spellings, kind in LAUNCHER_FLAGS:
         parser.add_argument(*spellings, dest=name, type=kind, default=None, help=argparse.SUPPRESS)
     if stage != "autoencoder":
-        parser.add_argument("--ae-ckpt", default=None, help="autoencoder checkpoint (from train_ae.py)")
-        parser.add_argument("--model", default=None, help="DiT registry name, e.g. MotionDiT-L/2")
-        parser.add_argument("--text-encoder", default=None,
-                            help="condition on captions: a CLIP text encoder folder or hub id (config key text.encoder)")
-        parser.add_argument("--motion-model-config", default=None,
-                            help="motion stage: the MotionDiT name; content stage: read as the DiT size (seed README)")
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. optim.lr=2e-4 train.max_steps=100")
+        parser.add_argument("--ae-ckpt", default=None, metavar="PATH",
+                            help="the frozen autoencoder: a train_ae.py checkpoint (RUN/checkpoints/last.pt), or "
+                            "'auto' for the newest autoencoder run in --results-dir " + key_default("ae_ckpt"))
+        parser.add_argument("--model", default=None, metavar="NAME",
+                            help=f"the denoiser, a DiT registry name such as {stage.capitalize()}DiT-L/2 "
+                            + key_default("model"))
+        parser.add_argument("--text-encoder", default=None, metavar="PATH",
+                            help="condition on captions instead of classes: a CLIP text encoder folder or hub id "
+                            + key_default("text_encoder"))
+        parser.add_argument("--motion-model-config", default=None, metavar="NAME",
+                            help="the NVlabs/CMD spelling of --model: the motion stage reads it as its MotionDiT "
+                            "name, the content stage as the ContentDiT size (MotionDiT-L/2 -> ContentDiT-L/2), as "
+                            "the original scripts do (default: --model)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. optim.lr=2e-4 train.max_steps=100 (see below)")
     return parser
 
 
 def config_from_args(stage: str, args: argparse.Namespace):
-    """Merges --config, the seed flags and trailing dot-list overrides (overrides win)."""
+    """Merges --config, the flags and the key=value overrides (overrides win)."""
     flag_overrides = []
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
@@ -385,7 +472,7 @@ def config_from_args(stage: str, args: argparse.Namespace):
     motion_name = getattr(args, "motion_model_config", None)
     if motion_name is not None:
         if stage == "content":
-            # The seed passes the motion DiT name to the content script; the reference used it as the DiT size.
+            # NVlabs/CMD's commands pass the motion DiT name to the content script, which reads it as the DiT size.
             motion_name = motion_name.replace("MotionDiT", "ContentDiT")
         flag_overrides.append(f"model.name={motion_name}")
     config_file = args.config or str(DEFAULT_CONFIG_DIR / f"{stage}.yaml")
@@ -397,12 +484,17 @@ def parse_config(stage: str, description: str, argv: Optional[list] = None):
 
     parser = build_arg_parser(stage, description)
     args = parser.parse_intermixed_args(argv)  # overrides may sit between flags
-    relaunch_with_torchrun_if_asked(args, argv)
+    if not args.print_config:  # printing the config needs no ranks
+        relaunch_with_torchrun_if_asked(args, argv)
     try:
-        return config_from_args(stage, args)
+        cfg = config_from_args(stage, args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg
 
 
 def to_yaml(cfg) -> str:

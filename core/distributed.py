@@ -114,9 +114,10 @@ def all_gather_object(obj) -> list:
     return out
 
 
-# torchrun's launcher flags that the entry scripts accept as well, because the seed README passes them to the script
-# itself: (attribute, the spellings torchrun knows, type). core.config.build_arg_parser adds them to the parser;
-# the relaunch forwards each one given under its first (underscore) spelling, which older torchruns read as well.
+# torchrun's launcher flags that the entry scripts accept as well, because the original NVlabs/CMD commands pass them
+# to the script itself: (attribute, the spellings torchrun knows, type). core.config.build_arg_parser adds them to the
+# parser; the relaunch forwards each one given under its first (underscore) spelling, which older torchruns read as
+# well.
 LAUNCHER_FLAGS = (
     ("nnodes", ("--nnodes",), positive_int),
     ("nproc_per_node", ("--nproc_per_node", "--nproc-per-node"), positive_int),
@@ -201,7 +202,7 @@ def check_node_rank(args) -> None:
 
 
 def relaunch_with_torchrun_if_asked(args, argv=None) -> None:
-    """The seed README runs `python train_x.py --nnodes=N --nproc_per_node=G ...`; hand that to torchrun.
+    """NVlabs/CMD's commands run `python train_x.py --nnodes=N --nproc_per_node=G ...`; hand that to torchrun.
 
     Under torchrun already (or with a single process asked for) this does nothing. A launcher flag combination that
     cannot work ends the process with one line on stderr and exit code 2, like any other command-line error.

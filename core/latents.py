@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_ae_ckpt(ae_ckpt: str, results_dir) -> Path:
-    """`ae_ckpt` itself, or for 'auto' the newest autoencoder checkpoint under results_dir (the seed's chaining)."""
+    """`ae_ckpt` itself, or for 'auto' the newest autoencoder checkpoint under results_dir (how NVlabs/CMD's commands
+    chain the stages)."""
     if ae_ckpt != "auto":
         return Path(ae_ckpt)
     found = resolve_resume("auto", results_dir, "autoencoder")

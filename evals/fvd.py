@@ -14,6 +14,9 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from types import SimpleNamespace
 
+if __name__ == "__main__" and not __package__:  # run as a file (python evals/fvd.py): import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import av
 import numpy as np
 import torch
@@ -24,11 +27,11 @@ from datasets.video_index import VIDEO_EXTENSIONS, is_video_name
 from datasets.transforms import to_uint8_videos
 from evals.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, preprocess_for_i3d
 from models.weights_file import WeightsFileError, load_weights_file
-from core.cli import nonnegative_int, positive_int, seed_int
+from core.cli import HelpFormatter, nonnegative_int, positive_int, seed_int
 from core.files import OutputError, check_creatable, write_output
 
 DETECTOR_ENV = "CMD_I3D_PATH"
-REAL_SPLIT = "train"  # real clips of a dataset source: the training split, what the models learn (README, FVD)
+REAL_SPLIT = "train"  # real clips of a dataset source: the training split, what the models learn
 DETECTOR_SOURCES = (
     "StyleGAN-V's i3d_torchscript.pt (https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt) "
     "or the PyTorch I3D port's i3d_pretrained_400.pt (InceptionI3d layout of github.com/piergiaj/pytorch-i3d)"
@@ -633,8 +636,9 @@ def run(args: argparse.Namespace) -> float:
     return mean
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m evals.fvd", formatter_class=HelpFormatter,
         description="FVD between real and generated videos (StyleGAN-V protocol).",
         epilog="Real and fake clips must have the same shape (frames x height x width). Two .npz files of different "
         "frame counts are refused unless --n-frames N compares the first N frames of both (folders and datasets "
@@ -645,34 +649,44 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--real", required=True,
                         help=".npz (key 'videos', uint8 NxTxHxWx3), folder of video files, or dataset tree")
     parser.add_argument("--fake", required=True, help="same forms as --real")
-    parser.add_argument("--detector", default=None, help=f"I3D file; default ${DETECTOR_ENV}")
-    parser.add_argument("--num-videos", type=positive_int, default=None,
+    parser.add_argument("--detector", default=None, metavar="FILE",
+                        help=f"the I3D detector file (default: ${DETECTOR_ENV})")
+    parser.add_argument("--num-videos", type=positive_int, default=None, metavar="N",
                         help="videos per set; default: as many as both sides hold (the fake side over --repeats)")
     parser.add_argument("--repeats", type=positive_int, default=1, metavar="K",
                         help="FVD of K disjoint fake sets of --num-videos each (fake videos 0..N-1, N..2N-1, ...) "
                         "against real statistics computed once; prints mean ± std (ddof=0) and, on the last line, "
                         "'MEAN STD'. sample.py seeds every video by its index, so one run of K x N videos holds K "
                         "independent sample sets")
-    parser.add_argument("--n-frames", type=positive_int, default=None,
-                        help="frames per clip; default: from the .npz side(s)")
+    parser.add_argument("--n-frames", type=positive_int, default=None, metavar="N",
+                        help="frames per clip (default: the .npz side's)")
     parser.add_argument("--resolution", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
-                        help="dataset clip size; default: the other side's frame size")
+                        help="clip size read from a dataset side (default: the other side's frame size)")
     parser.add_argument("--allow-resize", action="store_true",
                         help=f"compare real and fake frames of different sizes; the detector resizes both to its "
                         f"{INPUT_SIZE}x{INPUT_SIZE} input and the result line says so (default: refuse)")
-    parser.add_argument("--dataset-name", default=None, help="datasets.build_dataset name (default UCF101 for a tree)")
-    parser.add_argument("--split", default=REAL_SPLIT,
-                        help=f"split of a dataset source (train | test | all); default {REAL_SPLIT}, the split the models "
-                        "learn (README, FVD: 'all' for 10,000 UCF-101 videos)")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--num-workers", type=nonnegative_int, default=0,
-                        help="dataset loader processes (dataset sources)")
+    parser.add_argument("--dataset-name", default=None, metavar="NAME",
+                        help=f"how to read a dataset side: one of {', '.join(datasets.DATASET_NAMES)} (default: UCF101 "
+                        "for a tree of class folders)")
+    parser.add_argument("--split", default=REAL_SPLIT, choices=("train", "test", "all"),
+                        help="the split of a dataset side: the training split is what the models learn; 'all' for "
+                        "10,000 UCF-101 videos (docs/RECIPES.md, FVD)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
+                        help="videos per detector forward pass")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=0, metavar="N",
+                        help="loader processes for a dataset side")
     parser.add_argument("--cache-dir", default=_default_cache_dir(), help="where real statistics are cached")
     parser.add_argument("--no-cache", action="store_true", help="recompute real statistics, write no cache")
-    parser.add_argument("--seed", type=seed_int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="which clips of a dataset side: a random subset of --num-videos, drawn with this seed")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the detector runs")
     parser.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+if __name__ == "__main__" and not __package__:  # run as a file: import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -24,7 +27,7 @@ from evals.recon import patch_grid_ratio
 from core.checkpoint import atomic_torch_save
 from core.files import write_output
 from models.weights_file import load_weights_file
-from core.cli import positive_int
+from core.cli import HelpFormatter, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -594,24 +597,31 @@ def run(args: argparse.Namespace) -> List[dict]:
     return results
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m evals.synthetic_quality", formatter_class=HelpFormatter,
         description="Class accuracy and Fréchet distance of generated synthetic-dataset videos (sample.py --npz), "
         "in the feature space of a small classifier trained on real clips (cached per settings)."
     )
-    parser.add_argument("--npz", action="append", default=[],
+    parser.add_argument("--npz", action="append", default=[], metavar="FILE",
                         help="sample.py output: 'videos' uint8 (N, T, H, W, 3), 'labels' (N,); repeat for several")
-    parser.add_argument("--num-classes", type=positive_int, default=None,
+    parser.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
                         help="the models' class count; required unless the npz has a 'num_classes' entry")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed of the training run (train.global_seed)")
-    parser.add_argument("--cache-dir", default=None, help=f"classifier cache; default ${CACHE_ENV} or "
-                        "~/.cache/cmd/quality_classifier")
-    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help=f"the classifier cache (default: ${CACHE_ENV}, else ~/.cache/cmd/quality_classifier)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers to this JSON file")
     parser.add_argument("--prepare", action="store_true",
                         help="only train and cache the classifier for --resolution H W, --frames, --num-classes")
-    parser.add_argument("--resolution", type=positive_int, nargs=2, default=(32, 32), metavar=("H", "W"))
-    parser.add_argument("--frames", type=positive_int, default=8)
-    return parser.parse_args(argv)
+    parser.add_argument("--resolution", type=positive_int, nargs=2, default=(32, 32), metavar=("H", "W"),
+                        help="--prepare: the clip size of the classifier (an npz gives its own)")
+    parser.add_argument("--frames", type=positive_int, default=8, metavar="T",
+                        help="--prepare: frames per clip of the classifier (an npz gives its own)")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -24,7 +24,7 @@ changes over time, the motion.
 
 Positional information: fixed sin-cos embeddings, a 2-D one over the (H', W') token grid plus a
 1-D one over the frame index, added to the tokens before the first block of both encoder and
-decoder. The reference code built rotary embeddings and never applied them, which left the
+decoder. NVlabs/CMD's autoencoder builds rotary embeddings and never applied them, which left the
 encoder blind to frame order (attention is permutation-equivariant). Fixed sin-cos was chosen over
 learned tables because it needs no extra parameters, is correct for non-square grids by
 construction, and is deterministic, so a checkpoint never depends on how a table was initialised.

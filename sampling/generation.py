@@ -67,7 +67,7 @@ class SamplingPreset:
 
 
 # Guidance is DiT's convention, eps(null) + s (eps(c) - eps(null)). The paper writes (1 + w) eps(c) - w eps(null) with
-# w = 4 for the content model, i.e. s = 5; the reference code's evaluation calls the DiT-style forward with 4.0.
+# w = 4 for the content model, i.e. s = 5; NVlabs/CMD's evaluation calls the DiT-style forward with 4.0.
 PAPER_CONTENT_SCALE, REFERENCE_CONTENT_SCALE = 5.0, 4.0
 SAMPLING_PRESETS = {
     # The smallest step counts whose quality stayed within the spread over seeds of DDIM 50/100 on the built-in
@@ -83,12 +83,12 @@ SAMPLING_PRESETS = {
                             labels="dataset",
                             about="the paper's protocol: DDIM (eta 0) 50 content / 100 motion steps, content guidance "
                                   "w = 4 (s = 5), motion unguided, fp32, labels by class frequency"),
-    # What the reference code's evaluation runs: ancestral DDPM on the process respaced to 50 steps for both stages,
+    # What NVlabs/CMD's evaluation code runs: ancestral DDPM on the process respaced to 50 steps for both stages,
     # content guidance 4.0 in DiT's convention, motion unguided, fp32, labels of training batches.
     "reference": SamplingPreset(SamplingOptions(steps=50, sampler="ddpm", cfg_scale=REFERENCE_CONTENT_SCALE),
                                 SamplingOptions(steps=50, sampler="ddpm", cfg_scale=1.0), precision="fp32",
                                 labels="dataset",
-                                about="the reference code's evaluation: ancestral DDPM 50/50 respaced steps, content "
+                                about="NVlabs/CMD's evaluation: ancestral DDPM 50/50 respaced steps, content "
                                       "guidance s = 4, motion unguided, fp32, labels by class frequency"),
 }
 

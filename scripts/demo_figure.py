@@ -30,13 +30,17 @@ def demo_figure(demo_dir: Path, scale: int = 2) -> Image.Image:
     return Image.fromarray(grid).resize((frames * width * scale, count * height * scale), Image.NEAREST)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("demo_dir", type=Path, help="a finished demo's output folder (demo.sh's $OUT)")
     parser.add_argument("out", type=Path, help="the PNG to write")
     parser.add_argument("--scale", type=int, default=2, help="enlargement factor (nearest neighbour)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     try:
         image = demo_figure(args.demo_dir, args.scale)
     except (OSError, KeyError, ValueError) as exc:

@@ -6,7 +6,7 @@ text encoder's tokens tell captions apart without knowing what words mean.
 
     python scripts/make_tiny_sd.py results/tiny_sd   # results/tiny_sd/{vae,unet,scheduler,text_encoder,tokenizer}
 
-A real run points `vae` and `model.pretrained` at Stable Diffusion's folders instead (README, "Latent mode").
+A real run points `vae` and `model.pretrained` at Stable Diffusion's folders instead (docs/RECIPES.md, "Latent mode").
 """
 from __future__ import annotations
 
@@ -90,11 +90,16 @@ def make_tiny_sd(out_dir, seed: int = 0, text: bool = True, prediction_type: str
     return out_dir
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", default="results/tiny_sd", help="the folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return parser
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", default="results/tiny_sd")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     print(f"tiny SD-shaped VAE, UNet and text encoder written to {make_tiny_sd(args.out_dir, args.seed)}")
 
 

@@ -199,7 +199,7 @@ def test_motion_model_output_depends_on_class_content_and_step():
     model = perturb(tiny_motion()).eval()
     with torch.no_grad():
         reference = model(data["motion_x"], data["t"], data["y"], content=data["key"])
-        # The reference code dropped the class in its motion model: only y changes here.
+        # NVlabs/CMD's motion model drops the class: only y changes here.
         only_class = model(data["motion_x"], data["t"], (data["y"] + 1) % NUM_CLASSES, content=data["key"])
         only_content = model(data["motion_x"], data["t"], data["y"], content=data["key"] + 0.5)
         only_step = model(data["motion_x"], data["t"] + 100, data["y"], content=data["key"])

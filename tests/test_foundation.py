@@ -71,7 +71,7 @@ def test_seed_flags_and_dotlist_land_in_keys():
     assert cfg.train.global_batch_size == 24 and cfg.train.results_dir == "runs"
     assert cfg.train.ckpt_every == 20000 and cfg.train.log_every == 7 and cfg.train.max_steps == 9
     assert cfg.train.resume == "auto" and cfg.ae_ckpt == "ae.pt"
-    assert cfg.model.name == "ContentDiT-L/2"  # the seed's motion name read as the DiT size
+    assert cfg.model.name == "ContentDiT-L/2"  # NVlabs/CMD's motion name read as the DiT size
     assert cfg.optim.lr == pytest.approx(2e-4) and cfg.train.global_seed == 3
 
 
@@ -207,7 +207,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_seed_style_launch_flags_relaunch_under_torchrun(tmp_path):
-    # The seed README passed torchrun's flags to the script itself; that must still give a 2-process run.
+    # NVlabs/CMD's commands pass torchrun's flags to the script itself; that must still give a 2-process run.
     proc = run_python(toy_args(tmp_path, 2, "--exp-name", "run", "--nnodes=1", "--nproc_per_node=2"))
     assert "relaunching under torchrun" in proc.stderr
     assert "world size 2" in (tmp_path / "run" / "log.txt").read_text()

@@ -173,7 +173,7 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
         diffusion = ["--ae-ckpt", ae, *common[:2], *TINY, "diffusion.sample_steps=2", "train.sample_every=2"]
         run_python(["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", "--exp-name", "motion",
                     *diffusion])
-        # The seed's flag: the mode must match the autoencoder's.
+        # --mode (NVlabs/CMD's flag) must match the autoencoder's mode.
         wrong = run_python(["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", "--mode", "pixel",
                             "--exp-name", "wrong", *diffusion], check=False)
         assert wrong.returncode == 1 and "latent mode" in wrong.stderr.strip().splitlines()[-1]

@@ -1,6 +1,6 @@
-"""The seed-style launch `python train_x.py --nnodes=N --nproc_per_node=G ...` on one node and on several: every torchrun
-rendezvous flag is accepted in both of torchrun's spellings and forwarded, and a multi-node command that names no
-first node ends in one line instead of a rendezvous that waits for a quarter of an hour."""
+"""NVlabs/CMD's launch form `python train_x.py --nnodes=N --nproc_per_node=G ...` on one node and on several:
+every torchrun rendezvous flag is accepted in both of torchrun's spellings and forwarded, and a multi-node command that
+names no first node ends in one line instead of a rendezvous that waits for a quarter of an hour."""
 import os
 import signal
 import subprocess

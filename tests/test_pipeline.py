@@ -64,7 +64,7 @@ def test_diffusion_stages_train_under_torchrun_and_write_samples(chain, stage):
 
 
 def test_diffusion_stage_finds_the_autoencoder_and_resumes(chain):
-    # No --ae-ckpt, as in the seed README: the newest autoencoder run in the same results folder is used.
+    # No --ae-ckpt, as in NVlabs/CMD's commands: the newest autoencoder run in the same results folder is used.
     tmp = chain["tmp"]
     train(tmp, "train_content_diffusion.py", "content", "c", 2, *TINY_DIFFUSION)
     # The step file of the newest checkpoint, not last.pt, which moves on while the autoencoder run goes on.

@@ -1,7 +1,7 @@
-"""One paper-scale recipe: configs/ucf101, the README's launch lines, the Slurm scripts and the README's compute table
-name the same models and EMA (the paper's: autoencoder depth 12, MotionDiT-L/2, ContentDiT-XL/2, EMA 0.999), and
-the README's FVD recipe samples with the paper's protocol and scores against the real split evals.fvd defaults to.
-Every command is parsed by the parser the script itself uses."""
+"""One paper-scale recipe: configs/ucf101, the launch lines of the README and docs/RECIPES.md, the Slurm scripts and
+the compute table name the same models and EMA (the paper's: autoencoder depth 12, MotionDiT-L/2, ContentDiT-XL/2,
+EMA 0.999), and the FVD recipe samples with the paper's protocol and scores against the real split evals.fvd
+defaults to. Every command is parsed by the parser the script itself uses."""
 import re
 import shlex
 from pathlib import Path
@@ -17,6 +17,8 @@ SCRIPTS = {"train_ae.py": "autoencoder", "train_motion_diffusion.py": "motion",
 PAPER_MODELS = {"motion": "MotionDiT-L/2", "content": "ContentDiT-XL/2"}
 PAPER_EMA, PAPER_AE_DEPTH = 0.999, 12
 README = (REPO / "README.md").read_text()
+RECIPES = (REPO / "docs/RECIPES.md").read_text()
+DOCS = {"README": README, "docs/RECIPES.md": RECIPES}
 
 
 def shell_commands(text: str) -> list:
@@ -58,17 +60,18 @@ def resolved_config(stage: str, args: list):
 
 
 def recipe_configs() -> dict:
-    """{stage: [(where, config)]} of every paper-scale UCF-101 launch: the config files, the README's launch lines
-    and the Slurm scripts."""
+    """{stage: [(where, config)]} of every paper-scale UCF-101 launch: the config files, the launch lines of the
+    README and docs/RECIPES.md, and the Slurm scripts."""
     found = {stage: [(f"configs/ucf101/{stage}.yaml",
                       resolved_config(stage, ["--config", f"configs/ucf101/{stage}.yaml",
                                               "data.data_path=/data/UCF-101"]))] for stage in SCRIPTS.values()}
-    for words in shell_commands(README):
-        run = launch(words)
-        if run is not None:
-            cfg = resolved_config(*run)
-            if cfg is not None:
-                found[run[0]].append((f"README: {' '.join(words)[:100]}", cfg))
+    for doc, text in DOCS.items():
+        for words in shell_commands(text):
+            run = launch(words)
+            if run is not None:
+                cfg = resolved_config(*run)
+                if cfg is not None:
+                    found[run[0]].append((f"{doc}: {' '.join(words)[:100]}", cfg))
     for sbatch in sorted((REPO / "scripts" / "slurm").glob("*.sbatch")):
         stage, args = launch(sbatch_command(sbatch))
         found[stage].append((str(sbatch.relative_to(REPO)), resolved_config(stage, args)))
@@ -79,7 +82,9 @@ def test_configs_readme_and_slurm_scripts_train_the_same_paper_models():
     found = recipe_configs()
     for stage, configs in found.items():
         places = [where for where, _ in configs]
-        assert any(p.startswith("README") for p in places) and any(p.endswith(".sbatch") for p in places), places
+        for doc in DOCS:
+            assert any(p.startswith(doc) for p in places), (doc, places)
+        assert any(p.endswith(".sbatch") for p in places), places
         if stage == "autoencoder":
             depths = {where: cfg.model.depth for where, cfg in configs}
             assert set(depths.values()) == {PAPER_AE_DEPTH}, depths
@@ -92,7 +97,7 @@ def test_configs_readme_and_slurm_scripts_train_the_same_paper_models():
 
 
 def test_the_compute_table_assumes_the_configs_models_and_latent_cache():
-    table = README[README.index("**Compute it needs"):README.index("**Disk:**")]
+    table = RECIPES[RECIPES.index("**Compute it needs"):RECIPES.index("**Disk:**")]
     rows = [line for line in table.splitlines() if re.match(r"\s*\| (motion|content) DiT", line)]
     assert len(rows) == 2, rows
     for row in rows:
@@ -104,11 +109,11 @@ def test_the_compute_table_assumes_the_configs_models_and_latent_cache():
         assert ("encode" in cells[2]) == (not cfg.diffusion.latent_cache), row
 
 
-def test_readme_fvd_recipe_samples_with_the_paper_preset_and_the_fvd_default_split():
-    commands = shell_commands(README)
+def test_fvd_recipe_samples_with_the_paper_preset_and_the_fvd_default_split():
+    commands = shell_commands(README) + shell_commands(RECIPES)
     fvd_samples = [words for words in commands if "sample.py" in words and "--num-videos" in words
                    and words[words.index("--num-videos") + 1] in ("2048", "10000")]
-    assert len(fvd_samples) >= 2
+    assert len(fvd_samples) >= 3  # the README's and the two of docs/RECIPES.md
     for words in fvd_samples:
         assert words[words.index("--preset") + 1] == "paper", words
     scores = {}
@@ -117,12 +122,12 @@ def test_readme_fvd_recipe_samples_with_the_paper_preset_and_the_fvd_default_spl
             args = evals.fvd.parse_args(words[3:])
             scores[args.num_videos] = args.split
     assert set(scores) == {2048, 10000}, scores
-    # The 2,048-video number uses evals.fvd's default real split, which the README names.
+    # The 2,048-video number uses evals.fvd's default real split, which docs/RECIPES.md names.
     assert scores[2048] == evals.fvd.REAL_SPLIT == "train"
-    assert f"(`--split {evals.fvd.REAL_SPLIT}`, the default)" in " ".join(README.split())
+    assert f"(`--split {evals.fvd.REAL_SPLIT}`, the default)" in " ".join(RECIPES.split())
 
 
 @pytest.mark.parametrize("stage", ["motion", "content"])
-def test_the_seed_flag_still_selects_the_reference_codes_size(stage):
+def test_the_nvlabs_flag_still_selects_nvlabs_content_size(stage):
     cfg = resolved_config(stage, ["--motion-model-config", "MotionDiT-L/2", "data.data_path=/data/UCF-101"])
     assert cfg.model.name == {"motion": "MotionDiT-L/2", "content": "ContentDiT-L/2"}[stage]

@@ -127,7 +127,7 @@ def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():
     # The paper's protocol: DDIM (eta 0) 50 / 100 steps, (1 + w) eps(c) - w eps(null) with w = 4 (s = 5), motion
     # unguided, fp32, labels by class frequency.
     ("paper", (50, "ddim", 5.0), (100, "ddim", 1.0), "fp32", "dataset"),
-    # The reference code's evaluation: ancestral DDPM respaced to 50 steps for both stages, DiT-style guidance 4.0.
+    # NVlabs/CMD's evaluation: ancestral DDPM respaced to 50 steps for both stages, DiT-style guidance 4.0.
     ("reference", (50, "ddpm", 4.0), (50, "ddpm", 1.0), "fp32", "dataset"),
     ("fast", (15, "dpm++2m", None), (15, "dpm++2m", None), "auto", None),
     ("ddim", (50, "ddim", None), (100, "ddim", None), "auto", None),
@@ -496,7 +496,7 @@ def test_another_autoencoder_is_refused_unless_allowed(ckpts, other_ae, tmp_path
 def test_ucf101_guidance_is_the_reference_evaluations_and_every_flag_states_the_convention(capsys):
     from core.config import load_config
 
-    # DiT's convention, eps(null) + s (eps(c) - eps(null)): the reference evaluation ran the content model at 4.0 (the
+    # DiT's convention, eps(null) + s (eps(c) - eps(null)): NVlabs/CMD's evaluation runs the content model at 4.0 (the
     # paper's "w = 4.0"; its (1 + w) formula would be 5.0) and the motion model unguided (docs/METHOD.md).
     content = load_config("content", "configs/ucf101/content.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])
     motion = load_config("motion", "configs/ucf101/motion.yaml", ["ae_ckpt=ae.pt", "data.data_path=/data/UCF-101"])

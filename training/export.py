@@ -1,7 +1,7 @@
 """Exports a checkpoint's weights for sharing: one .safetensors file with the EMA weights and what loading them needs.
 
-    python -m training.export results/000-autoencoder/checkpoints/last.pt ae.safetensors
-    python -m training.export results/001-motion/checkpoints/last.pt motion.safetensors
+    python -m training.export results/ae/checkpoints/last.pt ae.safetensors
+    python -m training.export results/motion/checkpoints/last.pt motion.safetensors
     python sample.py --ae-ckpt ae.safetensors --motion-ckpt motion.safetensors --content-ckpt content.safetensors ...
 
 A .pt checkpoint is a pickle: loading one from someone else means trusting its author (here it is only ever loaded
@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file (python training/export.py): import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -45,6 +49,7 @@ from core.checkpoint import (
     model_weights,
     weights_fingerprint,
 )
+from core.cli import HelpFormatter
 
 
 def export_tensors(ckpt: dict, path) -> tuple[dict, dict]:
@@ -102,12 +107,17 @@ def export_checkpoint(ckpt_path, out_path, overwrite: bool = False) -> str:
             f"{metadata[META_WEIGHTS_FINGERPRINT]}) to {out_path}")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Export a checkpoint's EMA weights and config as .safetensors")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.export", formatter_class=HelpFormatter,
+                                     description="Export a checkpoint's EMA weights and config as .safetensors")
     parser.add_argument("checkpoint", help="a .pt checkpoint written by a training run")
     parser.add_argument("out", help="the .safetensors file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace `out` if it exists")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     print(export_checkpoint(args.checkpoint, args.out, args.overwrite))
 
 

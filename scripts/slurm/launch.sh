@@ -1,12 +1,12 @@
 #!/bin/bash
-# Multi-node training under Slurm, shared by the sbatch files beside it (README: "Several nodes (Slurm)").
+# Multi-node training under Slurm, shared by the sbatch files beside it (docs/RECIPES.md: "Several nodes (Slurm)").
 #
 #   scripts/slurm/launch.sh SCRIPT [the script's flags and key=value overrides ...]
 #
-# Runs inside an sbatch job, from the repository root. One srun task per node starts the script in its seed-style
-# form `python SCRIPT --nnodes=N --nproc_per_node=G ...`, which re-executes itself as torchrun on that node; the
-# nodes meet through c10d rendezvous on the job's first host. train.resume=auto makes every start of the job, a
-# requeued one included, continue the newest matching run of the stage in --results-dir.
+# Runs inside an sbatch job, from the repository root. One srun task per node starts the script in the form of
+# NVlabs/CMD's commands, `python SCRIPT --nnodes=N --nproc_per_node=G ...`, which re-executes itself as torchrun on
+# that node; the nodes meet through c10d rendezvous on the job's first host. train.resume=auto makes every start of
+# the job, a requeued one included, continue the newest matching run of the stage in --results-dir.
 #
 # Before the time limit (the sbatch files ask for `--signal=B:USR1@120`) this shell gets SIGUSR1, sends SIGTERM to
 # the trainers, which save a checkpoint at a step boundary and exit 0, and then requeues the job. The trainers are
