@@ -2,7 +2,7 @@
 # The demo: trains all three CMD stages on the built-in synthetic dataset with the tiny configs (CPU is
 # enough), then samples videos of every class and measures them: autoencoder health (motion-swap gap, PSNR
 # against the static baseline) and the built-in classifier metric (evals/synthetic_quality.py) on generated and
-# motion-only videos. About 9 minutes on 2 CPU cores. Output: $OUT (demo_output/).
+# motion-only videos. About 7 minutes on 2 CPU cores. Output: $OUT (demo_output/).
 #
 #   bash scripts/demo.sh --text   # text-to-video: both diffusion models conditioned on the dataset's captions
 #                                 # ("a red disc moving left") through a tiny random CLIP text encoder; videos are
