@@ -291,7 +291,8 @@ class CMDAutoencoder(nn.Module):
             c = out.shape[1]
             frames = out.transpose(1, 2).reshape(b * self.n_frames, c, self.height, self.width)
             frames = self.output_conv(F.gelu(frames))
-            out = frames.reshape(b, self.n_frames, self.channels, self.height, self.width).transpose(1, 2)
+            out = frames.reshape(b, self.n_frames, self.channels, self.height, self.width)
+            out = out.transpose(1, 2).contiguous()  # (B, C, T, H, W) in memory order, as the linear head gives
         return torch.tanh(out) if self.output_squash else out
 
     # In pixel mode a content frame is an image; models/vae.LatentModeAutoencoder maps latent ones to and from images.

@@ -406,7 +406,7 @@ def test_non_finite_samples_are_an_error_and_are_not_written(trained, tmp_path, 
     with pytest.raises(ValueError) as info:
         sample.main(args)
     assert str(info.value) == ("sampling produced non-finite values (NaN or inf) in video 1; nothing of it was written "
-                               "(guidance scales: content 2, motion 2)")
+                               "(guidance scales: content 2, motion 3)")
     # The video before it is whole and stays; the NaN one, those after it, the grid and the npz are never written.
     assert sorted(path.name for path in out.rglob("*") if path.is_file()) == ["000000_class000.mp4"]
 

@@ -13,6 +13,7 @@ from torch.utils.data import default_collate
 
 from core.checkpoint import _comparable, load_checkpoint
 from core.config import config_from_dict, load_config
+from core.files import release
 from models.autoencoder import CMDAutoencoder, build_autoencoder
 from models.content_unet import UNetLoadError, pretrained_prediction_type
 from scripts.make_tiny_sd import make_tiny_sd
@@ -227,9 +228,11 @@ def test_a_resumed_run_keeps_the_prediction_type_it_trained_with(content_stage):
     s = content_stage(*dit, "diffusion.prediction_type=v", "diffusion.snr_gamma=5")
     assert s.diffusion.prediction_type == "v" and s.diffusion.snr_gamma == 5.0
     s.save()
+    release(s.run.run_dir)  # the run has ended: its folder is free for the resumes below, made in this process
     ckpt = s.run.ckpt_dir / "last.pt"
     resumed = content_stage(*dit, f"train.resume={ckpt}")  # the command leaves the key unset: the run's v
     assert resumed.diffusion.prediction_type == "v" and resumed.run.cfg.diffusion.standardize_latents is True
+    release(resumed.run.run_dir)
     with pytest.raises(CheckpointError, match="prediction_type is eps but .* was trained with v"):
         content_stage(*dit, f"train.resume={ckpt}", "diffusion.prediction_type=eps")
 
@@ -239,6 +242,7 @@ def test_a_pretrained_unet_run_resumes_with_its_recorded_settings(tiny_sd_v, con
     unset continues it (they are not differences)."""
     s = content_stage(f"model.pretrained={tiny_sd_v}", "train.exp_name=unet")
     s.save()
+    release(s.run.run_dir)  # the run has ended: its folder is free for the resume, made in this process
     resumed = content_stage(f"model.pretrained={tiny_sd_v}", f"train.resume={s.run.ckpt_dir / 'last.pt'}")
     assert resumed.diffusion.prediction_type == "v" and resumed.run.cfg.diffusion.standardize_latents is False
     assert torch.equal(resumed.scaler.normalize("content", torch.ones(1, 4, 8, 8)), torch.ones(1, 4, 8, 8))
