@@ -587,6 +587,9 @@ class TrainingRun:
         if self.dist.is_main:
             cancel_on_failure(self._remove_unused_run_dir)
             release(self.run_dir)
+        # Every rank is done with the process group before any tears its connections down: a gloo rank whose peer
+        # closes first can abort at exit ("terminate called without an active exception").
+        barrier()
         cleanup_distributed()
 
 
