@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from models.dit import LabelEmbedder, TextEmbedder, TimestepEmbedder
 
@@ -145,7 +146,7 @@ class ContentConvUNet(nn.Module):
 
     def _run(self, block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward_block, block, h, emb, use_reentrant=False)
+            return checkpoint(self._forward_block, block, h, emb, use_reentrant=False)
         return self._forward_block(block, h, emb)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,6 @@ def test_config_selects_the_unet_for_content_only():
         load_config("content", "configs/tiny/content.yaml", ["model.name=ConvUNet-X", "ae_ckpt=x.pt"])
 
 
-
 # ---------------------------------------------------------------- image metrics
 
 
