@@ -50,7 +50,8 @@ def run_reporting_user_errors(fn, *args) -> None:
     """fn(*args); a user error ends as one line `error: ...` on stderr and exit code 1, not a traceback; so does a
     rank of a distributed job that lost contact with a rank which stopped on its own error.
 
-    Set CMD_TRACEBACK=1 to see the full traceback instead.
+    Set CMD_TRACEBACK=1 to see the full traceback instead. A rank of a distributed job ends here, in both cases
+    (core.distributed.end_rank_process).
     """
     try:
         fn(*args)
@@ -70,10 +71,15 @@ def run_reporting_user_errors(fn, *args) -> None:
             message = (f"rank {os.environ.get('RANK', '?')}: another rank of this job stopped (its error is above); "
                        f"this one stops too")
         print(f"error: {message}", file=sys.stderr)
-        from core.distributed import cleanup_distributed  # here: core.distributed takes its flag types from this module
-
-        cleanup_distributed()
+        _end_rank_process(1)
         raise SystemExit(1) from None
+    _end_rank_process(0)
+
+
+def _end_rank_process(code: int) -> None:
+    from core.distributed import end_rank_process  # here: core.distributed takes its flag types from this module
+
+    end_rank_process(code)
 
 
 def entry_point(main, stage: str, description: str, argv=None) -> None:

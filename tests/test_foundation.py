@@ -151,6 +151,25 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert torch.allclose(torch.tensor(one["params"]), torch.tensor(two["params"]), atol=1e-6)
 
 
+def test_a_rank_ends_after_its_exit_handlers_with_the_status_given(tmp_path):
+    """end_rank_process, the end of every rank of a distributed job: exit handlers, output and threads are done
+    before the process ends with the status given, without the interpreter's teardown."""
+    script = f"""
+import atexit, threading, time
+import core.distributed as d
+atexit.register(lambda: open({str(tmp_path / "atexit")!r}, "w").write("ran"))
+threading.Thread(target=lambda: (time.sleep(0.2), open({str(tmp_path / "thread")!r}, "w").write("joined"))).start()
+d.end_rank_process(0)  # not a rank: returns
+print("unflushed", end="")
+d._JOINED = True
+d.end_rank_process(3)
+print(" and not reached")
+"""
+    proc = run_python(["-c", script], check=False)
+    assert (proc.returncode, proc.stdout) == (3, "unflushed"), proc.stderr
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     env = {"TOY_DROPOUT": "0.2"}  # RNG state must be restored for the losses to match
     run_python(toy_args(tmp_path / "full", 8, "--exp-name", "run", "--ckpt-every", 4), env=env)

@@ -587,8 +587,7 @@ class TrainingRun:
         if self.dist.is_main:
             cancel_on_failure(self._remove_unused_run_dir)
             release(self.run_dir)
-        # Every rank is done with the process group before any tears its connections down: a gloo rank whose peer
-        # closes first can abort at exit ("terminate called without an active exception").
+        # Every rank is done with the process group before any ends its process (core.distributed.end_rank_process).
         barrier()
         cleanup_distributed()
 
