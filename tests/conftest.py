@@ -1,34 +1,12 @@
-"""Shared pytest fixtures: subprocess runners for the entry scripts, with a clean, CPU-only environment."""
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
+"""The suite's pytest hooks and fixtures; the helpers test modules share live in tests/helpers/."""
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+# Before the helpers are imported: their asserts (run_python's, the failure checks') then explain a failure as a test
+# module's do.
+pytest.register_assert_rewrite("tests.helpers")
 
-
-def _env(extra=None):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra or {})
-    return env
-
-
-# scripts/test.sh runs the suite on pytest-xdist workers, one per core; each worker and what it starts then keeps to
-# its share of the cores (one thread on 2 cores): OpenMP pools spinning on the same cores slow each other down many
-# times over.
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-# A test that trains one process for minutes (no torchrun beside it) may use the cores no other worker needs: on a
-# 2-core machine run serially, 1.5x faster for the tiny models, and the same numbers as one thread (measured:
-# identical losses at step 300).
-LONE_PROCESS_ENV = {"OMP_NUM_THREADS": str(max(1, min(2, CORES // WORKERS)))}
+from tests.helpers.processes import CORES, LAUNCHED, WORKERS, run_python, run_torchrun  # noqa: E402
 
 
 def pytest_configure(config):
@@ -43,25 +21,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_python(args, env=None, timeout=600, check=True):
-    """Runs `python <args>` from the repo root; on failure the assertion shows its output."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=_env(env), capture_output=True,
-                          text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def run_torchrun(nproc, args, env=None, timeout=600, check=True, extra_launcher_args=()):
-    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-                f"--master_port={free_port()}", *extra_launcher_args]
-    return run_python([*launcher, *args], env=env, timeout=timeout, check=check)
+# Autouse for every test: after a test that launched nothing it checks an empty list, and any test module that adds
+# to LAUNCHED is covered without having to ask for it.
+@pytest.fixture(autouse=True)
+def reap_processes():
+    """A failed assertion must not leave a training process running: kill whatever this test launched."""
+    yield
+    while LAUNCHED:
+        proc = LAUNCHED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

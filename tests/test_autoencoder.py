@@ -1,7 +1,6 @@
 """Tests of the CMD autoencoder (shapes, content frame, motion latent, overfitting) and its losses."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from evals.recon import high_frequency_energy
 from models.ae_losses import AutoencoderLoss, build_ae_loss, build_lpips, lpips_backbone_weights_path
 from models.autoencoder import CMDAutoencoder, build_autoencoder
 from core.config import AutoencoderLossConfig, AutoencoderModelConfig, DataConfig
+from tests.helpers.pickles import MakesAFolder
 
 TINY = dict(hidden_size=32, depth=1, num_heads=2, motion_dim=4)
 
@@ -289,16 +289,6 @@ def test_lpips_missing_weights_file_names_the_path(tmp_path):
     assert lpips_backbone_weights_path("vgg").endswith("vgg16-397923af.pth")
     with pytest.raises(ValueError, match="'resnet'"):
         build_lpips("resnet", random_backbone=True)
-
-
-class MakesAFolder:
-    """Pickles as a call of os.mkdir: a loader that ran the pickle would leave the folder behind."""
-
-    def __init__(self, folder):
-        self.folder = str(folder)
-
-    def __reduce__(self):
-        return os.mkdir, (self.folder,)
 
 
 @pytest.mark.parametrize("content", ["pickled object", "garbage"])

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_datasets import read_pattern_index, write_video
 
 import datasets
 from datasets.build import DATASET_NAMES, build_dataset
@@ -31,6 +30,7 @@ from datasets.synthetic import (
     render_moving_shapes,
     render_moving_shapes_with_color,
 )
+from tests.helpers.videos import read_pattern_index, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 # The last commit before captions: its render_moving_shapes is the reference the pixels must keep matching.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, _env, run_python
+from tests.helpers.processes import REPO, child_env, run_python
 from core import checkpoint as ckpt_io
 
 # CPU-sized runs, as in test_reliability.py: 16x16 clips of 4 frames, batch 4, a one-block autoencoder.
@@ -241,7 +241,7 @@ def test_resume_from_exported_weights_is_refused_in_one_line(trained, tmp_path):
     results = tmp_path / "results"
     proc = subprocess.run([sys.executable, *map(str, [*motion_args(trained.ae_ckpt), "--results-dir", results,
                                                       "--resume", weights, "--max-steps", 3])],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     line = one_line_error(proc)
     assert line.startswith(f"error: --resume {weights}: exported weights hold no optimizer state"), line
     assert not results.exists() or not any(results.iterdir())
@@ -294,8 +294,8 @@ def test_sample_py_with_a_malformed_autoencoder_checkpoint_is_one_line(trained, 
     torch.save(ckpt, bad)
     proc = subprocess.run([sys.executable, "sample.py", "--ae-ckpt", str(bad), "--motion-ckpt",
                            str(trained.motion_ckpt), "--content-ckpt", str(trained.content_ckpt), "--num-videos", "1",
-                           "--out-dir", str(tmp_path / "out")], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+                           "--out-dir", str(tmp_path / "out")], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=600)
     assert one_line_error(proc) == f"error: {bad}: checkpoint entry 'model' is a list, not a dict of tensors"
     assert not (tmp_path / "out" / "videos").exists() or not any((tmp_path / "out" / "videos").iterdir())
 
@@ -379,7 +379,7 @@ def test_sample_py_with_a_nan_in_an_exported_denoiser_writes_nothing(trained, ex
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "sample.py", "--ae-ckpt", str(exported.ae), "--motion-ckpt",
                            str(exported.motion), "--content-ckpt", str(bad), "--num-videos", "1", "--npz",
-                           str(out / "all.npz"), "--out-dir", str(out)], cwd=REPO, env=_env(), capture_output=True,
+                           str(out / "all.npz"), "--out-dir", str(out)], cwd=REPO, env=child_env(), capture_output=True,
                           text=True, timeout=600)
     assert one_line_error(proc).startswith(f"error: {bad}: weight '{name}' holds 1 non-finite value")
     assert not out.exists() or not any(out.rglob("*.mp4")) and not any(out.rglob("*.npz"))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, _env
+from tests.helpers.processes import REPO, child_env
 from core.config import COMMON_KEYS, FLAG_KEYS, _schema, build_arg_parser, parse_config
 from datasets.build import DATASET_NAMES
 
@@ -134,7 +134,7 @@ def test_print_config_from_the_script_neither_launches_ranks_nor_writes(tmp_path
     # start two processes, each printing.
     proc = subprocess.run([sys.executable, str(REPO / "train_ae.py"), "--config",
                            str(REPO / "configs" / "tiny" / "autoencoder.yaml"), "--nproc_per_node=2",
-                           "--print-config", "--max-steps", "7"], cwd=tmp_path, env=_env(), capture_output=True,
+                           "--print-config", "--max-steps", "7"], cwd=tmp_path, env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("stage: autoencoder") == 1
@@ -144,7 +144,7 @@ def test_print_config_from_the_script_neither_launches_ranks_nor_writes(tmp_path
 
 @pytest.mark.parametrize("path", ["evals/fvd.py", "evals/synthetic_quality.py", "training/export.py"])
 def test_module_tools_also_run_as_files(path, tmp_path):
-    env = _env()
+    env = child_env()
     env.pop("PYTHONPATH")  # as a user types it, from another folder
     proc = subprocess.run([sys.executable, str(REPO / path), "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -165,7 +165,7 @@ def _fake_python(tmp_path):
 
 def _ensure(tmp_path, python, **env):
     return subprocess.run(["bash", str(REPO / "scripts" / "ensure_requirements.sh")], cwd=tmp_path,
-                          env=_env({"PYTHON": str(python), **env}), capture_output=True, text=True, timeout=120)
+                          env=child_env({"PYTHON": str(python), **env}), capture_output=True, text=True, timeout=120)
 
 
 def test_setup_script_says_what_it_installs_and_where(tmp_path):

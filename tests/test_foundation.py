@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, _env, run_python, run_torchrun
+from tests.helpers.processes import REPO, child_env, run_python, run_torchrun
 from core import checkpoint as ckpt_io
 from core.config import ConfigError, build_arg_parser, config_from_args, config_from_dict, config_to_dict, load_config
 
@@ -211,7 +211,7 @@ def test_nonfinite_step_skipped_then_stop(tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     cmd = [sys.executable, *map(str, toy_args(tmp_path, 100000, "--exp-name", "run", "--ckpt-every", 100000))]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env({"TOY_STEP_SECONDS": "0.02"}), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env({"TOY_STEP_SECONDS": "0.02"}), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "run" / "log.txt"
     deadline = time.time() + 60

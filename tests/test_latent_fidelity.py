@@ -17,7 +17,7 @@ from core.files import release
 from models.autoencoder import CMDAutoencoder, build_autoencoder
 from models.content_unet import UNetLoadError, pretrained_prediction_type
 from scripts.make_tiny_sd import make_tiny_sd
-from tests.conftest import REPO, run_python
+from tests.helpers.processes import REPO, run_python
 
 F32 = torch.finfo(torch.float32).eps
 SMALL = ["data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0", "data.synthetic_size=8",

@@ -13,7 +13,8 @@ from models.content_unet import ContentUNet, UNetLoadError, load_pretrained_unet
 from models.vae import FrameVAE, LatentModeAutoencoder, VAELoadError, load_frame_vae
 from models.autoencoder import CMDAutoencoder
 from scripts.make_tiny_sd import TINY_UNET, TINY_VAE, make_tiny_sd
-from tests.conftest import run_python
+from tests.helpers.chain import TINY_LATENT_RUN
+from tests.helpers.processes import run_python
 from core.checkpoint import load_checkpoint
 from datasets import build_dataset
 from core.config import ConfigError, config_from_dict, load_config
@@ -143,11 +144,6 @@ def test_latent_mode_autoencoder_speaks_pixels_and_keeps_the_cmd_fingerprint():
     assert x_hat.shape == (2, 3, 3, 16, 16) and image.shape == (2, 3, 16, 16) and back.shape == (2, 4, 8, 8)
 
 
-TINY = ["data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0", "data.synthetic_size=16",
-        "train.global_batch_size=4", "train.num_eval_videos=2", "--max-steps", "2", "--ckpt-every", "2",
-        "--log-every", "1"]
-
-
 def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
     """AE -> motion -> content (the pretrained UNet) -> sample.py, in latent mode, with the tiny random VAE and UNet;
     the content checkpoint rebuilds its UNet from the recorded config, without the pretrained folder."""
@@ -155,7 +151,7 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
     (tiny_sd / "unet").rename(unet_dir)  # a copy only this test sees, removed before sampling
     shutil.copytree(tiny_sd / "scheduler", tmp_path / "scheduler")  # beside it: what the UNet predicts
     try:
-        common = ["--results-dir", tmp_path / "r", "--vae", tiny_sd / "vae", *TINY]
+        common = ["--results-dir", tmp_path / "r", "--vae", tiny_sd / "vae", *TINY_LATENT_RUN]
         run_python(["train_ae.py", "--config", "configs/tiny_latent/autoencoder.yaml", "--exp-name", "ae", *common,
                     "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.eval_every=2"])
         ae = tmp_path / "r" / "ae" / "checkpoints" / "last.pt"
@@ -170,7 +166,7 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
         torch.testing.assert_close(torch.from_numpy(vae_latents[3]), expected, rtol=0,
                                    atol=1e3 * F32 * expected.abs().max().item())
         assert (tmp_path / "r" / "ae" / "eval" / "reconstruction_0000002.png").stat().st_size > 0  # decoded to pixels
-        diffusion = ["--ae-ckpt", ae, *common[:2], *TINY, "diffusion.sample_steps=2", "train.sample_every=2"]
+        diffusion = ["--ae-ckpt", ae, *common[:2], *TINY_LATENT_RUN, "diffusion.sample_steps=2", "train.sample_every=2"]
         run_python(["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", "--exp-name", "motion",
                     *diffusion])
         # --mode (NVlabs/CMD's flag) must match the autoencoder's mode.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusion import create_diffusion
-from tests.test_pipeline import TINY_AE, TINY_DIFFUSION, sample, train
+from tests.helpers.chain import TINY_AE, TINY_DIFFUSION, sample, train
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.config import config_from_dict
 from sampling.generation import sample_latents

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.distributed.run as torchrun
 
-from tests.conftest import REPO, _env, free_port, run_python
-from tests.test_reliability import _LAUNCHED, reap_processes  # noqa: F401 (autouse: kills what a test launched)
+from tests.helpers.processes import LAUNCHED, REPO, child_env, free_port, run_python
 from core import distributed
 from core.config import build_arg_parser, parse_config
 
@@ -148,7 +147,7 @@ def test_slurm_time_limit_signal_makes_the_trainers_save_and_the_job_requeue(tmp
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     results, slurm_log = tmp_path / "results", tmp_path / "slurm.log"
-    env = _env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+    env = child_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
                 "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node001", "GPUS_PER_NODE": str(gpus_per_node),
                 "RDZV_PORT": str(free_port()), "TMPDIR": str(tmp_path), "PYTHON": sys.executable,
                 "FAKE_SLURM_LOG": str(slurm_log)})
@@ -160,7 +159,7 @@ def test_slurm_time_limit_signal_makes_the_trainers_save_and_the_job_requeue(tmp
     with open(tmp_path / "job.out", "w") as output:
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    _LAUNCHED.append(job)
+    LAUNCHED.append(job)
     log = results / "ae" / "log.txt"
     try:
         deadline = time.time() + 300

@@ -68,3 +68,25 @@ def test_entry_points_do_not_import_what_only_some_runs_need():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_test_modules_share_helpers_not_each_other():
+    """What tests share lives in tests/helpers/ (fixtures and hooks in tests/conftest.py): a test module or conftest
+    imported by name is a second copy beside the one pytest collected (`test_x` and `tests.test_x`), its module state
+    and autouse fixtures included."""
+    tests = ROOT / "tests"
+    forbidden = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    files = sorted(tests.rglob("*.py"))
+    assert len(files) > len(forbidden)
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:  # `from tests import test_x` names it in names
+                modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                name = parts[1] if parts[0] == "tests" and len(parts) > 1 else parts[0]
+                assert name not in forbidden, f"{path.relative_to(ROOT)}:{node.lineno} imports {module}"

@@ -19,7 +19,7 @@ from diffusion import create_diffusion
 from core.latents import load_autoencoder
 from sampling.generation import SamplingOptions, generate, load_denoiser, load_models, real_content_frames
 from scripts.make_tiny_sd import make_tiny_clip
-from tests.conftest import LONE_PROCESS_ENV, run_python
+from tests.helpers.processes import LONE_PROCESS_ENV, run_python
 
 pytestmark = pytest.mark.slow  # trains for minutes: scheduled first (conftest.py)
 

@@ -17,7 +17,7 @@ import torch
 
 from core import files
 from core.cli import run_reporting_user_errors
-from tests.conftest import REPO, _env
+from tests.helpers.processes import REPO, child_env
 
 
 # ---- claims --------------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_the_claim_of_a_killed_process_is_taken_over_and_a_live_one_is_not(tmp_p
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     probe = subprocess.run([sys.executable, "-c", "from core import files; import sys; "
                             f"files.claim(sys.argv[1], '--out-dir', 'hint')", str(tmp_path)],
-                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert probe.returncode != 0 and f"is in use by pid {os.getpid()}" in probe.stderr
     held.release()
     assert not lock.exists()
@@ -104,7 +104,7 @@ write_mp4(frames, sys.argv[1])
 def test_an_mp4_writer_killed_mid_write_leaves_no_file_under_the_videos_name(tmp_path):
     """kill -9 runs no cleanup: only a rename may give a video its name."""
     target = tmp_path / "000000_class001.mp4"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO, env=_env())
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO, env=child_env())
     try:
         deadline = time.time() + 120
         while not any(p.stat().st_size > 0 for p in tmp_path.iterdir()):

@@ -6,23 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_python, run_torchrun
+from tests.helpers.chain import TINY_AE, TINY_DIFFUSION, sample, train
+from tests.helpers.processes import run_python
 from core.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
-
-TINY_DATA = ["data.resolution=[16,16]", "data.n_frames=10", "data.num_workers=0", "data.synthetic_size=64",
-             "train.global_batch_size=4", "train.num_eval_videos=2"]
-TINY_AE = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4"]
-TINY_DIFFUSION = ["diffusion.sample_steps=4", "train.sample_every=2"]
-
-
-def train(tmp, script, config, name, steps, *extra, nproc=1, check=True):
-    args = [script, "--config", f"configs/tiny/{config}.yaml", "--results-dir", tmp, "--exp-name", name,
-            "--max-steps", steps, "--ckpt-every", 2, "--log-every", 1, *TINY_DATA, *extra]
-    if nproc > 1:
-        return run_torchrun(nproc, args, check=check)
-    return run_python(args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +89,6 @@ def test_wrong_stage_as_ae_ckpt_is_refused(chain, tmp_path, script, config):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {chain['motion']} is a 'motion' checkpoint, but a 'autoencoder' checkpoint is expected here")
-
-
-def sample(chain, out, *extra, nproc=1, check=True):
-    args = ["sample.py", "--ae-ckpt", chain["ae"], "--motion-ckpt", chain["motion"], "--content-steps", 4,
-            "--motion-steps", 4, "--out-dir", out, "--quiet", *extra]
-    if "--content-frame" not in extra:
-        args += ["--content-ckpt", chain["content"]]
-    return run_torchrun(nproc, args, check=check) if nproc > 1 else run_python(args, check=check)
 
 
 def test_sample_is_independent_of_batch_size_and_process_count(chain, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 import evals.fvd
 from core.config import build_arg_parser, config_from_args
-from tests.conftest import REPO
+from tests.helpers.processes import REPO
 
 SCRIPTS = {"train_ae.py": "autoencoder", "train_motion_diffusion.py": "motion",
            "train_content_diffusion.py": "content"}

@@ -17,7 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, _env, free_port, run_python
+from tests.helpers.chain import perturbed_autoencoder
+from tests.helpers.failures import assert_one_line_error, assert_untouched, snapshot
+from tests.helpers.processes import LAUNCHED, REPO, child_env, free_port, run_python
 from core import checkpoint as ckpt_io
 from sampling.media import write_mp4
 from training.run import lr_factor
@@ -42,28 +44,14 @@ def content_args(ae_ckpt):
 
 
 # ---- process helpers ---------------------------------------------------------------------------------------------
-_LAUNCHED = []
-
-
-@pytest.fixture(autouse=True)
-def reap_processes():
-    """A failed assertion must not leave a training process running: kill whatever this test launched."""
-    yield
-    while _LAUNCHED:
-        proc = _LAUNCHED.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def launch(args, output: Path, env=None, **popen_kwargs) -> subprocess.Popen:
     """Starts `python <args>` from the repo root with stdout+stderr going to `output` (a pipe could fill and block)."""
     handle = open(output, "w")
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=_env(env), stdout=handle,
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=child_env(env), stdout=handle,
                             stderr=subprocess.STDOUT, text=True, **popen_kwargs)
     handle.close()  # the child holds its own copy
     proc.output_path = output
-    _LAUNCHED.append(proc)
+    LAUNCHED.append(proc)
     return proc
 
 
@@ -89,8 +77,8 @@ def kill_9(proc) -> None:
 
 
 def run_script(args, env=None, timeout=600, **kwargs) -> subprocess.CompletedProcess:
-    """Like conftest.run_python(check=False), with extra subprocess arguments (preexec_fn)."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=_env(env), capture_output=True,
+    """Like tests.helpers.processes.run_python(check=False), with extra subprocess arguments (preexec_fn)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=child_env(env), capture_output=True,
                           text=True, timeout=timeout, **kwargs)
 
 
@@ -161,34 +149,6 @@ def assert_optimizer_close(got: dict, want: dict, atol: float) -> None:
         for name, value in state.items():
             assert torch.allclose(got["opt"]["state"][index][name].float(), value.float(), atol=atol, rtol=0), \
                 f"optimizer state {index}.{name} differs"
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def assert_untouched(folder: Path, before: dict) -> None:
-    """Every file that was there is still there with the same bytes; log.txt may only have grown at its end."""
-    after = snapshot(folder)
-    for name, data in before.items():
-        assert name in after, f"{folder / name} was deleted"
-        if name == "log.txt":
-            assert after[name].startswith(data), f"{folder / name} was rewritten"
-        else:
-            assert after[name] == data, f"{folder / name} was overwritten"
-
-
-def assert_one_line_error(proc, *culprits, exit_code=None) -> str:
-    """A non-zero exit whose stderr ends in one 'error: ...' line naming each culprit, with no traceback."""
-    assert proc.returncode != 0, f"expected a failure:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    if exit_code is not None:
-        assert proc.returncode == exit_code, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
-    for culprit in culprits:
-        assert str(culprit) in lines[-1], f"{culprit!r} not named in: {lines[-1]}"
-    return lines[-1]
 
 
 # ---- video files -------------------------------------------------------------------------------------------------
@@ -552,15 +512,6 @@ def test_resume_from_a_file_outside_any_run_folder_writes_only_under_results(tra
     assert [p.name for p in downloads.iterdir()] == ["ae.pt"]
     finals = list(results.glob("*/checkpoints/last.pt"))
     assert len(finals) == 1 and load(finals[0])["step"] == AE_STEPS + 1
-
-
-def perturbed_autoencoder(ae_ckpt: Path, target: Path) -> Path:
-    """The same autoencoder layout with other weights (what another training run would give)."""
-    ckpt = load(ae_ckpt)
-    for name in ("model", "ema"):
-        ckpt[name] = {key: value + 0.01 if value.is_floating_point() else value for key, value in ckpt[name].items()}
-    torch.save(ckpt, target)
-    return target
 
 
 class _RunsCode:

@@ -16,15 +16,15 @@ from PIL import Image
 
 import sample
 from datasets.transforms import load_image
-from tests.test_reliability import perturbed_autoencoder
+from tests.helpers.chain import perturbed_autoencoder
 from sampling.outputs import OutputError
-from tests.conftest import REPO, _env, run_python
-from tests.test_pipeline import TINY_AE, TINY_DIFFUSION, train
+from tests.helpers.processes import REPO, child_env, run_python
+from tests.helpers.chain import TINY_AE, TINY_DIFFUSION, train
 from sampling.media import write_mp4
 
 pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
 
-N_FRAMES, RESOLUTION = 10, 16  # the clips of tests.test_pipeline.TINY_DATA
+N_FRAMES, RESOLUTION = 10, 16  # the clips of tests.helpers.chain.TINY_DATA
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +355,7 @@ def test_stop_signal_keeps_finished_videos_and_says_how_many(ckpts, tmp_path, si
     with open(log, "w") as handle:
         proc = subprocess.Popen([sys.executable, *map(str, sample_args(ckpts, out, "--num-videos", 100000,
                                                                       "--batch-size", 1, "--npz", tmp_path / "s.npz"))],
-                                cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT, text=True)
+                                cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
         while not mp4s(out / "videos"):
@@ -388,7 +388,7 @@ def start_sampling(ckpts, out: Path, log: Path, *extra) -> subprocess.Popen:
     with open(log, "w") as handle:
         proc = subprocess.Popen([sys.executable, *map(str, sample_args(ckpts, out, "--num-videos", 100000,
                                                                       "--batch-size", 1, *extra))],
-                                cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT, text=True)
+                                cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not mp4s(out / "videos"):
         if proc.poll() is not None or time.time() > deadline:

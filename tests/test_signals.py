@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, _env, run_python
-from tests.test_reliability import _LAUNCHED, reap_processes  # noqa: F401 (autouse: kills what a test launched)
+from tests.helpers.processes import LAUNCHED, REPO, child_env, run_python
 
 SHRINK = ["train.global_batch_size=4", "data.resolution=[16,16]", "data.n_frames=4", "train.log_every=1",
           "train.num_eval_videos=2"]
@@ -42,10 +41,10 @@ def motion_args(ae_ckpt, results, exp_name, *extra):
 def launch(args, output: Path) -> subprocess.Popen:
     """`python <args>` in its own session (so that its process group can be signalled), output to a file."""
     with open(output, "w") as handle:
-        proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=_env(), stdout=handle,
+        proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=child_env(), stdout=handle,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     proc.output_path = output
-    _LAUNCHED.append(proc)
+    LAUNCHED.append(proc)
     return proc
 
 
@@ -207,7 +206,7 @@ def test_a_crash_with_live_loader_workers_exits(tmp_path):
     end the process (core.data._shut_down_workers), not hang it in that join."""
     script = tmp_path / "crash.py"
     script.write_text(CRASH_WITH_WORKERS)
-    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = process.communicate(timeout=60)

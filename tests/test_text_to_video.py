@@ -14,7 +14,7 @@ from models.dit import ContentDiT, MotionDiT, TextEmbedder
 from models.text_encoder import CaptionTable, TextEncoderLoadError, load_text_encoder
 from sample import prompt_noise_ids, prompt_slug
 from scripts.make_tiny_sd import TINY_TEXT, TINY_UNET, make_tiny_clip
-from tests.conftest import run_python
+from tests.helpers.processes import run_python
 from core.checkpoint import load_checkpoint
 from core.latents import caption_table
 from sampling.media import captioned_rows
@@ -261,7 +261,7 @@ def test_resuming_with_another_no_or_an_added_text_encoder_is_refused_before_any
     """The text encoder is part of what a run learned: --resume (a folder, or auto with --exp-name) with another,
     none, or one added stops in one line and leaves the run byte for byte; --resume auto without a name (as
     scripts/slurm runs) passes such runs over and starts a new one, so a requeued job does not fail on every start."""
-    from tests.test_reliability import assert_one_line_error, assert_untouched, snapshot
+    from tests.helpers.failures import assert_one_line_error, assert_untouched, snapshot
 
     results = tmp_path / "r"
     run_python(["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", *SHRINK, "model.depth=1",
@@ -326,7 +326,7 @@ def test_a_text_encoder_bin_holding_a_pickled_object_is_one_line(tiny_clip, tmp_
     """transformers loads a .bin weights-only; torch's refusal came through as its many-line traceback."""
     import shutil
 
-    from tests.test_autoencoder import MakesAFolder
+    from tests.helpers.pickles import MakesAFolder
 
     folder, marker = tmp_path / "clip", tmp_path / "ran"
     shutil.copytree(tiny_clip, folder)

@@ -12,14 +12,14 @@ from core.config import config_from_dict
 from core.latents import load_autoencoder, vae_fingerprint
 from models.vae import load_frame_vae
 from scripts.make_tiny_sd import make_tiny_sd
-from tests.conftest import run_python
-from tests.test_latent_mode import TINY
+from tests.helpers.chain import TINY_LATENT_RUN
+from tests.helpers.processes import run_python
 
 pytestmark = pytest.mark.slow  # trains the tiny stages in subprocesses
 
-AE = ["train_ae.py", "--config", "configs/tiny_latent/autoencoder.yaml", *TINY, "model.hidden_size=32",
+AE = ["train_ae.py", "--config", "configs/tiny_latent/autoencoder.yaml", *TINY_LATENT_RUN, "model.hidden_size=32",
       "model.depth=1", "model.num_heads=2", "train.eval_every=2"]
-MOTION = ["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", *TINY,
+MOTION = ["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", *TINY_LATENT_RUN,
           "diffusion.sample_steps=2", "train.sample_every=2"]
 
 
