@@ -91,8 +91,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for name in args.variants:
         r = run_variant(name, args.steps, args.seed)
-        print(f"| {name} | {VARIANTS[name][2]} | {r['psnr']:.2f} | {r['psnr_temporal_mean']:.2f} | {r['swap_gap']:.2f} | "
-              f"{r['zm_spread']:.4f} | {100 * r['zm_saturated']:.1f}% | {r['seconds']:.0f} |", flush=True)
+        print(f"| {name} | {VARIANTS[name][2]} | {r['psnr']:.2f} | {r['psnr_temporal_mean']:.2f} | "
+              f"{r['swap_gap']:.2f} | {r['zm_spread']:.4f} | {100 * r['zm_saturated']:.1f}% | {r['seconds']:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Autoencoder forward + backward time and peak memory per clip, for a config (CPU or CUDA).
 
     python -m benchmarks.bench_autoencoder --config configs/tiny/autoencoder.yaml --batch-size 8
-    python -m benchmarks.bench_autoencoder --config configs/ucf101/autoencoder.yaml --batch-size 1 --steps 1 [--grad-checkpointing]
+    python -m benchmarks.bench_autoencoder --config configs/ucf101/autoencoder.yaml --batch-size 1 --steps 1 \
+        [--grad-checkpointing]
 
 Peak memory: CUDA max_memory_allocated; on CPU the process' peak RSS minus the RSS before the first
 step (the model and its optimizer state are counted, the Python/torch runtime is not).
@@ -25,7 +26,8 @@ def _rss_gib() -> float:
 
 
 def measure(config: str, batch_size: int, steps: int, grad_checkpointing: bool) -> dict:
-    cfg = load_config("autoencoder", config, ["data.data_path=unused", f"model.grad_checkpointing={grad_checkpointing}"])
+    cfg = load_config("autoencoder", config,
+                      ["data.data_path=unused", f"model.grad_checkpointing={grad_checkpointing}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_autoencoder(cfg.model, cfg.data).to(device).train()
@@ -66,11 +68,13 @@ def main():
     command = "python -m benchmarks.bench_autoencoder " + " ".join(
         f"--config {args.config} --batch-size {args.batch_size} --steps {args.steps}".split()
         + (["--grad-checkpointing"] if args.grad_checkpointing else []))
-    print("| date | machine | CPUs | torch | threads | config | clip | params | batch | grad ckpt | fwd+bwd s per clip | peak memory per clip | command |")
+    print("| date | machine | CPUs | torch | threads | config | clip | params | batch | grad ckpt | "
+          "fwd+bwd s per clip | peak memory per clip | command |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {datetime.date.today()} | {platform.platform()} ({result['device']}) | {os.cpu_count()} | {torch.__version__} | "
-          f"{torch.get_num_threads()} | {args.config} | {result['clip']} | {result['params_m']:.2f}M | {args.batch_size} | "
-          f"{args.grad_checkpointing} | {result['seconds_per_clip']:.4g} | {result['peak_gib_per_clip']:.3g} GiB | `{command}` |")
+    print(f"| {datetime.date.today()} | {platform.platform()} ({result['device']}) | {os.cpu_count()} | "
+          f"{torch.__version__} | {torch.get_num_threads()} | {args.config} | {result['clip']} | "
+          f"{result['params_m']:.2f}M | {args.batch_size} | {args.grad_checkpointing} | "
+          f"{result['seconds_per_clip']:.4g} | {result['peak_gib_per_clip']:.3g} GiB | `{command}` |")
 
 
 if __name__ == "__main__":

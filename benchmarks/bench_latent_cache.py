@@ -72,7 +72,8 @@ def measure(args) -> dict:
         run.finish()
     saved_per_step = 1 / from_clips - 1 / from_cache
     return {"config_dir": str(config_dir), "stage": args.stage, "batch": run.batch_size,
-            "num_workers": int(cfg.data.num_workers), "clip": f"{cfg.data.n_frames}x{'x'.join(map(str, cfg.data.resolution))}",
+            "num_workers": int(cfg.data.num_workers),
+            "clip": f"{cfg.data.n_frames}x{'x'.join(map(str, cfg.data.resolution))}",
             "dataset": f"{cfg.data.dataset_name} ({len(dataset)} videos)", "cached_clips": len(cache),
             "from_clips_steps_per_s": from_clips, "from_cache_steps_per_s": from_cache,
             "speed_up": from_cache / from_clips, "cache_build_s": build_seconds,
@@ -83,8 +84,8 @@ def format_row(result: dict, command: str) -> str:
     header = ("| date | machine | CPUs | torch | configs | stage | dataset | clip | batch | loader workers | "
               "from clips steps/s | from cache steps/s | speed-up | cache build (clips, s) | break-even steps |")
     row = (f"| {datetime.date.today().isoformat()} | {platform.platform()} ({platform.machine()}) | {os.cpu_count()} | "
-           f"{torch.__version__} | {result['config_dir']} | {result['stage']} | {result['dataset']} | {result['clip']} | "
-           f"{result['batch']} | {result['num_workers']} | {result['from_clips_steps_per_s']:.2f} | "
+           f"{torch.__version__} | {result['config_dir']} | {result['stage']} | {result['dataset']} | "
+           f"{result['clip']} | {result['batch']} | {result['num_workers']} | {result['from_clips_steps_per_s']:.2f} | "
            f"{result['from_cache_steps_per_s']:.2f} | {result['speed_up']:.2f}x | "
            f"{result['cached_clips']} clips, {result['cache_build_s']:.1f} s | {result['break_even_steps']:.0f} |")
     return "\n".join([header, "|" + "---|" * (header.count("|") - 1), row, "", f"command: `{command}`"])

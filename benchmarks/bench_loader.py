@@ -54,7 +54,8 @@ def main(args) -> None:
         for number in range(args.videos):
             write_test_video(root / f"class{number % 2}" / f"video{number}.avi", args.frames, 240, 320, seed=number)
         dataset = VideoFolderDataset(
-            str(root), split="all", resolution=(64, 64), n_frames=args.clip_frames, index_cache_dir=str(Path(folder) / "c")
+            str(root), split="all", resolution=(64, 64), n_frames=args.clip_frames,
+            index_cache_dir=str(Path(folder) / "c"),
         )
         rng = np.random.default_rng(0)
         keys = [(int(rng.integers(0, len(dataset))), int(rng.integers(0, 1_000_000))) for _ in range(args.clips)]
@@ -72,7 +73,8 @@ def main(args) -> None:
         fast = clips_per_second(seek_decode, args.clips)
         slow = clips_per_second(full_decode, max(4, args.clips // 8))
 
-    print("| date | machine | CPUs | torch | PyAV | videos | clip | seek-decode clips/s | full-decode clips/s | speed-up |")
+    print("| date | machine | CPUs | torch | PyAV | videos | clip | seek-decode clips/s | full-decode clips/s | "
+          "speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {datetime.date.today().isoformat()} | {platform.platform()} ({platform.processor() or platform.machine()}) "

@@ -398,7 +398,8 @@ def format_table9(result: dict) -> str:
     for name, part in rows:
         convention = f"{part['paper_convention'] / unit:.2f}"
         lines.append(f"| {name} | {part['model']} | {part['steps']} | {part['guided']} | "
-                     f"{part['per_step'] / unit:.3f} | {part['attention_per_step'] / unit:.3f} | {part['total'] / unit:.2f} | "
+                     f"{part['per_step'] / unit:.3f} | {part['attention_per_step'] / unit:.3f} | "
+                     f"{part['total'] / unit:.2f} | "
                      f"{convention + ' (left out)' if name.endswith('vae decode') else convention} |")
     conv, paper = result["paper_convention"], PAPER_VIDEO_TFLOPS
     lines += ["", "| | ours, " + unit_name + " | paper convention, " + macs + " | paper, TFLOPs |", "|---|---|---|---|",
@@ -443,7 +444,8 @@ def format_report(result: dict) -> str:
         return _scaled(flops, unit)
 
     lines = [f"FLOPs (FlopCounterMode on the meta device; configs {result['config_dir']}; "
-             f"clip {'x'.join(map(str, video['clip_shape']))} (C x T x H x W); attention counted: {result['sdpa_counted']})",
+             f"clip {'x'.join(map(str, video['clip_shape']))} (C x T x H x W); "
+             f"attention counted: {result['sdpa_counted']})",
              "", "Per generated video", "",
              f"| part | model | steps | guided (2x batch) | {unit_name} per step | {unit_name} per video |",
              "|---|---|---|---|---|---|"]

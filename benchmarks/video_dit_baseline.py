@@ -111,7 +111,8 @@ def baseline_size_from_content_name(content_model_name: str) -> Tuple[int, int, 
         hidden_size, depth, num_heads = DIT_SIZES[size]
         return hidden_size, depth, num_heads, int(patch)
     except (IndexError, KeyError, ValueError):
-        raise ValueError(f"content model name {content_model_name!r} is not of the form ContentDiT-<size>/<patch>") from None
+        raise ValueError(f"content model name {content_model_name!r} is not of the form "
+                         "ContentDiT-<size>/<patch>") from None
 
 
 def build_video_dit_baseline(content_model_name: str, clip_shape: Sequence[int], num_classes: int,

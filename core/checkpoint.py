@@ -26,7 +26,8 @@ class CheckpointError(ValueError):
 # cannot run code when opened. Its metadata keys, and the prefix of the latent statistics among its tensors:
 EXPORT_FORMAT = "cmd-weights-1"
 META_FORMAT, META_STAGE, META_STEP, META_CONFIG = "cmd.format", "cmd.stage", "cmd.step", "cmd.config"
-META_WEIGHTS, META_WEIGHTS_FINGERPRINT, META_AE_FINGERPRINT = "cmd.weights", "cmd.weights_fingerprint", "cmd.ae_fingerprint"
+META_WEIGHTS, META_WEIGHTS_FINGERPRINT = "cmd.weights", "cmd.weights_fingerprint"
+META_AE_FINGERPRINT = "cmd.ae_fingerprint"
 META_VAE_FINGERPRINT = "cmd.vae_fingerprint"  # latent mode: the VAE's weights (also in the config)
 LATENT_STATS_PREFIX = "latent_stats."
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -113,7 +114,8 @@ def _load_safetensors(path: Path, map_location="cpu") -> dict:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for a damaged or foreign file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"checkpoint {path} cannot be read as safetensors ({type(exc).__name__}: {first})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read as safetensors "
+                              f"({type(exc).__name__}: {first})") from None
     if metadata.get(META_FORMAT) != EXPORT_FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not weights exported by training/export.py "
                               f"(its metadata has no '{META_FORMAT}: {EXPORT_FORMAT}')")
@@ -434,7 +436,8 @@ def resolve_resume(resume: Optional[str], results_dir, stage: str, cfg=None,
         raise CheckpointError(f"--resume: {exc}") from None
     differences = resume_differences(ckpt, cfg) if cfg is not None else []
     if differences:
-        raise CheckpointError(f"--resume {path}: this command's settings differ from the run's: {'; '.join(differences)} "
+        raise CheckpointError(f"--resume {path}: this command's settings differ from the run's: "
+                              f"{'; '.join(differences)} "
                               f"(a run continues with the settings it started with; nothing was changed)")
     return path
 

@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset_name: str = "synthetic"  # synthetic | UCF101 | folder | captions (text-to-video, e.g. WebVid)
     data_path: Optional[str] = None
-    captions: Optional[str] = None  # dataset "captions": a CSV or JSONL of path, caption (or WebVid's videoid, page_dir, name)
+    # dataset "captions": a CSV or JSONL of path, caption (or WebVid's videoid, page_dir, name)
+    captions: Optional[str] = None
     resolution: List[int] = field(default_factory=lambda: [64, 64])  # (H, W)
     n_frames: int = 16
     frame_stride: int = 1
@@ -195,7 +196,7 @@ class DiffusionStageConfig:
     vae: Optional[str] = None  # latent mode: overrides the VAE the autoencoder recorded (the same weights, moved)
     vae_fingerprint: Optional[str] = None  # recorded by the run: the VAE's weights, those its autoencoder recorded
     ae_ckpt: str = "auto"  # a train_ae.py checkpoint, or auto: the newest autoencoder run in train.results_dir
-    ae_fingerprint: Optional[str] = None  # recorded by the run: its autoencoder's weights (checked on resume, sample.py)
+    ae_fingerprint: Optional[str] = None  # recorded: its autoencoder's weights (checked on resume and by sample.py)
     data: DataConfig = field(default_factory=DataConfig)
     model: DiTModelConfig = field(default_factory=DiTModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -263,14 +264,16 @@ def validate_config(cfg, stage: str) -> None:
     _require(data.dataset_name.lower() in (name.lower() for name in DATASET_NAMES),
              f"config key 'data.dataset_name': '{data.dataset_name}' is not one of {list(DATASET_NAMES)}")
     if data.dataset_name.lower() != "synthetic":
-        _require(bool(data.data_path), f"config key 'data.data_path' is required for dataset '{data.dataset_name}' (--data-path)")
+        _require(bool(data.data_path),
+                 f"config key 'data.data_path' is required for dataset '{data.dataset_name}' (--data-path)")
     _require(len(data.resolution) == 2 and min(data.resolution) > 0,
              f"config key 'data.resolution' must be [H, W] with positive sizes, got {list(data.resolution)}")
     _require(data.n_frames > 0, f"config key 'data.n_frames' must be positive, got {data.n_frames}")
     _require(data.split in ("train", "test", "all"), f"config key 'data.split': '{data.split}' is not train|test|all")
     _require(cfg.mode in MODES, f"config key 'mode': '{cfg.mode}' is not {'|'.join(MODES)}")
     train = cfg.train
-    _require(train.global_batch_size > 0, f"config key 'train.global_batch_size' must be positive, got {train.global_batch_size}")
+    _require(train.global_batch_size > 0,
+             f"config key 'train.global_batch_size' must be positive, got {train.global_batch_size}")
     _require(train.mixed_precision in ("bf16", "no"),
              f"config key 'train.mixed_precision': '{train.mixed_precision}' is not bf16|no")
     for key in ("max_steps", "log_every", "ckpt_every"):
@@ -288,10 +291,12 @@ def validate_config(cfg, stage: str) -> None:
     if stage == "autoencoder":
         _require(cfg.loss.perceptual_frames > 0, "config key 'loss.perceptual_frames' must be positive")
         _require(not cfg.latent_cache or cfg.mode == "latent",
-                 "config key 'latent_cache' caches VAE latents: it needs mode latent (pixel clips have nothing to cache)")
+                 "config key 'latent_cache' caches VAE latents: it needs mode latent "
+                 "(pixel clips have nothing to cache)")
         _require(cfg.latent_cache_clips_per_video > 0, "config key 'latent_cache_clips_per_video' must be positive")
         if cfg.mode == "latent":
-            _require(bool(cfg.vae), "config key 'vae' is required in latent mode: a Stable Diffusion VAE folder or hub id (--vae)")
+            _require(bool(cfg.vae), "config key 'vae' is required in latent mode: "
+                     "a Stable Diffusion VAE folder or hub id (--vae)")
             _require(cfg.loss.perceptual_weight == 0, "config key 'loss.perceptual_weight' must be 0 in latent mode: "
                      "LPIPS compares images, the latent-mode autoencoder reconstructs VAE latents (the paper uses MSE)")
     else:
@@ -306,7 +311,8 @@ def validate_config(cfg, stage: str) -> None:
                 validate_denoiser_name(stage, cfg.model.name)
             except ValueError as exc:
                 raise ConfigError(f"config key 'model.name': {exc}") from None
-        _require(bool(cfg.ae_ckpt), "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
+        _require(bool(cfg.ae_ckpt),
+                 "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
         _require(math.isfinite(cfg.diffusion.cfg_scale) and 0.0 <= cfg.diffusion.cfg_scale <= GUIDANCE_MAX,
                  f"config key 'diffusion.cfg_scale' must be a guidance scale in 0..{GUIDANCE_MAX:g}, "
                  f"got {cfg.diffusion.cfg_scale}")

@@ -71,7 +71,8 @@ def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
         return dataset
     if key == "captions":
         if requested_classes is not None and int(requested_classes) != 1:
-            raise DatasetError(f"data.num_classes={requested_classes} but captioned videos have 1 class (dataset 'captions')")
+            raise DatasetError(f"data.num_classes={requested_classes} but captioned videos have 1 class "
+                               f"(dataset 'captions')")
         return CaptionedVideoDataset(
             data_path=_field(data_cfg, "data_path"),
             captions=_field(data_cfg, "captions"),

@@ -144,7 +144,8 @@ def read_captions(path) -> Tuple[List[CaptionRow], List[Tuple[str, str]]]:
     extension = path.suffix.lower()
     if extension not in CSV_EXTENSIONS + JSONL_EXTENSIONS:
         raise DatasetError(
-            f"captions file {path}: unknown extension {extension!r}; expected {', '.join(CSV_EXTENSIONS + JSONL_EXTENSIONS)}"
+            f"captions file {path}: unknown extension {extension!r}; "
+            f"expected {', '.join(CSV_EXTENSIONS + JSONL_EXTENSIONS)}"
         )
     rows: List[CaptionRow] = []
     skipped: List[Tuple[str, str]] = []
@@ -241,7 +242,8 @@ class CaptionedVideoDataset(VideoFolderDataset):
             marker = "  <- this dataset" if split == self.split else ""
             lines.append(f"  {split:5s}: {self.rows_per_split.get(split, 0):6d} rows{marker}")
         lines += [
-            f"clips: {self.n_frames} frames, stride {self.frame_stride}, resolution {self.resolution[0]}x{self.resolution[1]}",
+            f"clips: {self.n_frames} frames, stride {self.frame_stride}, "
+            f"resolution {self.resolution[0]}x{self.resolution[1]}",
             f"this split ({self.split}): {len(self.entries)} usable videos",
             *self._skipped_lines(),
         ]

@@ -66,8 +66,10 @@ def _bounce(start: np.ndarray, velocity: np.ndarray, low: float, high: float, ti
     return low + length - np.abs(length - folded)  # triangle wave: out and back between the walls
 
 
-def shape_coverage(kind: str, center_y: np.ndarray, center_x: np.ndarray, radius: float, height: int, width: int) -> np.ndarray:
-    """Per-frame pixel coverage in [0, 1] (T, H, W) of a shape of half-size `radius`, edges anti-aliased over one pixel."""
+def shape_coverage(kind: str, center_y: np.ndarray, center_x: np.ndarray, radius: float,
+                   height: int, width: int) -> np.ndarray:
+    """Per-frame pixel coverage in [0, 1] (T, H, W) of a shape of half-size `radius`,
+    edges anti-aliased over one pixel."""
     center_y = np.asarray(center_y, dtype=np.float32)
     center_x = np.asarray(center_x, dtype=np.float32)
     radius = np.float32(radius)
@@ -183,7 +185,8 @@ class SyntheticMovingShapes(Dataset):
     ):
         num_classes = MAX_CLASSES if num_classes is None else int(num_classes)
         if not 1 <= num_classes <= MAX_CLASSES:
-            raise DatasetError(f"data.num_classes must be in 1..{MAX_CLASSES} for the synthetic dataset, got {num_classes}")
+            raise DatasetError(f"data.num_classes must be in 1..{MAX_CLASSES} for the synthetic dataset, "
+                               f"got {num_classes}")
         if split not in SPLIT_STREAMS:
             raise DatasetError(f"split must be one of {tuple(SPLIT_STREAMS)}, got {split!r}")
         if size < 1 or n_frames < 1:

@@ -76,8 +76,9 @@ def rgb8(image: Image.Image, path) -> np.ndarray:
         values = np.asarray(image).astype(np.int64)
         # Mode "I" is how 16-bit PNG/PGM files open in many Pillows: scale by the 16-bit range, as for I;16.
         if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(f"--content-frame {path}: a 32-bit integer image with values {values.min()}..{values.max()} "
-                             f"has no known white level; save it as an 8- or 16-bit image")
+            raise ValueError(f"--content-frame {path}: a 32-bit integer image with values "
+                             f"{values.min()}..{values.max()} has no known white level; "
+                             f"save it as an 8- or 16-bit image")
         return np.repeat(np.round(values / 257.0).astype(np.uint8)[..., None], 3, axis=-1)  # 65535 / 255 = 257
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)

@@ -65,7 +65,8 @@ def _timing(stream) -> _StreamTiming:
     if not fps or fps <= 0 or stream.time_base is None:
         raise VideoReadError("no frame rate or time base")
     start_pts = stream.start_time if stream.start_time is not None else 0
-    return _StreamTiming(start_pts=start_pts, frames_per_tick=Fraction(stream.time_base) * Fraction(fps), fps=Fraction(fps))
+    return _StreamTiming(start_pts=start_pts, frames_per_tick=Fraction(stream.time_base) * Fraction(fps),
+                         fps=Fraction(fps))
 
 
 def _header_count_is_trustworthy(stream, timing: _StreamTiming) -> bool:

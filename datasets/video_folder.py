@@ -94,7 +94,8 @@ class VideoFolderDataset(Dataset):
         if not self.entries:
             first = f"; first skip: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
             raise DatasetError(
-                f"no usable videos for split {split!r} in {self.root} ({len(candidates)} found, {len(self.skipped)} skipped{first})"
+                f"no usable videos for split {split!r} in {self.root} "
+                f"({len(candidates)} found, {len(self.skipped)} skipped{first})"
             )
         logger.info(
             "%s %s split (%s): %d videos, %d classes, %d skipped; index: %d probed, %d from cache %s",
@@ -122,11 +123,13 @@ class VideoFolderDataset(Dataset):
             if list_file.startswith(self.split):
                 self._skip(listed, f"listed in {list_file} but not found")
         if self.listing.ignored_folders:
-            logger.warning("%s: folders without a classInd.txt entry ignored: %s", self.root, self.listing.ignored_folders)
+            logger.warning("%s: folders without a classInd.txt entry ignored: %s", self.root,
+                           self.listing.ignored_folders)
         if self.listing.empty_classes:
             # Their labels stay reserved (num_classes counts them) so the other classes keep their ids.
             logger.warning(
-                "%s: classes with no videos (label kept, nothing to train on): %s", self.root, self.listing.empty_classes
+                "%s: classes with no videos (label kept, nothing to train on): %s",
+                self.root, self.listing.empty_classes,
             )
 
     def _item(self, index: int, clip: torch.Tensor) -> dict:
@@ -140,7 +143,8 @@ class VideoFolderDataset(Dataset):
             return f"{listing.split_list_dir / f'{self.split}list0{self.fold}.txt'}"
         # Without split lists a held-out set does not exist; train and test both see everything.
         logger.warning(
-            "%s: no %slist0%d.txt found (looked for ucfTrainTestlist in and beside the data path); split %r uses all videos",
+            "%s: no %slist0%d.txt found (looked for ucfTrainTestlist in and beside the data path); "
+            "split %r uses all videos",
             self.root, self.split, self.fold, self.split,
         )
         return "all videos (no split list found)"
@@ -179,10 +183,12 @@ class VideoFolderDataset(Dataset):
                 clip = self._load(current, epoch)
             except VideoReadError as error:
                 self._failed_indices[current] = str(error)
-                self._skip(str(self.entries[current].path), f"failed after indexing, replaced by another video: {error}")
+                self._skip(str(self.entries[current].path),
+                           f"failed after indexing, replaced by another video: {error}")
                 continue
             return self._item(current, clip)
-        raise DatasetError(f"{MAX_REPLACEMENT_TRIES} videos in a row failed to decode from index {index} in {self.root}")
+        raise DatasetError(f"{MAX_REPLACEMENT_TRIES} videos in a row failed to decode from index {index} "
+                           f"in {self.root}")
 
     def _skipped_lines(self) -> List[str]:
         """The summary's account of the skipped files: their count by reason, then the first ten."""
@@ -200,7 +206,8 @@ class VideoFolderDataset(Dataset):
             f"dataset: {self.name}  path: {self.root}",
             f"split lists: {listing.split_list_dir or 'none found (train/test use all videos)'}  fold: {self.fold}",
             f"classes: {self.num_classes} ({', '.join(self.class_names[:5])}{', ...' if self.num_classes > 5 else ''})",
-            f"clips: {self.n_frames} frames, stride {self.frame_stride}, resolution {self.resolution[0]}x{self.resolution[1]}",
+            f"clips: {self.n_frames} frames, stride {self.frame_stride}, "
+            f"resolution {self.resolution[0]}x{self.resolution[1]}",
         ]
         # Other splits are reported from the index cache (the CLI indexes split "all", so it sees everything).
         others = [path for path, _ in listing.videos if path not in self._probe_results]
@@ -210,10 +217,12 @@ class VideoFolderDataset(Dataset):
             videos = listing.videos_of_split(split)
             known = [results.get(path) for path, _ in videos]
             usable = sum(
-                1 for result in known if result is not None and result.error is None and result.num_frames >= self.clip_span
+                1 for result in known
+                if result is not None and result.error is None and result.num_frames >= self.clip_span
             )
             probed = sum(1 for result in known if result is not None)
-            state = f"{usable} usable of {probed} indexed" + ("" if probed == len(videos) else " (rest not indexed yet)")
+            state = (f"{usable} usable of {probed} indexed"
+                     + ("" if probed == len(videos) else " (rest not indexed yet)"))
             source = "split list" if split in listing.split_videos else "all videos"
             marker = "  <- this dataset" if split == self.split else ""
             lines.append(f"  {split:5s}: {len(videos):6d} videos ({source}), {state}{marker}")

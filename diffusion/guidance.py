@@ -38,7 +38,8 @@ def guided_model(model: Callable, scale: float, null: Union[int, torch.Tensor]) 
             name: torch.cat([value, value], dim=0) if torch.is_tensor(value) else value for name, value in cond.items()
         }
         nulls = null.to(y).expand_as(y) if torch.is_tensor(null) else torch.full_like(y, null)
-        output = model(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), y=torch.cat([y, nulls], dim=0), **doubled_cond)
+        output = model(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), y=torch.cat([y, nulls], dim=0),
+                       **doubled_cond)
         return cfg_combine(output[:batch], output[batch:], scale, eps_channels=x.shape[1])
 
     return guided

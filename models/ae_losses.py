@@ -231,7 +231,8 @@ class AutoencoderLoss(nn.Module):
         logs["loss"] = loss.detach()
         return loss, logs
 
-    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, step: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor,
+                           step: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Hinge loss of the discriminator on real clips x and (detached) reconstructions x_hat.
 
         Before disc_start (or without a discriminator) it is a constant 0 with no graph: check

@@ -47,7 +47,8 @@ class ContentUNet(nn.Module):
                              f"frames have {in_channels}")
         factor = 2 ** (len(config.block_out_channels) - 1)
         if any(int(size) % factor for size in input_size):
-            raise ValueError(f"content frames of {tuple(input_size)} are not divisible by the UNet's downsampling {factor}")
+            raise ValueError(f"content frames of {tuple(input_size)} are not divisible by the UNet's downsampling "
+                             f"{factor}")
         self.unet = unet
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)

@@ -143,7 +143,8 @@ class TextEmbedder(nn.Module):
         if hidden_size is not None:
             self.pool = nn.ModuleDict({
                 "scores": nn.Linear(dim, heads),
-                "mlp": nn.Sequential(nn.Linear(heads * dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)),
+                "mlp": nn.Sequential(nn.Linear(heads * dim, hidden_size), nn.SiLU(),
+                                     nn.Linear(hidden_size, hidden_size)),
             })
 
     def null_like(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -301,7 +302,8 @@ class _DiTBackbone(nn.Module):
         # The fixed position table only fits one grid, so a wrong shape must fail loudly here.
         expected = (channels, size[0], size[1])
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{name} must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+                             f"got {tuple(x.shape)}")
 
     def _conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B,) steps and (B,) labels or (B, L, D) text tokens -> (B, hidden) vector that drives every adaLN layer."""
@@ -409,8 +411,9 @@ class MotionDiT(_DiTBackbone):
         (B, 2D or D, T, H'+W')."""
         self._check_input(x, "motion latent x", self.in_channels, self.input_size)
         self._check_input(content, "content frame", self.content_channels, self.content_size)
-        motion_tokens = self.x_embedder(x) + self.pos_embed + self.token_type_embed[0]  # (B, Nm, hidden)
-        content_tokens = self.content_embedder(content) + self.content_pos_embed + self.token_type_embed[1]  # (B, Nc, hidden)
+        # (B, Nm, hidden) motion tokens and (B, Nc, hidden) content tokens
+        motion_tokens = self.x_embedder(x) + self.pos_embed + self.token_type_embed[0]
+        content_tokens = self.content_embedder(content) + self.content_pos_embed + self.token_type_embed[1]
         num_motion_tokens = motion_tokens.shape[1]
         tokens = torch.cat([motion_tokens, content_tokens], dim=1)
         c = self._conditioning(t, y)

@@ -131,7 +131,8 @@ def load_frame_vae(source: str, device="cpu", chunk: int = 8) -> FrameVAE:
     from diffusers import AutoencoderKL
 
     if not source:
-        raise VAELoadError("config key 'vae' is empty: latent mode needs a Stable Diffusion VAE folder or hub id (--vae)")
+        raise VAELoadError("config key 'vae' is empty: latent mode needs a Stable Diffusion VAE folder or hub id "
+                           "(--vae)")
     return FrameVAE(from_pretrained(AutoencoderKL, source, "vae", "vae", VAELoadError), chunk).to(device)
 
 

@@ -47,7 +47,8 @@ def moving_squares(n_frames=8, size=16):
     cols = torch.arange(size, dtype=torch.float32)[None, None, :]
     background = -0.4 + 0.3 * cols / size
     clips = []
-    for (x0, y0), (vx, vy), colour in [((1, 3), (1.0, 0.5), (0.8, -0.6, 0.2)), ((10, 2), (-1.0, 1.0), (-0.7, 0.7, 0.5))]:
+    for (x0, y0), (vx, vy), colour in [((1, 3), (1.0, 0.5), (0.8, -0.6, 0.2)),
+                                       ((10, 2), (-1.0, 1.0), (-0.7, 0.7, 0.5))]:
         inside = ((cols - x0 - vx * t).abs() <= 3) & ((rows - y0 - vy * t).abs() <= 3)
         clips.append(torch.stack([torch.where(inside, torch.tensor(c), background) for c in colour]))
     return torch.stack(clips)
@@ -214,7 +215,8 @@ def test_tiny_model_overfits_two_clips():
 
 def test_wrong_sizes_raise_one_line_value_errors():
     model = tiny_model()
-    with pytest.raises(ValueError, match=r"clip of size \(3, 4, 16, 16\) does not match the autoencoder's \(3, 8, 16, 16\)") as info:
+    with pytest.raises(ValueError, match=r"clip of size \(3, 4, 16, 16\) does not match "
+                                         r"the autoencoder's \(3, 8, 16, 16\)") as info:
         model(torch.zeros(1, 3, 4, 16, 16))
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=r"\(3, 8, 16, 16\)"):
@@ -222,7 +224,8 @@ def test_wrong_sizes_raise_one_line_value_errors():
     z_c, z_m = model.encode(torch.zeros(1, *model.clip_shape))
     with pytest.raises(ValueError, match=r"content frame of size \(3, 16, 8\)"):
         model.decode(z_c[..., :8], z_m)
-    with pytest.raises(ValueError, match=r"motion latent of size \(4, 8, 15\) does not match the autoencoder's \(4, 8, 16\)"):
+    with pytest.raises(ValueError, match=r"motion latent of size \(4, 8, 15\) does not match "
+                                         r"the autoencoder's \(4, 8, 16\)"):
         model.decode(z_c, z_m[..., :15])
     with pytest.raises(ValueError, match="batch"):
         model.decode(z_c.expand(2, -1, -1, -1), z_m)
@@ -256,7 +259,8 @@ def test_grad_checkpointing_matches_plain_backward():
 def test_build_autoencoder_from_dataclass_and_dictconfig():
     model_cfg = AutoencoderModelConfig(hidden_size=32, depth=1, num_heads=2, motion_dim=4, patch_size=4)
     data_cfg = DataConfig(resolution=[16, 24], n_frames=4)
-    for model_source, data_source in [(model_cfg, data_cfg), (OmegaConf.structured(model_cfg), OmegaConf.structured(data_cfg))]:
+    for model_source, data_source in [(model_cfg, data_cfg),
+                                      (OmegaConf.structured(model_cfg), OmegaConf.structured(data_cfg))]:
         model = build_autoencoder(model_source, data_source)
         assert model.clip_shape == (3, 4, 16, 24)
         assert model.motion_shape == (4, 4, 6 + 4)
@@ -358,7 +362,8 @@ def test_loss_mse_term_and_weight_checks():
 
 
 def test_build_ae_loss_without_perceptual_term_needs_no_lpips():
-    cfg = OmegaConf.structured(AutoencoderLossConfig(perceptual_weight=0.0, l1_weight=1.0, lpips_weights="/nonexistent"))
+    cfg = OmegaConf.structured(
+        AutoencoderLossConfig(perceptual_weight=0.0, l1_weight=1.0, lpips_weights="/nonexistent"))
     loss_module = build_ae_loss(cfg, channels=4)
     assert loss_module.lpips is None and loss_module.discriminator is None
     x = torch.zeros(1, 4, 2, 8, 8)
@@ -371,7 +376,8 @@ def test_build_ae_loss_without_perceptual_term_needs_no_lpips():
 def test_discriminator_trains_and_adversarial_term_switches_on_at_disc_start():
     torch.manual_seed(0)
     model = tiny_model()
-    loss_module = AutoencoderLoss(l1_weight=1.0, perceptual_weight=0.0, perceptual_frames=1, disc_weight=0.5, disc_start=5)
+    loss_module = AutoencoderLoss(l1_weight=1.0, perceptual_weight=0.0, perceptual_frames=1, disc_weight=0.5,
+                                  disc_start=5)
     x = random_clip(2, model)
 
     # Before disc_start: no adversarial term, discriminator loss is a constant 0.
@@ -387,7 +393,8 @@ def test_discriminator_trains_and_adversarial_term_switches_on_at_disc_start():
     x_hat, _, _ = model(x)
     loss, logs = loss_module(x, x_hat, step=5, last_layer=model.last_layer())
     assert float(logs["gan_weight"]) > 0 and float(logs["gan"]) != 0
-    assert float(logs["loss"]) == pytest.approx(float(logs["l1"]) + float(logs["gan_weight"]) * float(logs["gan"]), rel=1e-5)
+    assert float(logs["loss"]) == pytest.approx(float(logs["l1"]) + float(logs["gan_weight"]) * float(logs["gan"]),
+                                                rel=1e-5)
     loss.backward()
     assert model.output_proj.weight.grad.abs().sum() > 0
 

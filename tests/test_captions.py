@@ -64,7 +64,8 @@ def test_synthetic_pixels_are_those_of_the_pre_captions_code():
             assert torch.equal(item["x"], before[index]["x"]), (resolution, index)
             assert item["y"] == before[index]["y"] and item["index"] == index
         rng_old, rng_new = np.random.default_rng(9), np.random.default_rng(9)
-        assert np.array_equal(old.render_moving_shapes(4, rng_old, 3, 12, 12), render_moving_shapes(4, rng_new, 3, 12, 12))
+        assert np.array_equal(old.render_moving_shapes(4, rng_old, 3, 12, 12),
+                              render_moving_shapes(4, rng_new, 3, 12, 12))
         assert rng_old.random() == rng_new.random()  # the same number of draws too
 
 
@@ -103,7 +104,8 @@ def test_caption_for_label_and_label_from_caption_round_trip():
 def test_synthetic_captions_name_the_class_and_are_deterministic():
     dataset = SyntheticMovingShapes(size=240, resolution=(8, 8), n_frames=2, seed=3)
     captions = [dataset.caption_of(index) for index in range(240)]
-    assert captions == [SyntheticMovingShapes(size=240, resolution=(8, 8), n_frames=2, seed=3).caption_of(i) for i in range(240)]
+    assert captions == [SyntheticMovingShapes(size=240, resolution=(8, 8), n_frames=2, seed=3).caption_of(i)
+                        for i in range(240)]
     for index, caption in enumerate(captions):
         assert label_from_caption(caption) == dataset.label_of(index)
         words = caption.split()
@@ -166,7 +168,8 @@ def test_read_csv_path_caption_with_skipped_rows(tmp_path):
     path = write_csv(
         tmp_path / "captions.csv",
         "path,caption",
-        ['a/1.mp4,a dog runs', '"b/2.mp4","a cat, then a mouse"', 'c/3.mp4,"two\nlines"', "d/4.mp4,  ", ",no file", "", "e/5.mp4,last"],
+        ['a/1.mp4,a dog runs', '"b/2.mp4","a cat, then a mouse"', 'c/3.mp4,"two\nlines"', "d/4.mp4,  ", ",no file", "",
+         "e/5.mp4,last"],
     )
     rows, skipped = read_captions(path)
     assert [(row.path, row.caption, row.line) for row in rows] == [
@@ -191,7 +194,8 @@ def test_read_jsonl_and_webvid_columns(tmp_path):
     webvid = write_csv(
         tmp_path / "results_2M_val.csv",
         "videoid,contentUrl,duration,page_dir,name",
-        ["31353427,https://x/a.mp4,PT00H00M15S,1066_1,Aerial shot of a lake", "1,https://x/b.mp4,PT00H00M10S,,no page dir"],
+        ["31353427,https://x/a.mp4,PT00H00M15S,1066_1,Aerial shot of a lake",
+         "1,https://x/b.mp4,PT00H00M10S,,no page dir"],
     )
     rows, skipped = read_captions(webvid)
     assert [(row.path, row.caption) for row in rows] == [("1066_1/31353427.mp4", "Aerial shot of a lake")]
@@ -209,7 +213,8 @@ def test_split_column(tmp_path):
         ["a.mp4,one,train", "b.mp4,two,val", "c.mp4,three,Validation", "d.mp4,four,test", "e.mp4,five,holdout"],
     )
     rows, skipped = read_captions(path)
-    assert [(row.path, row.split) for row in rows] == [("a.mp4", "train"), ("b.mp4", "test"), ("c.mp4", "test"), ("d.mp4", "test")]
+    assert [(row.path, row.split) for row in rows] == [("a.mp4", "train"), ("b.mp4", "test"), ("c.mp4", "test"),
+                                                       ("d.mp4", "test")]
     assert skipped == [(str(path), "unknown split 'holdout': line 6")]
 
 
@@ -339,7 +344,8 @@ def test_captioned_dataset_items_and_skips(webvid_tree):
         assert item["x"].shape == (3, 8, 16, 16) and item["x"].dtype == torch.float32
         assert -1 <= item["x"].min() and item["x"].max() <= 1
         assert item["y"] == 0 and item["index"] == index
-        assert item["caption"] == dataset.caption_of(index) == webvid_tree.caption_of_path[str(dataset.entries[index].path)]
+        assert (item["caption"] == dataset.caption_of(index)
+                == webvid_tree.caption_of_path[str(dataset.entries[index].path)])
     reasons = {Path(path).name: reason for path, reason in dataset.skipped}
     assert set(reasons) == {"short.mp4", "corrupt.mp4", "missing.mp4", "captions.csv"}
     assert reasons["short.mp4"].startswith("too short")
@@ -374,7 +380,8 @@ def test_hash_split_of_the_dataset(webvid_tree):
 def test_split_column_selects_rows(webvid_tree, tmp_path):
     captions = write_csv(
         tmp_path / "split.csv", "path,caption,split",
-        [f"{webvid_tree.train_a},one,validation", f"{webvid_tree.held_out},two,train", f"{webvid_tree.train_b},three,train"],
+        [f"{webvid_tree.train_a},one,validation", f"{webvid_tree.held_out},two,train",
+         f"{webvid_tree.train_b},three,train"],
     )
     test = build_dataset(captions_config(webvid_tree, captions=str(captions)), "test")
     assert [entry.caption for entry in test.entries] == ["one"]
@@ -424,7 +431,8 @@ def test_build_from_omegaconf_and_cli(webvid_tree, capsys):
     from core.config import DataConfig
 
     config = OmegaConf.structured(
-        DataConfig(dataset_name="captions", data_path=str(webvid_tree.root), captions=str(webvid_tree.captions), n_frames=8)
+        DataConfig(dataset_name="captions", data_path=str(webvid_tree.root), captions=str(webvid_tree.captions),
+                   n_frames=8)
     )
     dataset = build_dataset(config, split="test")
     assert len(dataset) == 1 and dataset[0]["caption"] == "rain on a window"

@@ -82,8 +82,8 @@ def ucf_root(tmp_path_factory) -> Path:
 
 def config(root, **overrides):
     values = dict(
-        dataset_name="UCF101", data_path=None if root is None else str(root), resolution=[32, 32], n_frames=8, frame_stride=1, fold=1,
-        num_classes=None, synthetic_size=64, index_cache_dir=None,
+        dataset_name="UCF101", data_path=None if root is None else str(root), resolution=[32, 32], n_frames=8,
+        frame_stride=1, fold=1, num_classes=None, synthetic_size=64, index_cache_dir=None,
     )
     values.update(overrides)
     return SimpleNamespace(**values)

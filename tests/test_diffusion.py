@@ -79,7 +79,10 @@ def test_invalid_names_raise_value_error_naming_the_value():
     with pytest.raises(ValueError, match="mse"):
         create_diffusion(learn_sigma=True, loss_type="mse")
     diffusion = create_diffusion("ddim5")
-    model = lambda x, t: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    def model(x, t):
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
     with pytest.raises(ValueError, match="euler"):
         diffusion.sample(model, (1, 2, 2, 2), sampler="euler")
     with pytest.raises(ValueError, match="output shape"):
@@ -143,7 +146,9 @@ def test_variance_parameterisations():
     assert out["log_variance"][0].allclose(torch.tensor(math.log(fixed.posterior_variance[1]), dtype=torch.float64))
     learned = create_diffusion(diffusion_steps=100)
     for value, expected in ((1.0, math.log(learned.betas[50])), (-1.0, learned.posterior_log_variance_clipped[50])):
-        model = lambda x, t, v=value: torch.cat([torch.zeros_like(x), torch.full_like(x, v)], dim=1)
+        def model(x, t, v=value):
+            return torch.cat([torch.zeros_like(x), torch.full_like(x, v)], dim=1)
+
         out = learned.p_mean_variance(model, x, t)
         assert out["log_variance"][1].allclose(torch.tensor(expected, dtype=torch.float64))
 
@@ -196,13 +201,17 @@ def test_oracle_model_is_recovered(respacing, learn_sigma):
 
 def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
     diffusion = create_diffusion("ddim20")
-    model = lambda x, t: torch.cat([0.3 * torch.tanh(x), torch.zeros_like(x)], dim=1)
+
+    def model(x, t):
+        return torch.cat([0.3 * torch.tanh(x), torch.zeros_like(x)], dim=1)
+
     noise = torch.randn(3, 2, 4, 4)
     first = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(0))
     second = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(5))
     assert torch.equal(first, second)
     stochastic = [
-        diffusion.ddim_sample_loop(model, noise.shape, noise=noise, eta=1.0, generator=torch.Generator().manual_seed(seed))
+        diffusion.ddim_sample_loop(model, noise.shape, noise=noise, eta=1.0,
+                                   generator=torch.Generator().manual_seed(seed))
         for seed in (0, 5)
     ]
     assert not torch.allclose(*stochastic)
@@ -217,9 +226,13 @@ def test_ddim_eta1_equals_ddpm_with_posterior_variance():
     # With eta = 1, DDIM's sigma_t^2 is the posterior variance and its mean the posterior mean,
     # so it must match ancestral sampling with v = -1 draw for draw.
     diffusion = create_diffusion("30")
-    model = lambda x, t: torch.cat([0.5 * torch.sin(x) + t.view(-1, 1, 1, 1) / 2000.0, -torch.ones_like(x)], dim=1)
+
+    def model(x, t):
+        return torch.cat([0.5 * torch.sin(x) + t.view(-1, 1, 1, 1) / 2000.0, -torch.ones_like(x)], dim=1)
+
     noise = torch.randn(2, 3, 2, 2, dtype=torch.float64)
-    ddim = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, eta=1.0, generator=torch.Generator().manual_seed(3))
+    ddim = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, eta=1.0,
+                                      generator=torch.Generator().manual_seed(3))
     ddpm = diffusion.p_sample_loop(model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ddim, ddpm, atol=1e-9, rtol=1e-9)
 
@@ -228,7 +241,9 @@ def test_ddim_eta1_equals_ddpm_with_posterior_variance():
 def test_per_sample_generators_make_samples_batch_independent(sampler, eta):
     diffusion = create_diffusion("10")
     # Elementwise model, so results can only differ through the random draws.
-    model = lambda x, t: torch.cat([torch.tanh(x) * (t.view(-1, 1, 1, 1) / 1000.0), torch.tanh(x)], dim=1)
+    def model(x, t):
+        return torch.cat([torch.tanh(x) * (t.view(-1, 1, 1, 1) / 1000.0), torch.tanh(x)], dim=1)
+
     seeds = [11, 22, 33, 44]
     batch = diffusion.sample(
         model, (4, 2, 3, 3), sampler=sampler, eta=eta, generator=[torch.Generator().manual_seed(s) for s in seeds]
@@ -245,7 +260,8 @@ def test_randn_like_per_sample():
     rows = randn_like_per_sample((3, 2, 5), [torch.Generator().manual_seed(s) for s in (1, 2, 3)], "cpu", torch.float32)
     torch.testing.assert_close(rows[1], torch.randn(2, 5, generator=torch.Generator().manual_seed(2)))
     whole = randn_like_per_sample((3, 2), torch.Generator().manual_seed(4), "cpu", torch.float64)
-    torch.testing.assert_close(whole, torch.randn(3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    torch.testing.assert_close(whole,
+                               torch.randn(3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
     with pytest.raises(ValueError, match="batch size 3"):
         randn_like_per_sample((3, 2), [torch.Generator()], "cpu", torch.float32)
 
@@ -259,7 +275,8 @@ def test_samplers_reproduce_gaussian_data_statistics(sampler, tolerance):
     model = gaussian_data_eps_model(data_std, _alphas_cumprod(), learn_sigma=True)
     torch.manual_seed(0)
     noise = torch.randn(4000, 1, 1, 1, dtype=torch.float64)
-    samples = diffusion.sample(model, noise.shape, sampler=sampler, noise=noise, generator=torch.Generator().manual_seed(0))
+    samples = diffusion.sample(model, noise.shape, sampler=sampler, noise=noise,
+                               generator=torch.Generator().manual_seed(0))
     assert abs(samples.mean().item()) < 0.03
     # Dividing by the noise's own spread removes most of the finite-sample error.
     assert samples.std().item() / noise.std().item() == pytest.approx(data_std, rel=tolerance)
@@ -301,7 +318,8 @@ def test_dpm_solver_is_deterministic_exact_on_a_point_mass_and_sees_original_tim
     out = diffusion.sample(oracle, x0.shape, sampler="dpm++2m", noise=noise, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x0, atol=1e-8, rtol=0)
     assert oracle.seen_timesteps == set(logsnr_timesteps(get_beta_schedule("linear", 1000), 12))
-    again = diffusion.sample(oracle, x0.shape, sampler="dpm++2m", noise=noise, generator=torch.Generator().manual_seed(2))
+    again = diffusion.sample(oracle, x0.shape, sampler="dpm++2m", noise=noise,
+                             generator=torch.Generator().manual_seed(2))
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="eta"):
         diffusion.sample(oracle, x0.shape, sampler="dpm++2m", noise=noise, eta=0.5)
@@ -390,7 +408,8 @@ def test_guided_model_samples_through_respaced_diffusion():
     model = LabelledToyModel(channels)
     diffusion = create_diffusion("ddim5")
     fn = guided_model(lambda x, t, y, extra: 0.01 * model(x, t, y, extra), 2.0, null=10)
-    out = diffusion.sample(fn, (3, channels, 2, 2), model_kwargs={"y": torch.tensor([0, 1, 2]), "extra": torch.zeros(3)})
+    out = diffusion.sample(fn, (3, channels, 2, 2),
+                           model_kwargs={"y": torch.tensor([0, 1, 2]), "extra": torch.zeros(3)})
     assert out.shape == (3, channels, 2, 2) and torch.isfinite(out).all()
     assert len(model.calls) == 5 and all(call[0] == 6 for call in model.calls)
     assert sorted(int(call[1][0]) for call in model.calls) == sorted(space_timesteps(1000, "ddim5"))
@@ -401,12 +420,14 @@ def test_kl_and_discretized_likelihood():
     mean1, log_var1 = torch.tensor([0.3, -1.0]), torch.tensor([-2.0, 0.5])
     mean2, log_var2 = torch.tensor([0.1, 0.4]), torch.tensor([-1.0, 0.0])
     reference = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mean1, (0.5 * log_var1).exp()), torch.distributions.Normal(mean2, (0.5 * log_var2).exp())
+        torch.distributions.Normal(mean1, (0.5 * log_var1).exp()),
+        torch.distributions.Normal(mean2, (0.5 * log_var2).exp()),
     )
     torch.testing.assert_close(normal_kl(mean1, log_var1, mean2, log_var2), reference)
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
     for mean, log_scale in ((0.2, -3.0), (-0.9, -1.0), (1.5, 0.5)):
-        log_p = discretized_gaussian_log_likelihood(bins, torch.tensor(mean, dtype=torch.float64), torch.tensor(log_scale, dtype=torch.float64))
+        log_p = discretized_gaussian_log_likelihood(bins, torch.tensor(mean, dtype=torch.float64),
+                                                    torch.tensor(log_scale, dtype=torch.float64))
         assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -443,7 +464,10 @@ def test_vb_scaling_and_mse_loss_and_dtype():
     x0 = torch.rand(3, 2, 4, 4) * 2 - 1
     noise = torch.randn_like(x0)
     t_small = torch.tensor([0, 10, 40])
-    model = lambda x, t: torch.cat([torch.zeros_like(x), torch.zeros_like(x)], dim=1)
+
+    def model(x, t):
+        return torch.cat([torch.zeros_like(x), torch.zeros_like(x)], dim=1)
+
     # The same process seen with 50 steps: vb is scaled by T / 1000.
     full = create_diffusion(diffusion_steps=50)
     vb = full.training_losses(model, x0, t_small, noise=noise)["vb"]
@@ -451,7 +475,8 @@ def test_vb_scaling_and_mse_loss_and_dtype():
     torch.testing.assert_close(vb, unscaled * 0.05)
 
     mse_diffusion = create_diffusion(learn_sigma=False, loss_type="mse")
-    terms = mse_diffusion.training_losses(lambda x, t: torch.zeros_like(x, dtype=torch.bfloat16), x0, t_small, noise=noise)
+    terms = mse_diffusion.training_losses(lambda x, t: torch.zeros_like(x, dtype=torch.bfloat16), x0, t_small,
+                                          noise=noise)
     assert set(terms) == {"loss", "mse"} and terms["loss"].dtype == torch.float32
     torch.testing.assert_close(terms["mse"], (noise**2).mean(dim=(1, 2, 3)))
 
@@ -462,11 +487,15 @@ def test_vb_at_t0_is_the_discretized_decoder_nll():
     x0 = torch.rand(2, 2, 3, 3, dtype=torch.float64) * 1.8 - 0.9
     noise = torch.randn_like(x0)
     t = torch.zeros(2, dtype=torch.long)
-    model = lambda x, t: torch.cat([torch.zeros_like(x), -torch.ones_like(x)], dim=1)
+
+    def model(x, t):
+        return torch.cat([torch.zeros_like(x), -torch.ones_like(x)], dim=1)
+
     vb = diffusion.training_losses(model, x0, t, noise=noise)["vb"]
     # At t = 0 the model mean is x0_hat = x_0 / sqrt(abar_0) (eps = 0), the scale the clipped variance.
     xt = diffusion.q_sample(x0, t, noise)
-    decoder = torch.distributions.Normal(xt / math.sqrt(diffusion.alphas_cumprod[0]), math.exp(0.5 * diffusion.posterior_log_variance_clipped[0]))
+    decoder = torch.distributions.Normal(xt / math.sqrt(diffusion.alphas_cumprod[0]),
+                                         math.exp(0.5 * diffusion.posterior_log_variance_clipped[0]))
     bin_probability = decoder.cdf(x0 + 1 / 255) - decoder.cdf(x0 - 1 / 255)
     expected = -bin_probability.log().mean(dim=(1, 2, 3)) / math.log(2.0)
     torch.testing.assert_close(vb, expected)

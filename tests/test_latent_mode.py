@@ -96,7 +96,8 @@ def test_latent_mode_config_rules():
     with pytest.raises(ConfigError, match="perceptual_weight"):
         load_config("autoencoder", "configs/tiny_latent/autoencoder.yaml", ["loss.perceptual_weight=1.0"])
     with pytest.raises(ConfigError, match="learn_sigma"):
-        load_config("content", "configs/tiny_latent/content.yaml", ["model.learn_sigma=true", "diffusion.loss_type=hybrid"])
+        load_config("content", "configs/tiny_latent/content.yaml",
+                    ["model.learn_sigma=true", "diffusion.loss_type=hybrid"])
     with pytest.raises(ConfigError, match="model.pretrained"):
         load_config("content", "configs/tiny_latent/content.yaml", ["model.pretrained=null"])
     with pytest.raises(ConfigError, match="needs mode latent"):
@@ -170,8 +171,8 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
         run_python(["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", "--exp-name", "motion",
                     *diffusion])
         # --mode (NVlabs/CMD's flag) must match the autoencoder's mode.
-        wrong = run_python(["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml", "--mode", "pixel",
-                            "--exp-name", "wrong", *diffusion], check=False)
+        wrong = run_python(["train_motion_diffusion.py", "--config", "configs/tiny_latent/motion.yaml",
+                            "--mode", "pixel", "--exp-name", "wrong", *diffusion], check=False)
         assert wrong.returncode == 1 and "latent mode" in wrong.stderr.strip().splitlines()[-1]
         run_python(["train_content_diffusion.py", "--config", "configs/tiny_latent/content.yaml", "--exp-name",
                     "content", "model.pretrained=" + str(unet_dir), *diffusion])
@@ -192,18 +193,21 @@ def test_latent_chain_autoencoder_motion_content_sample(tiny_sd, tmp_path):
     (tiny_sd / "unet").rename(hidden)
     try:
         out = tmp_path / "out"
-        run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" / "last.pt",
+        run_python(["sample.py", "--ae-ckpt", ae,
+                    "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" / "last.pt",
                     "--content-ckpt", content, "--num-videos", 2, "--content-steps", 2, "--motion-steps", 2,
                     "--out-dir", out, "--npz", out / "s.npz", "--quiet"])
         # The VAE moved: the autoencoder's recorded path fails in one line naming it, --vae finds it.
         moved = tmp_path / "moved_vae"
         (tiny_sd / "vae").rename(moved)
         try:
-            lost = run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" /
-                               "last.pt", "--real-content", "--num-videos", 1, "--out-dir", tmp_path / "o2"], check=False)
+            lost = run_python(["sample.py", "--ae-ckpt", ae,
+                               "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" / "last.pt",
+                               "--real-content", "--num-videos", 1, "--out-dir", tmp_path / "o2"], check=False)
             assert lost.returncode != 0 and str(tiny_sd / "vae") in lost.stderr.strip().splitlines()[-1]
-            run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" /
-                        "last.pt", "--real-content", "--num-videos", 1, "--motion-steps", 2, "--vae", moved,
+            run_python(["sample.py", "--ae-ckpt", ae,
+                        "--motion-ckpt", tmp_path / "r" / "motion" / "checkpoints" / "last.pt",
+                        "--real-content", "--num-videos", 1, "--motion-steps", 2, "--vae", moved,
                         "--out-dir", tmp_path / "o3", "--quiet"])
         finally:
             moved.rename(tiny_sd / "vae")

@@ -7,9 +7,9 @@ import pytest
 
 from tests.helpers.processes import run_python
 
-AE = ["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "train.global_batch_size=4", "data.resolution=[16,16]",
-      "data.n_frames=4", "data.num_workers=0", "model.depth=1", "model.hidden_size=32", "train.num_eval_videos=2",
-      "train.eval_every=1000"]
+AE = ["train_ae.py", "--config", "configs/tiny/autoencoder.yaml", "train.global_batch_size=4",
+      "data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0", "model.depth=1", "model.hidden_size=32",
+      "train.num_eval_videos=2", "train.eval_every=1000"]
 
 # Records what the trainer asks of wandb; the real package is optional and needs a network.
 WANDB_STAND_IN = '''

@@ -69,7 +69,7 @@ def test_the_claim_of_a_killed_process_is_taken_over_and_a_live_one_is_not(tmp_p
     held = files.claim(tmp_path, "--out-dir", "hint")
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     probe = subprocess.run([sys.executable, "-c", "from core import files; import sys; "
-                            f"files.claim(sys.argv[1], '--out-dir', 'hint')", str(tmp_path)],
+                            "files.claim(sys.argv[1], '--out-dir', 'hint')", str(tmp_path)],
                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert probe.returncode != 0 and f"is in use by pid {os.getpid()}" in probe.stderr
     held.release()

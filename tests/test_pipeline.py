@@ -38,7 +38,8 @@ def test_autoencoder_trains_under_torchrun_writes_eval_media_and_resumes(chain):
     assert "step 0000001" not in chain["logs"]["ae_resumed"]  # the count continued instead of restarting
     for name in ("reconstruction_0000002.mp4", "reconstruction_0000004.png", "content_frames_0000004.png"):
         assert (run_dir / "eval" / name).stat().st_size > 0
-    assert re.search(r"eval step 0000004 \|.* psnr=\d+\.\d+ .*ssim=\d+\.\d+ swap_gap=-?\d+\.\d+", (run_dir / "log.txt").read_text())
+    assert re.search(r"eval step 0000004 \|.* psnr=\d+\.\d+ .*ssim=\d+\.\d+ swap_gap=-?\d+\.\d+",
+                     (run_dir / "log.txt").read_text())
 
 
 @pytest.mark.parametrize("stage", ["motion", "content"])
@@ -56,7 +57,8 @@ def test_diffusion_stage_finds_the_autoencoder_and_resumes(chain):
     tmp = chain["tmp"]
     train(tmp, "train_content_diffusion.py", "content", "c", 2, *TINY_DIFFUSION)
     # The step file of the newest checkpoint, not last.pt, which moves on while the autoencoder run goes on.
-    assert load_checkpoint(tmp / "c" / "checkpoints" / "last.pt")["config"]["ae_ckpt"] == str(chain["ae"].with_name("0000004.pt"))
+    assert (load_checkpoint(tmp / "c" / "checkpoints" / "last.pt")["config"]["ae_ckpt"]
+            == str(chain["ae"].with_name("0000004.pt")))
     proc = train(tmp, "train_content_diffusion.py", "content", "c", 3, *TINY_DIFFUSION, "--resume", tmp / "c")
     assert "resumed from" in proc.stdout and load_checkpoint(tmp / "c" / "checkpoints" / "last.pt")["step"] == 3
 
@@ -126,8 +128,8 @@ def test_sample_rejects_bad_class_and_wrong_stage(chain, tmp_path):
     proc = sample(chain, tmp_path / "bad", "--classes", "0,9", check=False)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
         "error: --classes: class id 9 is out of range; the models know classes 0..3")
-    args = ["sample.py", "--ae-ckpt", chain["ae"], "--motion-ckpt", chain["content"], "--content-ckpt", chain["content"],
-            "--out-dir", tmp_path / "x"]
+    args = ["sample.py", "--ae-ckpt", chain["ae"], "--motion-ckpt", chain["content"],
+            "--content-ckpt", chain["content"], "--out-dir", tmp_path / "x"]
     proc = run_python(args, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -141,8 +143,9 @@ def test_end_to_end_fvd_cli_prints_a_number(chain, tmp_path):
     detector = tmp_path / "i3d_random.pt"
     torch.save(InceptionI3d().state_dict(), detector)  # the public port's layout, random weights
     sample(chain, tmp_path / "fake", "--num-videos", 4, "--npz", tmp_path / "fake.npz")
-    proc = run_python(["-m", "evals.fvd", "--real", "synthetic", "--fake", tmp_path / "fake.npz", "--detector", detector,
-                       "--num-videos", 4, "--n-frames", 10, "--resolution", 16, 16, "--cache-dir", tmp_path / "cache"])
+    proc = run_python(["-m", "evals.fvd", "--real", "synthetic", "--fake", tmp_path / "fake.npz",
+                       "--detector", detector, "--num-videos", 4, "--n-frames", 10, "--resolution", 16, 16,
+                       "--cache-dir", tmp_path / "cache"])
     lines = proc.stdout.strip().splitlines()
     assert lines[-2].startswith("fvd4_10f[i3d-port:i3d_random]: ")
     assert float(lines[-1]) >= 0.0

@@ -1,4 +1,5 @@
-"""Reliability of the real entry scripts: kill -9, torchrun restarts, SIGTERM, full disk, bad input, bad videos, determinism."""
+"""Reliability of the real entry scripts: kill -9, torchrun restarts, SIGTERM, full disk, bad input, bad videos,
+determinism."""
 import math
 import os
 import random
@@ -36,11 +37,13 @@ MOTION_REF = ["--max-steps", 20, "--ckpt-every", 2, "train.keep_last=2"]  # the 
 
 
 def motion_args(ae_ckpt):
-    return ["train_motion_diffusion.py", "--config", "configs/tiny/motion.yaml", "--ae-ckpt", ae_ckpt, *DIFFUSION_SHRINK]
+    return ["train_motion_diffusion.py", "--config", "configs/tiny/motion.yaml", "--ae-ckpt", ae_ckpt,
+            *DIFFUSION_SHRINK]
 
 
 def content_args(ae_ckpt):
-    return ["train_content_diffusion.py", "--config", "configs/tiny/content.yaml", "--ae-ckpt", ae_ckpt, *DIFFUSION_SHRINK]
+    return ["train_content_diffusion.py", "--config", "configs/tiny/content.yaml", "--ae-ckpt", ae_ckpt,
+            *DIFFUSION_SHRINK]
 
 
 # ---- process helpers ---------------------------------------------------------------------------------------------
@@ -124,7 +127,8 @@ def last_logged_step(log: Path) -> int:
 
 
 def resumed_steps(log: Path) -> list:
-    return [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", log.read_text())] if log.exists() else []
+    return ([int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", log.read_text())]
+            if log.exists() else [])
 
 
 def temp_files(ckpt_dir: Path) -> list:
@@ -170,8 +174,10 @@ def trained(tmp_path_factory):
     run_python([*motion_args(ae_ckpt), "--results-dir", results, "--exp-name", "motion", *MOTION_REF])
     run_python([*content_args(ae_ckpt), "--results-dir", results, "--exp-name", "content", "--max-steps", 1])
     return SimpleNamespace(results=results, ae_dir=results / "ae", ae_ckpt=ae_ckpt,
-                           motion_dir=results / "motion", motion_ckpt=results / "motion" / "checkpoints" / "last.pt",
-                           content_dir=results / "content", content_ckpt=results / "content" / "checkpoints" / "last.pt")
+                           motion_dir=results / "motion",
+                           motion_ckpt=results / "motion" / "checkpoints" / "last.pt",
+                           content_dir=results / "content",
+                           content_ckpt=results / "content" / "checkpoints" / "last.pt")
 
 
 def copy_run(run_dir: Path, results: Path) -> Path:
@@ -227,7 +233,8 @@ def test_kill_9_and_torn_checkpoints_resume_exactly(trained, tmp_path):
     assert resumed_steps(log) == [complete for _, complete, _ in kills], note
     for last_step, complete, _ in kills:
         assert last_step - complete <= 2, f"more than ckpt_every=2 steps lost {note}"
-    assert f"resumed from {newest_step_file} at step {int(newest_step_file.stem)}" in log.read_text(), note  # torn last.pt passed over
+    # The torn last.pt was passed over.
+    assert f"resumed from {newest_step_file} at step {int(newest_step_file.stem)}" in log.read_text(), note
 
     reference_ckpt = load(trained.motion_ckpt)
     final = load(ckpt_dir / "last.pt")
@@ -277,8 +284,8 @@ def test_resume_clears_stale_checkpoint_temp_files(trained, tmp_path):
 
 # ---- 2. torchrun restart ----------------------------------------------------------------------------------------
 def test_torchrun_restart_resumes_by_itself(trained, tmp_path):
-    """Rank 0 of a 2-process run is SIGKILLed after the step-10 checkpoint; torchrun --max-restarts=1 relaunches the group,
-    which resumes (train.resume=auto) and finishes; its losses follow the single-process reference run."""
+    """Rank 0 of a 2-process run is SIGKILLed after the step-10 checkpoint; torchrun --max-restarts=1 relaunches the
+    group, which resumes (train.resume=auto) and finishes; its losses follow the single-process reference run."""
     results = tmp_path / "results"
     log = results / "run" / "log.txt"
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", f"--master_port={free_port()}",
@@ -377,7 +384,8 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(trained, tmp_path):
 def _bad_videos(folder: Path) -> Path:
     (folder / "Alpha").mkdir(parents=True)
     (folder / "Alpha" / "zero.mp4").write_bytes(b"")
-    (folder / "Alpha" / "noise.avi").write_bytes(np.random.default_rng(0).integers(0, 255, 4096, dtype=np.uint8).tobytes())
+    (folder / "Alpha" / "noise.avi").write_bytes(
+        np.random.default_rng(0).integers(0, 255, 4096, dtype=np.uint8).tobytes())
     return folder
 
 
@@ -395,7 +403,8 @@ def bad_input_case(name: str, trained, tmp: Path):
         return [*AE, "--results-dir", results, "--dataset-name", "folder", "--data-path", path], [path], 1, None
     if name == "no usable videos":
         path = _bad_videos(tmp / "videos")
-        return [*AE, "--results-dir", results, "--dataset-name", "folder", "--data-path", path], [path, "no usable videos"], 1, None
+        return ([*AE, "--results-dir", results, "--dataset-name", "folder", "--data-path", path],
+                [path, "no usable videos"], 1, None)
     if name == "ae-ckpt is a motion checkpoint":
         return ([*content_args(trained.motion_ckpt), "--results-dir", results, "--max-steps", 1],
                 [trained.motion_ckpt, "'motion' checkpoint"], 1, trained.motion_dir)
@@ -423,7 +432,8 @@ def bad_input_case(name: str, trained, tmp: Path):
         run_dir = copy_run(trained.ae_dir, results)
         path = run_dir / "checkpoints" / "0000030.pt"
         path.write_bytes(path.read_bytes()[:5000])
-        return [*AE, "--results-dir", results, "--max-steps", 45, "--resume", path], [path, "cannot be read"], 1, run_dir
+        return ([*AE, "--results-dir", results, "--max-steps", 45, "--resume", path],
+                [path, "cannot be read"], 1, run_dir)
     if name == "ae frames differ from data":
         return ([*motion_args(trained.ae_ckpt), "--results-dir", results, "data.n_frames=8"],
                 [trained.ae_ckpt, "4x16x16", "8x16x16"], 1, trained.ae_dir)
@@ -435,12 +445,13 @@ def bad_input_case(name: str, trained, tmp: Path):
     if name == "class id out of range":
         image = tmp / "frame.png"
         Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(image)
-        return (["sample.py", "--ae-ckpt", trained.ae_ckpt, "--motion-ckpt", trained.motion_ckpt, "--content-frame", image,
-                 "--classes", "1,9", "--num-videos", 2, "--out-dir", tmp / "samples", "--quiet"], ["9", "--classes"], 1, None)
+        return (["sample.py", "--ae-ckpt", trained.ae_ckpt, "--motion-ckpt", trained.motion_ckpt,
+                 "--content-frame", image, "--classes", "1,9", "--num-videos", 2, "--out-dir", tmp / "samples",
+                 "--quiet"], ["9", "--classes"], 1, None)
     if name == "resume with another model size":
         run_dir = copy_run(trained.ae_dir, results)
-        return ([*AE, "--results-dir", results, "--resume", run_dir, "--max-steps", AE_STEPS + 2, "model.hidden_size=64"],
-                [run_dir, "model.hidden_size: 32 -> 64"], 1, run_dir)
+        return ([*AE, "--results-dir", results, "--resume", run_dir, "--max-steps", AE_STEPS + 2,
+                 "model.hidden_size=64"], [run_dir, "model.hidden_size: 32 -> 64"], 1, run_dir)
     if name == "resume with another DiT":
         run_dir = copy_run(trained.motion_dir, results)
         return ([*motion_args(trained.ae_ckpt), "--results-dir", results, "--resume", run_dir, "--max-steps", 25,
@@ -470,23 +481,27 @@ def bad_input_case(name: str, trained, tmp: Path):
     if name == "results dir under a file":
         blocker = tmp / "a_file"
         blocker.write_text("not a folder")
-        return [*AE, "--results-dir", blocker / "results", "--max-steps", 1], ["--results-dir", blocker / "results"], 1, None
+        return ([*AE, "--results-dir", blocker / "results", "--max-steps", 1],
+                ["--results-dir", blocker / "results"], 1, None)
     if name == "results dir on a pseudo file system":
-        return [*AE, "--results-dir", "/proc/cmd_results", "--max-steps", 1], ["--results-dir", "/proc/cmd_results"], 1, None
+        return ([*AE, "--results-dir", "/proc/cmd_results", "--max-steps", 1],
+                ["--results-dir", "/proc/cmd_results"], 1, None)
     if name == "results folder holds a run":
         run_dir = copy_run(trained.ae_dir, results)
-        return [*AE, "--results-dir", results, "--exp-name", "ae", "--max-steps", 2], [run_dir, "already holds a run"], 1, run_dir
+        return ([*AE, "--results-dir", results, "--exp-name", "ae", "--max-steps", 2],
+                [run_dir, "already holds a run"], 1, run_dir)
     raise KeyError(name)
 
 
 BAD_INPUTS = ["missing data path", "data path not given", "empty data folder", "no usable videos",
-              "ae-ckpt is a motion checkpoint", "ae-ckpt auto finds no autoencoder", "sample ae-ckpt is a motion checkpoint",
-              "sample motion-ckpt is a content checkpoint", "sample content-ckpt is a motion checkpoint", "resume from another stage",
+              "ae-ckpt is a motion checkpoint", "ae-ckpt auto finds no autoencoder",
+              "sample ae-ckpt is a motion checkpoint", "sample motion-ckpt is a content checkpoint",
+              "sample content-ckpt is a motion checkpoint", "resume from another stage",
               "resume from a torn file", "ae frames differ from data", "ae resolution differs from data",
-              "unknown config key", "class id out of range", "results folder holds a run", "resume with another model size",
-              "resume with another DiT", "resume with another autoencoder", "resume auto of a named run with other data",
-              "sample with another autoencoder", "foreign weights of the right keys", "results dir under a file",
-              "results dir on a pseudo file system"]
+              "unknown config key", "class id out of range", "results folder holds a run",
+              "resume with another model size", "resume with another DiT", "resume with another autoencoder",
+              "resume auto of a named run with other data", "sample with another autoencoder",
+              "foreign weights of the right keys", "results dir under a file", "results dir on a pseudo file system"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -680,7 +695,8 @@ def test_training_over_damaged_videos_finishes_and_reports_skips(tmp_path):
     write_clip(data / "Beta" / "truncated.mp4", 30, seed=4)
     truncated = data / "Beta" / "truncated.mp4"
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    (data / "Alpha" / "corrupt.avi").write_bytes(np.random.default_rng(5).integers(0, 255, 8192, dtype=np.uint8).tobytes())
+    (data / "Alpha" / "corrupt.avi").write_bytes(
+        np.random.default_rng(5).integers(0, 255, 8192, dtype=np.uint8).tobytes())
     proc = run_python([*AE, "--results-dir", tmp_path / "results", "--exp-name", "run", "--dataset-name", "folder",
                        "--data-path", data, "--max-steps", 3, "data.num_classes=null"], check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -691,7 +707,7 @@ def test_training_over_damaged_videos_finishes_and_reports_skips(tmp_path):
     assert "done at step 3" in log
 
 
-# ---- 8. determinism ---------------------------------------------------------------------------------------------------
+# ---- 8. determinism ------------------------------------------------------------------------------------------------
 def test_same_seed_and_config_give_the_same_losses(trained, tmp_path):
     run_python([*AE, "--results-dir", tmp_path, "--exp-name", "ae", "--max-steps", 20, "--ckpt-every", 10])
     again = step_lines(tmp_path / "ae" / "log.txt")

@@ -90,7 +90,8 @@ def run_factory(tmp_path):
     runs = []
 
     def make(stage="content", overrides=()):
-        base = [f"train.results_dir={tmp_path}", "ae_ckpt=unused"] if stage != "autoencoder" else [f"train.results_dir={tmp_path}"]
+        base = ([f"train.results_dir={tmp_path}", "ae_ckpt=unused"] if stage != "autoencoder"
+                else [f"train.results_dir={tmp_path}"])
         cfg = load_config(stage, f"{TINY}/{stage}.yaml", base + list(overrides))
         run = TrainingRun(cfg, stage=stage)
         runs.append(run)
@@ -241,7 +242,8 @@ def test_optim_fused_switch_trains():
 
 # ---- train.compile (slow on CPU: one tiny model) --------------------------------------------------------------
 def test_train_compile_switch_same_loss_and_trains(run_factory):
-    """SLOW (~30-60 s on 2 CPU cores, inductor compiles C++ kernels): torch.compile through TrainingRun.wrap, train.compile=true."""
+    """SLOW (~30-60 s on 2 CPU cores, inductor compiles C++ kernels): torch.compile through TrainingRun.wrap,
+    train.compile=true."""
     run = run_factory("content", ["train.compile=true"])
     off, model = twin(one_block_content_without_label_dropout)
     compiled = run.wrap(model)
