@@ -10,7 +10,7 @@ _cmd_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if ! _cmd_missing=$("$PYTHON" -c "
 import importlib.util
 names = 'torch torchvision av numpy omegaconf lpips einops scipy tensorboard tqdm safetensors diffusers transformers'
-names += ' pytest xdist:pytest-xdist'
+names += ' ruff pytest xdist:pytest-xdist'
 missing = [name.partition(':')[2] or name for name in names.split()
            if importlib.util.find_spec(name.partition(':')[0]) is None]
 print(' '.join(missing))"); then
