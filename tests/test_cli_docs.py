@@ -47,7 +47,7 @@ ENTRY_POINTS = {
     "scripts/demo_figure.py": _file_parser("scripts/demo_figure.py"),
     **{f"benchmarks/{name}.py": _module_parser(f"benchmarks.{name}")
        for name in ("ae_motion_ablation", "bench_autoencoder", "bench_latent_cache", "bench_loader", "content_frames",
-                    "flops", "sampler_quality", "throughput")},
+                    "flops", "reading_paths", "sampler_quality", "throughput")},
 }
 PARSERS = {**{script: (lambda stage=stage: build_arg_parser(stage, "t")) for script, stage in STAGE_SCRIPTS.items()},
            **{path: build for path, build in ENTRY_POINTS.items() if path != "core/config.py"}}
