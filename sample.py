@@ -16,7 +16,7 @@ import torch
 from diffusion import SAMPLERS
 from core.cli import HelpFormatter, guidance_scale, positive_int, run_reporting_user_errors, seed_int
 from core.distributed import cleanup_distributed, setup_distributed
-from sampling.batches import generate_videos
+from sampling.batches import generate_videos, rank_indices
 from sampling.generation import PRECISIONS, SAMPLING_PRESETS, compile_models, load_models, set_precision
 from sampling.outputs import (UnsavedVideos, check_outputs, claim_job_outputs, prepare_outputs, shard_path,
                               video_places, write_results, write_shard)
@@ -109,7 +109,7 @@ def report_stop(args, info, stop: StopSignal, written: list) -> None:
     """How many of this rank's videos a stopped run leaves, and where."""
     # Every file in `written` is a whole video; the one being written when the signal came was removed.
     count = sum(path.exists() for path in written)
-    total = len(range(info.rank, args.num_videos, info.world_size))
+    total = len(rank_indices(args, info))
     rank = f"rank {info.rank}: " if info.world_size > 1 else ""
     print(f"{rank}stopped by {stop}: {count} of {total} videos written to {' and '.join(video_places(args))}; grid"
           f"{' and --npz' if args.npz else ''} files are written only by a finished run", file=sys.stderr, flush=True)

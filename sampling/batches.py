@@ -11,9 +11,14 @@ from sampling.outputs import RankVideos, write_video
 from sampling.requests import VideoRequests, batch_conditioning, video_names
 
 
+def rank_indices(args, info) -> range:
+    """The indices of this rank's videos: every world_size-th, from its rank."""
+    return range(info.rank, args.num_videos, info.world_size)
+
+
 def rank_batches(args, info) -> list:
-    """The indices of this rank's videos (every world_size-th from its rank) in batches of --batch-size."""
-    mine = list(range(info.rank, args.num_videos, info.world_size))
+    """This rank's video indices in batches of --batch-size."""
+    mine = list(rank_indices(args, info))
     return [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
 
 
