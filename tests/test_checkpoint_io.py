@@ -389,8 +389,9 @@ def test_non_finite_samples_are_an_error_and_are_not_written(trained, tmp_path, 
     """Whatever makes a sample NaN (weights, guidance, a numerical blow-up), it is refused before it is written:
     as uint8 it would pass for a black video."""
     import sample
+    import sampling.batches
 
-    real_generate = sample.generate
+    real_generate = sampling.batches.generate
 
     def generate_with_a_nan(models, labels, seed, indices, *args, **kwargs):
         videos, content = real_generate(models, labels, seed, indices, *args, **kwargs)
@@ -398,7 +399,7 @@ def test_non_finite_samples_are_an_error_and_are_not_written(trained, tmp_path, 
             videos[list(indices).index(1)].view(-1)[0] = float("nan")
         return videos, content
 
-    monkeypatch.setattr(sample, "generate", generate_with_a_nan)
+    monkeypatch.setattr(sampling.batches, "generate", generate_with_a_nan)
     out = tmp_path / "out"
     args = sample.parse_args(["--ae-ckpt", str(trained.ae_ckpt), "--motion-ckpt", str(trained.motion_ckpt),
                               "--content-ckpt", str(trained.content_ckpt), "--num-videos", "3", "--batch-size", "1",

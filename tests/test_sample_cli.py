@@ -15,11 +15,14 @@ import torch
 from PIL import Image
 
 import sample
+import sampling.requests
 from datasets.transforms import load_image
-from tests.helpers.chain import perturbed_autoencoder
-from sampling.outputs import OutputError
+from sampling.generation import dataset_labels
+from sampling.outputs import OutputError, check_outputs
+from sampling.requests import class_list, labels_by_frequency
+from sampling.settings import SampleSettings, resolve_settings, stage_options
+from tests.helpers.chain import TINY_AE, TINY_DIFFUSION, perturbed_autoencoder, train
 from tests.helpers.processes import REPO, child_env, run_python
-from tests.helpers.chain import TINY_AE, TINY_DIFFUSION, train
 from sampling.media import write_mp4
 
 pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
@@ -114,13 +117,13 @@ def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():
 
     default = sample.parse_args(BASE)
     for stage in ("content", "motion"):
-        assert sample.stage_options(default, stage) == SAMPLING_PRESETS["fast"][stage]
-        assert sample.stage_options(default, stage).sampler == "dpm++2m"
+        assert stage_options(default, stage) == SAMPLING_PRESETS["fast"][stage]
+        assert stage_options(default, stage).sampler == "dpm++2m"
     args = sample.parse_args([*BASE, "--preset", "ddim", "--motion-steps", "7", "--content-sampler", "ddpm",
                               "--content-cfg-scale", "3"])
-    assert sample.stage_options(args, "motion") == SamplingOptions(7, "ddim", None)
-    assert sample.stage_options(args, "content") == SamplingOptions(50, "ddpm", 3.0)
-    assert sample.resolve_settings(args).precision == "auto" and not args.compile
+    assert stage_options(args, "motion") == SamplingOptions(7, "ddim", None)
+    assert stage_options(args, "content") == SamplingOptions(50, "ddpm", 3.0)
+    assert resolve_settings(args).precision == "auto" and not args.compile
 
 
 @pytest.mark.parametrize("preset, content, motion, precision, classes", [
@@ -135,26 +138,26 @@ def test_the_fast_preset_is_the_default_and_stage_flags_override_a_preset():
 def test_each_preset_resolves_to_its_protocol_and_flags_override_it(preset, content, motion, precision, classes):
     from sampling.generation import SamplingOptions
 
-    settings = sample.resolve_settings(sample.parse_args([*BASE, "--preset", preset]))
-    assert settings == sample.SampleSettings(SamplingOptions(*content), SamplingOptions(*motion), precision, classes)
-    overridden = sample.resolve_settings(sample.parse_args([
+    settings = resolve_settings(sample.parse_args([*BASE, "--preset", preset]))
+    assert settings == SampleSettings(SamplingOptions(*content), SamplingOptions(*motion), precision, classes)
+    overridden = resolve_settings(sample.parse_args([
         *BASE, "--preset", preset, "--precision", "bf16", "--classes", "3", "--content-cfg-scale", "2",
         "--motion-steps", "7"]))
-    assert overridden == sample.SampleSettings(SamplingOptions(content[0], content[1], 2.0),
+    assert overridden == SampleSettings(SamplingOptions(content[0], content[1], 2.0),
                                                SamplingOptions(7, motion[1], motion[2]), "bf16", [3])
 
 
 def test_paper_preset_draws_labels_by_the_class_frequencies(monkeypatch):
-    monkeypatch.setattr(sample, "classes_dataset", lambda data_cfg, seed: SkewedDataset())
+    monkeypatch.setattr(sampling.requests, "classes_dataset", lambda data_cfg, seed: SkewedDataset())
     data_cfg = type("DataConfig", (), {"dataset_name": "UCF101", "split": "train"})()
     n = 4000
     for preset in ("paper", "reference"):
-        labels = sample.class_list(sample.parse_args([*BASE, "--preset", preset, "--num-videos", str(n)]), 4, data_cfg)
+        labels = class_list(sample.parse_args([*BASE, "--preset", preset, "--num-videos", str(n)]), 4, data_cfg)
         counts = np.bincount(labels, minlength=4)
         # Each count is binomial(n, p): within 5 standard deviations of n p; class 3 has no training clip.
         for count, p in zip(counts, [0.80, 0.15, 0.05, 0.0]):
             assert abs(count - n * p) <= 5 * np.sqrt(n * p * (1 - p)), (preset, counts)
-    fast = sample.class_list(sample.parse_args([*BASE, "--num-videos", "8"]), 4, data_cfg)
+    fast = class_list(sample.parse_args([*BASE, "--num-videos", "8"]), 4, data_cfg)
     assert fast == [0, 1, 2, 3] * 2  # the default preset: every class round-robin
 
 
@@ -178,7 +181,7 @@ def test_preset_runs_end_to_end_with_its_samplers_guidance_and_labels(ckpts, tmp
     assert line == f"sampling: preset {preset}; {protocol}; fp32; labels by class frequency"
     motion_cfg = config_from_dict("motion", load_stage_checkpoint(ckpts["motion"], "motion")["config"])
     train_split = build_dataset(motion_cfg.data, motion_cfg.data.split, int(motion_cfg.train.global_seed))
-    assert np.load(npz)["labels"].tolist() == sample.labels_by_frequency(sample.dataset_labels(train_split), 3, 4)
+    assert np.load(npz)["labels"].tolist() == labels_by_frequency(dataset_labels(train_split), 3, 4)
 
 
 def test_zero_videos_stops_before_any_model_loads_and_leaves_nothing(ckpts, tmp_path):
@@ -523,9 +526,9 @@ class SkewedDataset:
 
 
 def labels_for(monkeypatch, classes: str, num_videos: int = 4000, seed: int = 0) -> list:
-    monkeypatch.setattr(sample, "classes_dataset", lambda data_cfg, seed: SkewedDataset())
+    monkeypatch.setattr(sampling.requests, "classes_dataset", lambda data_cfg, seed: SkewedDataset())
     args = sample.parse_args([*BASE, "--classes", classes, "--num-videos", str(num_videos), "--seed", str(seed)])
-    return sample.class_list(args, 4, type("DataConfig", (), {"dataset_name": "UCF101", "split": "train"})())
+    return class_list(args, 4, type("DataConfig", (), {"dataset_name": "UCF101", "split": "train"})())
 
 
 def test_classes_dataset_draws_labels_by_the_training_split_frequencies(monkeypatch):
@@ -546,7 +549,7 @@ def test_classes_by_name_resolve_through_the_dataset_and_a_wrong_name_lists_vali
 
 def test_frames_dir_output_is_checked_before_models_load(tmp_path):
     def check(*extra):
-        return sample.check_outputs(sample.parse_args([*BASE, "--out-dir", str(tmp_path / "out"), *map(str, extra)]))
+        return check_outputs(sample.parse_args([*BASE, "--out-dir", str(tmp_path / "out"), *map(str, extra)]))
 
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -589,7 +592,7 @@ def test_frames_dir_no_mp4_and_dataset_labels_end_to_end(ckpts, tmp_path):
         np.testing.assert_array_equal(got, video)
     motion_cfg = config_from_dict("motion", load_stage_checkpoint(ckpts["motion"], "motion")["config"])
     train_split = build_dataset(motion_cfg.data, motion_cfg.data.split, int(motion_cfg.train.global_seed))
-    want = sample.labels_by_frequency(sample.dataset_labels(train_split), 3, 5)
+    want = labels_by_frequency(dataset_labels(train_split), 3, 5)
     assert saved["labels"].tolist() == want
 
     # --overwrite replaces the earlier run's frame folders (000002 is not left behind); class names work end to end.

@@ -12,7 +12,7 @@ from evals.synthetic_quality import _read_npz
 from models.content_unet import ContentUNet
 from models.dit import ContentDiT, MotionDiT, TextEmbedder
 from models.text_encoder import CaptionTable, TextEncoderLoadError, load_text_encoder
-from sample import prompt_noise_ids, prompt_slug
+from sampling.requests import prompt_noise_ids, prompt_slug
 from scripts.make_tiny_sd import TINY_TEXT, TINY_UNET, make_tiny_clip
 from tests.helpers.processes import run_python
 from core.checkpoint import load_checkpoint
