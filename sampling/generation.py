@@ -30,7 +30,8 @@ class Sampler(NamedTuple):
     method: str
 
 
-def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None, sampler: Optional[str] = None) -> Sampler:
+def make_sampler(diffusion_cfg, learn_sigma: bool, steps: Optional[int] = None,
+                 sampler: Optional[str] = None) -> Sampler:
     """A respaced diffusion for sampling with the stage's schedule and prediction type: DDIM's uniform stride for
     ddim, time points evenly spaced in log-SNR for dpm++2m, evenly spaced timesteps for ddpm."""
     sampler = sampler or diffusion_cfg.sampler
@@ -196,10 +197,10 @@ def load_models(ae_ckpt, motion_ckpt, content_ckpt=None, device="cpu", allow_ae_
                                   f"{motion_ckpt} knows {motion.model.num_classes}")
         if content.cfg.text.fingerprint != motion.cfg.text.fingerprint:
             conditions = {d.cfg.text.fingerprint is None for d in (content, motion)}
-            raise CheckpointError(f"{content_ckpt} and {motion_ckpt} were trained with different text encoders ("
-                                  f"{content.cfg.text.encoder}, {motion.cfg.text.encoder})" if conditions == {False} else
-                                  f"{content_ckpt} and {motion_ckpt}: one is conditioned on captions, the other on "
-                                  f"classes")
+            raise CheckpointError(
+                f"{content_ckpt} and {motion_ckpt} were trained with different text encoders ("
+                f"{content.cfg.text.encoder}, {motion.cfg.text.encoder})" if conditions == {False} else
+                f"{content_ckpt} and {motion_ckpt}: one is conditioned on captions, the other on classes")
         models.content = content
     if motion.cfg.text.encoder:
         models.text = load_recorded_text_encoder(motion.cfg, motion_ckpt, device, text_encoder)
@@ -334,9 +335,9 @@ def load_denoiser(path, stage: str, ae, device, allow_ae_mismatch: bool = False)
     if cfg.ae_fingerprint and not allow_ae_mismatch:
         given = weights_fingerprint(ae.state_dict())
         if given != cfg.ae_fingerprint:
-            raise CheckpointError(f"{path} was trained with the autoencoder {cfg.ae_ckpt} (weights {cfg.ae_fingerprint}), "
-                                  f"but the given autoencoder's weights are {given}: pass the one it was trained with "
-                                  f"(or --allow-ae-mismatch)")
+            raise CheckpointError(f"{path} was trained with the autoencoder {cfg.ae_ckpt} (weights "
+                                  f"{cfg.ae_fingerprint}), but the given autoencoder's weights are {given}: pass the "
+                                  f"one it was trained with (or --allow-ae-mismatch)")
     frames = getattr(ae, "frames", None)  # latent mode: the VAE, its fingerprint computed when it loaded
     vae = getattr(frames, "fingerprint", None)
     if cfg.vae_fingerprint and vae and vae != cfg.vae_fingerprint:

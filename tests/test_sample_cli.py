@@ -207,7 +207,8 @@ def test_16_bit_content_frame_is_scaled_not_clipped_to_white(ckpts, tmp_path):
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     npz = tmp_path / "deep.npz"
-    proc = run_sample(ckpts, tmp_path / "out", "--content-frame", tmp_path / "deep.png", "--num-videos", 1, "--npz", npz)
+    proc = run_sample(ckpts, tmp_path / "out", "--content-frame", tmp_path / "deep.png", "--num-videos", 1,
+                      "--npz", npz)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(npz)["content_frames"][0].astype(int)  # (H, W, 3): the given frame as the models saw it
     want = np.round(ramp / 257.0).astype(int)
@@ -236,7 +237,8 @@ def _image(mode: str) -> tuple:
     if mode == "LA":
         return Image.fromarray(np.stack([grey, alpha], -1), "LA"), np.where(alpha[..., None] > 0, grey3, white)
     if mode == "RGBA":
-        return Image.fromarray(np.concatenate([rgb, alpha[..., None]], -1), "RGBA"), np.where(alpha[..., None] > 0, rgb, white)
+        image = Image.fromarray(np.concatenate([rgb, alpha[..., None]], -1), "RGBA")
+        return image, np.where(alpha[..., None] > 0, rgb, white)
     raise KeyError(mode)
 
 
@@ -257,7 +259,8 @@ def test_content_frame_modes_become_the_8_bit_rgb_they_show(tmp_path, mode):
 def test_content_frame_of_unknown_brightness_is_refused_in_one_line(tmp_path):
     # Floats in [0, 1000]: no white level to scale by; clipping would show a white square.
     path = tmp_path / "hdr.tiff"
-    Image.fromarray(np.linspace(0, 1000, RESOLUTION * RESOLUTION, dtype=np.float32).reshape(RESOLUTION, RESOLUTION)).save(path)
+    ramp = np.linspace(0, 1000, RESOLUTION * RESOLUTION, dtype=np.float32).reshape(RESOLUTION, RESOLUTION)
+    Image.fromarray(ramp).save(path)
     with pytest.raises(ValueError) as refused:
         load_image(path, (RESOLUTION, RESOLUTION))
     assert str(path) in str(refused.value) and "\n" not in str(refused.value)
@@ -294,8 +297,8 @@ def output_case(name: str, tmp_path: Path) -> tuple:
     return [flag, path], path
 
 
-@pytest.mark.parametrize("case", ["out-dir under a file", "out-dir is a file", "out-dir not writable", "npz under a file",
-                                  "npz folder not writable"])
+@pytest.mark.parametrize("case", ["out-dir under a file", "out-dir is a file", "out-dir not writable",
+                                  "npz under a file", "npz folder not writable"])
 def test_unusable_output_location_is_refused_before_sampling(ckpts, tmp_path, case):
     extra, culprit = output_case(case, tmp_path)
     out = tmp_path / "out"
@@ -351,7 +354,8 @@ def test_overwrite_keeps_files_it_did_not_write(ckpts, tmp_path):
 
 
 # ---- 5. Ctrl-C and SIGTERM while sampling -------------------------------------------------------------------------
-@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
 def test_stop_signal_keeps_finished_videos_and_says_how_many(ckpts, tmp_path, signal_number, exit_code):
     out = tmp_path / "out"
     log = tmp_path / "log.txt"
@@ -515,7 +519,8 @@ def test_ucf101_guidance_is_the_reference_evaluations_and_every_flag_states_the_
 
 def test_classes_flag_takes_ids_names_or_dataset():
     assert sample.parse_args([*BASE, "--classes", "dataset"]).classes == "dataset"
-    assert sample.parse_args([*BASE, "--classes", "ApplyEyeMakeup, 3,Biking"]).classes == ["ApplyEyeMakeup", 3, "Biking"]
+    classes = sample.parse_args([*BASE, "--classes", "ApplyEyeMakeup, 3,Biking"]).classes
+    assert classes == ["ApplyEyeMakeup", 3, "Biking"]
 
 
 class SkewedDataset:

@@ -136,7 +136,8 @@ def test_dits_condition_on_text_and_guidance_uses_the_empty_prompt(stage):
     torch.manual_seed(0)
     common = dict(hidden_size=32, depth=1, num_heads=2, num_classes=4, text_shape=(L, D))
     if stage == "content":
-        model, x, cond = ContentDiT(input_size=(8, 8), in_channels=3, patch_size=4, **common), torch.randn(2, 3, 8, 8), {}
+        model = ContentDiT(input_size=(8, 8), in_channels=3, patch_size=4, **common)
+        x, cond = torch.randn(2, 3, 8, 8), {}
     else:
         model = MotionDiT(input_size=(4, 8), in_channels=2, patch_size=2, content_size=(8, 8), key_patch_size=4,
                           **common)
@@ -316,7 +317,8 @@ def test_latent_mode_text_chain_fine_tunes_the_unet_on_the_caption_tokens(tmp_pa
     (sd / "unet").rename(tmp_path / "moved_unet")  # sampling needs only the checkpoints and the text encoder
     out = tmp_path / "out"
     run_python(["sample.py", "--ae-ckpt", ae, "--motion-ckpt", results / "motion" / "checkpoints" / "last.pt",
-                "--content-ckpt", results / "content" / "checkpoints" / "last.pt", "--prompt", "a red square moving right",
+                "--content-ckpt", results / "content" / "checkpoints" / "last.pt",
+                "--prompt", "a red square moving right",
                 "--num-videos", 2, "--content-steps", 2, "--motion-steps", 2, "--out-dir", out, "--quiet"])
     assert sorted(p.name for p in (out / "videos").iterdir()) == ["000000_a-red-square-moving-right.mp4",
                                                                  "000001_a-red-square-moving-right.mp4"]
