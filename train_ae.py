@@ -17,9 +17,11 @@ from core.config import ConfigError
 from core.data import fixed_batch
 from core.distributed import all_reduce_mean
 from core.cli import entry_point
-from core.latents import LatentEncoder, build_latent_cache, load_frames, vae_fingerprint
+from core.frozen_autoencoder import load_frames, vae_fingerprint
+from core.latent_cache import LatentEncoder
 from sampling.media import save_video_set
 from training.run import TrainingRun, make_ema, make_optimizer
+from training.run_latents import run_latent_cache
 
 
 @torch.no_grad()
@@ -111,8 +113,8 @@ def main(cfg):
 
     source = dataset
     if cfg.latent_cache:  # latent mode: the VAE runs once per cached clip instead of on every batch
-        source = build_latent_cache(run, LatentEncoder.frames(frames, cfg.data), dataset,
-                                    cfg.latent_cache_clips_per_video, run.batch_size)
+        source = run_latent_cache(run, LatentEncoder.frames(frames, cfg.data), dataset,
+                                  cfg.latent_cache_clips_per_video, run.batch_size)
     batches = run.loader(source)
     results = None
     last = run.should_stop()  # True already for a run resumed at its last step
