@@ -267,7 +267,7 @@ def build_latent_cache(encoder: LatentEncoder, dataset, clips_per_video: int, ba
     try:
         _fill_staging(encoder, dataset, staging, total, clips_per_video, batch_size, folder, data_cfg.num_workers,
                       dist, logger, stop_requested, autocast)
-    except BaseException:  # an error, a stop signal's CacheBuildInterrupted, a KeyboardInterrupt: the folder goes
+    except BaseException:  # an error or a stop: the half-built folder goes with the build
         if dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         raise
