@@ -343,7 +343,8 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
                  logger=SimpleNamespace(info=lambda message: None, warning=lambda message: None),
                  stop_requested=lambda: False, autocast=lambda: torch.autocast("cpu", enabled=False))
     dataset = EpochDependentClips()
-    cache = build_latent_cache(LatentEncoder.autoencoder(ae, ae_path), dataset, clips_per_video=2, batch_size=2, **build)
+    encoder = LatentEncoder.autoencoder(ae, ae_path)
+    cache = build_latent_cache(encoder, dataset, clips_per_video=2, batch_size=2, **build)
     assert len(cache) == 6
     for slot in range(len(cache)):
         item = dataset[(slot % len(dataset), slot // len(dataset))]
@@ -353,7 +354,7 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
         torch.testing.assert_close(cached["z_m"], z_m[0], rtol=1e-5, atol=1e-6)
         assert cached["y"] == item["y"]
     # A second build with the same autoencoder and data reuses the files: it never reads the dataset.
-    again = build_latent_cache(LatentEncoder.autoencoder(ae, ae_path), None, clips_per_video=2, batch_size=2, **build)
+    again = build_latent_cache(encoder, None, clips_per_video=2, batch_size=2, **build)
     np.testing.assert_array_equal(again.arrays["z_m"][:], cache.arrays["z_m"][:])
 
 
