@@ -4,70 +4,24 @@
         --exp-name ucf101-ae
     python train_ae.py --config configs/tiny/autoencoder.yaml            # one CPU process, synthetic data
 """
-import contextlib
-
-import numpy as np
 import torch
 
 from datasets.transforms import to_uint8_videos
-from evals.fvd import extract_features, frechet_distance, fvd_metric_name, load_detector
+from evals.fvd import load_detector
 from evals.recon import motion_health, motion_warning, ssim
+from evals.reconstruction_fvd import ReconstructionFVD
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from models.vae import PixelFrames, pixel_interface
 from core.config import ConfigError
-from core.data import WorkerLoader, fixed_batch
-from core.distributed import all_gather_object, all_reduce_mean
+from core.data import fixed_batch
+from core.distributed import all_reduce_mean
 from core.cli import entry_point
-from core.latents import LatentEncoder, build_latent_cache, load_frames, vae_fingerprint
+from core.frozen_autoencoder import load_frames, vae_fingerprint
+from core.latent_cache import LatentEncoder
 from sampling.media import save_video_set
 from training.run import TrainingRun, make_ema, make_optimizer
-
-
-class ReconstructionFVD:
-    """Reconstruction FVD over `count` held-out clips (at most the whole eval split), sharded over ranks.
-
-    The clips are spread evenly over the split rather than its first items: folder datasets list their videos
-    class by class, so the first 2,048 of the 3,783 UCF-101 test videos would leave out about half of the classes. They are the
-    same clips at every evaluation (epoch 0), so their features are computed once.
-    """
-
-    def __init__(self, dataset, count: int, detector, rank: int = 0, world_size: int = 1, batch_size: int = 16,
-                 num_workers: int = 0):
-        self.count = min(int(count), len(dataset))
-        clips = np.linspace(0, len(dataset), self.count, endpoint=False).astype(np.int64)  # distinct: count <= len
-        self.mine = clips[rank::world_size].tolist()
-        self.dataset, self.detector = dataset, detector
-        self.batch_size, self.num_workers = max(1, batch_size), num_workers
-        self.real = None  # features of every rank's real clips, gathered at the first evaluation
-
-    def name(self, n_frames: int) -> str:
-        return fvd_metric_name(self.count, n_frames, self.detector)
-
-    def batches(self):
-        keys = [(index, 0) for index in self.mine]  # (index, epoch 0): the clip fixed_batch would take
-        loader = WorkerLoader(torch.utils.data.Subset(self.dataset, keys), batch_size=self.batch_size,
-                              num_workers=self.num_workers)
-        for batch in loader:
-            yield batch["x"]
-
-    @torch.no_grad()
-    def __call__(self, model, device, autocast=contextlib.nullcontext) -> float:
-        """FVD of `model`'s reconstructions: model(pixel clips)[0] are pixel clips (a LatentModeAutoencoder in
-        latent mode)."""
-        real, fake = [], []
-        for x in self.batches():
-            x = x.to(device)
-            with autocast():
-                x_hat = model(x)[0]
-            fake.append(extract_features(to_uint8_videos(x_hat.float()), self.detector))
-            if self.real is None:
-                real.append(extract_features(to_uint8_videos(x), self.detector))
-        # A rank can hold no clips (fewer clips than ranks): gather lists of arrays, then join what exists.
-        if self.real is None:
-            self.real = np.concatenate([part for parts in all_gather_object(real) for part in parts])
-        fake = np.concatenate([part for parts in all_gather_object(fake) for part in parts])
-        return frechet_distance(self.real, fake)
+from training.run_latents import run_latent_cache
 
 
 @torch.no_grad()
@@ -159,8 +113,8 @@ def main(cfg):
 
     source = dataset
     if cfg.latent_cache:  # latent mode: the VAE runs once per cached clip instead of on every batch
-        source = build_latent_cache(run, LatentEncoder.frames(frames, cfg.data), dataset,
-                                    cfg.latent_cache_clips_per_video, run.batch_size)
+        source = run_latent_cache(run, LatentEncoder.frames(frames, cfg.data), dataset,
+                                  cfg.latent_cache_clips_per_video, run.batch_size)
     batches = run.loader(source)
     results = None
     last = run.should_stop()  # True already for a run resumed at its last step

@@ -5,7 +5,7 @@
 
 Both loops are the loop body of the stage's training script fed by the run's own DataLoader
 (`TrainingRun.loader`), so data loading, the frozen encoder and the DiT step are all inside the
-timing; only the source differs: the clip dataset, or the LatentCache that `build_latent_cache`
+timing; only the source differs: the clip dataset, or the LatentCache that `run_latent_cache`
 writes. The one-time cost of building the cache is reported too, with the number of steps after
 which it has paid for itself. The autoencoder has random weights: its cost, not its quality, matters here.
 """
@@ -28,8 +28,9 @@ from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from core.cli import HelpFormatter
 from core.config import load_config
-from core.latents import LatentEncoder, build_latent_cache
+from core.latent_cache import LatentEncoder
 from training.run import TrainingRun
+from training.run_latents import run_latent_cache
 
 
 def steps_per_second(step, batches, steps: int, warmup: int) -> float:
@@ -65,8 +66,8 @@ def measure(args) -> dict:
 
         from_clips = steps_per_second(step, run.loader(dataset), args.steps, args.warmup)
         start = time.perf_counter()
-        cache = build_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), dataset, args.clips_per_video,
-                                   run.batch_size)
+        cache = run_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), dataset, args.clips_per_video,
+                                 run.batch_size)
         build_seconds = time.perf_counter() - start
         from_cache = steps_per_second(step, run.loader(cache), args.steps, args.warmup)
         run.finish()
@@ -83,9 +84,10 @@ def measure(args) -> dict:
 def format_row(result: dict, command: str) -> str:
     header = ("| date | machine | CPUs | torch | configs | stage | dataset | clip | batch | loader workers | "
               "from clips steps/s | from cache steps/s | speed-up | cache build (clips, s) | break-even steps |")
-    row = (f"| {datetime.date.today().isoformat()} | {platform.platform()} ({platform.machine()}) | {os.cpu_count()} | "
-           f"{torch.__version__} | {result['config_dir']} | {result['stage']} | {result['dataset']} | "
-           f"{result['clip']} | {result['batch']} | {result['num_workers']} | {result['from_clips_steps_per_s']:.2f} | "
+    row = (f"| {datetime.date.today().isoformat()} | {platform.platform()} ({platform.machine()}) | "
+           f"{os.cpu_count()} | {torch.__version__} | {result['config_dir']} | {result['stage']} | "
+           f"{result['dataset']} | {result['clip']} | "
+           f"{result['batch']} | {result['num_workers']} | {result['from_clips_steps_per_s']:.2f} | "
            f"{result['from_cache_steps_per_s']:.2f} | {result['speed_up']:.2f}x | "
            f"{result['cached_clips']} clips, {result['cache_build_s']:.1f} s | {result['break_even_steps']:.0f} |")
     return "\n".join([header, "|" + "---|" * (header.count("|") - 1), row, "", f"command: `{command}`"])

@@ -13,7 +13,7 @@ import platform
 import torch
 
 from core.cli import HelpFormatter, positive_int
-from core.latents import load_autoencoder
+from core.frozen_autoencoder import load_autoencoder
 from datasets import build_dataset
 from evals.recon import high_frequency_energy, motion_health, patch_grid_ratio
 

@@ -55,7 +55,8 @@ from training.diffusion_stage import DiffusionStage
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, CMDModels, Denoiser, SamplingOptions, compile_models,
                                  generate, set_precision)
 from core.cli import HelpFormatter
-from core.latents import LatentScaler, encode
+from core.frozen_autoencoder import encode
+from core.latent_stats import LatentScaler
 from training.run import TrainingRun, make_ema, make_optimizer
 
 STAGES = ("autoencoder", "content", "motion", "sampling")

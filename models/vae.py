@@ -53,8 +53,8 @@ class FrameVAE(nn.Module):
         self.scale = float(config.scaling_factor)
         self.shift = float(getattr(config, "shift_factor", None) or 0.0)
         self.chunk = int(chunk)
-        # Which weights these are (core.latents.vae_fingerprint, set once when the VAE loads): what latent-mode
-        # checkpoints and latent caches record, and what they are checked against.
+        # Which weights these are (core.frozen_autoencoder.vae_fingerprint, set once when the VAE loads): what
+        # latent-mode checkpoints and latent caches record, and what they are checked against.
         self.fingerprint = None
 
     def train(self, mode: bool = True):

@@ -21,7 +21,8 @@ from core.checkpoint import (CheckpointError, build_fitting, load_for_sampling, 
                              weights_fingerprint)
 from core.cli import GUIDANCE_MAX
 from core.config import config_from_dict
-from core.latents import LatentScaler, load_autoencoder
+from core.frozen_autoencoder import load_autoencoder
+from core.latent_stats import LatentScaler
 
 
 class Sampler(NamedTuple):

@@ -146,7 +146,7 @@ def resident_mib() -> float:
 
 def test_loading_for_sampling_maps_the_file_and_reads_no_optimizer_state(trained, tmp_path, monkeypatch):
     from sampling.generation import load_denoiser
-    from core.latents import load_autoencoder
+    from core.frozen_autoencoder import load_autoencoder
 
     ae_ckpt = with_huge_optimizer_state(trained.ae_ckpt, tmp_path / "ae.pt")
     motion_ckpt = with_huge_optimizer_state(trained.motion_ckpt, tmp_path / "motion.pt")
@@ -330,7 +330,7 @@ def tampered_export(source: Path, out: Path, key: str, value) -> Path:
 ])
 def test_export_whose_metadata_does_not_describe_its_tensors_is_refused_before_building(trained, exported, tmp_path,
                                                                                         stage, key, value, expected):
-    from core.latents import load_autoencoder
+    from core.frozen_autoencoder import load_autoencoder
     from sampling.generation import load_denoiser
 
     bad = tampered_export(getattr(exported, stage), tmp_path / f"{stage}.safetensors", key, value)

@@ -636,7 +636,7 @@ def test_cli_repeats_give_mean_and_std_over_disjoint_fake_sets_with_real_statist
 
 def test_recon_fvd_uses_its_own_clip_count_spread_over_the_split_and_sharded(torchscript_checkpoint):
     from datasets.synthetic import SyntheticMovingShapes
-    from train_ae import ReconstructionFVD
+    from evals.reconstruction_fvd import ReconstructionFVD
 
     dataset = SyntheticMovingShapes(size=12, num_classes=4, resolution=(16, 16), n_frames=FRAMES, split="test")
     detector = fvd.load_detector(str(torchscript_checkpoint))

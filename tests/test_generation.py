@@ -10,7 +10,7 @@ from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from sampling.generation import (CMDModels, Denoiser, SamplingOptions, compile_models, generate,
                                  generate_content_frames, real_content_frames, set_precision)
-from core.latents import LatentScaler
+from core.latent_stats import LatentScaler
 
 STEPS = 3  # few sampling steps keep each call fast; the path is the same at any count
 

@@ -18,7 +18,7 @@ from tests.helpers.processes import run_python
 from core.checkpoint import load_checkpoint
 from datasets import build_dataset
 from core.config import ConfigError, config_from_dict, load_config
-from core.latents import load_frames
+from core.frozen_autoencoder import load_frames
 
 pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
 

@@ -14,16 +14,10 @@ from tests.helpers.chain import TINY_AE, TINY_DIFFUSION, sample, train
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.config import config_from_dict
 from sampling.generation import sample_latents
-from core.latents import (
-    MOMENTS_FILE,
-    STATS_CLIPS,
-    STD_FLOOR,
-    LatentCache,
-    LatentMoments,
-    LatentScaler,
-    encode,
-    load_autoencoder,
-)
+from core.distributed import DistInfo
+from core.frozen_autoencoder import encode, load_autoencoder
+from core.latent_cache import MOMENTS_FILE, STATS_CLIPS, LatentCache
+from core.latent_stats import STD_FLOOR, LatentMoments, LatentScaler
 
 SHAPES = SimpleNamespace(content_shape=(3, 16, 16), motion_shape=(4, 10, 8))  # the tiny autoencoder's latents
 
@@ -102,8 +96,7 @@ def test_cache_statistics_are_the_float64_moments_of_the_cached_arrays(runs, tmp
     # A cache built before the sums were saved: they are summed over its arrays (in chunks) and saved with it.
     old = tmp_path / "old_cache"
     shutil.copytree(cache, old, ignore=shutil.ignore_patterns(MOMENTS_FILE))
-    run = SimpleNamespace(dist=SimpleNamespace(rank=0, world_size=1, is_main=True))
-    again = LatentCache(old).moments(run, chunk=5)
+    again = LatentCache(old).moments(DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), chunk=5)
     assert (old / MOMENTS_FILE).is_file()
     for kind in want:
         torch.testing.assert_close(again.sums[kind], moments.sums[kind], rtol=1e-12, atol=1e-9)

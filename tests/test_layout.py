@@ -1,5 +1,5 @@
-"""The source tree itself: every file parses, no always-true assert, packages import only the layers below them, and
-the entry points start without importing what only some runs need."""
+"""The source tree itself: every file parses, no always-true assert, packages import only the layers below them and
+take no training run below training/, and the entry points start without importing what only some runs need."""
 import ast
 import subprocess
 import sys
@@ -51,6 +51,19 @@ def test_packages_import_only_lower_layers(package):
             if top in LAYERS and top != package:
                 assert LAYERS[top] < LAYERS[package], (
                     f"{path.relative_to(ROOT)} imports {module}: {package} may import only layers below it")
+
+
+
+def test_no_code_below_training_takes_a_run():
+    """Code below training/ gets the narrow things it uses (the ranks, a logger, a stop check), never a TrainingRun:
+    no function there has a parameter `run`."""
+    for package in (name for name, layer in LAYERS.items() if layer < LAYERS["training"]):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                    assert "run" not in [arg.arg for arg in args], (
+                        f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} takes a run")
 
 
 def test_every_package_is_in_a_layer():

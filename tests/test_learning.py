@@ -16,7 +16,7 @@ from datasets import build_dataset
 from datasets.synthetic import DIRECTIONS, SHAPES
 from datasets.transforms import to_uint8_videos
 from diffusion import create_diffusion
-from core.latents import load_autoencoder
+from core.frozen_autoencoder import load_autoencoder
 from sampling.generation import SamplingOptions, generate, load_denoiser, load_models, real_content_frames
 from scripts.make_tiny_sd import make_tiny_clip
 from tests.helpers.processes import LONE_PROCESS_ENV, run_python

@@ -125,17 +125,17 @@ def test_abandoned_staging_folders_are_told_from_live_builds(tmp_path):
     """Removed: this machine's folders whose owner process is dead, and folders of another machine (or of no
     recorded owner) untouched for two days. Kept: one a live process here owns (this test), and a recent one of
     another machine, whose owner cannot be checked from here."""
-    from core import latents
+    from core import latent_cache
 
     logger = logging.getLogger("test_signals")
-    here = latents._machine()
+    here = latent_cache._machine()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     folders = {
-        "dead owner": latents._staging_path(tmp_path / "0123456789abcdef", dead.pid, here),
-        "live owner": latents._staging_path(tmp_path / "0123456789abcdef", os.getpid(), here),
-        "elsewhere, recent": latents._staging_path(tmp_path / "0123456789abcdef", dead.pid, "elsewhere.example"),
-        "elsewhere, old": latents._staging_path(tmp_path / "fedcba9876543210", os.getpid(), "elsewhere.example"),
+        "dead owner": latent_cache._staging_path(tmp_path / "0123456789abcdef", dead.pid, here),
+        "live owner": latent_cache._staging_path(tmp_path / "0123456789abcdef", os.getpid(), here),
+        "elsewhere, recent": latent_cache._staging_path(tmp_path / "0123456789abcdef", dead.pid, "elsewhere.example"),
+        "elsewhere, old": latent_cache._staging_path(tmp_path / "fedcba9876543210", os.getpid(), "elsewhere.example"),
         "no owner, old": tmp_path / "fedcba9876543210.tmp-1a2b3c4d",  # named before owners were recorded
     }
     for folder in folders.values():
@@ -147,7 +147,7 @@ def test_abandoned_staging_folders_are_told_from_live_builds(tmp_path):
         os.utime(folders[name], (two_days_ago, two_days_ago))
     (tmp_path / "0123456789abcdef").mkdir()  # a finished cache is no staging folder
 
-    latents.remove_abandoned_staging(tmp_path, logger)
+    latent_cache.remove_abandoned_staging(tmp_path, logger)
     kept = {name for name, folder in folders.items() if folder.exists()}
     assert kept == {"live owner", "elsewhere, recent"}
     assert (tmp_path / "0123456789abcdef").is_dir()

@@ -14,7 +14,9 @@ from models.ae_losses import AutoencoderLoss
 from models.autoencoder import CMDAutoencoder
 from models.dit import ContentDiT, MotionDiT
 from core.config import load_config
-from core.latents import LatentEncoder, build_latent_cache, encode
+from core.distributed import DistInfo
+from core.frozen_autoencoder import encode
+from core.latent_cache import LatentEncoder, build_latent_cache
 from training.run import TrainingRun, make_optimizer
 
 TINY = "configs/tiny"
@@ -338,17 +340,13 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
     ae_path = tmp_path / "ae.pt"
     torch.save(ae.state_dict(), ae_path)
     data_cfg = {"dataset_name": "test", "resolution": [16, 16], "n_frames": 4, "num_workers": 0}
-    run = SimpleNamespace(
-        cfg=SimpleNamespace(data=SimpleNamespace(num_workers=0, items=data_cfg.items),
-                            train=SimpleNamespace(results_dir=str(tmp_path))),
-        dist=SimpleNamespace(rank=0, world_size=1, is_main=True, distributed=False),
-        logger=SimpleNamespace(info=lambda message: None, warning=lambda message: None),
-        to_device=lambda tensor: tensor,
-        autocast=lambda: torch.autocast("cpu", enabled=False),
-        stop_requested=lambda: False,
-    )
+    build = dict(data_cfg=SimpleNamespace(num_workers=0, items=data_cfg.items), cache_root=tmp_path / "cache",
+                 dist=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
+                 logger=SimpleNamespace(info=lambda message: None, warning=lambda message: None),
+                 stop_requested=lambda: False, autocast=lambda: torch.autocast("cpu", enabled=False))
     dataset = EpochDependentClips()
-    cache = build_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), dataset, clips_per_video=2, batch_size=2)
+    encoder = LatentEncoder.autoencoder(ae, ae_path)
+    cache = build_latent_cache(encoder, dataset, clips_per_video=2, batch_size=2, **build)
     assert len(cache) == 6
     for slot in range(len(cache)):
         item = dataset[(slot % len(dataset), slot // len(dataset))]
@@ -358,7 +356,7 @@ def test_latent_cache_gives_the_same_latents_as_encoding(tmp_path):
         torch.testing.assert_close(cached["z_m"], z_m[0], rtol=1e-5, atol=1e-6)
         assert cached["y"] == item["y"]
     # A second build with the same autoencoder and data reuses the files: it never reads the dataset.
-    again = build_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), None, clips_per_video=2, batch_size=2)
+    again = build_latent_cache(encoder, None, clips_per_video=2, batch_size=2, **build)
     np.testing.assert_array_equal(again.arrays["z_m"][:], cache.arrays["z_m"][:])
 
 

@@ -16,7 +16,7 @@ from sampling.requests import prompt_noise_ids, prompt_slug
 from scripts.make_tiny_sd import TINY_TEXT, TINY_UNET, make_tiny_clip
 from tests.helpers.processes import run_python
 from core.checkpoint import load_checkpoint
-from core.latents import caption_table
+from core.text_cache import caption_table
 from sampling.media import captioned_rows
 
 pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
@@ -88,20 +88,16 @@ def test_caption_table_encodes_each_distinct_caption_once(encoder):
 
 def test_caption_table_is_kept_with_the_latent_cache_and_keyed_by_the_encoder(encoder, tmp_path):
     logs = []
-    run = SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(is_main=True),
-                          logger=SimpleNamespace(info=logs.append),
-                          cfg=SimpleNamespace(diffusion=SimpleNamespace(latent_cache=True),
-                                              text=SimpleNamespace(fingerprint="abc"),
-                                              train=SimpleNamespace(results_dir=str(tmp_path))))
+    dist, logger = SimpleNamespace(device=torch.device("cpu"), is_main=True), SimpleNamespace(info=logs.append)
     captions = ["a disc moving up", "a square moving up", "a disc moving up"]
-    first = caption_table(run, encoder, captions)
+    first = caption_table(encoder, captions, dist, logger, tmp_path / "latent_cache", "abc")
     (saved,) = (tmp_path / "latent_cache").glob("text-*.pt")
     assert len(first) == 2 and "encoding 2 distinct captions" in logs[-1]
-    again = caption_table(run, encoder, list(reversed(captions)))  # the same set of captions: the same file
+    again = caption_table(encoder, list(reversed(captions)), dist, logger, tmp_path / "latent_cache", "abc")
     assert len(again) == 2 and "reusing" in logs[-1]
     torch.testing.assert_close(again(captions), first(captions), rtol=0, atol=0)
-    run.cfg.text.fingerprint = "def"  # another encoder's weights: encoded again, into another file
-    caption_table(run, encoder, captions)
+    # Another encoder's weights: encoded again, into another file.
+    caption_table(encoder, captions, dist, logger, tmp_path / "latent_cache", "def")
     assert "encoding" in logs[-1] and len(list((tmp_path / "latent_cache").glob("text-*.pt"))) == 2
     assert saved.is_file()
 

@@ -9,7 +9,7 @@ import torch
 
 from core.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, resume_differences
 from core.config import config_from_dict
-from core.latents import load_autoencoder, vae_fingerprint
+from core.frozen_autoencoder import load_autoencoder, vae_fingerprint
 from models.vae import load_frame_vae
 from scripts.make_tiny_sd import make_tiny_sd
 from tests.helpers.chain import TINY_LATENT_RUN
@@ -136,24 +136,25 @@ def test_latent_cache_of_another_vae_is_refused_and_one_without_a_record_is_used
     """The cache key holds the fingerprint, so another VAE looks in another folder; a cache copied by hand under the
     other VAE's key is caught by the fingerprint its `done` file records."""
     import logging
-    from types import SimpleNamespace
 
-    from core.latents import LatentCache, LatentEncoder, build_latent_cache, latent_cache_key
+    from core.distributed import DistInfo
+    from core.latent_cache import LatentCache, LatentEncoder, build_latent_cache, latent_cache_key
 
     cfg = config_from_dict("autoencoder", load_checkpoint(chain["ae"])["config"])
     (built,) = [done.parent for done in (chain["results"] / "latent_cache").glob("*/done")
                 if "x" in json.loads(done.read_text())["arrays"]]
-    run = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(is_main=True), logger=logging.getLogger("test_vae_identity"))
+    build = dict(data_cfg=cfg.data, cache_root=tmp_path / "cache", logger=logging.getLogger("test_vae_identity"),
+                 dist=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
     encoder_b = LatentEncoder.frames(load_frame_vae(str(vaes["b"][0])), cfg.data)
     clips = int(cfg.latent_cache_clips_per_video)
     copied = shutil.copytree(built, tmp_path / "cache" / latent_cache_key(encoder_b.key, cfg.data, clips))
     with pytest.raises(CheckpointError) as other:
-        build_latent_cache(run, encoder_b, None, clips, 4, cache_root=tmp_path / "cache")
+        build_latent_cache(encoder_b, None, clips, 4, **build)
     assert str(copied) in str(other.value) and vaes["a"][1] in str(other.value) and vaes["b"][1] in str(other.value)
     done = json.loads((copied / "done").read_text())
     del done["vae"]
     (copied / "done").write_text(json.dumps(done))
     with caplog.at_level("WARNING"):
-        reused = build_latent_cache(run, encoder_b, None, clips, 4, cache_root=tmp_path / "cache")
+        reused = build_latent_cache(encoder_b, None, clips, 4, **build)
     assert isinstance(reused, LatentCache)
     assert any("records no VAE fingerprint" in record.getMessage() for record in caplog.records)

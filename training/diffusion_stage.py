@@ -19,18 +19,12 @@ from models.text_encoder import TextEncoder, load_text_encoder
 from core.checkpoint import CheckpointError, load_checkpoint, weights_fingerprint
 from core.data import fixed_batch
 from sampling.generation import Denoiser, Sampler, make_sampler
-from core.latents import (
-    LatentEncoder,
-    LatentScaler,
-    build_latent_cache,
-    caption_table,
-    dataset_captions,
-    encode,
-    load_autoencoder,
-    measure_latent_stats,
-    resolve_ae_ckpt,
-)
+from core.frozen_autoencoder import encode, load_autoencoder, resolve_ae_ckpt
+from core.latent_cache import LatentEncoder
+from core.latent_stats import LatentScaler
+from core.text_cache import dataset_captions
 from training.run import TrainingRun, make_ema, make_optimizer
+from training.run_latents import run_caption_table, run_latent_cache, run_latent_stats
 
 
 @dataclass
@@ -172,14 +166,14 @@ def setup(cfg, stage: str) -> DiffusionStage:
                     "y": run.to_device(eval_clips["y"]) if text is None else text(eval_clips["caption"])}
     source = dataset
     if cfg.diffusion.latent_cache:
-        source = build_latent_cache(run, LatentEncoder.autoencoder(ae, cfg.ae_ckpt), dataset,
-                                    cfg.diffusion.latent_cache_clips_per_video, run.batch_size, captions=captions)
+        source = run_latent_cache(run, LatentEncoder.autoencoder(ae, cfg.ae_ckpt), dataset,
+                                  cfg.diffusion.latent_cache_clips_per_video, run.batch_size, captions=captions)
     if scaler is None and not standardize:
         scaler = LatentScaler.identity(ae)
         run.logger.info("latent stats: none (diffusion.standardize_latents false): the denoiser learns the latents "
                         "as the autoencoder emits them")
     if scaler is None:
-        scaler = measure_latent_stats(run, ae, source)
+        scaler = run_latent_stats(run, ae, source)
     return DiffusionStage(run, ae, model, run.wrap(model), ema, opt, scaler.to(run.device), source, eval_latents,
                           sampler, text)
 
@@ -201,7 +195,7 @@ def setup_text(run: TrainingRun, dataset) -> tuple[TextEncoder, Callable, list]:
     for key, value in (("tokens", encoder.length), ("dim", encoder.dim), ("fingerprint", fingerprint)):
         run.record(f"text.{key}", value)
     captions = dataset_captions(dataset, f"dataset '{cfg.data.dataset_name}'")
-    text = caption_table(run, encoder, captions) if cfg.text.cache else encoder
+    text = run_caption_table(run, encoder, captions) if cfg.text.cache else encoder
     encoded = f"{len(text)} distinct captions encoded" if cfg.text.cache else "captions encoded as batches come"
     run.logger.info(f"text encoder {cfg.text.encoder}: {encoder.length} tokens of {encoder.dim}; {encoded} "
                     f"({len(captions)} videos)")
