@@ -127,11 +127,14 @@ def motion_warning(health: dict) -> "str | None":
     """
     problems = []
     if health["zm_spread"] < COLLAPSED_SPREAD:
-        problems.append(f"z_m is nearly the same for every clip (spread {health['zm_spread']:.4f} < {COLLAPSED_SPREAD})")
+        problems.append(f"z_m is nearly the same for every clip (spread {health['zm_spread']:.4f} "
+                        f"< {COLLAPSED_SPREAD})")
     if health["zm_saturated"] > SATURATED_SHARE:
-        problems.append(f"{100 * health['zm_saturated']:.0f}% of z_m entries are saturated (|z_m| > {SATURATED_LEVEL})")
+        problems.append(f"{100 * health['zm_saturated']:.0f}% of z_m entries are saturated "
+                        f"(|z_m| > {SATURATED_LEVEL})")
     if health["swap_gap"] < UNUSED_SWAP_GAP_DB:
-        problems.append(f"the decoder ignores z_m (motion-swap gap {health['swap_gap']:.2f} dB < {UNUSED_SWAP_GAP_DB} dB)")
+        problems.append(f"the decoder ignores z_m (motion-swap gap {health['swap_gap']:.2f} dB "
+                        f"< {UNUSED_SWAP_GAP_DB} dB)")
     if not problems:
         return None
     return (f"motion latent collapsed or unused: {'; '.join(problems)}; reconstruction {health['psnr']:.2f} dB vs "
