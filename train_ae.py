@@ -21,15 +21,16 @@ from core.distributed import all_gather_object, all_reduce_mean
 from core.cli import entry_point
 from core.latents import LatentEncoder, build_latent_cache, load_frames, vae_fingerprint
 from sampling.media import save_video_set
-from training.run import TrainingRun, make_ema, make_optimizer
+from training.optim import lr_factor, make_ema, make_optimizer, set_lr, update_ema
+from training.run import TrainingRun
 
 
 class ReconstructionFVD:
     """Reconstruction FVD over `count` held-out clips (at most the whole eval split), sharded over ranks.
 
     The clips are spread evenly over the split rather than its first items: folder datasets list their videos
-    class by class, so the first 2,048 of the 3,783 UCF-101 test videos would leave out about half of the classes. They are the
-    same clips at every evaluation (epoch 0), so their features are computed once.
+    class by class, so the first 2,048 of the 3,783 UCF-101 test videos would leave out about half of the classes.
+    They are the same clips at every evaluation (epoch 0), so their features are computed once.
     """
 
     def __init__(self, dataset, count: int, detector, rank: int = 0, world_size: int = 1, batch_size: int = 16,
@@ -138,7 +139,8 @@ def main(cfg):
     modules, optimizers = {"model": model, "ema": ema}, {"opt": opt}
     disc = loss_fn.discriminator
     if disc is not None:
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr,
+                                    betas=tuple(cfg.optim.betas))
         modules["discriminator"], optimizers["disc_opt"] = disc, disc_opt
     run.restore(modules, optimizers)
     run.logger.info(f"autoencoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
@@ -148,8 +150,9 @@ def main(cfg):
         loss_fn.discriminator = run.wrap(disc)
     recon_fvd = None
     if cfg.train.fvd_detector:
-        recon_fvd = ReconstructionFVD(eval_set, cfg.train.fvd_eval_videos, load_detector(cfg.train.fvd_detector, run.device),
-                                      run.dist.rank, run.dist.world_size, run.batch_size, cfg.data.num_workers)
+        detector = load_detector(cfg.train.fvd_detector, run.device)
+        recon_fvd = ReconstructionFVD(eval_set, cfg.train.fvd_eval_videos, detector, run.dist.rank,
+                                      run.dist.world_size, run.batch_size, cfg.data.num_workers)
         fewer = (f" (train.fvd_eval_videos={cfg.train.fvd_eval_videos}; the split holds {len(eval_set)})"
                  if recon_fvd.count < cfg.train.fvd_eval_videos else "")
         run.logger.info(f"reconstruction FVD: {recon_fvd.name(cfg.data.n_frames)} over {recon_fvd.count} clips of the "
@@ -165,6 +168,8 @@ def main(cfg):
     results = None
     last = run.should_stop()  # True already for a run resumed at its last step
     while not last:
+        lr_scale = lr_factor(cfg.optim, run.step, cfg.train.max_steps)  # each optimizer's base rate times this
+        set_lr(opt, lr_scale)
         with run.autocast():
             x = run.to_device(next(batches)["x"])
             x = x if cfg.latent_cache else frames.encode(x).float()
@@ -175,9 +180,12 @@ def main(cfg):
             disc_opt.zero_grad(set_to_none=True)  # drop what the generator loss left on the discriminator
             disc_loss, disc_logs = loss_fn.discriminator_loss(x, x_hat.float(), run.step)
             disc_loss.backward()
-            run.clip_and_step_if_finite(loss_fn.discriminator, disc_opt)
+            set_lr(disc_opt, lr_scale)
+            run.clip_and_step(loss_fn.discriminator, disc_opt)
             logs.update(disc_logs)
-        logs["grad_norm"] = run.clip_and_step_if_finite(train_model, opt, ema)
+        logs["grad_norm"], stepped = run.clip_and_step(train_model, opt)  # skipped if the gradient is not finite
+        if stepped:
+            update_ema(ema, model, cfg.train.ema_decay)
         run.count_step()
         last = run.should_stop()  # the step's one stop check: max_steps, or a stop signal the ranks agree on
         run.log(logs, last)
