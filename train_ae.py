@@ -130,7 +130,7 @@ def main(cfg):
     frames.to(run.device)
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
-    run.record("data.num_classes", dataset.num_classes)
+    cfg.data.num_classes = dataset.num_classes
 
     model = build_autoencoder(cfg.model, cfg.data, frames.downsample).to(run.device)
     loss_fn = build_ae_loss(cfg.loss, cfg.model.channels).to(run.device)
@@ -143,6 +143,7 @@ def main(cfg):
                                     betas=tuple(cfg.optim.betas))
         modules["discriminator"], optimizers["disc_opt"] = disc, disc_opt
     run.restore(modules, optimizers)
+    run.write_config()  # the run's settings are decided: nothing changes them from here on
     run.logger.info(f"autoencoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                     f"content frame {model.content_shape}, motion latent {model.motion_shape}")
     train_model = run.wrap(model)

@@ -59,6 +59,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def checkpoint_state(modules: dict, optimizers: dict, **meta) -> dict:
+    """The modules' weights (unwrapped from DDP and torch.compile), the optimizers' states and `meta`."""
+    state = {name: unwrap(m).state_dict() for name, m in modules.items()}
+    state.update({name: opt.state_dict() for name, opt in optimizers.items()})
+    state.update(meta)
+    return state
+
+
 def write_checkpoint(state: dict, ckpt_dir: Path, step: int, keep_last: int, logger: logging.Logger) -> tuple:
     """Writes ckpt_dir/{step:07d}.pt atomically and makes last.pt name it; returns (its path, None) or (None, the
     error to report on every rank).

@@ -7,6 +7,8 @@ from copy import deepcopy
 import torch
 import torch.nn as nn
 
+from core.cli import RunError
+
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -77,3 +79,23 @@ def clip_and_step_if_finite(model: nn.Module, optimizer: torch.optim.Optimizer, 
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stepped
+
+
+class NonfiniteSkips:
+    """Updates skipped in a row for a non-finite gradient; `limit` of them (train.max_nonfinite_steps) stop the
+    run."""
+
+    def __init__(self, limit: int, logger, ckpt_dir):
+        self.limit, self.logger, self.ckpt_dir = limit, logger, ckpt_dir
+        self.in_a_row = 0
+
+    def count(self, stepped: bool, step: int) -> None:
+        """Counts the update of step `step` (1-based), made or skipped; warns of a skipped one."""
+        if stepped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.logger.warning(f"step {step}: non-finite loss/gradient, update skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.limit:
+            raise RunError(f"{self.in_a_row} non-finite losses in a row at step {step}; "
+                           f"stopping (the last good checkpoint is kept in {self.ckpt_dir})")

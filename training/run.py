@@ -9,7 +9,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 
 from core import checkpoint as ckpt_io
 from core.cli import RunError, cancel_on_failure, on_failure
@@ -20,22 +19,23 @@ from core.distributed import DistInfo, all_gather_object, barrier, broadcast_obj
 from core.files import release
 from datasets.build import check_data_path
 from training import devices
-from training.checkpointing import find_resume, load_states, restore_progress, rng_state, unwrap, write_checkpoint
+from training.checkpointing import checkpoint_state, find_resume, load_states, restore_progress, rng_state, unwrap, \
+    write_checkpoint
 from training.checkpointing import samples_seen as _samples_seen, set_rng_state as _set_rng_state  # noqa: F401
-from training.optim import clip_and_step_if_finite, lr_factor, make_ema, make_optimizer, set_lr, \
-    update_ema  # noqa: F401
+from training.optim import NonfiniteSkips, clip_and_step_if_finite, lr_factor, set_lr, update_ema
+from training.optim import make_ema, make_optimizer  # noqa: F401
 from training.ranks import attempt, build_on_ranks, on_main, raise_first
-from training.run_folder import claim_run_dir, create_logger, open_run_dir, remove_run_dir, start_writers, \
-    write_config  # noqa: F401
+from training.run_folder import close_writers, create_logger, open_run_dir, remove_run_dir, start_writers, write_config
+from training.run_folder import claim_run_dir  # noqa: F401
 from training.step_log import StepLog
-from training.stop import STOP_CHECK_EVERY, StopSignal, end_message  # noqa: F401
+from training.stop import StopSignal, end_message
 
 
 class TrainingRun:
     """One training run of one stage: everything but the model, the loss and the loop body.
 
-    Use: build it first, build the model, `restore(...)`, `wrap(model)`, `loader(dataset)`, then the loop, whose
-    stop check is made once per step and passed on:
+    Use: build it first, build the model, `restore(...)`, set what setup found in the config and `write_config()`,
+    `wrap(model)`, `loader(dataset)`, then the loop, whose stop check is made once per step and passed on:
 
         last = run.should_stop()  # True already for a run resumed at its last step
         while not last:
@@ -65,16 +65,14 @@ class TrainingRun:
         self.resume_path, resume_notes = find_resume(cfg, stage, self.dist)
         # On every rank before a run folder is claimed: a wrong data path costs nothing and hangs no rank.
         raise_first(all_gather_object(attempt(lambda: check_data_path(cfg.data))[1]))
-        self._restored = self.resume_path is None  # a resumed run's config.yaml is rewritten once restore() took it
         self._steps_this_start = 0
         self.writer = self.logger = self.wandb = None
-        folder = self._on_main(lambda: open_run_dir(train, stage, self.resume_path))
+        folder = on_main(self.dist, lambda: open_run_dir(train, stage, self.resume_path))
         self.run_dir = folder.path
         if self.dist.is_main and folder.created:
             on_failure(self._remove_unused_run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = create_logger(self.run_dir, self.dist.is_main)
-        self._write_config()
         if self.dist.is_main:
             self.writer, self.wandb = start_writers(cfg, self.run_dir)
         self.logger.info(f"{stage} run in {self.run_dir} | world size {self.dist.world_size} | "
@@ -84,32 +82,23 @@ class TrainingRun:
 
         self.step = 0
         self.samples_seen = 0  # training clips drawn by all ranks together: the data stream's position
-        self.nonfinite_in_a_row = 0
+        self._nonfinite = NonfiniteSkips(train.max_nonfinite_steps, self.logger, self.ckpt_dir)
         self.last_saved_step: Optional[int] = None  # the step of this run's latest checkpoint, for finish()'s message
         self._log = StepLog(self.logger, self.writer, self.device, train)
         self._stop = StopSignal(self.dist)
 
     # ---- setup -------------------------------------------------------------------------------------------
-    def _on_main(self, fn):
-        return on_main(self.dist, fn)
-
-    def _write_config(self) -> None:
-        """config.yaml: the settings of the run. A resumed run's keeps the settings it had until restore() has
-        accepted this command's (a refusal on the way, another text encoder say, must leave the run as it was)."""
-        if self._restored:
-            self._on_main(lambda: write_config(self.run_dir, self.cfg))
+    def write_config(self) -> None:
+        """Writes config.yaml, the run's settings, once they are all decided (the values found at setup, the
+        dataset's class count say, set in the config) and a resumed run's checkpoint is restored: a refusal on the
+        way, another text encoder say, leaves the run as it was. Nothing changes the config afterwards."""
+        on_main(self.dist, lambda: write_config(self.run_dir, self.cfg))
 
     def _remove_unused_run_dir(self) -> None:
         """A start that fails before training (a wrong data path, an unusable checkpoint) leaves no run folder
         behind: it would hold nothing but the error printed already, and fill results_dir with empty runs."""
         if not self._steps_this_start and ckpt_io.latest_checkpoint_in_run(self.run_dir) is None:
             remove_run_dir(self.run_dir, self.writer, self.logger)
-
-    def record(self, key: str, value) -> None:
-        """Sets a value found at run time (the dataset's class count, the resolved AE checkpoint) in the config
-        and config.yaml, so that checkpoints carry it and later stages and sample.py read it from there."""
-        OmegaConf.update(self.cfg, key, value, merge=False)
-        self._write_config()
 
     # ---- resume --------------------------------------------------------------------------------------------
     def restore(self, modules: dict, optimizers: dict) -> Optional[dict]:
@@ -120,8 +109,6 @@ class TrainingRun:
         self.step, self.samples_seen = restore_progress(ckpt, self.cfg, self.resume_path, self.dist, self.logger,
                                                         lambda step: _seed_everything(self.seed + step))
         self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
-        self._restored = True
-        self._write_config()
         return ckpt
 
     # ---- model and data ------------------------------------------------------------------------------------
@@ -158,15 +145,7 @@ class TrainingRun:
         whether it stepped). It does not count the training step: `count_step()` does, once per step."""
         clip = self.cfg.optim.grad_clip if grad_clip is None else grad_clip
         grad_norm, stepped = clip_and_step_if_finite(model, optimizer, clip)
-        if stepped:
-            self.nonfinite_in_a_row = 0
-            return grad_norm, stepped
-        self.nonfinite_in_a_row += 1
-        self.logger.warning(f"step {self.step + 1}: non-finite loss/gradient, update skipped "
-                            f"({self.nonfinite_in_a_row} in a row)")
-        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
-            raise RunError(f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step + 1}; "
-                           f"stopping (the last good checkpoint is kept in {self.ckpt_dir})")
+        self._nonfinite.count(stepped, self.step + 1)
         return grad_norm, stepped
 
     def clip_and_step_if_finite(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -218,12 +197,10 @@ class TrainingRun:
         rng = all_gather_object(rng_state())
         path, error = None, None
         if self.dist.is_main:
-            state = {name: unwrap(m).state_dict() for name, m in modules.items()}
-            state.update({name: opt.state_dict() for name, opt in optimizers.items()})
-            state.update(step=self.step, stage=self.stage, config=config_to_dict(self.cfg), rng=rng,
-                         world_size=self.dist.world_size, batch_size_per_rank=self.batch_size,
-                         samples_seen=self.samples_seen)
-            state.update(extra or {})
+            state = checkpoint_state(modules, optimizers, step=self.step, stage=self.stage,
+                                     config=config_to_dict(self.cfg), rng=rng, world_size=self.dist.world_size,
+                                     batch_size_per_rank=self.batch_size, samples_seen=self.samples_seen,
+                                     **(extra or {}))
             path, error = write_checkpoint(state, self.ckpt_dir, self.step, self.cfg.train.keep_last, self.logger)
         error = broadcast_object(error)  # every rank stops together instead of hanging in the barrier
         if error:
@@ -237,10 +214,7 @@ class TrainingRun:
         training loop (\"building the latent cache\"); the log names a checkpoint only if this run saved it."""
         self.logger.info(end_message(self._stop.received, interrupted, self.step, self.cfg.train.max_steps,
                                      self.last_saved_step, self.resume_path))
-        if self.writer is not None:
-            self.writer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        close_writers(self.writer, self.wandb)
         if self.dist.is_main:
             cancel_on_failure(self._remove_unused_run_dir)
             release(self.run_dir)

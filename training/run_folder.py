@@ -126,6 +126,13 @@ def start_wandb(cfg, run_dir: Path):
                       resume="allow", dir=str(run_dir), config=config_to_dict(cfg), sync_tensorboard=True)
 
 
+def close_writers(writer, wandb_run) -> None:
+    if writer is not None:
+        writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
 def start_writers(cfg, run_dir: Path) -> tuple:
     """(the TensorBoard writer, the W&B run or None), on rank 0."""
     wandb_run = start_wandb(cfg, run_dir)  # before the TensorBoard writer, whose scalars it mirrors

@@ -35,6 +35,7 @@ def main(cfg):
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
     run.restore({"model": model, "ema": ema}, {"opt": opt})
+    run.write_config()
     ddp_model = run.wrap(model)
     batches = run.loader(ToyData())
     losses = []
