@@ -17,6 +17,12 @@ from core.distributed import DistInfo, broadcast_object
 from training.ranks import on_main
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def rng_state() -> dict:
     """The RNG states as tensors and plain values only, so that checkpoints load weights-only."""
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()

@@ -2,11 +2,9 @@
 (checkpointing), stop signal (stop), log (step_log) and optimizer step (optim)."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -19,8 +17,8 @@ from core.distributed import DistInfo, all_gather_object, barrier, broadcast_obj
 from core.files import release
 from datasets.build import check_data_path
 from training import devices
-from training.checkpointing import checkpoint_state, find_resume, load_states, restore_progress, rng_state, unwrap, \
-    write_checkpoint
+from training.checkpointing import checkpoint_state, find_resume, load_states, restore_progress, rng_state, \
+    seed_everything, unwrap, write_checkpoint
 from training.checkpointing import samples_seen as _samples_seen, set_rng_state as _set_rng_state  # noqa: F401
 from training.optim import NonfiniteSkips, clip_and_step_if_finite, lr_factor, set_lr, update_ema
 from training.optim import make_ema, make_optimizer  # noqa: F401
@@ -61,7 +59,7 @@ class TrainingRun:
         train = cfg.train
         self.batch_size = devices.batch_size_per_rank(train, self.dist)
         self.seed = train.global_seed * self.dist.world_size + self.dist.rank
-        _seed_everything(self.seed)
+        seed_everything(self.seed)
         self.resume_path, resume_notes = find_resume(cfg, stage, self.dist)
         # On every rank before a run folder is claimed: a wrong data path costs nothing and hangs no rank.
         raise_first(all_gather_object(attempt(lambda: check_data_path(cfg.data))[1]))
@@ -87,11 +85,9 @@ class TrainingRun:
         self._log = StepLog(self.logger, self.writer, self.device, train)
         self._stop = StopSignal(self.dist)
 
-    # ---- setup -------------------------------------------------------------------------------------------
     def write_config(self) -> None:
-        """Writes config.yaml, the run's settings, once they are all decided (the values found at setup, the
-        dataset's class count say, set in the config) and a resumed run's checkpoint is restored: a refusal on the
-        way, another text encoder say, leaves the run as it was. Nothing changes the config afterwards."""
+        """Writes config.yaml once the run's settings are decided (what setup found, the class count say, set in the
+        config) and a resumed run is restored (a refusal on the way leaves it as it was); nothing changes them later."""
         on_main(self.dist, lambda: write_config(self.run_dir, self.cfg))
 
     def _remove_unused_run_dir(self) -> None:
@@ -100,18 +96,16 @@ class TrainingRun:
         if not self._steps_this_start and ckpt_io.latest_checkpoint_in_run(self.run_dir) is None:
             remove_run_dir(self.run_dir, self.writer, self.logger)
 
-    # ---- resume --------------------------------------------------------------------------------------------
     def restore(self, modules: dict, optimizers: dict) -> Optional[dict]:
         """Loads model/EMA/optimizer state, step and RNG from the resume checkpoint (before DDP wrapping)."""
         if self.resume_path is None:
             return None
         ckpt = load_states(self.resume_path, self.stage, modules, optimizers, self.cfg.optim, self.logger)
         self.step, self.samples_seen = restore_progress(ckpt, self.cfg, self.resume_path, self.dist, self.logger,
-                                                        lambda step: _seed_everything(self.seed + step))
+                                                        lambda step: seed_everything(self.seed + step))
         self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
         return ckpt
 
-    # ---- model and data ------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
         """Moves nothing; wraps in DDP when distributed, then compiles when asked."""
         return devices.wrap(model, self.dist, self.cfg.train.compile)
@@ -136,7 +130,6 @@ class TrainingRun:
     def autocast(self):
         return devices.autocast(self.device, self.cfg.train.mixed_precision)
 
-    # ---- the step --------------------------------------------------------------------------------------------
     def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                       grad_clip: Optional[float] = None) -> tuple:
         """Clips the gradients to optim.grad_clip (or `grad_clip`; 0: no clipping) and steps the optimizer, unless
@@ -190,7 +183,6 @@ class TrainingRun:
         """Every `interval` steps (never for 0), and at the `last` step (should_stop's answer for this step)."""
         return last or (interval > 0 and self.step % interval == 0)
 
-    # ---- checkpoints and the end ---------------------------------------------------------------------------
     def save(self, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> Optional[Path]:
         """Writes checkpoints/{step:07d}.pt atomically from rank 0 and makes last.pt name it (write_checkpoint);
         all ranks wait for it."""
@@ -221,9 +213,3 @@ class TrainingRun:
         # Every rank is done with the process group before any ends its process (core.distributed.end_rank_process).
         barrier()
         cleanup_distributed()
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
