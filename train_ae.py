@@ -20,7 +20,8 @@ from core.cli import entry_point
 from core.frozen_autoencoder import load_frames, vae_fingerprint
 from core.latent_cache import LatentEncoder
 from sampling.media import save_video_set
-from training.run import TrainingRun, make_ema, make_optimizer
+from training.optim import lr_factor, make_ema, make_optimizer, set_lr, update_ema
+from training.run import TrainingRun
 from training.run_latents import run_latent_cache
 
 
@@ -83,7 +84,7 @@ def main(cfg):
     frames.to(run.device)
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
-    run.record("data.num_classes", dataset.num_classes)
+    cfg.data.num_classes = dataset.num_classes
 
     model = build_autoencoder(cfg.model, cfg.data, frames.downsample).to(run.device)
     loss_fn = build_ae_loss(cfg.loss, cfg.model.channels).to(run.device)
@@ -92,9 +93,11 @@ def main(cfg):
     modules, optimizers = {"model": model, "ema": ema}, {"opt": opt}
     disc = loss_fn.discriminator
     if disc is not None:
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.loss.disc_lr or cfg.optim.lr,
+                                    betas=tuple(cfg.optim.betas))
         modules["discriminator"], optimizers["disc_opt"] = disc, disc_opt
     run.restore(modules, optimizers)
+    run.write_config()  # the run's settings are decided: nothing changes them from here on
     run.logger.info(f"autoencoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                     f"content frame {model.content_shape}, motion latent {model.motion_shape}")
     train_model = run.wrap(model)
@@ -102,8 +105,9 @@ def main(cfg):
         loss_fn.discriminator = run.wrap(disc)
     recon_fvd = None
     if cfg.train.fvd_detector:
-        recon_fvd = ReconstructionFVD(eval_set, cfg.train.fvd_eval_videos, load_detector(cfg.train.fvd_detector, run.device),
-                                      run.dist.rank, run.dist.world_size, run.batch_size, cfg.data.num_workers)
+        detector = load_detector(cfg.train.fvd_detector, run.device)
+        recon_fvd = ReconstructionFVD(eval_set, cfg.train.fvd_eval_videos, detector, run.dist.rank,
+                                      run.dist.world_size, run.batch_size, cfg.data.num_workers)
         fewer = (f" (train.fvd_eval_videos={cfg.train.fvd_eval_videos}; the split holds {len(eval_set)})"
                  if recon_fvd.count < cfg.train.fvd_eval_videos else "")
         run.logger.info(f"reconstruction FVD: {recon_fvd.name(cfg.data.n_frames)} over {recon_fvd.count} clips of the "
@@ -119,6 +123,8 @@ def main(cfg):
     results = None
     last = run.should_stop()  # True already for a run resumed at its last step
     while not last:
+        lr_scale = lr_factor(cfg.optim, run.step, cfg.train.max_steps)  # each optimizer's base rate times this
+        set_lr(opt, lr_scale)
         with run.autocast():
             x = run.to_device(next(batches)["x"])
             x = x if cfg.latent_cache else frames.encode(x).float()
@@ -129,9 +135,12 @@ def main(cfg):
             disc_opt.zero_grad(set_to_none=True)  # drop what the generator loss left on the discriminator
             disc_loss, disc_logs = loss_fn.discriminator_loss(x, x_hat.float(), run.step)
             disc_loss.backward()
-            run.clip_and_step_if_finite(loss_fn.discriminator, disc_opt)
+            set_lr(disc_opt, lr_scale)
+            run.clip_and_step(loss_fn.discriminator, disc_opt)
             logs.update(disc_logs)
-        logs["grad_norm"] = run.clip_and_step_if_finite(train_model, opt, ema)
+        logs["grad_norm"], stepped = run.clip_and_step(train_model, opt)  # skipped if the gradient is not finite
+        if stepped:
+            update_ema(ema, model, cfg.train.ema_decay)
         run.count_step()
         last = run.should_stop()  # the step's one stop check: max_steps, or a stop signal the ranks agree on
         run.log(logs, last)

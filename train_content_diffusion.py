@@ -8,6 +8,7 @@ import torch
 from datasets.transforms import to_uint8_videos
 from core.cli import entry_point
 from training.diffusion_stage import DiffusionStage, setup
+from training.optim import lr_factor, set_lr, update_ema
 from sampling.generation import CMDModels, generate_content_frames
 from sampling.media import save_video_set
 
@@ -15,11 +16,15 @@ from sampling.media import save_video_set
 def train_step(s: DiffusionStage, batch: dict) -> dict:
     """One optimizer step on a batch of clips {'x', 'y'} or of the latent cache {'z_c', 'z_m', 'y'}; returns what
     it logs. benchmarks/throughput.py times this function: what is measured is what trains."""
+    run, cfg = s.run, s.run.cfg
+    set_lr(s.opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))  # optim.lr times the schedule's factor
     z_c, _, y = s.latents(batch)  # the cache's latents, or the frozen autoencoder encodes the clips now
     x0 = s.scaler.normalize("content", z_c)  # the denoiser learns latents standardised by the run's latent stats
     losses = s.losses(x0, {"y": y})  # the diffusion loss on z_c given y, at a random timestep per clip
     losses["loss"].backward()
-    losses["grad_norm"] = s.run.clip_and_step_if_finite(s.train_model, s.opt, s.ema)
+    losses["grad_norm"], stepped = run.clip_and_step(s.train_model, s.opt)  # skipped if the gradient is not finite
+    if stepped:
+        update_ema(s.ema, s.model, cfg.train.ema_decay)
     return losses
 
 
@@ -31,7 +36,8 @@ def preview(s: DiffusionStage) -> None:
     count = len(latents["z_c"])
     y = latents["y"] if s.text is not None else torch.arange(count, device=run.device) % run.cfg.data.num_classes
     z_c = generate_content_frames(CMDModels(s.ae, motion=None, content=s.denoiser()), y)
-    frames = s.ae.decode_content(torch.cat([latents["z_c"], z_c])).unsqueeze(2)  # (2N, C, 1, H, W): real row, generated row
+    # (2N, C, 1, H, W): the real row, then the generated row
+    frames = s.ae.decode_content(torch.cat([latents["z_c"], z_c])).unsqueeze(2)
     paths = save_video_set(to_uint8_videos(frames), run.run_dir / "samples", "content_frames", run.step, run.writer,
                            nrow=count)
     what = "their captions" if s.text is not None else f"classes {y.tolist()}"

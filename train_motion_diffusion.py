@@ -8,6 +8,7 @@ import torch
 from datasets.transforms import to_uint8_videos
 from core.cli import entry_point
 from training.diffusion_stage import DiffusionStage, setup
+from training.optim import lr_factor, set_lr, update_ema
 from sampling.generation import CMDModels, generate
 from sampling.media import save_video_set
 
@@ -15,12 +16,16 @@ from sampling.media import save_video_set
 def train_step(s: DiffusionStage, batch: dict) -> dict:
     """One optimizer step on a batch of clips {'x', 'y'} or of the latent cache {'z_c', 'z_m', 'y'}; returns what
     it logs. benchmarks/throughput.py times this function: what is measured is what trains."""
+    run, cfg = s.run, s.run.cfg
+    set_lr(s.opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))  # optim.lr times the schedule's factor
     z_c, z_m, y = s.latents(batch)  # the cache's latents, or the frozen autoencoder encodes the clips now
     x0 = s.scaler.normalize("motion", z_m)  # the denoiser learns latents standardised by the run's latent stats
     cond = {"y": y, "content": s.scaler.normalize("content", z_c)}
     losses = s.losses(x0, cond)  # the diffusion loss on z_m given (y, z_c), at a random timestep per clip
     losses["loss"].backward()
-    losses["grad_norm"] = s.run.clip_and_step_if_finite(s.train_model, s.opt, s.ema)
+    losses["grad_norm"], stepped = run.clip_and_step(s.train_model, s.opt)  # skipped if the gradient is not finite
+    if stepped:
+        update_ema(s.ema, s.model, cfg.train.ema_decay)
     return losses
 
 

@@ -57,7 +57,8 @@ from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, CMDModels, Denois
 from core.cli import HelpFormatter
 from core.frozen_autoencoder import encode
 from core.latent_stats import LatentScaler
-from training.run import TrainingRun, make_ema, make_optimizer
+from training.optim import lr_factor, make_ema, make_optimizer, set_lr, update_ema
+from training.run import TrainingRun
 
 STAGES = ("autoencoder", "content", "motion", "sampling")
 
@@ -129,8 +130,11 @@ def autoencoder_step_fn(run: TrainingRun, model, clips: torch.Tensor) -> Callabl
         with run.autocast():
             x_hat, _, _ = train_model(clips)
         loss, logs = loss_fn(clips, x_hat.float(), run.step, last_layer=model.last_layer())
+        set_lr(opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))
         loss.backward()
-        logs["grad_norm"] = run.clip_and_step_if_finite(train_model, opt, ema)
+        logs["grad_norm"], stepped = run.clip_and_step(train_model, opt)
+        if stepped:
+            update_ema(ema, model, cfg.train.ema_decay)
         run.count_step()
         run.log(logs, run.should_stop())
 
@@ -197,7 +201,8 @@ def run_benchmark(args) -> list:
                 step = autoencoder_step_fn(run, model, clips)
                 flops = train_flops["autoencoder"]
             else:
-                model = build_dit(stage, configs[stage].model, classes, ae.content_shape, ae.motion_shape).to(run.device)
+                model = build_dit(stage, configs[stage].model, classes, ae.content_shape, ae.motion_shape)
+                model = model.to(run.device)
                 diffusion_step = diffusion_step_fn(run, stage, model, ae)
                 labels = torch.randint(0, classes, (batch,), device=run.device)
                 if args.latent_cache:
@@ -277,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help=f"use {TINY_CONFIG_DIR} (unless --config-dir is given)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch for training and sampling")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per stage (sampling: steps // 5 runs)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed training steps per stage (sampling: steps // 5 runs)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", action="store_true", help="train.compile=true; sampling: sample.py --compile")
     parser.add_argument("--grad-checkpointing", action="store_true", help="model.grad_checkpointing=true")
@@ -286,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latent-cache", action="store_true", help="diffusion stages train from pre-encoded latents")
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="fast",
                         help="sample.py's preset for the sampling stage (sampler and steps per stage)")
-    parser.add_argument("--sample-steps", type=int, default=None, help="sampling steps for both stages (default: the preset's)")
+    parser.add_argument("--sample-steps", type=int, default=None,
+                        help="sampling steps for both stages (default: the preset's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="sample.py's --precision for sampling")
     return parser
 
@@ -306,7 +313,8 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = run_benchmark(args)
-    command = "python -m benchmarks.throughput " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m benchmarks.throughput " + " ".join(shlex.quote(a) for a in given)
     print(format_rows(results, args, device, command.strip()))
     return results
 

@@ -70,7 +70,7 @@ def run_reporting_user_errors(fn, *args) -> None:
         else:
             message = (f"rank {os.environ.get('RANK', '?')}: another rank of this job stopped (its error is above); "
                        f"this one stops too")
-        print(f"error: {message}", file=sys.stderr)
+        sys.stderr.write(f"error: {message}\n")  # one write: torchrun's unbuffered ranks share the stream
         _end_rank_process(1)
         raise SystemExit(1) from None
     _end_rank_process(0)

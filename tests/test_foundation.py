@@ -89,7 +89,8 @@ def test_diffusion_stage_requires_ae_ckpt():
 
 
 def test_seed_command_without_config_gets_paper_settings():
-    args = build_arg_parser("motion", "t").parse_args(["--dataset-name", "UCF101", "--data-path", "/d", "--mode", "pixel"])
+    args = build_arg_parser("motion", "t").parse_args(["--dataset-name", "UCF101", "--data-path", "/d",
+                                                       "--mode", "pixel"])
     cfg = config_from_args("motion", args)
     assert cfg.model.name == "MotionDiT-L/2" and cfg.model.key_patch_size == 4 and cfg.ae_ckpt == "auto"
 
@@ -201,7 +202,8 @@ def test_nonfinite_step_skipped_then_stop(tmp_path):
     run_python(toy_args(tmp_path / "b", 4, "--exp-name", "run"))
     skipped, clean = result(tmp_path / "a" / "run", 4), result(tmp_path / "b" / "run", 4)
     assert skipped["params"] != clean["params"]  # one update fewer
-    proc = run_python(toy_args(tmp_path / "c", 20, "--exp-name", "run", "--ckpt-every", 2, "train.max_nonfinite_steps=3"),
+    proc = run_python(toy_args(tmp_path / "c", 20, "--exp-name", "run", "--ckpt-every", 2,
+                               "train.max_nonfinite_steps=3"),
                       env={"TOY_NAN_STEPS": "5,6,7"}, check=False)
     assert proc.returncode != 0 and "3 non-finite losses in a row" in proc.stderr
     kept = ckpt_io.load_checkpoint(tmp_path / "c" / "run" / "checkpoints" / "last.pt")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from core.config import ConfigError, load_config
-from training.run import TrainingRun, lr_factor
+from training.optim import lr_factor, set_lr
+from training.run import TrainingRun
 
 TINY = "configs/tiny"
 
@@ -71,7 +72,7 @@ def test_bad_schedule_settings_name_their_key(override, key):
 
 
 def test_the_optimizer_steps_with_the_scheduled_rate(tmp_path):
-    """Through TrainingRun.clip_and_step_if_finite, as every training script steps: each update's rate is
+    """Through set_lr and TrainingRun.clip_and_step, as every training script steps: each update's rate is
     optim.lr * lr_factor(step), on every param group, and the rate follows run.step (what a resume restores)."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     cfg = load_config("autoencoder", f"{TINY}/autoencoder.yaml",
@@ -87,7 +88,8 @@ def test_the_optimizer_steps_with_the_scheduled_rate(tmp_path):
         for step in (0, 1, 2, 5, 3):  # out of order: the rate depends on run.step alone
             run.step = step
             (model(torch.ones(1, 3)).sum() + second(torch.ones(1, 3)).sum()).backward()
-            run.clip_and_step_if_finite(torch.nn.ModuleList([model, second]), optimizer)
+            set_lr(optimizer, lr_factor(cfg.optim, run.step, cfg.train.max_steps))
+            run.clip_and_step(torch.nn.ModuleList([model, second]), optimizer)
             seen.append([group["lr"] for group in optimizer.param_groups])
         for (step, (lr, lr_second)) in zip((0, 1, 2, 5, 3), seen):
             factor = lr_factor(cfg.optim, step, 6)

@@ -23,7 +23,7 @@ from tests.helpers.failures import assert_one_line_error, assert_untouched, snap
 from tests.helpers.processes import LAUNCHED, REPO, child_env, free_port, run_python
 from core import checkpoint as ckpt_io
 from sampling.media import write_mp4
-from training.run import lr_factor
+from training.optim import lr_factor
 
 pytestmark = pytest.mark.slow  # trains or launches scripts for minutes: scheduled first (conftest.py)
 
@@ -569,7 +569,7 @@ def test_checkpoints_of_an_older_version_with_numpy_rng_state_still_load(trained
     torch.save(legacy, path)
     loaded = ckpt_io.load_checkpoint(path)
     assert np.array_equal(loaded["rng"][0]["numpy"][1], state[1])
-    from training.run import _samples_seen, _set_rng_state
+    from training.checkpointing import samples_seen as _samples_seen, set_rng_state as _set_rng_state
 
     _set_rng_state(loaded["rng"][0])
     assert np.random.rand() == np.random.RandomState(7).rand()
@@ -611,7 +611,7 @@ def test_resume_auto_passes_over_a_run_with_other_data_and_leaves_it_alone(train
 
 
 def _claim(results, barrier, queue):
-    from training.run import claim_run_dir
+    from training.run_folder import claim_run_dir
 
     barrier.wait()
     queue.put(claim_run_dir(Path(results), "motion").path.name)

@@ -23,7 +23,8 @@ from core.frozen_autoencoder import encode, load_autoencoder, resolve_ae_ckpt
 from core.latent_cache import LatentEncoder
 from core.latent_stats import LatentScaler
 from core.text_cache import dataset_captions
-from training.run import TrainingRun, make_ema, make_optimizer
+from training.optim import make_ema, make_optimizer
+from training.run import TrainingRun
 from training.run_latents import run_caption_table, run_latent_cache, run_latent_stats
 
 
@@ -117,24 +118,25 @@ def setup(cfg, stage: str) -> DiffusionStage:
     """The `stage` ('motion' or 'content') run: its folder, the frozen autoencoder, the training clips (or their
     latent cache, diffusion.latent_cache) and the held-out clips' latents, the denoiser with its EMA and optimizer
     (restored when resuming), and the latent statistics (restored, measured on the training data, or identity with
-    diffusion.standardize_latents false). The run records the prediction type and the standardisation it trains
-    with."""
+    diffusion.standardize_latents false). The config the run writes, once, holds what setup finds: the resolved
+    autoencoder and its fingerprints, the class count, the text encoder's, the prediction type and the
+    standardisation it trains with."""
     # Read before a run folder is claimed: a pretrained UNet of unknown prediction type costs nothing.
     prediction = None if cfg.train.resume else fresh_prediction_type(cfg, stage)
     run = TrainingRun(cfg, stage=stage)
-    run.record("ae_ckpt", str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir)))
+    cfg.ae_ckpt = str(resolve_ae_ckpt(cfg.ae_ckpt, cfg.train.results_dir))
     ae, ae_cfg = load_autoencoder(cfg.ae_ckpt, run.device, cfg.data, cfg.mode, cfg.vae)  # refuses another VAE
-    run.record("ae_fingerprint", weights_fingerprint(ae.state_dict()))  # checked on resume and by sample.py
+    cfg.ae_fingerprint = weights_fingerprint(ae.state_dict())  # checked on resume and by sample.py
     if ae_cfg.vae_fingerprint:
-        run.record("vae_fingerprint", ae_cfg.vae_fingerprint)
+        cfg.vae_fingerprint = ae_cfg.vae_fingerprint
     dataset = run.build_dataset(cfg.data.split)
     eval_set = run.build_dataset(cfg.data.eval_split)
-    run.record("data.num_classes", dataset.num_classes)
+    cfg.data.num_classes = dataset.num_classes
 
     unet = None
     if stage == "content" and cfg.model.name == PRETRAINED_UNET:  # fine-tuned from a pretrained image model
         unet = load_pretrained_unet(cfg.model.pretrained)
-        run.record("model.unet_config", unet_config_json(unet))  # its checkpoints rebuild it without the folder
+        cfg.model.unet_config = unet_config_json(unet)  # its checkpoints rebuild it without the folder
     encoder, text, captions = setup_text(run, dataset) if cfg.text.encoder else (None, None, None)
     model = build_denoiser(stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape, unet,
                            None if encoder is None else encoder.shape)
@@ -152,8 +154,8 @@ def setup(cfg, stage: str) -> DiffusionStage:
         # A pretrained SD UNet learned raw scaled VAE latents; per-channel standardisation would move its input.
         standardize = cfg.diffusion.standardize_latents
         standardize = not uses_pretrained_unet(cfg, stage) if standardize is None else bool(standardize)
-    run.record("diffusion.prediction_type", prediction)
-    run.record("diffusion.standardize_latents", standardize)
+    cfg.diffusion.prediction_type, cfg.diffusion.standardize_latents = prediction, standardize
+    run.write_config()  # the run's settings are decided: nothing changes them from here on
     scaler = restored_latent_stats(run, resumed, ae) if resumed is not None else None
     del resumed  # the checkpoint's weights are not kept for the whole run
     run.logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -179,10 +181,10 @@ def setup(cfg, stage: str) -> DiffusionStage:
 
 
 def setup_text(run: TrainingRun, dataset) -> tuple[TextEncoder, Callable, list]:
-    """A caption-conditioned run's text encoder, loaded and recorded (its token shape and weights' fingerprint,
-    checked on resume and by sample.py); what turns captions into its tokens (the CaptionTable of the training
-    captions, each encoded once, or with text.cache false the encoder itself); the training captions, one per
-    video."""
+    """A caption-conditioned run's text encoder, loaded and set in the config (its token shape and weights'
+    fingerprint, checked on resume and by sample.py); what turns captions into its tokens (the CaptionTable of the
+    training captions, each encoded once, or with text.cache false the encoder itself); the training captions, one
+    per video."""
     cfg = run.cfg
     encoder = load_text_encoder(cfg.text.encoder, run.device)
     fingerprint = weights_fingerprint(encoder.model.state_dict())
@@ -192,8 +194,7 @@ def setup_text(run: TrainingRun, dataset) -> tuple[TextEncoder, Callable, list]:
     if recorded and recorded != fingerprint:
         raise CheckpointError(f"text.encoder {cfg.text.encoder}: its weights ({fingerprint}) are not those "
                               f"{run.resume_path or 'this run'} was trained with ({recorded})")
-    for key, value in (("tokens", encoder.length), ("dim", encoder.dim), ("fingerprint", fingerprint)):
-        run.record(f"text.{key}", value)
+    cfg.text.tokens, cfg.text.dim, cfg.text.fingerprint = encoder.length, encoder.dim, fingerprint
     captions = dataset_captions(dataset, f"dataset '{cfg.data.dataset_name}'")
     text = run_caption_table(run, encoder, captions) if cfg.text.cache else encoder
     encoded = f"{len(text)} distinct captions encoded" if cfg.text.cache else "captions encoded as batches come"

@@ -73,7 +73,8 @@ def export_tensors(ckpt: dict, path) -> tuple[dict, dict]:
         tensors.update({LATENT_STATS_PREFIX + key: value.detach().to("cpu").float().contiguous().clone()
                         for key, value in stats.items()})
     config = ckpt["config"]
-    metadata = {"format": "pt", META_FORMAT: EXPORT_FORMAT, META_STAGE: str(stage), META_STEP: str(int(ckpt.get("step", -1))),
+    metadata = {"format": "pt", META_FORMAT: EXPORT_FORMAT, META_STAGE: str(stage),
+                META_STEP: str(int(ckpt.get("step", -1))),
                 META_WEIGHTS: kind, META_CONFIG: json.dumps(config, sort_keys=True),
                 META_WEIGHTS_FINGERPRINT: weights_fingerprint(model_weights(ckpt, prefer_ema=True))}
     if config.get("ae_fingerprint"):

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from core.cli import entry_point
-from training.run import TrainingRun, make_ema, make_optimizer
+from training.optim import lr_factor, make_ema, make_optimizer, set_lr, update_ema
+from training.run import TrainingRun
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -29,22 +30,27 @@ class ToyData(torch.utils.data.Dataset):
 def main(cfg):
     run = TrainingRun(cfg, stage="autoencoder")
     torch.manual_seed(0)  # identical init on every rank and world size
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(float(os.environ.get("TOY_DROPOUT", "0"))), nn.Linear(16, 1)).to(run.device)
+    dropout = float(os.environ.get("TOY_DROPOUT", "0"))
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 1)).to(run.device)
     ema = make_ema(model)
     opt = make_optimizer(model.parameters(), cfg.optim, run.device)
     run.restore({"model": model, "ema": ema}, {"opt": opt})
+    run.write_config()
     ddp_model = run.wrap(model)
     batches = run.loader(ToyData())
     losses = []
     last = run.should_stop()
     while not last:
         batch = next(batches)
+        set_lr(opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))
         loss = nn.functional.mse_loss(ddp_model(run.to_device(batch["x"])), run.to_device(batch["y"]))
         if run.step + 1 in {int(s) for s in os.environ.get("TOY_NAN_STEPS", "").split(",") if s}:
             loss = loss * float("nan")  # the non-finite tests: this update must be skipped
         time.sleep(float(os.environ.get("TOY_STEP_SECONDS", "0")))
         loss.backward()
-        run.clip_and_step_if_finite(ddp_model, opt, ema)
+        _, stepped = run.clip_and_step(ddp_model, opt)
+        if stepped:
+            update_ema(ema, model, cfg.train.ema_decay)
         run.count_step()
         losses.append(loss.item())
         last = run.should_stop()
