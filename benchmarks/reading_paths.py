@@ -69,7 +69,7 @@ class Walk:
                 at = file
             current = stack
         return {"files": len(seen), "re-entries": reentries, "folder moves": moves, "walk steps": len(self.stacks),
-                "file list": sorted(seen)}
+                "file list": sorted(seen), "stacks": self.stacks}
 
 
 def _patched(cls, name: str, before) -> None:
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Files a reader walks through to follow the motion script's config "
                                                  "and sample.py's flags.", formatter_class=HelpFormatter)
     parser.add_argument("--list", action="store_true", help="also print the files of each walk")
+    parser.add_argument("--stacks", action="store_true", help="also print each walk's stacks, in order")
     parser.add_argument("--work", type=Path, help="a folder for the tiny chain, kept (default: a temporary one); "
                                                   "a chain already there is used as it is")
     return parser
@@ -181,10 +182,12 @@ def main(argv=None) -> None:
         walks = {"the config, from train_motion_diffusion.main": diffusion_config_walk(work),
                  "sample.py flags to the mp4": sample_flags_walk(work)}
     for name, counts in walks.items():
-        files = counts.pop("file list")
+        files, stacks = counts.pop("file list"), counts.pop("stacks")
         print(f"{name}: " + ", ".join(f"{value} {key}" for key, value in counts.items()))
         if args.list:
             print("    " + "\n    ".join(files))
+        if args.stacks:
+            print("    " + "\n    ".join(" > ".join(stack) for stack in stacks))
 
 
 if __name__ == "__main__":
