@@ -144,6 +144,17 @@ def _read_holder(lock: Path) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
+def _holder_once_written(lock: Path, wait: float = 1.0) -> dict:
+    """The holder record of a lock that another process holds: it writes the record just after taking the lock, so
+    a claimant that lost by a hair waits for it (up to `wait` seconds) rather than name no one."""
+    deadline = time.monotonic() + wait
+    while True:
+        holder = _read_holder(lock)
+        if holder.get("pid") or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.02)
+
+
 def describe_holder(holder: dict) -> str:
     if not holder.get("pid"):
         return "another process (it is starting)"
@@ -221,7 +232,8 @@ def claim(path, what: str, hint: str, folder: bool = True) -> Claim:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"{what} {path} is in use by {describe_holder(_read_holder(lock))}; {hint}") from None
+                holder = describe_holder(_holder_once_written(lock))
+                raise OutputError(f"{what} {path} is in use by {holder}; {hint}") from None
             if exc.errno in _NO_LOCKS:
                 result = _claim_without_locks(path, lock, what, hint)
                 break
@@ -256,7 +268,8 @@ def check_unclaimed(path, what: str, hint: str, folder: bool = True) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise OutputError(f"{what} {path} is in use by {describe_holder(_read_holder(lock))}; {hint}") from None
+            holder = describe_holder(_holder_once_written(lock))
+            raise OutputError(f"{what} {path} is in use by {holder}; {hint}") from None
     finally:
         os.close(fd)
 
