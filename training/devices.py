@@ -11,16 +11,19 @@ from core.cli import RunError
 from core.distributed import DistInfo
 
 
-def batch_size_per_rank(train_cfg, dist: DistInfo) -> int:
-    """train.global_batch_size split over the ranks; sets TF32 on CUDA as train.tf32 says."""
-    if train_cfg.global_batch_size % dist.world_size != 0:
-        raise RunError(f"train.global_batch_size={train_cfg.global_batch_size} is not divisible by the "
+def batch_size_per_rank(global_batch_size: int, dist: DistInfo) -> int:
+    """train.global_batch_size split over the ranks."""
+    if global_batch_size % dist.world_size != 0:
+        raise RunError(f"train.global_batch_size={global_batch_size} is not divisible by the "
                        f"world size {dist.world_size}")
-    if dist.device.type == "cuda":
-        # Set here, in the run, never at import: the config decides (no global flags on import).
-        torch.backends.cuda.matmul.allow_tf32 = bool(train_cfg.tf32)
-        torch.backends.cudnn.allow_tf32 = bool(train_cfg.tf32)
-    return train_cfg.global_batch_size // dist.world_size
+    return global_batch_size // dist.world_size
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 matmuls and convolutions on CUDA as train.tf32 says; set by the run, never at import."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def wrap(model: nn.Module, dist: DistInfo, compile_model: bool) -> nn.Module:

@@ -7,13 +7,7 @@ from core.distributed import DistInfo, all_gather_object, broadcast_object
 
 def on_main(dist: DistInfo, fn):
     """fn() on rank 0, its result on every rank; an error there is raised on every rank (none hangs waiting)."""
-    result, error = None, None
-    if dist.is_main:
-        try:
-            result = fn()
-        except (ValueError, OSError, RunError) as exc:
-            error = exc
-    result, error = broadcast_object((result, error))
+    result, error = broadcast_object(attempt(fn) if dist.is_main else (None, None))
     if error is not None:
         raise error
     return result

@@ -54,7 +54,8 @@ class TrainingRun:
         self.dist: DistInfo = setup_distributed()
         self.device = self.dist.device
         train = cfg.train
-        self.batch_size = devices.batch_size_per_rank(train, self.dist)
+        self.batch_size = devices.batch_size_per_rank(train.global_batch_size, self.dist)
+        devices.set_tf32(self.device, bool(train.tf32))
         self.seed = train.global_seed * self.dist.world_size + self.dist.rank
         seed_everything(self.seed)
         self.resume_path, resume_notes = find_resume(cfg, stage, self.dist)
