@@ -128,8 +128,8 @@ def main(cfg):
         with run.autocast():
             x = run.to_device(next(batches)["x"])
             x = x if cfg.latent_cache else frames.encode(x).float()
-            x_hat, _, _ = train_model(x)
-        loss, logs = loss_fn(x, x_hat.float(), run.step, last_layer=model.last_layer())
+            x_hat, z_c, _ = train_model(x)
+        loss, logs = loss_fn(x, x_hat.float(), run.step, last_layer=model.last_layer(), content=z_c.float())
         loss.backward()
         if disc is not None and loss_fn.discriminator_active(run.step):
             disc_opt.zero_grad(set_to_none=True)  # drop what the generator loss left on the discriminator

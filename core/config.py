@@ -78,6 +78,8 @@ class AutoencoderLossConfig:
     disc_weight: float = 0.0  # 0 = no discriminator
     disc_start: int = 0
     disc_lr: Optional[float] = None  # default: optim.lr
+    # Penalty on a content frame's fine detail above its frames' (models/ae_losses.content_detail_excess); 0 = off
+    content_detail_weight: float = 0.0
 
 
 @dataclass
@@ -290,6 +292,8 @@ def validate_config(cfg, stage: str) -> None:
                  f"pip install wandb")
     if stage == "autoencoder":
         _require(cfg.loss.perceptual_frames > 0, "config key 'loss.perceptual_frames' must be positive")
+        _require(cfg.loss.content_detail_weight >= 0,
+                 f"config key 'loss.content_detail_weight' must be non-negative, got {cfg.loss.content_detail_weight}")
         _require(not cfg.latent_cache or cfg.mode == "latent",
                  "config key 'latent_cache' caches VAE latents: it needs mode latent "
                  "(pixel clips have nothing to cache)")

@@ -160,9 +160,14 @@ def patch_grid_ratio(images: torch.Tensor, patch_size: int) -> float:
     return float(across / inside.clamp_min(1e-12))
 
 
-def high_frequency_energy(images: torch.Tensor) -> float:
-    """Mean squared difference between images (N, C, H, W) and their 3 x 3 box blur: the energy of the finest
-    detail (a per-pixel dither scores high, a smooth image low)."""
-    images = images.detach().double()
+def fine_detail(images: torch.Tensor) -> torch.Tensor:
+    """Per image (N,): the mean squared difference between images (N, C, H, W) and their 3 x 3 box blur, the energy
+    of the finest detail (a per-pixel dither scores high, a smooth image low). Differentiable: the autoencoder's
+    `loss.content_detail_weight` penalises it."""
     blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    return float((images - blurred).pow(2).mean())
+    return (images - blurred).pow(2).mean(dim=(1, 2, 3))
+
+
+def high_frequency_energy(images: torch.Tensor) -> float:
+    """fine_detail averaged over the images (N, C, H, W), in float64."""
+    return float(fine_detail(images.detach().double()).mean())

@@ -1,4 +1,5 @@
-"""Autoencoder training losses: L1 and/or MSE + LPIPS on random frames, and an optional per-frame PatchGAN (hinge)."""
+"""Autoencoder training losses: L1 and/or MSE + LPIPS on random frames, an optional per-frame PatchGAN (hinge) and an
+optional penalty on content frames with more fine detail than their clip's frames."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from evals.recon import fine_detail
 from models.weights_file import load_weights_file
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "PatchDiscriminator",
     "build_ae_loss",
     "build_lpips",
+    "content_detail_excess",
     "lpips_backbone_weights_path",
 ]
 
@@ -132,6 +135,19 @@ def _frames(video: torch.Tensor) -> torch.Tensor:
     return video.transpose(1, 2).reshape(b * t, c, h, w)
 
 
+def content_detail_excess(x: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+    """Per clip (B,): how far the content frame's fine detail (evals.recon.fine_detail) exceeds the mean of its
+    frames', or 0. Clips x (B, C, T, H, W), content frames z_c (B, C, H, W), in the same units (pixels or latents).
+
+    Per-pixel softmax weights can pick a different frame at neighbouring pixels, which leaves a dither along the
+    object's path: detail no frame has. The frames' own detail is the allowance, so edges and texture that the clip
+    holds cost nothing; the excess is in squared data units, as the MSE is.
+    """
+    b, _, t = x.shape[:3]
+    frames_detail = fine_detail(_frames(x)).reshape(b, t).mean(dim=1)
+    return F.relu(fine_detail(z_c) - frames_detail.to(z_c.dtype))
+
+
 class AutoencoderLoss(nn.Module):
     """Reconstruction loss of the CMD autoencoder; holds the frozen LPIPS and, if enabled, the discriminator.
 
@@ -150,8 +166,11 @@ class AutoencoderLoss(nn.Module):
         disc_start: int = 0,
         channels: int = 3,
         mse_weight: float = 0.0,
+        content_detail_weight: float = 0.0,
     ):
         super().__init__()
+        if content_detail_weight < 0:
+            raise ValueError(f"loss.content_detail_weight={content_detail_weight} must be >= 0")
         if l1_weight < 0 or mse_weight < 0 or l1_weight + mse_weight <= 0:
             raise ValueError(f"loss.l1_weight={l1_weight} and loss.mse_weight={mse_weight}: both must be >= 0 "
                              f"and at least one > 0")
@@ -164,6 +183,7 @@ class AutoencoderLoss(nn.Module):
         self.l1_weight = float(l1_weight)
         self.mse_weight = float(mse_weight)
         self.perceptual_weight = float(perceptual_weight)
+        self.content_detail_weight = float(content_detail_weight)
         self.perceptual_frames = int(perceptual_frames)
         self.lpips = lpips_module if perceptual_weight > 0 else None
         self.disc_weight = float(disc_weight)
@@ -203,11 +223,18 @@ class AutoencoderLoss(nn.Module):
         return weight.clamp(0.0, 1e4).detach()
 
     def forward(
-        self, x: torch.Tensor, x_hat: torch.Tensor, step: int, last_layer: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, x_hat: torch.Tensor, step: int, last_layer: Optional[torch.Tensor] = None,
+        content: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Generator-side loss of clips x and reconstructions x_hat (B, C, T, H, W) -> (loss, detached logs)."""
+        """Generator-side loss of clips x and reconstructions x_hat (B, C, T, H, W) -> (loss, detached logs).
+
+        `content`: the content frames z_c (B, C, H, W) that encoded x; needed when content_detail_weight > 0, and
+        their detail excess is logged whenever given.
+        """
         if x.shape != x_hat.shape:
             raise ValueError(f"reconstruction of size {tuple(x_hat.shape)} does not match clip {tuple(x.shape)}")
+        if self.content_detail_weight > 0 and content is None:
+            raise ValueError("loss.content_detail_weight > 0 needs the content frames: pass content=z_c")
         error = x_hat - x
         l1 = error.abs().mean()
         mse = error.pow(2).mean()
@@ -221,6 +248,13 @@ class AutoencoderLoss(nn.Module):
             rec_loss = rec_loss + self.perceptual_weight * perceptual
             logs["lpips"] = perceptual.detach()
         loss = rec_loss
+        if content is not None:
+            # Not part of rec_loss: it reaches only the encoder's content weights, never the decoder's last layer
+            # that the GAN balance compares against.
+            detail = content_detail_excess(x, content).mean()
+            logs["content_detail"] = detail.detach()
+            if self.content_detail_weight > 0:
+                loss = loss + self.content_detail_weight * detail
         if self.discriminator_active(step):
             gan_loss = -self.discriminator(_frames(x_hat)).mean()
             weight = self._adaptive_weight(rec_loss, gan_loss, last_layer) * self.disc_weight
@@ -270,4 +304,5 @@ def build_ae_loss(loss_cfg, channels: int, random_lpips_backbone: bool = False) 
         disc_weight=float(loss_cfg.disc_weight),
         disc_start=int(loss_cfg.disc_start),
         channels=channels,
+        content_detail_weight=float(loss_cfg.content_detail_weight),
     )

@@ -7,10 +7,11 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from evals.recon import high_frequency_energy
-from models.ae_losses import AutoencoderLoss, build_ae_loss, build_lpips, lpips_backbone_weights_path
+from evals.recon import fine_detail, high_frequency_energy
+from models.ae_losses import (AutoencoderLoss, build_ae_loss, build_lpips, content_detail_excess,
+                              lpips_backbone_weights_path)
 from models.autoencoder import CMDAutoencoder, build_autoencoder
-from core.config import AutoencoderLossConfig, AutoencoderModelConfig, DataConfig
+from core.config import AutoencoderLossConfig, AutoencoderModelConfig, ConfigError, DataConfig, load_config
 from tests.helpers.pickles import MakesAFolder
 
 TINY = dict(hidden_size=32, depth=1, num_heads=2, motion_dim=4)
@@ -435,3 +436,84 @@ def test_motion_health_flags_a_constant_motion_latent():
     assert "spread 0.0000" in warning and "100% of z_m entries are saturated" in warning and "gap 0.00 dB" in warning
     assert motion_warning({**collapsed, "zm_spread": 0.3, "zm_saturated": 0.0, "swap_gap": 4.0}) is None
 
+
+
+def smooth_clip(batch, model, seed=0):
+    """Clips whose frames are flat colours (one per frame and channel) plus one shared horizontal ramp: smooth
+    frames that differ over time, so per-pixel weights can dither between them."""
+    generator = torch.Generator().manual_seed(seed)
+    b, (c, t, h, w) = batch, model.clip_shape
+    colours = torch.rand((b, c, t, 1, 1), generator=generator) * 1.2 - 0.6
+    return colours + 0.3 * torch.linspace(-1, 1, w).expand(b, c, t, h, w)
+
+
+def test_content_detail_excess_is_zero_for_blends_of_the_frames_and_positive_for_a_dither():
+    """fine_detail is a convex quadratic of the image, so a blend of the frames with weights shared by all pixels
+    (the temporal mean, any one frame) has no more detail than the frames have on average: no excess. A frame picked
+    per pixel in a checkerboard has detail that no frame has, all of it excess."""
+    x = smooth_clip(2, tiny_model())
+    frames_detail = fine_detail(x.transpose(1, 2).flatten(0, 1)).reshape(2, -1).mean(dim=1)
+    # Equal in exact arithmetic here (every frame has the ramp's detail); float32 rounding of means over 768 squares
+    # stays far below 100 epsilon of the value.
+    assert torch.all(content_detail_excess(x, x.mean(dim=2)) <= 1e-5 * frames_detail)
+    assert torch.all(content_detail_excess(x, x[:, :, 3]) <= 1e-5 * frames_detail)
+    checker = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2).bool()  # (H, W)
+    dithered = torch.where(checker, x[:, :, 0], x[:, :, 1])
+    excess = content_detail_excess(x, dithered)
+    torch.testing.assert_close(excess, fine_detail(dithered) - frames_detail)
+    assert torch.all(excess > 10 * frames_detail)  # colours 0.1-1.2 apart switch at every pixel
+
+
+def test_loss_content_detail_term_and_its_checks():
+    x = smooth_clip(2, tiny_model())
+    x_hat = x + 0.1 * torch.randn_like(x)
+    dithered = torch.where(torch.rand(16, 16) < 0.5, x[:, :, 0], x[:, :, 1])
+    loss_module = AutoencoderLoss(l1_weight=0.0, perceptual_weight=0.0, perceptual_frames=1, mse_weight=1.0,
+                                  content_detail_weight=3.0)
+    loss, logs = loss_module(x, x_hat, 0, content=dithered)
+    excess = float(content_detail_excess(x, dithered).mean())
+    assert excess > 0 and float(logs["content_detail"]) == pytest.approx(excess, rel=1e-5)
+    assert float(loss) == pytest.approx(float(logs["mse"]) + 3.0 * excess, rel=1e-5)
+    assert float(logs["rec"]) == pytest.approx(float(logs["mse"]), rel=1e-5)  # the reconstruction alone
+    with pytest.raises(ValueError, match="content=z_c"):
+        loss_module(x, x_hat, 0)
+    # Off (the default), the term is logged when the content frames are given but adds nothing.
+    off = AutoencoderLoss(l1_weight=0.0, perceptual_weight=0.0, perceptual_frames=1, mse_weight=1.0)
+    loss, logs = off(x, x_hat, 0, content=dithered)
+    assert float(loss) == pytest.approx(float(logs["mse"]), rel=1e-6)
+    assert float(logs["content_detail"]) == pytest.approx(excess, rel=1e-5)
+    with pytest.raises(ValueError, match="content_detail_weight=-1.0"):
+        AutoencoderLoss(l1_weight=1.0, perceptual_weight=0.0, perceptual_frames=1, content_detail_weight=-1.0)
+
+
+def test_content_detail_weight_config_key_is_validated_and_reaches_the_loss():
+    tiny = "configs/tiny/autoencoder.yaml"
+    with pytest.raises(ConfigError, match="loss.content_detail_weight' must be non-negative, got -0.5"):
+        load_config("autoencoder", tiny, ["loss.content_detail_weight=-0.5"])
+    assert build_ae_loss(load_config("autoencoder", tiny).loss, channels=3).content_detail_weight == 0.0
+    cfg = load_config("autoencoder", tiny, ["loss.content_detail_weight=2"])
+    assert build_ae_loss(cfg.loss, channels=3).content_detail_weight == 2.0
+
+
+def test_content_detail_term_alone_smooths_per_pixel_content_weights():
+    """Per-pixel logits start random (a dither over smooth frames); Adam steps on the detail term alone (the
+    reconstruction is exact, so it adds nothing) move the weights until the content frame is about as smooth as its
+    frames."""
+    torch.manual_seed(0)
+    model = tiny_model(resolution=(16, 16), patch_size=4)
+    torch.nn.init.normal_(model.content_head.weight, std=1.0)
+    x = smooth_clip(4, model)
+    loss_module = AutoencoderLoss(l1_weight=0.0, perceptual_weight=0.0, perceptual_frames=1, mse_weight=1.0,
+                                  content_detail_weight=1.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    excesses = []
+    for step in range(30):
+        z_c, _ = model.encode(x)
+        loss, logs = loss_module(x, x, step, content=z_c)
+        excesses.append(float(logs["content_detail"]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    frames_detail = high_frequency_energy(x.transpose(1, 2).flatten(0, 1))
+    assert excesses[0] > 2 * frames_detail  # the random logits dither
+    assert excesses[-1] < 0.1 * excesses[0]
