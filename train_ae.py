@@ -6,6 +6,7 @@
 """
 import torch
 
+from datasets import build_dataset
 from datasets.transforms import to_uint8_videos
 from evals.fvd import load_detector
 from evals.recon import motion_health, motion_warning, ssim
@@ -15,7 +16,7 @@ from models.autoencoder import build_autoencoder
 from models.vae import PixelFrames, pixel_interface
 from core.config import ConfigError
 from core.data import fixed_batch
-from core.distributed import all_reduce_mean
+from core.distributed import all_reduce_mean, main_rank_first
 from core.cli import entry_point
 from core.frozen_autoencoder import load_frames, vae_fingerprint
 from core.latent_cache import LatentEncoder
@@ -82,8 +83,9 @@ def main(cfg):
     cfg.vae_fingerprint = vae_fingerprint(frames)
     run = TrainingRun(cfg, stage="autoencoder")
     frames.to(run.device)
-    dataset = run.build_dataset(cfg.data.split)
-    eval_set = run.build_dataset(cfg.data.eval_split)
+    with main_rank_first(run.dist):  # rank 0 indexes the videos; the other ranks then read its index
+        dataset = build_dataset(cfg.data, cfg.data.split, cfg.train.global_seed)
+        eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.train.global_seed)
     cfg.data.num_classes = dataset.num_classes
 
     model = build_autoencoder(cfg.model, cfg.data, frames.downsample).to(run.device)
@@ -117,8 +119,8 @@ def main(cfg):
 
     source = dataset
     if cfg.latent_cache:  # latent mode: the VAE runs once per cached clip instead of on every batch
-        source = run_latent_cache(run, LatentEncoder.frames(frames, cfg.data), dataset,
-                                  cfg.latent_cache_clips_per_video, run.batch_size)
+        source = run_latent_cache(run, LatentEncoder.frames(frames, cfg.data), dataset, cfg.data,
+                                  cfg.latent_cache_clips_per_video)
     batches = run.loader(source)
     results = None
     last = run.should_stop()  # True already for a run resumed at its last step

@@ -5,36 +5,26 @@
 """
 import torch
 
+from datasets import build_dataset
 from datasets.transforms import to_uint8_videos
+from models.dit import build_dit
 from core.cli import entry_point
-from training.diffusion_stage import DiffusionStage, setup
-from training.optim import lr_factor, set_lr, update_ema
-from sampling.generation import CMDModels, generate
+from core.distributed import main_rank_first
+from core.latent_cache import LatentEncoder
+from sampling.generation import CMDModels, Denoiser, generate
 from sampling.media import save_video_set
-
-
-def train_step(s: DiffusionStage, batch: dict) -> dict:
-    """One optimizer step on a batch of clips {'x', 'y'} or of the latent cache {'z_c', 'z_m', 'y'}; returns what
-    it logs. benchmarks/throughput.py times this function: what is measured is what trains."""
-    run, cfg = s.run, s.run.cfg
-    set_lr(s.opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))  # optim.lr times the schedule's factor
-    z_c, z_m, y = s.latents(batch)  # the cache's latents, or the frozen autoencoder encodes the clips now
-    x0 = s.scaler.normalize("motion", z_m)  # the denoiser learns latents standardised by the run's latent stats
-    cond = {"y": y, "content": s.scaler.normalize("content", z_c)}
-    losses = s.losses(x0, cond)  # the diffusion loss on z_m given (y, z_c), at a random timestep per clip
-    losses["loss"].backward()
-    losses["grad_norm"], stepped = run.clip_and_step(s.train_model, s.opt)  # skipped if the gradient is not finite
-    if stepped:
-        update_ema(s.ema, s.model, cfg.train.ema_decay)
-    return losses
+from training.diffusion_stage import (batch_latents, decide_diffusion_settings, diffusion_losses, held_out_latents,
+                                      latent_stats, load_frozen_autoencoder, setup_text, training_diffusion)
+from training.optim import lr_factor, make_ema, make_optimizer, set_lr, update_ema
+from training.run import TrainingRun
+from training.run_latents import run_latent_cache
 
 
 @torch.no_grad()
-def preview(s: DiffusionStage) -> None:
+def preview(run: TrainingRun, ae, denoiser: Denoiser, held_out: dict) -> None:
     """The paper's motion-only check: generated motion on REAL content frames, next to the real clip's decoding."""
-    run, latents = s.run, s.eval_latents
-    fake, _ = generate(CMDModels(s.ae, motion=s.denoiser()), latents["y"], content=latents["z_c"])
-    real = s.ae.decode(latents["z_c"], latents["z_m"])
+    fake, _ = generate(CMDModels(ae, motion=denoiser), held_out["y"], content=held_out["z_c"])
+    real = ae.decode(held_out["z_c"], held_out["z_m"])
     pairs = torch.stack([real, fake], dim=1).flatten(0, 1)  # rows: (real motion, generated motion) per content frame
     paths = save_video_set(to_uint8_videos(pairs), run.run_dir / "samples", "motion_on_real_content", run.step,
                            run.writer, nrow=2)
@@ -42,18 +32,53 @@ def preview(s: DiffusionStage) -> None:
 
 
 def main(cfg):
-    s = setup(cfg, "motion")  # run, frozen AE, data (or its latent cache), model/EMA/optimizer, resume, latent stats
-    run, batches = s.run, s.run.loader(s.source)
+    run = TrainingRun(cfg, "motion")  # the run folder, log, ranks, device, resume point and stop signal
+    ae = load_frozen_autoencoder(cfg, run.device)
+    with main_rank_first(run.dist):  # rank 0 indexes the videos; the other ranks then read its index
+        train_set = build_dataset(cfg.data, cfg.data.split, cfg.train.global_seed)
+        eval_set = build_dataset(cfg.data, cfg.data.eval_split, cfg.train.global_seed)
+    cfg.data.num_classes = train_set.num_classes
+    text = setup_text(run, cfg, train_set) if cfg.text.encoder else None  # captions instead of class labels
+    model = build_dit("motion", cfg.model, train_set.num_classes, ae.content_shape, ae.motion_shape,
+                      None if text is None else text.encoder.shape).to(run.device)
+    if text is not None:  # guidance's null condition: the empty prompt (a resumed run restores its own)
+        model.y_embedder.null_tokens.copy_(text.encoder([""])[0])
+    ema = make_ema(model)
+    opt = make_optimizer(model.parameters(), cfg.optim, run.device)
+    resumed = run.restore({"model": model, "ema": ema}, {"opt": opt})
+    decide_diffusion_settings(cfg, "motion", resumed, run.resume_path)
+    run.write_config()  # the run's settings are decided: nothing changes them from here on
+    run.logger.info(f"{cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                    f"predicts {cfg.diffusion.prediction_type}; autoencoder {cfg.ae_ckpt}")
+    train_model = run.wrap(model)
+    diffusion = training_diffusion(cfg)
+    held_out = held_out_latents(run, ae, eval_set, cfg.train.num_eval_videos, text)
+    source = train_set
+    if cfg.diffusion.latent_cache:  # the frozen autoencoder encodes each clip once instead of on every batch
+        source = run_latent_cache(run, LatentEncoder.autoencoder(ae, cfg.ae_ckpt), train_set, cfg.data,
+                                  cfg.diffusion.latent_cache_clips_per_video, None if text is None else text.captions)
+    scaler = latent_stats(run, ae, source, resumed, cfg.diffusion.standardize_latents)
+    denoiser = Denoiser.from_config(ema, cfg, scaler)  # the EMA model as the previews sample it
+
+    batches = run.loader(source)
     last = run.should_stop()  # True already for a run resumed at its last step
     while not last:
-        logs = train_step(s, next(batches))
+        set_lr(opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))  # optim.lr times the schedule's factor
+        z_c, z_m, y = batch_latents(run, ae, next(batches), text)
+        x0 = scaler.normalize("motion", z_m)  # the denoiser learns latents standardised by the run's latent stats
+        cond = {"y": y, "content": scaler.normalize("content", z_c)}
+        losses = diffusion_losses(diffusion, train_model, x0, cond, run.autocast())  # a random t per clip
+        losses["loss"].backward()
+        losses["grad_norm"], stepped = run.clip_and_step(train_model, opt)  # skipped if the gradient is not finite
+        if stepped:
+            update_ema(ema, model, cfg.train.ema_decay)
         run.count_step()
         last = run.should_stop()  # the step's one stop check: max_steps, or a stop signal the ranks agree on
-        run.log(logs, last)
+        run.log(losses, last)
         if run.due(cfg.train.sample_every, last) and run.dist.is_main:
-            preview(s)  # the other ranks wait for it at their next collective (log or save)
+            preview(run, ae, denoiser, held_out)  # the other ranks wait for it at their next collective
         if run.due(cfg.train.ckpt_every, last):
-            s.save()
+            run.save({"model": model, "ema": ema}, {"opt": opt}, {"latent_stats": scaler.state_dict()})
     run.finish()
 
 

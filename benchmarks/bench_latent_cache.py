@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.throughput import diffusion_step_fn
+from datasets import build_dataset
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
 from core.cli import HelpFormatter
@@ -60,14 +61,13 @@ def measure(args) -> dict:
         cfg = load_config(args.stage, str(config_dir / f"{args.stage}.yaml"), overrides)
         run = TrainingRun(cfg, stage=args.stage)
         ae = ae.to(run.device)
-        dataset = run.build_dataset(cfg.data.split)
+        dataset = build_dataset(cfg.data, cfg.data.split, cfg.train.global_seed)
         model = build_dit(args.stage, cfg.model, dataset.num_classes, ae.content_shape, ae.motion_shape).to(run.device)
         step = diffusion_step_fn(run, args.stage, model, ae)
 
         from_clips = steps_per_second(step, run.loader(dataset), args.steps, args.warmup)
         start = time.perf_counter()
-        cache = run_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), dataset, args.clips_per_video,
-                                 run.batch_size)
+        cache = run_latent_cache(run, LatentEncoder.autoencoder(ae, ae_path), dataset, cfg.data, args.clips_per_video)
         build_seconds = time.perf_counter() - start
         from_cache = steps_per_second(step, run.loader(cache), args.steps, args.warmup)
         run.finish()

@@ -148,7 +148,7 @@ def _steps(batch: int, device) -> torch.Tensor:
 def _denoiser_call_flops(model, shape, guided: bool, cond: Optional[dict] = None) -> int:
     """FLOPs of one sampling step for one video: the model once, or on the doubled batch when guided.
 
-    Mirrors sampling.generation.sample_latents, where guidance (cfg_scale != 1) goes through guided_model;
+    Mirrors sampling.generation.sample_latents, where guidance (a scale other than 1) goes through guided_model;
     the scale's value does not change the FLOPs.
     """
     device = next(model.parameters()).device

@@ -49,9 +49,7 @@ from benchmarks.flops import (
 from models.ae_losses import build_ae_loss
 from models.autoencoder import build_autoencoder
 from models.dit import build_dit
-from train_content_diffusion import train_step as content_train_step
-from train_motion_diffusion import train_step as motion_train_step
-from training.diffusion_stage import DiffusionStage
+from training.diffusion_stage import batch_latents, diffusion_losses, training_diffusion
 from sampling.generation import (PRECISIONS, SAMPLING_PRESETS, CMDModels, Denoiser, SamplingOptions, compile_models,
                                  generate, set_precision)
 from core.cli import HelpFormatter
@@ -142,17 +140,28 @@ def autoencoder_step_fn(run: TrainingRun, model, clips: torch.Tensor) -> Callabl
 
 
 def diffusion_step_fn(run: TrainingRun, stage: str, model, ae) -> Callable[[dict], None]:
-    """The loop body of train_{stage}_diffusion.py: its train_step, then the step's count, stop check and logging.
-    Identity latent statistics cost what measured ones cost."""
-    s = DiffusionStage(run, ae, model, run.wrap(model), make_ema(model),
-                       make_optimizer(model.parameters(), run.cfg.optim, run.device),
-                       LatentScaler.identity(ae).to(run.device))
-    train_step = {"motion": motion_train_step, "content": content_train_step}[stage]
+    """The loop body of train_{stage}_diffusion.py, from the same calls: the latents of the batch, the loss,
+    backward, the optimizer and EMA updates, then the step's count, stop check and logging. Identity latent
+    statistics cost what measured ones cost."""
+    cfg = run.cfg
+    ema, opt = make_ema(model), make_optimizer(model.parameters(), cfg.optim, run.device)
+    train_model, diffusion = run.wrap(model), training_diffusion(cfg)
+    scaler = LatentScaler.identity(ae).to(run.device)
 
     def step(batch):
-        logs = train_step(s, batch)
+        set_lr(opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))
+        z_c, z_m, y = batch_latents(run, ae, batch, None)
+        if stage == "motion":
+            x0, cond = scaler.normalize("motion", z_m), {"y": y, "content": scaler.normalize("content", z_c)}
+        else:
+            x0, cond = scaler.normalize("content", z_c), {"y": y}
+        losses = diffusion_losses(diffusion, train_model, x0, cond, run.autocast())
+        losses["loss"].backward()
+        losses["grad_norm"], stepped = run.clip_and_step(train_model, opt)
+        if stepped:
+            update_ema(ema, model, cfg.train.ema_decay)
         run.count_step()
-        run.log(logs, run.should_stop())
+        run.log(losses, run.should_stop())
 
     return step
 

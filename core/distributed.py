@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -11,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from core.cli import nonnegative_int, port_int, positive_int
+from core.cli import RunError, nonnegative_int, port_int, positive_int
 
 
 @dataclass
@@ -141,6 +142,59 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# Work one rank does for all, and user errors every rank raises together, so that none hangs waiting for the others.
+USER_ERRORS = (ValueError, OSError, RunError)
+
+
+def attempt(fn) -> tuple:
+    """(fn(), None), or (None, the user error it raised): to be shared with the other ranks before raising."""
+    try:
+        return fn(), None
+    except USER_ERRORS as exc:
+        return None, exc
+
+
+def raise_first(errors: list) -> None:
+    error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+
+
+def on_main(info: DistInfo, fn):
+    """fn() on rank 0, its result on every rank; an error there is raised on every rank."""
+    result, error = broadcast_object(attempt(fn) if info.is_main else (None, None))
+    if error is not None:
+        raise error
+    return result
+
+
+@contextlib.contextmanager
+def errors_shared():
+    """Every rank runs the body; a user error it raises on any rank is raised on every rank."""
+    error = None
+    try:
+        yield
+    except USER_ERRORS as exc:
+        error = exc
+    raise_first(all_gather_object(error))
+
+
+@contextlib.contextmanager
+def main_rank_first(info: DistInfo):
+    """The body runs on rank 0 first, then on the other ranks, which read what rank 0 cached (a dataset's index)
+    instead of probing the files again. A user error on any rank is raised on every rank."""
+    if not info.is_main:
+        raise_first([broadcast_object(None)])  # rank 0's error is raised here, and the body skipped
+    error = None
+    try:
+        yield
+    except USER_ERRORS as exc:
+        error = exc
+    if info.is_main:
+        raise_first([broadcast_object(error)])
+    raise_first(all_gather_object(error))
 
 
 # torchrun's launcher flags that the entry scripts accept as well, because the original NVlabs/CMD commands pass them

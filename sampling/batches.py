@@ -51,7 +51,7 @@ def check_finite_samples(models, indices: list, videos: torch.Tensor, contents: 
     bad = [index for index, video, content in zip(indices, videos, contents)
            if not (bool(torch.isfinite(video).all()) and bool(torch.isfinite(content).all()))]
     if bad:
-        scales = ", ".join(f"{stage} {denoiser.cfg_scale:g}" for stage, denoiser in
+        scales = ", ".join(f"{stage} {denoiser.guidance_scale:g}" for stage, denoiser in
                            (("content", models.content), ("motion", models.motion)) if denoiser is not None)
         raise ValueError(f"sampling produced non-finite values (NaN or inf) in video{'s' * (len(bad) > 1)} "
                          f"{', '.join(map(str, bad[:4]))}{', ...' if len(bad) > 4 else ''}; nothing of "

@@ -50,7 +50,7 @@ class SamplingOptions:
     """A stage's sampling settings chosen at sampling time; None keeps those of the stage's config."""
     steps: Optional[int] = None
     sampler: Optional[str] = None
-    cfg_scale: Optional[float] = None
+    guidance_scale: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,15 @@ SAMPLING_PRESETS = {
                            about="DDIM 50 content / 100 motion steps, guidance of the checkpoints, --precision auto"),
     # The protocol the paper states for its numbers: DDIM (eta 0) 50 content / 100 motion steps, the content model
     # guided with w = 4, the motion model unguided, fp32, labels by class frequency.
-    "paper": SamplingPreset(SamplingOptions(steps=50, sampler="ddim", cfg_scale=PAPER_CONTENT_SCALE),
-                            SamplingOptions(steps=100, sampler="ddim", cfg_scale=1.0), precision="fp32",
+    "paper": SamplingPreset(SamplingOptions(steps=50, sampler="ddim", guidance_scale=PAPER_CONTENT_SCALE),
+                            SamplingOptions(steps=100, sampler="ddim", guidance_scale=1.0), precision="fp32",
                             labels="dataset",
                             about="the paper's protocol: DDIM (eta 0) 50 content / 100 motion steps, content guidance "
                                   "w = 4 (s = 5), motion unguided, fp32, labels by class frequency"),
     # What NVlabs/CMD's evaluation code runs: ancestral DDPM on the process respaced to 50 steps for both stages,
     # content guidance 4.0 in DiT's convention, motion unguided, fp32, labels of training batches.
-    "reference": SamplingPreset(SamplingOptions(steps=50, sampler="ddpm", cfg_scale=REFERENCE_CONTENT_SCALE),
-                                SamplingOptions(steps=50, sampler="ddpm", cfg_scale=1.0), precision="fp32",
+    "reference": SamplingPreset(SamplingOptions(steps=50, sampler="ddpm", guidance_scale=REFERENCE_CONTENT_SCALE),
+                                SamplingOptions(steps=50, sampler="ddpm", guidance_scale=1.0), precision="fp32",
                                 labels="dataset",
                                 about="NVlabs/CMD's evaluation: ancestral DDPM 50/50 respaced steps, content "
                                       "guidance s = 4, motion unguided, fp32, labels by class frequency"),
@@ -103,16 +103,16 @@ class Denoiser:
     cfg: object
     scaler: LatentScaler
     sampler: Sampler
-    cfg_scale: float
+    guidance_scale: float
 
     @classmethod
     def from_config(cls, model, cfg, scaler: LatentScaler, options: SamplingOptions = SamplingOptions()) -> "Denoiser":
         sampler = make_sampler(cfg.diffusion, cfg.model.learn_sigma, options.steps, options.sampler)
-        cfg_scale = cfg.diffusion.cfg_scale if options.cfg_scale is None else options.cfg_scale
-        if not 0.0 <= float(cfg_scale) <= GUIDANCE_MAX:  # NaN fails too; scales beyond overflow into NaN samples
-            raise ValueError(f"the {cfg.stage} model's guidance scale {cfg_scale} is not in 0..{GUIDANCE_MAX:g}"
-                             + (" (its checkpoint's diffusion.cfg_scale)" if options.cfg_scale is None else ""))
-        return cls(model, cfg, scaler, sampler, float(cfg_scale))
+        guidance_scale = cfg.diffusion.cfg_scale if options.guidance_scale is None else options.guidance_scale
+        if not 0.0 <= float(guidance_scale) <= GUIDANCE_MAX:  # NaN fails too; scales beyond overflow into NaN samples
+            raise ValueError(f"the {cfg.stage} model's guidance scale {guidance_scale} is not in 0..{GUIDANCE_MAX:g}"
+                             + (" (its checkpoint's diffusion.cfg_scale)" if options.guidance_scale is None else ""))
+        return cls(model, cfg, scaler, sampler, float(guidance_scale))
 
     def with_options(self, options: SamplingOptions) -> "Denoiser":
         """The same model, config and statistics with other sampling settings (nothing is reloaded)."""
@@ -243,7 +243,7 @@ def generate_content_frames(models: CMDModels, labels: torch.Tensor, seed: Optio
     indices = range(len(labels)) if indices is None else indices
     with models.autocast(labels.device):
         return sample_latents(content.model, content.sampler.diffusion, content.sampler.method, "content",
-                              tuple(models.ae.content_shape), labels, content.cfg_scale, content.scaler,
+                              tuple(models.ae.content_shape), labels, content.guidance_scale, content.scaler,
                               progress=progress, generator=video_generators(seed, indices, 0, labels.device),
                               bound=models.ae.content_bound)
 
@@ -267,13 +267,14 @@ def generate(models: CMDModels, labels: torch.Tensor, seed: Optional[int] = None
             content = generate_content_frames(models, labels, seed, indices, progress)
         motion = models.motion
         z_m = sample_latents(motion.model, motion.sampler.diffusion, motion.sampler.method, "motion",
-                             tuple(models.ae.motion_shape), labels, motion.cfg_scale, motion.scaler, content=content,
-                             generator=video_generators(seed, indices, 1, labels.device), progress=progress)
+                             tuple(models.ae.motion_shape), labels, motion.guidance_scale, motion.scaler,
+                             content=content, generator=video_generators(seed, indices, 1, labels.device),
+                             progress=progress)
         return models.ae.decode(content, z_m).float(), content
 
 
 @torch.no_grad()
-def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Tensor, cfg_scale: float,
+def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Tensor, guidance_scale: float,
                    scaler: LatentScaler, content: Optional[torch.Tensor] = None, generator=None,
                    progress: bool = False, eta: float = 0.0, bound: Optional[float] = 1.0) -> torch.Tensor:
     """Samples the `stage` latent (B, *shape) in the autoencoder's units with classifier-free guidance (scale 1 = none).
@@ -285,7 +286,7 @@ def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Te
     outputs) live in [-1, 1]; latent mode's content frames (of VAE latents) have no bound (None: no clipping).
     """
     cond = {"content": scaler.normalize("content", content)} if stage == "motion" else {}
-    model_fn = model if cfg_scale == 1.0 else guided_model(model, cfg_scale, model.y_embedder.null_like(y))
+    model_fn = model if guidance_scale == 1.0 else guided_model(model, guidance_scale, model.y_embedder.null_like(y))
     bounds = False if bound is None else scaler.bounds(stage, len(shape) + 1, y.device, bound)
     z = sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
                         device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=bounds)

@@ -26,7 +26,7 @@ def resolve_settings(args) -> SampleSettings:
         chosen = preset[name]
         steps, sampler, scale = (getattr(args, f"{name}_{key}") for key in ("steps", "sampler", "cfg_scale"))
         return SamplingOptions(steps or chosen.steps, sampler or chosen.sampler,
-                               chosen.cfg_scale if scale is None else scale)
+                               chosen.guidance_scale if scale is None else scale)
 
     return SampleSettings(stage("content"), stage("motion"), args.precision or preset.precision or "auto",
                           preset.labels if args.classes is None else args.classes)
@@ -42,7 +42,7 @@ def protocol_line(args, models, settings: SampleSettings, precision: tuple, capt
     """One line stating what this run samples with, for the record beside any number computed from its videos."""
     stages = [(name, denoiser) for name, denoiser in (("content", models.content), ("motion", models.motion))
               if denoiser is not None]
-    parts = [f"{name} {d.sampler.method} {d.sampler.diffusion.num_timesteps} steps, guidance s={d.cfg_scale:g}"
+    parts = [f"{name} {d.sampler.method} {d.sampler.diffusion.num_timesteps} steps, guidance s={d.guidance_scale:g}"
              for name, d in stages]
     bf16, tf32 = precision
     arithmetic = "bf16 autocast" if bf16 else "tf32" if tf32 else "fp32"

@@ -171,6 +171,36 @@ print(" and not reached")
     assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
 
 
+def test_main_rank_first_orders_the_ranks_and_shares_a_user_error(tmp_path):
+    """Rank 0's body runs before the others' (they see what it wrote); a user error in one rank's body is raised on
+    every rank, so none is left waiting."""
+    script = f"""
+import pathlib, sys
+import core.distributed as d
+info = d.setup_distributed()
+mark = pathlib.Path({str(tmp_path / "mark")!r})
+with d.main_rank_first(info):
+    if info.is_main:
+        mark.write_text("rank 0 was first")
+    else:
+        print("rank", info.rank, "sees:", mark.read_text())
+for failing in (0, 1):
+    try:
+        with d.main_rank_first(info):
+            if info.rank == failing:
+                raise ValueError("no videos in /data/x (rank " + str(failing) + ")")
+    except ValueError as exc:
+        print("rank", info.rank, "raised:", exc)
+d.cleanup_distributed()
+"""
+    (tmp_path / "ranks.py").write_text(script)
+    out = run_torchrun(2, [tmp_path / "ranks.py"]).stdout
+    assert "rank 1 sees: rank 0 was first" in out
+    for rank in (0, 1):
+        for failing in (0, 1):
+            assert f"rank {rank} raised: no videos in /data/x (rank {failing})" in out, out
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     env = {"TOY_DROPOUT": "0.2"}  # RNG state must be restored for the losses to match
     run_python(toy_args(tmp_path / "full", 8, "--exp-name", "run", "--ckpt-every", 4), env=env)

@@ -1,9 +1,11 @@
 """Latent mode as Stable Diffusion's models expect it: the autoencoder reconstructs unsquashed VAE latents, a
 pretrained SD UNet trains on raw scaled latents with diffusers' own objective, and a v-prediction UNet trains on v
 (or is refused by name) whatever form its path takes. Tiny random SD-shaped models (scripts/make_tiny_sd.py)."""
+import contextlib
 import math
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +15,14 @@ from torch.utils.data import default_collate
 
 from core.checkpoint import _comparable, load_checkpoint
 from core.config import config_from_dict, load_config
-from core.files import release
+from core.frozen_autoencoder import encode, load_autoencoder
+from datasets import build_dataset
 from models.autoencoder import CMDAutoencoder, build_autoencoder
 from models.content_unet import UNetLoadError, pretrained_prediction_type
+from sampling.generation import Denoiser, load_denoiser
 from scripts.make_tiny_sd import make_tiny_sd
 from tests.helpers.processes import REPO, run_python
+from training.diffusion_stage import diffusion_losses, training_diffusion
 
 F32 = torch.finfo(torch.float32).eps
 SMALL = ["data.resolution=[16,16]", "data.n_frames=4", "data.num_workers=0", "data.synthetic_size=8",
@@ -46,24 +51,35 @@ def latent_ae(tiny_sd, tmp_path_factory):
 
 
 @pytest.fixture
-def content_stage(latent_ae, tmp_path):
-    """setup() of a latent-mode content run on the tiny AE, in process; restores the signal handlers it installs."""
-    from training.diffusion_stage import setup
+def content_run(latent_ae, tmp_path):
+    """train_content_diffusion.main in process, for a latent-mode content run on the tiny AE of `steps` steps (run
+    folder r/run unless train.exp_name says otherwise): returns the config as the run decided it. Restores the
+    signal handlers the run installs."""
+    import train_content_diffusion
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stages = []
 
-    def make(*overrides):
+    def train(*overrides, steps=1):
         cfg = load_config("content", str(REPO / "configs/tiny_latent/content.yaml"),
-                          [f"ae_ckpt={latent_ae}", f"train.results_dir={tmp_path / 'r'}", *SMALL, *overrides])
-        stages.append(setup(cfg, "content"))
-        return stages[-1]
+                          [f"ae_ckpt={latent_ae}", f"train.results_dir={tmp_path / 'r'}", "train.exp_name=run", *SMALL,
+                           f"train.max_steps={steps}", *overrides])
+        train_content_diffusion.main(cfg)
+        return cfg
 
-    yield make
-    for stage in stages:
-        stage.run.finish()
+    yield train
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+def last_checkpoint(cfg):
+    return Path(cfg.train.results_dir) / cfg.train.exp_name / "checkpoints" / "last.pt"
+
+
+def trained_denoiser(cfg):
+    """(the frozen autoencoder, the run's last EMA denoiser, its config and latent statistics), as sample.py loads
+    them."""
+    ae, _ = load_autoencoder(cfg.ae_ckpt, "cpu")
+    return (ae, *load_denoiser(last_checkpoint(cfg), "content", ae, "cpu"))
 
 
 # ---- the autoencoder's output ------------------------------------------------------------------------------------
@@ -131,13 +147,13 @@ def test_a_latent_autoencoder_checkpoint_records_its_unsquashed_output(latent_ae
 
 
 # ---- the pretrained UNet's objective --------------------------------------------------------------------------------
-def batch_of(stage, count=4):
-    return default_collate([stage.source[i] for i in range(count)])
+def clip_batch(cfg, count=4):
+    return default_collate([build_dataset(cfg.data, cfg.data.split)[i] for i in range(count)])
 
 
 def diffusers_loss(unet, scheduler, z_c, context, prediction_type):
     """diffusers' training loss (its train_text_to_image.py): noise, timesteps, add_noise, MSE to the target,
-    drawn in the order DiffusionStage.losses draws them."""
+    drawn in the order training.diffusion_stage.diffusion_losses draws them."""
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z_c),))
     noise = torch.randn_like(z_c)
     noisy = scheduler.add_noise(z_c, noise, t)
@@ -147,40 +163,38 @@ def diffusers_loss(unet, scheduler, z_c, context, prediction_type):
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_pretrained_unet_trains_on_raw_latents_with_diffusers_own_loss(prediction, tiny_sd, tiny_sd_v,
-                                                                      content_stage):
-    from sampling.generation import load_denoiser
-    from train_content_diffusion import train_step
-
+def test_pretrained_unet_trains_on_raw_latents_with_diffusers_own_loss(prediction, tiny_sd, tiny_sd_v, content_run):
     folder = tiny_sd if prediction == "epsilon" else tiny_sd_v
-    s = content_stage(f"model.pretrained={folder}")
-    recorded = s.run.cfg.diffusion
-    assert recorded.standardize_latents is False and recorded.prediction_type == {"epsilon": "eps"}.get(prediction, "v")
-    batch = batch_of(s)
-    z_c, _, y = s.latents(batch)  # the scaled VAE latents the autoencoder's content frames are made of
-    s.model.eval()  # no label dropout: diffusers' loss sees the same context
-    context = s.model.y_embedder(y).unsqueeze(1)
+    cfg = content_run(f"model.pretrained={folder}")
+    recorded = load_checkpoint(last_checkpoint(cfg))["config"]["diffusion"]
+    assert recorded["standardize_latents"] is False
+    assert recorded["prediction_type"] == {"epsilon": "eps"}.get(prediction, "v")
+    ae, model, model_cfg, scaler = trained_denoiser(cfg)
+    batch = clip_batch(cfg)
+    z_c, _ = encode(ae, batch["x"], contextlib.nullcontext())  # the scaled VAE latents of the content frames
+    context = model.y_embedder(batch["y"]).unsqueeze(1)  # eval mode: no label dropout
     scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
     torch.manual_seed(0)
-    expected = diffusers_loss(s.model.unet, scheduler, z_c, context, prediction)
+    expected = diffusers_loss(model.unet, scheduler, z_c, context, prediction)
     torch.manual_seed(0)
-    ours = train_step(s, batch)["loss"]  # what training minimises, through the run's latent statistics
+    with torch.no_grad():  # what the training loop minimises, through the run's latent statistics
+        ours = diffusion_losses(training_diffusion(model_cfg), model, scaler.normalize("content", z_c),
+                                {"y": batch["y"]})["loss"]
     # The schedules agree to float32 rounding (diffusers keeps alpha_bar in float32, a cumprod of 1000 factors).
-    torch.testing.assert_close(ours.detach(), expected, rtol=1e3 * F32, atol=0)
+    torch.testing.assert_close(ours, expected, rtol=1e3 * F32, atol=0)
     # Sampling inverts what training did: identity statistics and the run's prediction type come with the model.
-    s.save()
-    model, cfg, scaler = load_denoiser(s.run.ckpt_dir / "last.pt", "content", s.ae, "cpu")
-    assert cfg.diffusion.prediction_type == recorded.prediction_type
     assert torch.equal(scaler.normalize("content", z_c), z_c)
-    assert s.denoiser().sampler.diffusion.prediction_type == recorded.prediction_type
+    sampler = Denoiser.from_config(model, model_cfg, scaler).sampler
+    assert sampler.diffusion.prediction_type == recorded["prediction_type"]
 
 
-def test_content_dits_keep_their_measured_statistics(content_stage):
-    s = content_stage("model.name=ContentDiT-T/4", "model.learn_sigma=true", "diffusion.loss_type=hybrid",
+def test_content_dits_keep_their_measured_statistics(content_run):
+    cfg = content_run("model.name=ContentDiT-T/4", "model.learn_sigma=true", "diffusion.loss_type=hybrid",
                       "diffusion.noise_schedule=linear")
-    assert s.run.cfg.diffusion.standardize_latents is True and s.run.cfg.diffusion.prediction_type == "eps"
-    z_c = s.latents(batch_of(s))[0]
-    assert not torch.allclose(s.scaler.normalize("content", z_c), z_c)
+    assert cfg.diffusion.standardize_latents is True and cfg.diffusion.prediction_type == "eps"
+    ae, _, _, scaler = trained_denoiser(cfg)
+    z_c, _ = encode(ae, clip_batch(cfg)["x"], contextlib.nullcontext())
+    assert not torch.allclose(scaler.normalize("content", z_c), z_c)
 
 
 # ---- v-prediction, whatever the path form ---------------------------------------------------------------------------
@@ -210,39 +224,37 @@ def test_v_prediction_is_read_from_every_path_form(tiny_sd_v, tmp_path, monkeypa
         pretrained_prediction_type(str(tiny_sd_v / "unet"), "eps")
 
 
-def test_a_unet_of_unknown_prediction_type_is_refused_before_a_run_folder_exists(tiny_sd_v, content_stage, tmp_path):
+def test_a_unet_of_unknown_prediction_type_is_refused_before_a_run_folder_exists(tiny_sd_v, content_run, tmp_path):
     alone = tmp_path / "unet_alone"
     shutil.copytree(tiny_sd_v / "unet", alone)
     with pytest.raises(UNetLoadError, match="diffusion.prediction_type"):
-        content_stage(f"model.pretrained={alone}")
+        content_run(f"model.pretrained={alone}")
     assert not (tmp_path / "r").exists()
-    s = content_stage(f"model.pretrained={alone}", "diffusion.prediction_type=v")
-    assert s.diffusion.prediction_type == "v" and s.run.cfg.diffusion.prediction_type == "v"
+    cfg = content_run(f"model.pretrained={alone}", "diffusion.prediction_type=v")
+    assert load_checkpoint(last_checkpoint(cfg))["config"]["diffusion"]["prediction_type"] == "v"
 
 
-def test_a_resumed_run_keeps_the_prediction_type_it_trained_with(content_stage):
+def test_a_resumed_run_keeps_the_prediction_type_it_trained_with(content_run):
     from core.checkpoint import CheckpointError
 
     dit = ["model.name=ContentDiT-T/4", "model.learn_sigma=true", "diffusion.loss_type=hybrid",
            "diffusion.noise_schedule=linear", "train.exp_name=dit"]
-    s = content_stage(*dit, "diffusion.prediction_type=v", "diffusion.snr_gamma=5")
-    assert s.diffusion.prediction_type == "v" and s.diffusion.snr_gamma == 5.0
-    s.save()
-    release(s.run.run_dir)  # the run has ended: its folder is free for the resumes below, made in this process
-    ckpt = s.run.ckpt_dir / "last.pt"
-    resumed = content_stage(*dit, f"train.resume={ckpt}")  # the command leaves the key unset: the run's v
-    assert resumed.diffusion.prediction_type == "v" and resumed.run.cfg.diffusion.standardize_latents is True
-    release(resumed.run.run_dir)
+    cfg = content_run(*dit, "diffusion.prediction_type=v", "diffusion.snr_gamma=5")
+    assert training_diffusion(cfg).prediction_type == "v" and training_diffusion(cfg).snr_gamma == 5.0
+    ckpt = last_checkpoint(cfg)
+    resumed = content_run(*dit, f"train.resume={ckpt}", steps=2)  # the command leaves the key unset: the run's v
+    assert resumed.diffusion.prediction_type == "v" and resumed.diffusion.standardize_latents is True
+    assert load_checkpoint(ckpt)["step"] == 2
     with pytest.raises(CheckpointError, match="prediction_type is eps but .* was trained with v"):
-        content_stage(*dit, f"train.resume={ckpt}", "diffusion.prediction_type=eps")
+        content_run(*dit, f"train.resume={ckpt}", "diffusion.prediction_type=eps", steps=3)
 
 
-def test_a_pretrained_unet_run_resumes_with_its_recorded_settings(tiny_sd_v, content_stage):
+def test_a_pretrained_unet_run_resumes_with_its_recorded_settings(tiny_sd_v, content_run):
     """The run records the UNet's architecture, prediction type and standardisation; a command that leaves them
     unset continues it (they are not differences)."""
-    s = content_stage(f"model.pretrained={tiny_sd_v}", "train.exp_name=unet")
-    s.save()
-    release(s.run.run_dir)  # the run has ended: its folder is free for the resume, made in this process
-    resumed = content_stage(f"model.pretrained={tiny_sd_v}", f"train.resume={s.run.ckpt_dir / 'last.pt'}")
-    assert resumed.diffusion.prediction_type == "v" and resumed.run.cfg.diffusion.standardize_latents is False
-    assert torch.equal(resumed.scaler.normalize("content", torch.ones(1, 4, 8, 8)), torch.ones(1, 4, 8, 8))
+    cfg = content_run(f"model.pretrained={tiny_sd_v}", "train.exp_name=unet")
+    resumed = content_run(f"model.pretrained={tiny_sd_v}", "train.exp_name=unet",
+                          f"train.resume={last_checkpoint(cfg)}", steps=2)
+    assert resumed.diffusion.prediction_type == "v" and resumed.diffusion.standardize_latents is False
+    _, _, _, scaler = trained_denoiser(resumed)
+    assert torch.equal(scaler.normalize("content", torch.ones(1, 4, 8, 8)), torch.ones(1, 4, 8, 8))

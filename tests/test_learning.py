@@ -79,7 +79,7 @@ def test_motion_samples_move_the_way_their_label_says(trained_tiny_ae, python_ru
                    "--exp-name", "motion", "--ae-ckpt", ae, "--max-steps", MOTION_STEPS,
                    f"train.sample_every={MOTION_STEPS}", f"train.ckpt_every={MOTION_STEPS}"], env=LONE_PROCESS_ENV)
     models = load_models(ae, tmp_path / "motion" / "checkpoints" / "last.pt",
-                         motion_options=SamplingOptions(steps=15, sampler="dpm++2m", cfg_scale=4.0))
+                         motion_options=SamplingOptions(steps=15, sampler="dpm++2m", guidance_scale=4.0))
     clips = [RIGHT] * 16 + [LEFT] * 16  # content frames of held-out clips of both directions
     content = real_content_frames(models.ae, models.motion.cfg.data, 0, clips, "cpu")
     velocity = {}

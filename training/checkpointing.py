@@ -5,6 +5,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
+from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
@@ -13,8 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core import checkpoint as ckpt_io
 from core.cli import RunError
-from core.distributed import DistInfo, broadcast_object
-from training.ranks import on_main
+from core.distributed import DistInfo, broadcast_object, on_main
 
 
 def seed_everything(seed: int) -> None:
@@ -132,11 +132,12 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, optim_cfg, old_cf
             logger.info(f"resume: optim.{key} {old[key]} -> {value} (applied)")
 
 
-def restore_progress(ckpt: dict, cfg, path: Path, dist: DistInfo, logger: logging.Logger, reseed) -> tuple:
-    """(step, samples seen) of the checkpoint. Sets this rank's RNG states from it, or calls reseed(step) when it
-    holds another world size's; logs what the resume changes or cannot check."""
+def restore_progress(ckpt: dict, batch: int, vae: Optional[str], path: Path, dist: DistInfo,
+                     logger: logging.Logger, reseed) -> tuple:
+    """(step, samples seen) of the checkpoint, resumed with global batch size `batch` and the VAE of fingerprint
+    `vae` (None in pixel mode). Sets this rank's RNG states from it, or calls reseed(step) when it holds another
+    world size's; logs what the resume changes or cannot check."""
     step, samples = int(ckpt["step"]), samples_seen(ckpt)
-    batch = cfg.train.global_batch_size
     old_batch = (ckpt["config"].get("train") or {}).get("global_batch_size", batch)
     if old_batch != batch:
         logger.info(f"resume: train.global_batch_size {old_batch} -> {batch} "
@@ -147,7 +148,6 @@ def restore_progress(ckpt: dict, cfg, path: Path, dist: DistInfo, logger: loggin
     else:
         logger.warning(f"resume: world size changed ({len(rng)} -> {dist.world_size}); RNG reseeded")
         reseed(step)
-    vae = OmegaConf.select(cfg, "vae_fingerprint")
     if vae and not ckpt["config"].get("vae_fingerprint"):
         logger.warning(f"resume: {path} records no VAE fingerprint (written before VAEs were "
                        f"recorded), so its VAE cannot be checked; the run continues with the VAE of weights "
@@ -155,11 +155,11 @@ def restore_progress(ckpt: dict, cfg, path: Path, dist: DistInfo, logger: loggin
     return step, samples
 
 
-def find_resume(cfg, stage: str, dist: DistInfo) -> tuple:
-    """(the checkpoint train.resume names, resolved on rank 0, and the notes to log about it). With ae_ckpt 'auto'
-    a resumed run goes on with the autoencoder it recorded."""
-    train, notes = cfg.train, []
-    path = on_main(dist, lambda: ckpt_io.resolve_resume(train.resume, train.results_dir, stage, cfg, notes))
+def find_resume(resume: Optional[str], results_dir: str, cfg, stage: str, dist: DistInfo) -> tuple:
+    """(the checkpoint `resume` (train.resume) names, resolved on rank 0, and the notes to log about it): a run
+    whose settings match `cfg`. With ae_ckpt 'auto' a resumed run goes on with the autoencoder it recorded."""
+    notes = []
+    path = on_main(dist, lambda: ckpt_io.resolve_resume(resume, results_dir, stage, cfg, notes))
     notes = broadcast_object(notes)
     if path is not None and OmegaConf.select(cfg, "ae_ckpt") == "auto":
         # 'auto' found the run's autoencoder when the run started; a newer one found today is another latent space.

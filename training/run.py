@@ -2,25 +2,26 @@
 (checkpointing), stop signal (stop), log (step_log) and optimizer step (optim)."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 
 from core import checkpoint as ckpt_io
 from core.cli import RunError, cancel_on_failure, on_failure
-from core.config import config_to_dict
+from core.config import TrainConfig, config_to_dict
 from core.data import make_loader
-from core.distributed import DistInfo, all_gather_object, barrier, broadcast_object, cleanup_distributed, \
-    setup_distributed
+from core.distributed import (DistInfo, all_gather_object, barrier, broadcast_object, cleanup_distributed,
+                              errors_shared, on_main, setup_distributed)
 from core.files import release
 from datasets.build import check_data_path
 from training import devices
 from training.checkpointing import checkpoint_state, find_resume, load_states, restore_progress, rng_state, \
     seed_everything, write_checkpoint
 from training.optim import NonfiniteSkips, clip_and_step_if_finite
-from training.ranks import attempt, build_on_ranks, on_main, raise_first
 from training.run_folder import close_writers, create_logger, open_run_dir, remove_run_dir, start_writers, write_config
 from training.step_log import StepLog
 from training.stop import StopSignal, end_message
@@ -29,48 +30,40 @@ from training.stop import StopSignal, end_message
 class TrainingRun:
     """One training run of one stage: everything but the model, the loss and the loop body.
 
-    Use: build it first, build the model, `restore(...)`, set what setup found in the config and `write_config()`,
-    `wrap(model)`, `loader(dataset)`, then the loop, whose stop check is made once per step and passed on:
-
-        last = run.should_stop()  # True already for a run resumed at its last step
-        while not last:
-            set_lr(opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))
-            ...forward, loss, loss.backward()...
-            grad_norm, stepped = run.clip_and_step(model, opt)
-            if stepped:
-                update_ema(ema, model, cfg.train.ema_decay)
-            run.count_step()
-            last = run.should_stop()
-            run.log(values, last)
-            if run.due(cfg.train.ckpt_every, last):
-                run.save(modules, optimizers)
-        run.finish()
-
-    Every rank makes the same calls in the same order: `should_stop`, `log` and `save` are where they agree.
+    Use, as the training scripts do: build it first, then the model, `restore(...)`, set what setup found in the
+    config and `write_config()`, `wrap(model)`, `loader(dataset)`; in the loop, after backward,
+    `run.clip_and_step(model, opt)`, then `count_step()`, `last = should_stop()` (once per step), `log(values, last)`
+    and `if due(cfg.train.ckpt_every, last): save(...)`; at the end `finish()`. Every rank makes the same calls in
+    the same order: `should_stop`, `log` and `save` are where they agree.
     """
 
     def __init__(self, cfg, stage: str):
-        self.cfg, self.stage = cfg, stage
+        self.cfg, self.stage = cfg, stage  # the whole config: config.yaml and every checkpoint record it
+        # The run's own settings, read once: the modules below get plain values, never the config.
+        self.train: TrainConfig = OmegaConf.to_object(cfg.train)
+        self.grad_clip, self.num_workers = float(cfg.optim.grad_clip), int(cfg.data.num_workers)
+        train = self.train
         self.dist: DistInfo = setup_distributed()
         self.device = self.dist.device
-        train = cfg.train
         self.batch_size = devices.batch_size_per_rank(train.global_batch_size, self.dist)
-        devices.set_tf32(self.device, bool(train.tf32))
+        devices.set_tf32(self.device, train.tf32)
         self.seed = train.global_seed * self.dist.world_size + self.dist.rank
         seed_everything(self.seed)
-        self.resume_path, resume_notes = find_resume(cfg, stage, self.dist)
+        self.resume_path, resume_notes = find_resume(train.resume, train.results_dir, cfg, stage, self.dist)
         # On every rank before a run folder is claimed: a wrong data path costs nothing and hangs no rank.
-        raise_first(all_gather_object(attempt(lambda: check_data_path(cfg.data))[1]))
+        with errors_shared():
+            check_data_path(cfg.data)
         self._steps_this_start = 0
         self.writer = self.logger = self.wandb = None
-        folder = on_main(self.dist, lambda: open_run_dir(train, stage, self.resume_path))
+        folder = on_main(self.dist, partial(open_run_dir, train.results_dir, train.exp_name, stage, self.resume_path))
         self.run_dir = folder.path
         if self.dist.is_main and folder.created:
             on_failure(self._remove_unused_run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = create_logger(self.run_dir, self.dist.is_main)
         if self.dist.is_main:
-            self.writer, self.wandb = start_writers(cfg, self.run_dir)
+            self.writer, self.wandb = start_writers(self.run_dir, train.wandb_project, train.wandb_entity,
+                                                    config_to_dict(cfg))
         self.logger.info(f"{stage} run in {self.run_dir} | world size {self.dist.world_size} | "
                          f"device {self.device} | batch {self.batch_size} per rank")
         for note in resume_notes:
@@ -80,7 +73,8 @@ class TrainingRun:
         self.samples_seen = 0  # training clips drawn by all ranks together: the data stream's position
         self._nonfinite = NonfiniteSkips(train.max_nonfinite_steps, self.logger, self.ckpt_dir)
         self.last_saved_step: Optional[int] = None  # the step of this run's latest checkpoint, for finish()'s message
-        self._log = StepLog(self.logger, self.writer, self.device, train)
+        self._log = StepLog(self.logger, self.writer, self.device, train.log_every, train.max_steps,
+                            train.global_batch_size)
         self._stop = StopSignal(self.dist)
 
     def write_config(self) -> None:
@@ -95,38 +89,34 @@ class TrainingRun:
             remove_run_dir(self.run_dir, self.writer, self.logger)
 
     def restore(self, modules: dict, optimizers: dict) -> Optional[dict]:
-        """Loads model/EMA/optimizer state, step and RNG from the resume checkpoint (before DDP wrapping)."""
+        """Loads model/EMA/optimizer state, step and RNG from the resume checkpoint (before DDP wrapping); returns the
+        checkpoint without the states it loaded (they are not kept for the whole run), or None for a new run."""
         if self.resume_path is None:
             return None
         ckpt = load_states(self.resume_path, self.stage, modules, optimizers, self.cfg.optim, self.logger)
-        self.step, self.samples_seen = restore_progress(ckpt, self.cfg, self.resume_path, self.dist, self.logger,
+        self.step, self.samples_seen = restore_progress(ckpt, self.train.global_batch_size,
+                                                        OmegaConf.select(self.cfg, "vae_fingerprint"),
+                                                        self.resume_path, self.dist, self.logger,
                                                         lambda step: seed_everything(self.seed + step))
         self.logger.info(f"resumed from {self.resume_path} at step {self.step}")
-        return ckpt
+        return {key: value for key, value in ckpt.items() if key not in modules and key not in optimizers}
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Moves nothing; wraps in DDP when distributed, then compiles when asked."""
-        return devices.wrap(model, self.dist, self.cfg.train.compile)
+        return devices.wrap(model, self.dist, self.train.compile)
 
     def loader(self, dataset):
         """An endless iterator of batches that resumes where step `self.step` left the data stream."""
         loader = make_loader(dataset, self.batch_size, self.dist.rank, self.dist.world_size,
-                             seed=self.cfg.train.global_seed, start=self.samples_seen // self.dist.world_size,
-                             num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                             seed=self.train.global_seed, start=self.samples_seen // self.dist.world_size,
+                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         return iter(loader)
-
-    def build_dataset(self, split: str):
-        """The dataset of `split`; rank 0 indexes the files first so the others read its cache instead of probing."""
-        from datasets import build_dataset
-
-        seed = self.cfg.train.global_seed
-        return build_on_ranks(self.dist, lambda: build_dataset(self.cfg.data, split=split, seed=seed))
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
 
     def autocast(self):
-        return devices.autocast(self.device, self.cfg.train.mixed_precision)
+        return devices.autocast(self.device, self.train.mixed_precision)
 
     def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                       grad_clip: Optional[float] = None) -> tuple:
@@ -134,7 +124,7 @@ class TrainingRun:
         the gradient norm is non-finite (a NaN/inf loss): then the update is skipped and counted, and
         train.max_nonfinite_steps skipped in a row stop the run. Zeroes the gradients; returns (the grad norm,
         whether it stepped). It does not count the training step: `count_step()` does, once per step."""
-        clip = self.cfg.optim.grad_clip if grad_clip is None else grad_clip
+        clip = self.grad_clip if grad_clip is None else grad_clip
         grad_norm, stepped = clip_and_step_if_finite(model, optimizer, clip)
         self._nonfinite.count(stepped, self.step + 1)
         return grad_norm, stepped
@@ -158,7 +148,7 @@ class TrainingRun:
         STOP_CHECK_EVERY-th step it is an all-reduce (a host sync), through which the ranks agree on a signal one of
         them received.
         """
-        return self.step >= self.cfg.train.max_steps or self._stop.agreed_at(self.step)
+        return self.step >= self.train.max_steps or self._stop.agreed_at(self.step)
 
     def stop_requested(self) -> bool:
         """True after SIGTERM/SIGINT on any rank, for long work outside the step loop (the latent cache build).
@@ -181,7 +171,7 @@ class TrainingRun:
                                      config=config_to_dict(self.cfg), rng=rng, world_size=self.dist.world_size,
                                      batch_size_per_rank=self.batch_size, samples_seen=self.samples_seen,
                                      **(extra or {}))
-            path, error = write_checkpoint(state, self.ckpt_dir, self.step, self.cfg.train.keep_last, self.logger)
+            path, error = write_checkpoint(state, self.ckpt_dir, self.step, self.train.keep_last, self.logger)
         error = broadcast_object(error)  # every rank stops together instead of hanging in the barrier
         if error:
             raise RunError(error)
@@ -192,7 +182,7 @@ class TrainingRun:
     def finish(self, interrupted: Optional[str] = None) -> None:
         """Logs how the run ended and closes it. `interrupted` names the work a stop signal cut short before the
         training loop (\"building the latent cache\"); the log names a checkpoint only if this run saved it."""
-        self.logger.info(end_message(self._stop.received, interrupted, self.step, self.cfg.train.max_steps,
+        self.logger.info(end_message(self._stop.received, interrupted, self.step, self.train.max_steps,
                                      self.last_saved_step, self.resume_path))
         close_writers(self.writer, self.wandb)
         if self.dist.is_main:

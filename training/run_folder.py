@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 from core import checkpoint as ckpt_io
 from core.cli import RunError
-from core.config import config_to_dict, to_yaml
+from core.config import to_yaml
 from core.files import claim, write_output
 
 
@@ -77,9 +77,9 @@ def claim_run_dir(results: Path, stage: str, exp_name: Optional[str] = None) -> 
         return RunFolder(run_dir, True)
 
 
-def open_run_dir(train_cfg, stage: str, resume_path: Optional[Path]) -> RunFolder:
+def open_run_dir(results_dir: str, exp_name: Optional[str], stage: str, resume_path: Optional[Path]) -> RunFolder:
     """The folder of the resumed run, claimed, or a new one (claim_run_dir)."""
-    results = Path(train_cfg.results_dir)
+    results = Path(results_dir)
     if resume_path is not None:
         run_dir = resume_path.parent.parent  # <run>/checkpoints/x.pt -> <run>
         if resume_path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
@@ -90,7 +90,7 @@ def open_run_dir(train_cfg, stage: str, resume_path: Optional[Path]) -> RunFolde
             return RunFolder(run_dir, False)
         # A checkpoint outside any run folder (a copy, a download) continues in a new run folder.
     try:
-        return claim_run_dir(results, stage, train_cfg.exp_name)
+        return claim_run_dir(results, stage, exp_name)
     except OSError as exc:  # under a file, read-only, a pseudo file system, no space
         reason = exc.strerror or type(exc).__name__
         raise RunError(f"--results-dir {results}: cannot create a run folder there ({reason}: "
@@ -111,10 +111,9 @@ def remove_run_dir(run_dir: Path, writer, logger: Optional[logging.Logger]) -> N
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def start_wandb(cfg, run_dir: Path):
+def start_wandb(run_dir: Path, project: Optional[str], entity: Optional[str], config: dict):
     """A Weights & Biases run mirroring the TensorBoard scalars and media, when train.wandb_project is set (off by
     default; TensorBoard stays). The id is kept in the run folder, so a resumed run continues the same W&B run."""
-    project = cfg.train.wandb_project
     if not project:
         return None
     import wandb  # optional: validate_config has checked that it is installed
@@ -122,8 +121,8 @@ def start_wandb(cfg, run_dir: Path):
     id_file = Path(run_dir) / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
     write_output(id_file, lambda handle: handle.write(run_id.encode()), "the run's W&B id")
-    return wandb.init(project=project, entity=cfg.train.wandb_entity, name=Path(run_dir).name, id=run_id,
-                      resume="allow", dir=str(run_dir), config=config_to_dict(cfg), sync_tensorboard=True)
+    return wandb.init(project=project, entity=entity, name=Path(run_dir).name, id=run_id,
+                      resume="allow", dir=str(run_dir), config=config, sync_tensorboard=True)
 
 
 def close_writers(writer, wandb_run) -> None:
@@ -133,9 +132,10 @@ def close_writers(writer, wandb_run) -> None:
         wandb_run.finish()
 
 
-def start_writers(cfg, run_dir: Path) -> tuple:
-    """(the TensorBoard writer, the W&B run or None), on rank 0."""
-    wandb_run = start_wandb(cfg, run_dir)  # before the TensorBoard writer, whose scalars it mirrors
+def start_writers(run_dir: Path, wandb_project: Optional[str], wandb_entity: Optional[str], config: dict) -> tuple:
+    """(the TensorBoard writer, the W&B run or None), on rank 0; `config` is what W&B records of the run."""
+    # Before the TensorBoard writer, whose scalars it mirrors.
+    wandb_run = start_wandb(run_dir, wandb_project, wandb_entity, config)
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(run_dir / "tb")), wandb_run

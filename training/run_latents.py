@@ -14,16 +14,16 @@ from training.run import TrainingRun
 
 def latent_cache_root(run: TrainingRun) -> Path:
     """<results_dir>/latent_cache: the latent caches and caption tables of every run of the results folder."""
-    return Path(run.cfg.train.results_dir) / "latent_cache"
+    return Path(run.train.results_dir) / "latent_cache"
 
 
-def run_latent_cache(run: TrainingRun, encoder: LatentEncoder, dataset, clips_per_video: int, batch_size: int,
+def run_latent_cache(run: TrainingRun, encoder: LatentEncoder, dataset, data_cfg, clips_per_video: int,
                      captions: Optional[list] = None) -> LatentCache:
     """core.latent_cache.build_latent_cache under latent_cache_root. A SIGTERM/SIGINT during the build stops it
     within a few batches: the half-built folder is removed, the run finishes (TrainingRun.finish) and the process
     exits with code 0, as after a stop signal in the training loop."""
     try:
-        return build_latent_cache(encoder, dataset, clips_per_video, batch_size, run.cfg.data,
+        return build_latent_cache(encoder, dataset, clips_per_video, run.batch_size, data_cfg,
                                   latent_cache_root(run), run.dist, run.logger, run.stop_requested, run.autocast,
                                   captions)
     except CacheBuildInterrupted as stopped:
@@ -33,12 +33,11 @@ def run_latent_cache(run: TrainingRun, encoder: LatentEncoder, dataset, clips_pe
 
 def run_latent_stats(run: TrainingRun, ae, source) -> LatentScaler:
     """core.latent_cache.measure_latent_stats over the run's training clips or their latent cache `source`."""
-    return measure_latent_stats(ae, source, run.batch_size, run.dist, run.logger, run.autocast,
-                                run.cfg.data.num_workers)
+    return measure_latent_stats(ae, source, run.batch_size, run.dist, run.logger, run.autocast, run.num_workers)
 
 
-def run_caption_table(run: TrainingRun, encoder, captions: list):
-    """core.text_cache.caption_table, kept with the latent caches when the run caches its latents
-    (diffusion.latent_cache) and keyed by the text encoder's fingerprint the run recorded."""
-    cache_root = latent_cache_root(run) if run.cfg.diffusion.latent_cache else None
-    return caption_table(encoder, captions, run.dist, run.logger, cache_root, run.cfg.text.fingerprint)
+def run_caption_table(run: TrainingRun, encoder, captions: list, fingerprint: str, cached: bool):
+    """core.text_cache.caption_table, keyed by the text encoder's weights' `fingerprint`; `cached`: kept with the
+    latent caches (a run that caches its latents, diffusion.latent_cache)."""
+    cache_root = latent_cache_root(run) if cached else None
+    return caption_table(encoder, captions, run.dist, run.logger, cache_root, fingerprint)

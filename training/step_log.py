@@ -12,8 +12,10 @@ from core.distributed import all_reduce_mean
 
 
 class StepLog:
-    def __init__(self, logger: logging.Logger, writer, device: torch.device, train_cfg):
-        self.logger, self.writer, self.device, self.train_cfg = logger, writer, device, train_cfg
+    def __init__(self, logger: logging.Logger, writer, device: torch.device, log_every: int, max_steps: int,
+                 global_batch_size: int):
+        self.logger, self.writer, self.device = logger, writer, device
+        self.log_every, self.max_steps, self.global_batch_size = log_every, max_steps, global_batch_size
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._speed_mark: Optional[tuple[float, int]] = None  # (time, step) of the last log line or the first step
@@ -27,7 +29,7 @@ class StepLog:
             value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
             self._sums[key] = self._sums.get(key, 0.0) + value.to(self.device)
         self._count += 1
-        if not last and step % self.train_cfg.log_every != 0:
+        if not last and step % self.log_every != 0:
             return
         keys = sorted(self._sums)
         means = all_reduce_mean(torch.stack([self._sums[k] for k in keys]) / self._count).tolist()
@@ -47,6 +49,6 @@ class StepLog:
         rate = (step - last_step) / max(now - last_time, 1e-9)
         if rate <= 0:
             return "speed n/a"
-        seconds_left = int((self.train_cfg.max_steps - step) / rate)
+        seconds_left = int((self.max_steps - step) / rate)
         eta = f"{seconds_left // 3600}:{seconds_left // 60 % 60:02d}:{seconds_left % 60:02d}"
-        return f"{rate:.3g} steps/s {rate * self.train_cfg.global_batch_size:.3g} clips/s ETA {eta}"
+        return f"{rate:.3g} steps/s {rate * self.global_batch_size:.3g} clips/s ETA {eta}"
