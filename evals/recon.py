@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.ae_losses import fine_detail
+
 # SSIM constants of Wang et al. (2004) for data in [0, 1].
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
@@ -160,14 +162,6 @@ def patch_grid_ratio(images: torch.Tensor, patch_size: int) -> float:
     return float(across / inside.clamp_min(1e-12))
 
 
-def fine_detail(images: torch.Tensor) -> torch.Tensor:
-    """Per image (N,): the mean squared difference between images (N, C, H, W) and their 3 x 3 box blur, the energy
-    of the finest detail (a per-pixel dither scores high, a smooth image low). Differentiable: the autoencoder's
-    `loss.content_detail_weight` penalises it."""
-    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    return (images - blurred).pow(2).mean(dim=(1, 2, 3))
-
-
 def high_frequency_energy(images: torch.Tensor) -> float:
-    """fine_detail averaged over the images (N, C, H, W), in float64."""
+    """models.ae_losses.fine_detail averaged over the images (N, C, H, W), in float64."""
     return float(fine_detail(images.detach().double()).mean())

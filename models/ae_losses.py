@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from evals.recon import fine_detail
 from models.weights_file import load_weights_file
 
 __all__ = [
@@ -22,6 +21,7 @@ __all__ = [
     "build_ae_loss",
     "build_lpips",
     "content_detail_excess",
+    "fine_detail",
     "lpips_backbone_weights_path",
 ]
 
@@ -135,8 +135,15 @@ def _frames(video: torch.Tensor) -> torch.Tensor:
     return video.transpose(1, 2).reshape(b * t, c, h, w)
 
 
+def fine_detail(images: torch.Tensor) -> torch.Tensor:
+    """Per image (N,): the mean squared difference between images (N, C, H, W) and their 3 x 3 box blur, the energy
+    of the finest detail (a per-pixel dither scores high, a smooth image low). Differentiable."""
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return (images - blurred).pow(2).mean(dim=(1, 2, 3))
+
+
 def content_detail_excess(x: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-    """Per clip (B,): how far the content frame's fine detail (evals.recon.fine_detail) exceeds the mean of its
+    """Per clip (B,): how far the content frame's fine detail (fine_detail) exceeds the mean of its
     frames', or 0. Clips x (B, C, T, H, W), content frames z_c (B, C, H, W), in the same units (pixels or latents).
 
     Per-pixel softmax weights can pick a different frame at neighbouring pixels, which leaves a dither along the

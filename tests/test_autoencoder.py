@@ -7,8 +7,8 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from evals.recon import fine_detail, high_frequency_energy
-from models.ae_losses import (AutoencoderLoss, build_ae_loss, build_lpips, content_detail_excess,
+from evals.recon import high_frequency_energy
+from models.ae_losses import (AutoencoderLoss, build_ae_loss, build_lpips, content_detail_excess, fine_detail,
                               lpips_backbone_weights_path)
 from models.autoencoder import CMDAutoencoder, build_autoencoder
 from core.config import AutoencoderLossConfig, AutoencoderModelConfig, ConfigError, DataConfig, load_config
