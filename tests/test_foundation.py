@@ -192,6 +192,7 @@ for failing in (0, 1):
     except ValueError as exc:
         print("rank", info.rank, "raised:", exc)
 d.cleanup_distributed()
+d.end_rank_process(0)  # as every rank of our entry points ends
 """
     (tmp_path / "ranks.py").write_text(script)
     out = run_torchrun(2, [tmp_path / "ranks.py"]).stdout
