@@ -11,7 +11,7 @@ from datasets.transforms import to_uint8_videos
 from evals.fvd import load_detector
 from evals.recon import motion_health, motion_warning, ssim
 from evals.reconstruction_fvd import ReconstructionFVD
-from models.ae_losses import build_ae_loss
+from models.ae_losses import build_ae_loss, content_detail_excess
 from models.autoencoder import build_autoencoder
 from models.vae import PixelFrames, pixel_interface
 from core.config import ConfigError
@@ -46,6 +46,8 @@ def evaluate(run, model, frames, loss_fn, eval_batch, recon_fvd=None):
     model.train()
     metrics = {key: value.mean() for key, value in health.items()}
     metrics["ssim"] = ssim(x, x_hat, clamp=clamp).mean()
+    # The content frames' dither, what loss.content_detail_weight penalises: 0 when no more detailed than the frames.
+    metrics["content_detail"] = content_detail_excess(x, z_c.float()).mean()
     if loss_fn.lpips is not None:
         # Every frame counts here: (B, C, T, H, W) -> (B*T, C, H, W).
         metrics["lpips"] = loss_fn.lpips(x_hat.transpose(1, 2).flatten(0, 1), x.transpose(1, 2).flatten(0, 1)).mean()

@@ -235,8 +235,7 @@ class AutoencoderLoss(nn.Module):
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Generator-side loss of clips x and reconstructions x_hat (B, C, T, H, W) -> (loss, detached logs).
 
-        `content`: the content frames z_c (B, C, H, W) that encoded x; needed when content_detail_weight > 0, and
-        their detail excess is logged whenever given.
+        `content`: the content frames z_c (B, C, H, W) that encoded x; needed when content_detail_weight > 0.
         """
         if x.shape != x_hat.shape:
             raise ValueError(f"reconstruction of size {tuple(x_hat.shape)} does not match clip {tuple(x.shape)}")
@@ -255,13 +254,12 @@ class AutoencoderLoss(nn.Module):
             rec_loss = rec_loss + self.perceptual_weight * perceptual
             logs["lpips"] = perceptual.detach()
         loss = rec_loss
-        if content is not None:
+        if self.content_detail_weight > 0:
             # Not part of rec_loss: it reaches only the encoder's content weights, never the decoder's last layer
             # that the GAN balance compares against.
             detail = content_detail_excess(x, content).mean()
             logs["content_detail"] = detail.detach()
-            if self.content_detail_weight > 0:
-                loss = loss + self.content_detail_weight * detail
+            loss = loss + self.content_detail_weight * detail
         if self.discriminator_active(step):
             gan_loss = -self.discriminator(_frames(x_hat)).mean()
             weight = self._adaptive_weight(rec_loss, gan_loss, last_layer) * self.disc_weight

@@ -13,7 +13,7 @@ from core.cli import RunError
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for parameters; buffers are copied."""
-    ema_params = [p for p in ema.parameters()]
+    ema_params = list(ema.parameters())
     model_params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):

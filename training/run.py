@@ -40,9 +40,9 @@ class TrainingRun:
     def __init__(self, cfg, stage: str):
         self.cfg, self.stage = cfg, stage  # the whole config: config.yaml and every checkpoint record it
         # The run's own settings, read once: the modules below get plain values, never the config.
-        self.train: TrainConfig = OmegaConf.to_object(cfg.train)
+        train: TrainConfig = OmegaConf.to_object(cfg.train)
+        self.train = train
         self.grad_clip, self.num_workers = float(cfg.optim.grad_clip), int(cfg.data.num_workers)
-        train = self.train
         self.dist: DistInfo = setup_distributed()
         self.device = self.dist.device
         self.batch_size = devices.batch_size_per_rank(train.global_batch_size, self.dist)
