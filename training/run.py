@@ -62,8 +62,8 @@ class TrainingRun:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = create_logger(self.run_dir, self.dist.is_main)
         if self.dist.is_main:
-            self.writer, self.wandb = start_writers(self.run_dir, train.wandb_project, train.wandb_entity,
-                                                    config_to_dict(cfg))
+            wandb_config = config_to_dict(cfg) if train.wandb_project else None
+            self.writer, self.wandb = start_writers(self.run_dir, train.wandb_project, train.wandb_entity, wandb_config)
         self.logger.info(f"{stage} run in {self.run_dir} | world size {self.dist.world_size} | "
                          f"device {self.device} | batch {self.batch_size} per rank")
         for note in resume_notes:

@@ -111,7 +111,7 @@ def remove_run_dir(run_dir: Path, writer, logger: Optional[logging.Logger]) -> N
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def start_wandb(run_dir: Path, project: Optional[str], entity: Optional[str], config: dict):
+def start_wandb(run_dir: Path, project: Optional[str], entity: Optional[str], config: Optional[dict]):
     """A Weights & Biases run mirroring the TensorBoard scalars and media, when train.wandb_project is set (off by
     default; TensorBoard stays). The id is kept in the run folder, so a resumed run continues the same W&B run."""
     if not project:
@@ -132,7 +132,8 @@ def close_writers(writer, wandb_run) -> None:
         wandb_run.finish()
 
 
-def start_writers(run_dir: Path, wandb_project: Optional[str], wandb_entity: Optional[str], config: dict) -> tuple:
+def start_writers(run_dir: Path, wandb_project: Optional[str], wandb_entity: Optional[str],
+                  config: Optional[dict]) -> tuple:
     """(the TensorBoard writer, the W&B run or None), on rank 0; `config` is what W&B records of the run."""
     # Before the TensorBoard writer, whose scalars it mirrors.
     wandb_run = start_wandb(run_dir, wandb_project, wandb_entity, config)
