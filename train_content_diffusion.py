@@ -77,7 +77,8 @@ def main(cfg):
         set_lr(opt, lr_factor(cfg.optim, run.step, cfg.train.max_steps))  # optim.lr times the schedule's factor
         z_c, _, y = batch_latents(run, ae, next(batches), text)
         x0 = scaler.normalize("content", z_c)  # the denoiser learns latents standardised by the run's latent stats
-        losses = diffusion_losses(diffusion, train_model, x0, {"y": y}, run.autocast())  # a random t per clip
+        losses = diffusion_losses(diffusion, train_model, x0, {"y": y}, run.autocast(),  # a random t per clip
+                                  self_condition=cfg.model.self_condition)
         losses["loss"].backward()
         losses["grad_norm"], stepped = run.clip_and_step(train_model, opt)  # skipped if the gradient is not finite
         if stepped:

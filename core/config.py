@@ -89,6 +89,9 @@ class DiTModelConfig:
     learn_sigma: bool = True
     key_patch_size: int = 4  # motion stage: patch size of the content-frame tokens
     grad_checkpointing: bool = False
+    # Content DiTs: feed the model its own previous estimate of the clean frame (self-conditioning; training costs
+    # a forward pass without gradient on half the batch)
+    self_condition: bool = False
     # Content stage, model.name UNet2DCondition: the pretrained diffusers UNet folder (or SD pipeline folder / hub
     # id) it starts from; the run records the UNet's config JSON in unet_config (models/content_unet.py).
     pretrained: Optional[str] = None
@@ -315,6 +318,9 @@ def validate_config(cfg, stage: str) -> None:
                 validate_denoiser_name(stage, cfg.model.name)
             except ValueError as exc:
                 raise ConfigError(f"config key 'model.name': {exc}") from None
+        _require(not cfg.model.self_condition or (stage == "content" and cfg.model.name.startswith("ContentDiT")),
+                 f"config key 'model.self_condition' is for content DiTs (ContentDiT-*), not {stage} model "
+                 f"{cfg.model.name}")
         _require(bool(cfg.ae_ckpt),
                  "config key 'ae_ckpt' is empty: pass the autoencoder checkpoint with --ae-ckpt (or auto)")
         _require(math.isfinite(cfg.diffusion.cfg_scale) and 0.0 <= cfg.diffusion.cfg_scale <= GUIDANCE_MAX,

@@ -191,6 +191,26 @@ class GaussianDiffusion:
         signal, noise = self._scales(t, xt)
         return noise * xt + signal * v
 
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """x0 from the model's prediction, eps or v by this process' prediction_type."""
+        if self.prediction_type == "v":
+            return self.predict_x0_from_v(xt, t, prediction)
+        return self.predict_x0_from_eps(xt, t, prediction)
+
+    def self_conditioned(self, model: Callable) -> Callable:
+        """`model` fed its own previous estimate of x0 as the keyword `x_sc` (self-conditioning, Chen et al. 2022,
+        "Analog Bits"): zeros at the first call, then the x0 of its last output. For one sampling loop: the loops
+        call the model once per step, in order. The estimate is unclipped, as training computes it."""
+        previous = []
+
+        def run(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+            output = model(x, t, x_sc=previous[-1] if previous else torch.zeros_like(x), **kwargs)
+            index = torch.searchsorted(self._table("timestep_map", t.device), t)  # t is an original timestep
+            previous[:] = [self.predict_x0(x, index, output[:, : x.shape[1]].to(x.dtype)).to(x.dtype)]
+            return output
+
+        return run
+
     def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """v = sqrt(abar) eps - sqrt(1 - abar) x0, what a v-prediction model learns."""
         signal, sigma = self._scales(t, x0)
@@ -270,14 +290,23 @@ class GaussianDiffusion:
         return torch.where(t == 0, decoder_nll, kl)
 
     def training_losses(
-        self, model: Callable, x0: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None
+        self, model: Callable, x0: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None,
+        estimator: Optional[Callable] = None,
     ) -> Dict[str, torch.Tensor]:
         """Per-sample losses (B,): "loss", "mse" (unweighted, on the prediction type's target) and, with a learned
-        variance, "vb". With snr_gamma the loss holds the Min-SNR-weighted MSE; the bound term is not weighted."""
+        variance, "vb". With snr_gamma the loss holds the Min-SNR-weighted MSE; the bound term is not weighted.
+
+        estimator: self-conditioning; the model also takes `x_sc`, an estimate of x0. Half the clips, drawn at random,
+        get the estimate of a first pass of `estimator` without gradient, the others zeros, as sampling's first step
+        does. `estimator` is the model's own module outside any DDP wrapper: the ranks make that pass on batches of
+        different sizes, or skip it, so it must not take part in what a wrapped forward does across ranks (a
+        broadcast of the buffers)."""
         x0 = x0.to(self._working_dtype(x0))
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise.to(x0.dtype))
+        if estimator is not None:
+            model_kwargs = {**(model_kwargs or {}), "x_sc": self._self_condition_input(estimator, xt, t, model_kwargs)}
         output = self._run_model(model, xt, t, model_kwargs)
         channels = x0.shape[1]
         target = noise if self.prediction_type == "eps" else self.v_target(x0, t, noise)
@@ -294,6 +323,19 @@ class GaussianDiffusion:
         else:
             terms["loss"] = weighted_mse
         return terms
+
+    def _self_condition_input(self, model: Callable, xt: torch.Tensor, t: torch.Tensor, model_kwargs) -> torch.Tensor:
+        """x_sc for training: the model's x0 estimate (no gradient) for a random half of the clips, zeros elsewhere."""
+        x_sc = torch.zeros_like(xt)
+        chosen = torch.rand(xt.shape[0], device=xt.device) < 0.5
+        if chosen.any():
+            batch = xt.shape[0]
+            subset = {name: value[chosen] if torch.is_tensor(value) and value.shape[:1] == (batch,) else value
+                      for name, value in (model_kwargs or {}).items()}
+            with torch.no_grad():
+                first = self._run_model(model, xt[chosen], t[chosen], {**subset, "x_sc": x_sc[chosen]})
+                x_sc[chosen] = self.predict_x0(xt[chosen], t[chosen], first[:, : xt.shape[1]])
+        return x_sc
 
     # ------------------------------------------------------------------------------ sampling
     @staticmethod
@@ -418,9 +460,12 @@ class GaussianDiffusion:
 
     def sample(
         self, model, shape, sampler="ddim", noise=None, model_kwargs=None, device=None, progress=False, eta=0.0,
-        generator: GeneratorArg = None, clip_denoised: ClipDenoised = False,
+        generator: GeneratorArg = None, clip_denoised: ClipDenoised = False, self_condition: bool = False,
     ):
-        """Dispatch to ddim_sample_loop, p_sample_loop or dpm_solver_sample_loop by name (see SAMPLERS)."""
+        """Dispatch to ddim_sample_loop, p_sample_loop or dpm_solver_sample_loop by name (see SAMPLERS);
+        self_condition: the model takes its previous x0 estimate (self_conditioned)."""
+        if self_condition:
+            model = self.self_conditioned(model)
         if sampler == "ddim":
             return self.ddim_sample_loop(
                 model, shape, noise, model_kwargs, device, progress, eta, generator, clip_denoised

@@ -332,7 +332,12 @@ class _DiTBackbone(nn.Module):
 
 
 class ContentDiT(_DiTBackbone):
-    """p(z_c | y): DiT over the content frame z_c (B, C, H, W), conditioned on a class or a caption's tokens."""
+    """p(z_c | y): DiT over the content frame z_c (B, C, H, W), conditioned on a class or a caption's tokens.
+
+    With self_condition the model also reads an estimate of the clean frame, x_sc (B, C, H, W), stacked on the
+    noisy one along the channels (self-conditioning, Chen et al. 2022): the diffusion's training and samplers feed
+    it the model's own previous estimate (GaussianDiffusion.self_conditioned), zeros when there is none.
+    """
 
     def __init__(
         self,
@@ -348,16 +353,28 @@ class ContentDiT(_DiTBackbone):
         learn_sigma: bool = True,
         grad_checkpointing: bool = False,
         text_shape: Optional[Sequence[int]] = None,
+        self_condition: bool = False,
     ):
         super().__init__(
             input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio,
             num_classes, class_dropout_prob, learn_sigma, grad_checkpointing, text_shape,
         )
+        self.self_condition = bool(self_condition)
+        if self.self_condition:
+            self.x_embedder = PatchEmbed(2 * in_channels, hidden_size, patch_size)
         self._initialize_weights()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) noisy content frame, t (B,), y (B,) labels or (B, L, D) text -> (B, 2C or C, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                x_sc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C, H, W) noisy content frame, t (B,), y (B,) labels or (B, L, D) text, x_sc (B, C, H, W) the
+        estimate of the clean frame a self-conditioned model reads (default zeros) -> (B, 2C or C, H, W)."""
         self._check_input(x, "content frame x", self.in_channels, self.input_size)
+        if self.self_condition:
+            if x_sc is not None:
+                self._check_input(x_sc, "self-conditioning estimate x_sc", self.in_channels, self.input_size)
+            x = torch.cat([x, torch.zeros_like(x) if x_sc is None else x_sc.to(x.dtype)], dim=1)
+        elif x_sc is not None:
+            raise ValueError("x_sc given to a ContentDiT built without self_condition")
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, hidden)
         c = self._conditioning(t, y)
         return self._decode(self._run_blocks(tokens, c), c)
@@ -496,7 +513,8 @@ def build_dit(
     )
     if stage == "content":
         return ContentDiT_models[model_cfg.name](
-            input_size=(content_height, content_width), in_channels=content_channels, **common
+            input_size=(content_height, content_width), in_channels=content_channels,
+            self_condition=bool(model_cfg.self_condition), **common
         )
     motion_dim, num_frames, motion_length = (int(v) for v in ae_motion_shape)
     return MotionDiT_models[model_cfg.name](

@@ -288,7 +288,9 @@ def sample_latents(model, sampling, sampler: str, stage: str, shape, y: torch.Te
     cond = {"content": scaler.normalize("content", content)} if stage == "motion" else {}
     model_fn = model if guidance_scale == 1.0 else guided_model(model, guidance_scale, model.y_embedder.null_like(y))
     bounds = False if bound is None else scaler.bounds(stage, len(shape) + 1, y.device, bound)
+    # A self-conditioned content DiT reads the guided x0 estimate of the step before (GaussianDiffusion.sample).
     z = sampling.sample(model_fn, (len(y), *shape), sampler=sampler, model_kwargs={"y": y, **cond},
+                        self_condition=getattr(model, "self_condition", False),
                         device=y.device, progress=progress, eta=eta, generator=generator, clip_denoised=bounds)
     z = scaler.denormalize(stage, z)
     # Clipped x0 maps back into the bounds; the clamp only absorbs the rounding of the affine map.

@@ -533,3 +533,60 @@ def test_loss_falls_on_a_fixed_batch(learn_sigma):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+# ------------------------------------------------------------------------------ self-conditioning
+class EstimateRecorder:
+    """A v-prediction model whose output depends on x_sc; it records the x_sc of each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, x_sc):
+        self.calls.append((x.clone(), t.clone(), x_sc.clone()))
+        return 0.3 * x + 0.5 * x_sc + 1e-3 * t.view(-1, 1, 1, 1).to(x.dtype)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++2m"])
+def test_self_conditioned_sampling_feeds_each_step_the_x0_estimate_of_the_step_before(sampler):
+    diffusion = create_diffusion("8", learn_sigma=False, loss_type="mse", prediction_type="v")
+    model = EstimateRecorder()
+    shape = (2, 3, 4, 4)
+    diffusion.sample(model, shape, sampler=sampler, generator=torch.Generator().manual_seed(0), self_condition=True)
+    assert len(model.calls) == 8
+    assert torch.equal(model.calls[0][2], torch.zeros(shape))  # no estimate before the first step
+    timestep_map = torch.as_tensor(diffusion.timestep_map)
+    for (x, t, x_sc), (_, _, next_x_sc) in zip(model.calls, model.calls[1:]):
+        index = torch.searchsorted(timestep_map, t)
+        expected = diffusion.predict_x0_from_v(x, index, 0.3 * x + 0.5 * x_sc + 1e-3 * t.view(-1, 1, 1, 1))
+        torch.testing.assert_close(next_x_sc, expected)
+    # Without the flag the model is called as before, with no x_sc.
+    with pytest.raises(TypeError):
+        diffusion.sample(model, shape, sampler=sampler)
+
+
+def test_self_conditioned_training_gives_half_the_clips_the_model_estimate_without_gradient():
+    diffusion = create_diffusion("", learn_sigma=False, loss_type="mse", prediction_type="v")
+    weight = torch.nn.Parameter(torch.tensor(0.5))
+    calls = []
+
+    def model(x, t, y, x_sc):
+        calls.append((x, t, y, x_sc))
+        return 0.3 * x + weight * x_sc + 0.01 * y.view(-1, 1, 1, 1)
+
+    torch.manual_seed(0)
+    x0 = torch.rand(64, 3, 4, 4) * 2 - 1
+    t = torch.randint(0, 1000, (64,))
+    y = torch.arange(64)
+    losses = diffusion.training_losses(model, x0, t, {"y": y}, estimator=model)
+    (first_x, first_t, first_y, first_sc), (x, _, _, x_sc) = calls
+    chosen = (x_sc != 0).flatten(1).any(1)
+    assert 16 < int(chosen.sum()) < 48  # about half of 64, drawn at random
+    # The first pass saw only the chosen clips, with their own labels and zeros as the estimate.
+    assert torch.equal(first_y, y[chosen]) and torch.equal(first_t, t[chosen]) and not first_sc.any()
+    torch.testing.assert_close(first_x, x[chosen])
+    expected = diffusion.predict_x0_from_v(first_x, first_t, 0.3 * first_x + 0.01 * first_y.view(-1, 1, 1, 1))
+    torch.testing.assert_close(x_sc[chosen], expected)
+    assert not x_sc.requires_grad  # the estimate is an input: no gradient flows back through the first pass
+    losses["loss"].mean().backward()
+    assert weight.grad is not None and weight.grad != 0  # the model learns to use it

@@ -15,7 +15,7 @@ from models.dit import (
     validate_model_name,
 )
 from models.layers import sincos_2d
-from core.config import DiTModelConfig
+from core.config import ConfigError, DiTModelConfig, load_config
 
 NUM_CLASSES = 5
 CONTENT_SHAPE = (3, 16, 24)  # (C, H, W): non-square on purpose
@@ -404,3 +404,31 @@ def test_feed_forward_block_keeps_the_checkpoint_layout_of_timms_mlp():
     x = torch.randn(2, 5, 8)
     expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
     assert torch.equal(mlp(x), expected)
+
+
+def test_self_conditioned_content_dit_reads_the_estimate_and_defaults_to_zeros():
+    torch.manual_seed(0)
+    model = tiny_content(self_condition=True).eval()
+    for parameter in model.parameters():  # past adaLN-Zero's zero output, so the input shows in the output
+        torch.nn.init.normal_(parameter, std=0.1)
+    x = torch.randn(2, *CONTENT_SHAPE)
+    t, y = torch.tensor([3, 700]), torch.tensor([0, 4])
+    with torch.no_grad():
+        default = model(x, t, y)
+        assert torch.equal(default, model(x, t, y, x_sc=torch.zeros_like(x)))  # no estimate = zeros
+        assert not torch.allclose(default, model(x, t, y, x_sc=torch.randn_like(x)))
+    with pytest.raises(ValueError, match="x_sc"):
+        model(x, t, y, x_sc=torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="without self_condition"):
+        tiny_content()(x, t, y, x_sc=torch.zeros_like(x))
+    built = build_dit("content", DiTModelConfig(name="ContentDiT-T/2", self_condition=True), NUM_CLASSES,
+                      CONTENT_SHAPE, MOTION_SHAPE)
+    assert built.self_condition and built.x_embedder.proj.in_channels == 2 * CONTENT_SHAPE[0]
+
+
+@pytest.mark.parametrize("stage, name", [("motion", "MotionDiT-T/2"), ("content", "ConvUNet-T")])
+def test_self_condition_is_refused_where_no_model_reads_it(stage, name):
+    with pytest.raises(ConfigError, match="model.self_condition' is for content DiTs"):
+        load_config(stage, f"configs/tiny/{stage}.yaml", [f"model.name={name}", "model.self_condition=true",
+                                                         "ae_ckpt=x.pt"])
+    assert load_config("content", "configs/tiny/content.yaml", ["model.self_condition=true", "ae_ckpt=x.pt"])

@@ -16,6 +16,7 @@ from core.data import fixed_batch
 from core.frozen_autoencoder import encode, load_autoencoder, resolve_ae_ckpt
 from core.latent_stats import LatentScaler
 from core.text_cache import dataset_captions
+from training.checkpointing import unwrap
 from training.run import TrainingRun
 from training.run_latents import run_caption_table, run_latent_stats
 
@@ -144,10 +145,11 @@ def held_out_latents(run: TrainingRun, ae, eval_set, count: int, text: Optional[
 
 
 def diffusion_losses(diffusion, model: torch.nn.Module, x0: torch.Tensor, cond: dict,
-                     autocast=contextlib.nullcontext()) -> dict:
+                     autocast=contextlib.nullcontext(), self_condition: bool = False) -> dict:
     """The diffusion loss of `model` on x0 given `cond` (its keyword arguments), each clip at a timestep drawn
-    uniformly, under `autocast` (the run's): {'loss', and its terms}, each averaged over the batch."""
+    uniformly, under `autocast` (the run's): {'loss', and its terms}, each averaged over the batch.
+    self_condition: the model reads its own x0 estimate (config key model.self_condition)."""
     t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
     with autocast:
-        losses = diffusion.training_losses(model, x0, t, cond)
+        losses = diffusion.training_losses(model, x0, t, cond, estimator=unwrap(model) if self_condition else None)
     return {key: value.mean() for key, value in losses.items()}
