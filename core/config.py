@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from datasets.build import DATASET_NAMES
 from diffusion.gaussian_diffusion import PREDICTION_TYPES, SAMPLERS, check_loss_type
 from models.content_unet import PRETRAINED_UNET, validate_denoiser_name
+from models.dit import ContentDiT_models
 from core.cli import GUIDANCE_MAX, HelpFormatter, positive_int
 from core.distributed import LAUNCHER_FLAGS, relaunch_with_torchrun_if_asked
 
@@ -318,7 +319,7 @@ def validate_config(cfg, stage: str) -> None:
                 validate_denoiser_name(stage, cfg.model.name)
             except ValueError as exc:
                 raise ConfigError(f"config key 'model.name': {exc}") from None
-        _require(not cfg.model.self_condition or (stage == "content" and cfg.model.name.startswith("ContentDiT")),
+        _require(not cfg.model.self_condition or (stage == "content" and cfg.model.name in ContentDiT_models),
                  f"config key 'model.self_condition' is for content DiTs (ContentDiT-*), not {stage} model "
                  f"{cfg.model.name}")
         _require(bool(cfg.ae_ckpt),

@@ -201,12 +201,13 @@ class GaussianDiffusion:
         """`model` fed its own previous estimate of x0 as the keyword `x_sc` (self-conditioning, Chen et al. 2022,
         "Analog Bits"): zeros at the first call, then the x0 of its last output. For one sampling loop: the loops
         call the model once per step, in order. The estimate is unclipped, as training computes it."""
-        previous = []
+        estimate = None
 
         def run(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-            output = model(x, t, x_sc=previous[-1] if previous else torch.zeros_like(x), **kwargs)
+            nonlocal estimate
+            output = model(x, t, x_sc=torch.zeros_like(x) if estimate is None else estimate, **kwargs)
             index = torch.searchsorted(self._table("timestep_map", t.device), t)  # t is an original timestep
-            previous[:] = [self.predict_x0(x, index, output[:, : x.shape[1]].to(x.dtype)).to(x.dtype)]
+            estimate = self.predict_x0(x, index, output[:, : x.shape[1]].to(x.dtype))
             return output
 
         return run
